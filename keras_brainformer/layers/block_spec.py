@@ -1,0 +1,287 @@
+"""Block specs: plain, JSON-serialisable descriptions of a Brainformer block.
+
+A block is an ordered sequence of sublayers, each an `AttentionSpec`, a
+`FeedForwardSpec` (dense FFN) or a `MoESpec`, each with its own widths. The
+model width is a property of the backbone, not of the block.
+
+Example:
+>>> spec = BlockSpec([
+...     AttentionSpec(num_heads=4),
+...     MoESpec(num_experts=8, hidden_dim=64, router="expert_choice",
+...             capacity_factor=1.0),
+...     FeedForwardSpec(hidden_dim=96, activation="gated_gelu"),
+... ])
+>>> BlockSpec.from_json(spec.to_json()) == spec
+True
+"""
+
+import dataclasses
+import json
+from typing import ClassVar
+from typing import Optional
+from typing import Union
+
+from keras_brainformer.layers.activations import canonical_activation
+from keras_brainformer.layers.validation import check_capacity_factor
+from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_non_negative_float
+from keras_brainformer.layers.validation import check_optional_positive_int
+from keras_brainformer.layers.validation import check_positive_int
+from keras_brainformer.layers.validation import check_rate
+
+ROUTER_KINDS = ("top_k", "expert_choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Causal self-attention sublayer.
+
+    Args:
+        num_heads: number of heads.
+        head_dim: width of each head; None for `model_dim // num_heads`.
+    """
+
+    num_heads: int = 8
+    head_dim: Optional[int] = None
+    kind: ClassVar[str] = "attention"
+
+    def __post_init__(self):
+        check_positive_int("num_heads", self.num_heads)
+        check_optional_positive_int("head_dim", self.head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedForwardSpec:
+    """Dense FFN sublayer.
+
+    Args:
+        hidden_dim: hidden width.
+        activation: see `keras_brainformer.layers.activations.ACTIVATIONS`.
+    """
+
+    hidden_dim: int
+    activation: str = "gelu"
+    kind: ClassVar[str] = "ffn"
+
+    def __post_init__(self):
+        check_positive_int("hidden_dim", self.hidden_dim)
+        object.__setattr__(self, "activation", canonical_activation(self.activation))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """Mixture-of-Experts FFN sublayer.
+
+    Args:
+        num_experts: number of experts.
+        hidden_dim: hidden width of each expert.
+        activation: expert activation.
+        router: `"top_k"` (token choice) or `"expert_choice"`.
+        k: experts per token (top-k only).
+        capacity_factor: training capacity factor; None = dropless (top-k only).
+        eval_capacity_factor: inference capacity factor; `"same"` copies
+            `capacity_factor`.
+        load_balance_loss_weight: None for the router's default (0.01 for
+            top-k, 0 for expert choice).
+        z_loss_weight: router z-loss coefficient.
+        group_size: routing group size; None = one group per sequence.
+        jitter: multiplicative router input noise in training.
+        batch_prioritized: top-k only, rank tokens by router confidence.
+    """
+
+    num_experts: int
+    hidden_dim: int
+    activation: str = "gelu"
+    router: str = "top_k"
+    k: int = 2
+    capacity_factor: Optional[float] = 1.25
+    eval_capacity_factor: Union[float, str, None] = "same"
+    load_balance_loss_weight: Optional[float] = None
+    z_loss_weight: float = 0.0
+    group_size: Optional[int] = None
+    jitter: float = 0.0
+    batch_prioritized: bool = False
+    kind: ClassVar[str] = "moe"
+
+    def __post_init__(self):
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("hidden_dim", self.hidden_dim)
+        object.__setattr__(self, "activation", canonical_activation(self.activation))
+        check_choice("router", self.router, ROUTER_KINDS)
+        check_positive_int("k", self.k)
+        if self.router == "top_k" and self.k > self.num_experts:
+            raise ValueError(
+                f"`k` must be <= num_experts={self.num_experts}. Received: k={self.k}"
+            )
+        dropless_ok = self.router == "top_k"
+        check_capacity_factor("capacity_factor", self.capacity_factor, dropless_ok)
+        if self.eval_capacity_factor != "same":
+            check_capacity_factor(
+                "eval_capacity_factor", self.eval_capacity_factor, dropless_ok
+            )
+        if self.load_balance_loss_weight is not None:
+            check_non_negative_float(
+                "load_balance_loss_weight", self.load_balance_loss_weight
+            )
+        check_non_negative_float("z_loss_weight", self.z_loss_weight)
+        check_optional_positive_int("group_size", self.group_size)
+        check_rate("jitter", self.jitter)
+        if not isinstance(self.batch_prioritized, bool):
+            raise TypeError(
+                "`batch_prioritized` must be a bool. "
+                f"Received: batch_prioritized={self.batch_prioritized!r}"
+            )
+        if self.batch_prioritized and self.router != "top_k":
+            raise ValueError(
+                "`batch_prioritized=True` applies only to router='top_k'. "
+                f"Received: router={self.router!r}"
+            )
+
+    @property
+    def experts_per_token(self):
+        """Average experts per token: `k` for top-k, the capacity factor for
+        expert choice (used by activated-parameter counts)."""
+        return self.k if self.router == "top_k" else self.capacity_factor
+
+    def router_kwargs(self):
+        """Arguments for `TopKRouter` / `ExpertChoiceRouter`."""
+        kwargs = {
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "z_loss_weight": self.z_loss_weight,
+            "jitter": self.jitter,
+        }
+        if self.load_balance_loss_weight is not None:
+            kwargs["load_balance_loss_weight"] = self.load_balance_loss_weight
+        if self.router == "top_k":
+            kwargs["k"] = self.k
+            kwargs["batch_prioritized"] = self.batch_prioritized
+        return kwargs
+
+
+SUBLAYER_SPECS = {cls.kind: cls for cls in (AttentionSpec, FeedForwardSpec, MoESpec)}
+
+
+def sublayer_to_dict(spec):
+    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+
+
+def sublayer_from_dict(config, where="sublayer"):
+    """Builds a sublayer spec from `{"kind": ..., **fields}`."""
+    if isinstance(config, tuple(SUBLAYER_SPECS.values())):
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(
+            f"`{where}` must be a dict or a sublayer spec. Received: {config!r}"
+        )
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in SUBLAYER_SPECS:
+        raise ValueError(
+            f"Unknown `{where}.kind`={kind!r}. Allowed values: {tuple(SUBLAYER_SPECS)}."
+        )
+    cls = SUBLAYER_SPECS[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(
+            f"Unknown field(s) {unknown} in `{where}` of kind {kind!r}. "
+            f"Allowed fields: {sorted(fields)}."
+        )
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"In `{where}` ({kind}): {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """An ordered, non-empty sequence of sublayer specs.
+
+    Each sublayer is wrapped pre-norm residual: `x + sublayer(norm(x))`.
+    Accepts spec objects or their dicts (`{"kind": "moe", ...}`).
+    """
+
+    sublayers: tuple
+
+    def __post_init__(self):
+        if isinstance(self.sublayers, (str, bytes, dict)) or not hasattr(
+            self.sublayers, "__iter__"
+        ):
+            raise TypeError(
+                "`sublayers` must be a list of sublayer specs. "
+                f"Received: sublayers={self.sublayers!r}"
+            )
+        sublayers = tuple(
+            sublayer_from_dict(s, where=f"sublayers[{i}]")
+            for i, s in enumerate(self.sublayers)
+        )
+        if not sublayers:
+            raise ValueError(
+                "`sublayers` must hold at least one sublayer. Received: []"
+            )
+        object.__setattr__(self, "sublayers", sublayers)
+
+    def to_dict(self):
+        return {"sublayers": [sublayer_to_dict(s) for s in self.sublayers]}
+
+    @classmethod
+    def from_dict(cls, config):
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, dict) or set(config) != {"sublayers"}:
+            raise ValueError(
+                "A block spec dict must have exactly one key, 'sublayers'. "
+                f"Received: {config!r}"
+            )
+        return cls(config["sublayers"])
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+    def count(self, kind):
+        """Number of sublayers of `kind` (`attention`, `ffn` or `moe`)."""
+        return sum(s.kind == kind for s in self.sublayers)
+
+
+def dense_transformer_layer(num_heads, hidden_dim, activation="gelu", head_dim=None):
+    """A standard Transformer decoder layer: attention then dense FFN."""
+    return BlockSpec(
+        [
+            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
+            FeedForwardSpec(hidden_dim=hidden_dim, activation=activation),
+        ]
+    )
+
+
+def glam_layer_pair(
+    num_heads,
+    hidden_dim,
+    num_experts,
+    activation="gated_gelu",
+    router="top_k",
+    capacity_factor=2.0,
+    head_dim=None,
+    **moe_kwargs,
+):
+    """GLaM's repeating unit: two decoder layers, the first with its FFN
+    replaced by a top-2 MoE (attention, MoE, attention, dense FFN)."""
+    return BlockSpec(
+        [
+            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
+            MoESpec(
+                num_experts=num_experts,
+                hidden_dim=hidden_dim,
+                activation=activation,
+                router=router,
+                capacity_factor=capacity_factor,
+                **moe_kwargs,
+            ),
+            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
+            FeedForwardSpec(hidden_dim=hidden_dim, activation=activation),
+        ]
+    )

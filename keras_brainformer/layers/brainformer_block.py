@@ -1,0 +1,160 @@
+"""The Brainformer block: a heterogeneous stack of pre-norm residual sublayers."""
+
+import keras
+
+from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
+from keras_brainformer.layers.feed_forward import FeedForward
+from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
+from keras_brainformer.layers.rms_normalization import NORMS
+from keras_brainformer.layers.rms_normalization import make_norm
+from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_non_negative_float
+from keras_brainformer.layers.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class BrainformerBlock(keras.layers.Layer):
+    """A block built from a `BlockSpec`: for each sublayer in order,
+    `x = x + dropout(sublayer(norm(x)))`.
+
+    Args:
+        spec: a `BlockSpec` (or its dict form).
+        norm: `"rms"` (RMSNorm, as GLaM) or `"layer"` (LayerNorm).
+        norm_epsilon: float.
+        dropout: residual dropout rate (the paper trains without dropout).
+        rotary_max_wavelength: RoPE wavelength of the attention sublayers.
+        kernel_initializer: initializer of every projection and expert.
+
+    Call arguments:
+        x: `[B, T, d]`.
+        padding_mask: optional `[B, T]` (keys mask for attention; padding
+            tokens are not routed by MoE sublayers).
+        cache: optional list, one `[B, 2, L, H, hd]` KV cache per attention
+            sublayer in order; then `(x, new_caches)` is returned.
+        cache_update_index: position of `x`'s first token when caching.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_brainformer.layers.block_spec import (
+    ...     AttentionSpec, BlockSpec, MoESpec)
+    >>> spec = BlockSpec([AttentionSpec(num_heads=2),
+    ...                   MoESpec(num_experts=4, hidden_dim=32)])
+    >>> BrainformerBlock(spec)(np.ones((2, 8, 16), "float32")).shape
+    (2, 8, 16)
+    """
+
+    def __init__(
+        self,
+        spec,
+        norm="rms",
+        norm_epsilon=1e-6,
+        dropout=0.0,
+        rotary_max_wavelength=10000,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.spec = BlockSpec.from_dict(spec)
+        self.norm = check_choice("norm", norm, NORMS)
+        self.norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
+        self.dropout = check_rate("dropout", dropout)
+        self.rotary_max_wavelength = rotary_max_wavelength
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.norms, self.sublayers = [], []
+        for i, sub in enumerate(self.spec.sublayers):
+            name = f"{i}_{sub.kind}"
+            self.norms.append(
+                make_norm(norm, norm_epsilon, f"{name}_norm", dtype=self.dtype_policy)
+            )
+            self.sublayers.append(self._make_sublayer(sub, name))
+        self.residual_dropout = keras.layers.Dropout(dropout)
+
+    def _make_sublayer(self, sub, name):
+        common = dict(
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+        if sub.kind == "attention":
+            return CausalSelfAttention(
+                num_heads=sub.num_heads,
+                head_dim=sub.head_dim,
+                rotary_max_wavelength=self.rotary_max_wavelength,
+                **common,
+            )
+        if sub.kind == "ffn":
+            return FeedForward(sub.hidden_dim, activation=sub.activation, **common)
+        return MoEFeedForward(
+            num_experts=sub.num_experts,
+            expert_hidden_dim=sub.hidden_dim,
+            router=sub.router,
+            router_kwargs=sub.router_kwargs(),
+            activation=sub.activation,
+            group_size=sub.group_size,
+            **common,
+        )
+
+    def build(self, input_shape):
+        for norm, sublayer in zip(self.norms, self.sublayers):
+            norm.build(input_shape)
+            sublayer.build(input_shape)
+
+    @property
+    def attention_layers(self):
+        return [s for s in self.sublayers if isinstance(s, CausalSelfAttention)]
+
+    @property
+    def moe_layers(self):
+        return [s for s in self.sublayers if isinstance(s, MoEFeedForward)]
+
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=None,
+        training=False,
+    ):
+        new_cache = []
+        for norm, sublayer in zip(self.norms, self.sublayers):
+            h = norm(x)
+            if isinstance(sublayer, CausalSelfAttention):
+                if cache is not None:
+                    h, layer_cache = sublayer(
+                        h,
+                        padding_mask=padding_mask,
+                        cache=cache[len(new_cache)],
+                        cache_update_index=cache_update_index,
+                        training=training,
+                    )
+                    new_cache.append(layer_cache)
+                else:
+                    h = sublayer(h, padding_mask=padding_mask, training=training)
+            elif isinstance(sublayer, MoEFeedForward):
+                h = sublayer(h, padding_mask=padding_mask, training=training)
+            else:
+                h = sublayer(h)
+            x = x + self.residual_dropout(h, training=training)
+        if cache is not None:
+            return x, new_cache
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "spec": self.spec.to_dict(),
+                "norm": self.norm,
+                "norm_epsilon": self.norm_epsilon,
+                "dropout": self.dropout,
+                "rotary_max_wavelength": self.rotary_max_wavelength,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

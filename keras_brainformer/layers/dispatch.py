@@ -1,0 +1,99 @@
+"""Moving tokens to expert slots and back.
+
+`dispatch` / `combine` are the default, index-based path: a gather of
+`G·E·C` token rows and a segment-sum of the weighted expert outputs, linear in
+the number of slots. `one_hot_dispatch_mask` and `one_hot_dispatch` /
+`one_hot_combine` are the classic GShard formulation with a `[G, S, E, C]`
+mask and two einsums (quadratic cost); they are kept as the reference the
+index path is tested against.
+"""
+
+from keras import ops
+
+
+def _flat_slot_index(slot_token, group_size):
+    """Global row of each slot's token in the flattened `[G*S (+1 zero row), d]`
+    token matrix; empty slots (marked `S`) point at the extra row `G*S`."""
+    G = ops.shape(slot_token)[0]
+    group_offset = ops.arange(G, dtype="int32")[:, None, None] * group_size
+    empty = slot_token >= group_size
+    return ops.where(empty, G * group_size, group_offset + slot_token)
+
+
+def dispatch(x, slot_token):
+    """Gathers tokens into expert slots.
+
+    Args:
+        x: `[G, S, d]` tokens.
+        slot_token: int `[G, E, C]`, token index per slot (`S` = empty).
+
+    Returns:
+        `[G, E, C, d]`; empty slots are zeros.
+    """
+    G, S, d = ops.shape(x)
+    E, C = ops.shape(slot_token)[1], ops.shape(slot_token)[2]
+    rows = ops.concatenate(
+        [ops.reshape(x, (G * S, d)), ops.zeros((1, d), dtype=x.dtype)], axis=0
+    )
+    index = ops.reshape(_flat_slot_index(slot_token, S), (-1,))
+    return ops.reshape(ops.take(rows, index, axis=0), (G, E, C, d))
+
+
+def combine(expert_out, slot_token, slot_gate, group_size):
+    """Sums gate-weighted expert outputs back onto their tokens.
+
+    Args:
+        expert_out: `[G, E, C, d]`.
+        slot_token: int `[G, E, C]`.
+        slot_gate: float `[G, E, C]`.
+        group_size: int, `S`.
+
+    Returns:
+        float32 `[G, S, d]`; a token no expert served gets zeros.
+    """
+    G, E, C, d = ops.shape(expert_out)
+    S = group_size
+    weighted = ops.cast(expert_out, "float32") * ops.cast(slot_gate, "float32")[..., None]
+    index = ops.reshape(_flat_slot_index(slot_token, S), (-1,))
+    out = ops.segment_sum(
+        ops.reshape(weighted, (G * E * C, d)), index, num_segments=G * S + 1
+    )
+    return ops.reshape(out[: G * S], (G, S, d))
+
+
+def one_hot_dispatch_mask(instructions, group_size):
+    """The `[G, S, E, C]` 0/1 dispatch mask and gate-weighted combine tensor.
+
+    Built from the per-token choices for token-choice routers (independently
+    of the slot table), and from the slot table for expert choice.
+    """
+    C = instructions.capacity
+    if instructions.token_expert is not None:
+        E = ops.shape(instructions.slot_token)[1]
+        keep = ops.cast(instructions.token_keep, "float32")  # [G, S, k]
+        expert = ops.one_hot(instructions.token_expert, E, dtype="float32")
+        slot = ops.one_hot(
+            ops.minimum(instructions.token_position, C - 1), C, dtype="float32"
+        )
+        per_choice = expert[..., :, None] * slot[..., None, :] * keep[..., None, None]
+        mask = ops.sum(per_choice, axis=2)  # [G, S, E, C]
+        gates = ops.sum(
+            per_choice * instructions.token_gate[..., None, None], axis=2
+        )
+        return mask, gates
+    token = ops.one_hot(instructions.slot_token, group_size + 1, dtype="float32")
+    mask = ops.transpose(token[..., :group_size], (0, 3, 1, 2))  # [G, S, E, C]
+    gates = mask * instructions.slot_gate[:, None, :, :]
+    return mask, gates
+
+
+def one_hot_dispatch(x, mask):
+    """Reference dispatch: `einsum("gsec,gsd->gecd")`."""
+    return ops.einsum("gsec,gsd->gecd", ops.cast(mask, x.dtype), x)
+
+
+def one_hot_combine(expert_out, gates):
+    """Reference combine: `einsum("gsec,gecd->gsd")`, in float32."""
+    return ops.einsum(
+        "gsec,gecd->gsd", ops.cast(gates, "float32"), ops.cast(expert_out, "float32")
+    )

@@ -1,0 +1,88 @@
+"""The expert bank: `E` independent FFNs stored as stacked weights."""
+
+import keras
+from keras import ops
+
+from keras_brainformer.layers.activations import canonical_activation
+from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.validation import check_positive_int
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class ExpertBank(keras.layers.Layer):
+    """`E` FFN experts applied slot-wise to dispatched tokens.
+
+    Weights: `w_in [E, d, h]` (plus `w_gate [E, d, h]` for gated activations)
+    and `w_out [E, h, d]`. Input and output `[G, E, C, d]`: expert `e` only
+    sees the `C` tokens in its slots, via one batched matmul per weight.
+
+    Args:
+        num_experts: int, `E`.
+        hidden_dim: int, `h`, each expert's hidden width.
+        activation: str, see `keras_brainformer.layers.activations`.
+        kernel_initializer: initializer of the expert weights.
+
+    Example:
+    >>> import numpy as np
+    >>> bank = ExpertBank(num_experts=4, hidden_dim=32)
+    >>> bank(np.ones((2, 4, 3, 16), "float32")).shape
+    (2, 4, 3, 16)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        activation="gelu",
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        self.activation = canonical_activation(activation)
+        self._activation_fn, self._gated = get_activation(self.activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        model_dim = input_shape[-1]
+        E, h = self.num_experts, self.hidden_dim
+        self.w_in = self.add_weight(
+            name="w_in", shape=(E, model_dim, h), initializer=self.kernel_initializer
+        )
+        if self._gated:
+            self.w_gate = self.add_weight(
+                name="w_gate",
+                shape=(E, model_dim, h),
+                initializer=self.kernel_initializer,
+            )
+        self.w_out = self.add_weight(
+            name="w_out", shape=(E, h, model_dim), initializer=self.kernel_initializer
+        )
+
+    def call(self, x):
+        # x: [G, E, C, d]
+        h = ops.einsum("gecd,edh->gech", x, self.w_in)
+        if self._gated:
+            gate = ops.einsum("gecd,edh->gech", x, self.w_gate)
+            h = self._activation_fn(gate) * h
+        else:
+            h = self._activation_fn(h)
+        return ops.einsum("gech,ehd->gecd", h, self.w_out)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "hidden_dim": self.hidden_dim,
+                "activation": self.activation,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

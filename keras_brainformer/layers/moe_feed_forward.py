@@ -1,0 +1,176 @@
+"""The sparsely gated Mixture-of-Experts feed-forward sublayer."""
+
+import keras
+from keras import ops
+
+from keras_brainformer.layers import dispatch as dispatch_lib
+from keras_brainformer.layers.experts import ExpertBank
+from keras_brainformer.layers.routers import ROUTERS
+from keras_brainformer.layers.routers import Router
+from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_optional_positive_int
+from keras_brainformer.layers.validation import check_positive_int
+
+DISPATCH_MODES = ("index", "one_hot")
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class MoEFeedForward(keras.layers.Layer):
+    """Mixture-of-Experts FFN: router → index dispatch → experts → combine.
+
+    Tokens `[B, T, d]` are cut into routing groups of `group_size` tokens
+    (default: one group per sequence). The router decides which expert slots
+    each token fills; tokens are gathered into `[G, E, C, d]` by index, each
+    expert runs one batched matmul over its `C` slots, and the gate-weighted
+    outputs are segment-summed back to their tokens. A token is multiplied
+    only by the experts it was routed to; a token that reaches no expert gets
+    a zero output (the block's residual carries it).
+
+    Args:
+        num_experts: int, `E`.
+        expert_hidden_dim: int, hidden width of each expert.
+        router: `"top_k"`, `"expert_choice"`, or a `Router` instance.
+        router_kwargs: dict of arguments for a router given by name (for
+            example `{"k": 1, "capacity_factor": 1.0}`).
+        activation: expert activation (see `FeedForward`).
+        group_size: tokens per routing group, or None for one group per
+            sequence. `batch * sequence_length` must be divisible by it.
+        dispatch: `"index"` (default, sparse) or `"one_hot"` (the GShard
+            `[G, S, E, C]` einsum; a slow reference for tests).
+        kernel_initializer: initializer of the expert weights.
+
+    Call arguments:
+        x: `[B, T, d]` tokens.
+        padding_mask: optional `[B, T]`, nonzero for real tokens; padding
+            tokens are never routed and do not count in losses or statistics.
+        training: selects the training capacity factor, adds the auxiliary
+            losses and the router jitter.
+
+    Example:
+    >>> import numpy as np
+    >>> moe = MoEFeedForward(num_experts=4, expert_hidden_dim=32,
+    ...                      router="top_k", router_kwargs={"k": 2})
+    >>> moe(np.random.rand(2, 8, 16).astype("float32")).shape
+    (2, 8, 16)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        expert_hidden_dim,
+        router="top_k",
+        router_kwargs=None,
+        activation="gelu",
+        group_size=None,
+        dispatch="index",
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.expert_hidden_dim = check_positive_int(
+            "expert_hidden_dim", expert_hidden_dim
+        )
+        self.group_size = check_optional_positive_int("group_size", group_size)
+        self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES)
+        if isinstance(router, dict):
+            router = keras.saving.deserialize_keras_object(router)
+        if isinstance(router, str):
+            check_choice("router", router, tuple(ROUTERS))
+            router = ROUTERS[router](
+                num_experts=num_experts, name="router", **(router_kwargs or {})
+            )
+        elif not isinstance(router, Router):
+            raise TypeError(
+                f"`router` must be one of {tuple(ROUTERS)} or a Router instance. "
+                f"Received: router={router!r}"
+            )
+        elif router_kwargs:
+            raise ValueError(
+                "`router_kwargs` only applies to a router given by name. "
+                f"Received: router_kwargs={router_kwargs!r}"
+            )
+        if router.num_experts != self.num_experts:
+            raise ValueError(
+                f"`router.num_experts`={router.num_experts} must equal "
+                f"`num_experts`={self.num_experts}."
+            )
+        self.router = router
+        self.experts = ExpertBank(
+            num_experts,
+            expert_hidden_dim,
+            activation=activation,
+            kernel_initializer=kernel_initializer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        self.activation = self.experts.activation
+
+    def build(self, input_shape):
+        model_dim = input_shape[-1]
+        if not self.router.built:
+            self.router.build((None, None, model_dim))
+        self.experts.build((None, self.num_experts, None, model_dim))
+
+    def _group_size(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        if self.group_size is None:
+            if not isinstance(length, int):
+                raise ValueError(
+                    "MoEFeedForward with group_size=None needs a static "
+                    "sequence length; set `group_size` or feed fixed-length "
+                    "sequences."
+                )
+            return length
+        if isinstance(batch, int) and isinstance(length, int):
+            if (batch * length) % self.group_size:
+                raise ValueError(
+                    f"batch * sequence_length = {batch} * {length} is not "
+                    f"divisible by `group_size`={self.group_size}."
+                )
+        return self.group_size
+
+    def call(self, x, padding_mask=None, training=False):
+        shape = ops.shape(x)
+        d = shape[-1]
+        S = self._group_size(x)
+        groups = ops.reshape(x, (-1, S, d))  # [G, S, d]
+        mask = None
+        if padding_mask is not None:
+            mask = ops.reshape(ops.cast(padding_mask, "float32"), (-1, S))
+        routing = self.router(groups, token_mask=mask, training=training)
+
+        if self.dispatch == "index":
+            expert_in = dispatch_lib.dispatch(groups, routing.slot_token)
+        else:
+            dispatch_mask, gates = dispatch_lib.one_hot_dispatch_mask(routing, S)
+            expert_in = dispatch_lib.one_hot_dispatch(groups, dispatch_mask)
+        expert_out = self.experts(expert_in)  # [G, E, C, d]
+        if self.dispatch == "index":
+            out = dispatch_lib.combine(
+                expert_out, routing.slot_token, routing.slot_gate, S
+            )
+        else:
+            out = dispatch_lib.one_hot_combine(expert_out, gates)
+        return ops.reshape(ops.cast(out, self.compute_dtype), shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "expert_hidden_dim": self.expert_hidden_dim,
+                "router": keras.saving.serialize_keras_object(self.router),
+                "router_kwargs": None,
+                "activation": self.activation,
+                "group_size": self.group_size,
+                "dispatch": self.dispatch,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.experts.kernel_initializer
+                ),
+            }
+        )
+        return config

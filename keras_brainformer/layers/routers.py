@@ -1,0 +1,538 @@
+"""Routers: *who goes where*. They turn tokens into routing instructions for the
+MoE layer, compute the auxiliary losses and keep routing statistics.
+
+Shapes: `G` routing groups of `S` tokens, `E` experts, `C` slots per expert
+(the capacity), `k` choices per token, `d` model width.
+
+Every router returns a `RoutingInstructions`: a slot table `slot_token[G, E, C]`
+(which token of the group sits in each expert slot; `S` marks an empty slot) and
+`slot_gate[G, E, C]` (the weight of that expert's output for that token). The
+MoE layer gathers tokens into slots by these indices and sums the weighted
+expert outputs back, so no token is ever multiplied by an expert it was not
+routed to.
+
+Router maths (logits, softmax, top-k, losses) always runs in float32.
+
+Causality (decoders): a token's routing may depend on *later* tokens of its
+group. Settings that are exactly causal when each group is one sequence:
+top-k with `capacity_factor=None` (dropless) or capacity >= group size, and
+top-1 with dropping in position order (a token competes only with earlier
+tokens). Not causal: top-k with k >= 2 and dropping (all first choices of the
+group, including later tokens', are served before any second choice),
+batch-prioritized routing (ordered by confidence), and expert choice (experts
+rank all tokens of the group). A group that spans several sequences couples
+them (later sequences depend on earlier ones).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_brainformer.layers.validation import check_capacity_factor
+from keras_brainformer.layers.validation import check_non_negative_float
+from keras_brainformer.layers.validation import check_positive_int
+from keras_brainformer.layers.validation import check_rate
+
+
+class RoutingInstructions:
+    """What a router decided for a batch of groups.
+
+    Attributes:
+        slot_token: int32 `[G, E, C]`, the token (index within its group) in
+            each expert slot; `S` (the group size) marks an empty slot.
+        slot_gate: float32 `[G, E, C]`, combine weight of each slot (0 if empty).
+        capacity: int, `C`.
+        token_expert, token_position, token_gate, token_keep: `[G, S, k]`
+            per-token choices of a token-choice router (None for expert
+            choice): chosen expert, position in that expert's queue, gate, and
+            whether the choice fits in capacity.
+    """
+
+    def __init__(
+        self,
+        slot_token,
+        slot_gate,
+        capacity,
+        token_expert=None,
+        token_position=None,
+        token_gate=None,
+        token_keep=None,
+    ):
+        self.slot_token = slot_token
+        self.slot_gate = slot_gate
+        self.capacity = capacity
+        self.token_expert = token_expert
+        self.token_position = token_position
+        self.token_gate = token_gate
+        self.token_keep = token_keep
+
+
+def compute_capacity(num_tokens, group_size, capacity_factor, num_experts):
+    """Slots per expert: `ceil(num_tokens * capacity_factor / num_experts)`,
+    at least 1 and at most `group_size` (no expert can take a token twice).
+
+    `num_tokens` is `k * group_size` for top-k routing and `group_size` for
+    expert choice. `capacity_factor=None` means dropless: `group_size` slots.
+    """
+    if capacity_factor is None:
+        return group_size
+    capacity = math.ceil(num_tokens * capacity_factor / num_experts - 1e-9)
+    return int(min(max(capacity, 1), group_size))
+
+
+def load_balance_loss(probs, first_choice, mask):
+    """Switch/GShard load-balance loss `E · Σ_e f_e · P_e`.
+
+    Args:
+        probs: float32 `[G, S, E]` router probabilities.
+        first_choice: int `[G, S]` each token's top-1 expert.
+        mask: float32 `[G, S]`, 1 for real tokens, 0 for padding.
+
+    `f_e` is the fraction of (real) tokens whose first choice is `e`; `P_e` the
+    mean router probability of `e`. Equals 1 under perfect balance.
+    """
+    num_experts = ops.shape(probs)[-1]
+    count = ops.maximum(ops.sum(mask), 1.0)
+    one_hot = ops.one_hot(first_choice, num_experts, dtype="float32")
+    fraction = ops.sum(one_hot * mask[..., None], axis=(0, 1)) / count
+    mean_prob = ops.sum(probs * mask[..., None], axis=(0, 1)) / count
+    return ops.cast(num_experts, "float32") * ops.sum(fraction * mean_prob)
+
+
+def router_z_loss(logits, mask):
+    """ST-MoE router z-loss: mean over real tokens of `logsumexp(logits)²`."""
+    z = ops.logsumexp(logits, axis=-1)
+    count = ops.maximum(ops.sum(mask), 1.0)
+    return ops.sum(ops.square(z) * mask) / count
+
+
+class Router(keras.layers.Layer):
+    """Base class: the router weight, float32 logits, losses and statistics.
+
+    Subclasses implement `route(probs, mask, training)`.
+
+    Routing statistics of the latest call are kept in non-trainable float32
+    variables: `dropped_fraction` (share of token-choices that found no slot;
+    for expert choice, share of tokens that no expert took), `expert_load`
+    (`[E]`, share of filled slots per expert), `load_cv` (coefficient of
+    variation of `expert_load`) and `router_entropy` (mean entropy of the
+    router distribution, in nats).
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        load_balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+        jitter=0.0,
+        seed=None,
+        kernel_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.load_balance_loss_weight = check_non_negative_float(
+            "load_balance_loss_weight", load_balance_loss_weight
+        )
+        self.z_loss_weight = check_non_negative_float(
+            "z_loss_weight", z_loss_weight
+        )
+        self.jitter = check_rate("jitter", jitter)
+        self.seed = seed
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer
+            or keras.initializers.VarianceScaling(0.1, "fan_in", "truncated_normal")
+        )
+        self.seed_generator = keras.random.SeedGenerator(seed) if jitter else None
+
+    def build(self, input_shape):
+        model_dim = input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(model_dim, self.num_experts),
+            initializer=self.kernel_initializer,
+            dtype="float32",
+            autocast=False,
+        )
+
+        def stat(name, shape=()):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+
+        self.dropped_fraction = stat("dropped_fraction")
+        self.expert_load = stat("expert_load", (self.num_experts,))
+        self.load_cv = stat("load_cv")
+        self.router_entropy = stat("router_entropy")
+
+    def router_logits(self, x, training=False):
+        """float32 logits `[G, S, E]`; multiplicative input jitter in training."""
+        x = ops.cast(x, "float32")
+        if training and self.jitter > 0:
+            noise = keras.random.uniform(
+                ops.shape(x),
+                minval=1.0 - self.jitter,
+                maxval=1.0 + self.jitter,
+                seed=self.seed_generator,
+                dtype="float32",
+            )
+            x = x * noise
+        return ops.matmul(x, self.kernel)
+
+    def call(self, x, token_mask=None, training=False):
+        """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens."""
+        mask = token_mask
+        shape = ops.shape(x)
+        if mask is None:
+            mask = ops.ones(shape[:2], "float32")
+        mask = ops.cast(mask, "float32")
+        logits = self.router_logits(x, training=training)
+        probs = ops.softmax(logits, axis=-1)
+        instructions, aux = self.route(probs, mask, training=training)
+        if training:
+            if self.load_balance_loss_weight > 0:
+                first_choice = ops.argmax(probs, axis=-1)
+                self.add_loss(
+                    self.load_balance_loss_weight
+                    * load_balance_loss(probs, first_choice, mask)
+                )
+            if self.z_loss_weight > 0:
+                self.add_loss(self.z_loss_weight * router_z_loss(logits, mask))
+        self._update_statistics(probs, mask, instructions, aux)
+        return instructions
+
+    def _update_statistics(self, probs, mask, instructions, dropped_fraction):
+        count = ops.maximum(ops.sum(mask), 1.0)
+        entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)
+        filled = ops.cast(
+            instructions.slot_token < ops.shape(probs)[1], "float32"
+        )  # [G, E, C]
+        per_expert = ops.sum(filled, axis=(0, 2))
+        load = per_expert / ops.maximum(ops.sum(per_expert), 1.0)
+        mean = ops.mean(load)
+        cv = ops.sqrt(ops.mean(ops.square(load - mean))) / ops.maximum(
+            mean, 1e-9
+        )
+        self.dropped_fraction.assign(ops.cast(dropped_fraction, "float32"))
+        self.expert_load.assign(load)
+        self.load_cv.assign(cv)
+        self.router_entropy.assign(ops.sum(entropy * mask) / count)
+
+    def routing_statistics(self):
+        """The statistics of the latest call as a dict of Python floats/lists."""
+        return {
+            "dropped_fraction": float(ops.convert_to_numpy(self.dropped_fraction)),
+            "load_cv": float(ops.convert_to_numpy(self.load_cv)),
+            "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
+            "expert_load": ops.convert_to_numpy(self.expert_load).tolist(),
+        }
+
+    def compute_output_spec(self, x, token_mask=None, training=False):
+        raise NotImplementedError(
+            "Routers are called inside MoEFeedForward, not on symbolic tensors."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "load_balance_loss_weight": self.load_balance_loss_weight,
+                "z_loss_weight": self.z_loss_weight,
+                "jitter": self.jitter,
+                "seed": self.seed,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config
+
+
+def _global_index(group_index, local_index, per_group):
+    """Flat index of `local_index` inside group `group_index`."""
+    return group_index * per_group + local_index
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class TopKRouter(Router):
+    """Token choice: every token picks its top-`k` experts (Switch k=1, GShard/GLaM k=2).
+
+    Each expert has `C = ceil(k · S · capacity_factor / E)` slots per group of
+    `S` tokens. Slots are filled in priority order: all first choices before
+    any second choice, and within a choice rank by position in the group (or,
+    with `batch_prioritized=True`, by the token's top-1 router probability,
+    highest first). A choice that finds its expert full is dropped: the token
+    then gets less (or no) expert output and keeps its residual.
+
+    Args:
+        num_experts: int, `E`.
+        k: int, experts per token, `1 <= k <= E`.
+        capacity_factor: float > 0 used in training, or None for dropless
+            routing (`C = S`: nothing is ever dropped).
+        eval_capacity_factor: float > 0 or None used at inference; defaults to
+            `capacity_factor`.
+        normalize_gates: renormalise the k gates to sum to 1 (GShard). Default
+            (None): True for k > 1, False for k = 1 (Switch: a renormalised
+            single gate is always 1 and the router would get no gradient).
+        batch_prioritized: rank tokens by router confidence instead of position.
+        load_balance_loss_weight: coefficient of the load-balance loss
+            (GLaM: 0.01).
+        z_loss_weight: coefficient of the router z-loss (ST-MoE: 1e-3).
+        jitter: multiplicative input noise `U(1-jitter, 1+jitter)` in training.
+        seed: seed of the jitter noise.
+
+    Example:
+    >>> import numpy as np
+    >>> router = TopKRouter(num_experts=4, k=2, capacity_factor=1.0)
+    >>> r = router(np.random.rand(1, 8, 16).astype("float32"))
+    >>> tuple(r.slot_token.shape)   # [G, E, C], C = ceil(2 * 8 * 1.0 / 4)
+    (1, 4, 4)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        k=2,
+        capacity_factor=1.25,
+        eval_capacity_factor="same",
+        normalize_gates=None,
+        batch_prioritized=False,
+        load_balance_loss_weight=0.01,
+        z_loss_weight=0.0,
+        jitter=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            num_experts,
+            load_balance_loss_weight=load_balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+            jitter=jitter,
+            seed=seed,
+            **kwargs,
+        )
+        self.k = check_positive_int("k", k)
+        if self.k > self.num_experts:
+            raise ValueError(
+                f"`k` must be <= num_experts={self.num_experts}. Received: k={k}"
+            )
+        self.capacity_factor = check_capacity_factor(
+            "capacity_factor", capacity_factor, allow_none=True
+        )
+        if eval_capacity_factor == "same":
+            eval_capacity_factor = self.capacity_factor
+        self.eval_capacity_factor = check_capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor, allow_none=True
+        )
+        if normalize_gates not in (None, True, False):
+            raise TypeError(
+                "`normalize_gates` must be True, False or None. "
+                f"Received: normalize_gates={normalize_gates!r}"
+            )
+        self.normalize_gates = normalize_gates
+        self.batch_prioritized = bool(batch_prioritized)
+
+    def capacity(self, group_size, training=False):
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return compute_capacity(
+            self.k * group_size, group_size, factor, self.num_experts
+        )
+
+    def route(self, probs, mask, training=False):
+        G, S = ops.shape(probs)[0], ops.shape(probs)[1]
+        E, k = self.num_experts, self.k
+        if not isinstance(S, int):
+            raise ValueError(
+                "TopKRouter needs a static group size to compute its capacity; "
+                f"got a group of unknown length ({S})."
+            )
+        C = self.capacity(S, training=training)
+
+        gates, experts = ops.top_k(probs, k)  # [G, S, k]
+        normalize = self.k > 1 if self.normalize_gates is None else self.normalize_gates
+        if normalize:
+            gates = gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), 1e-9)
+
+        # Position of each choice in its expert's queue, in priority order:
+        # choice-major (all first choices first), then position or confidence.
+        if self.batch_prioritized:
+            confidence = ops.where(mask > 0, ops.max(probs, axis=-1), -1.0)
+            order = ops.argsort(-confidence, axis=1)  # [G, S]
+            inverse = ops.argsort(order, axis=1)
+            ranked_experts = ops.take_along_axis(experts, order[..., None], axis=1)
+            ranked_mask = ops.take_along_axis(mask, order, axis=1)
+        else:
+            ranked_experts, ranked_mask = experts, mask
+        choice = ops.one_hot(ranked_experts, E, dtype="int32")  # [G, S, k, E]
+        choice = choice * ops.cast(ranked_mask, "int32")[:, :, None, None]
+        choice = ops.reshape(ops.transpose(choice, (0, 2, 1, 3)), (G, k * S, E))
+        position = ops.sum((ops.cumsum(choice, axis=1) - 1) * choice, axis=-1)
+        position = ops.transpose(ops.reshape(position, (G, k, S)), (0, 2, 1))
+        if self.batch_prioritized:
+            position = ops.take_along_axis(position, inverse[..., None], axis=1)
+        keep = ops.logical_and(position < C, mask[..., None] > 0)  # [G, S, k]
+
+        # Slot table by scatter: slot = e * C + position; overflow goes to a
+        # scratch slot (index E * C) that is cut off afterwards.
+        slots_per_group = E * C + 1
+        slot = ops.where(keep, experts * C + position, E * C)
+        group_index = ops.arange(G, dtype="int32")[:, None, None]
+        flat_slot = ops.reshape(
+            _global_index(group_index, ops.cast(slot, "int32"), slots_per_group),
+            (-1, 1),
+        )
+        token_index = ops.broadcast_to(
+            ops.arange(S, dtype="int32")[None, :, None], (G, S, k)
+        )
+        keep_f = ops.cast(keep, "float32")
+        # Stored as token + 1 so that 0 marks an empty slot.
+        table_shape = (G * slots_per_group,)
+        slot_token = ops.scatter(
+            flat_slot,
+            ops.reshape((token_index + 1) * ops.cast(keep, "int32"), (-1,)),
+            table_shape,
+        )
+        slot_gate = ops.scatter(
+            flat_slot, ops.reshape(gates * keep_f, (-1,)), table_shape
+        )
+        slot_token = ops.reshape(slot_token, (G, slots_per_group))[:, : E * C]
+        slot_gate = ops.reshape(slot_gate, (G, slots_per_group))[:, : E * C]
+        slot_token = ops.where(slot_token > 0, slot_token - 1, S)
+        instructions = RoutingInstructions(
+            slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
+            slot_gate=ops.reshape(slot_gate, (G, E, C)),
+            capacity=C,
+            token_expert=experts,
+            token_position=position,
+            token_gate=gates,
+            token_keep=keep,
+        )
+        choices = ops.maximum(ops.sum(mask) * k, 1.0)
+        dropped = 1.0 - ops.sum(keep_f) / choices
+        return instructions, dropped
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "k": self.k,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "normalize_gates": self.normalize_gates,
+                "batch_prioritized": self.batch_prioritized,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al., 2022): each expert takes its top-`C` tokens.
+
+    Scores are the softmax over experts of the router logits, `[G, S, E]`.
+    Each expert ranks the `S` tokens of a group by its score column and takes
+    the best `C = ceil(S · capacity_factor / E)` (at least 1). A token's output
+    is the score-weighted sum of the experts that took it: some tokens get
+    several experts, some none. Load is perfectly balanced by construction, so
+    the load-balance loss defaults to 0. Not causal (see module docstring).
+
+    Args:
+        num_experts: int, `E`.
+        capacity_factor: float > 0, average experts per token (paper: 2;
+            Brainformer block 1: 1).
+        eval_capacity_factor: float > 0 used at inference; defaults to
+            `capacity_factor`.
+        load_balance_loss_weight, z_loss_weight, jitter, seed: as in
+            `TopKRouter`.
+
+    Example:
+    >>> import numpy as np
+    >>> router = ExpertChoiceRouter(num_experts=4, capacity_factor=1.0)
+    >>> r = router(np.random.rand(2, 8, 16).astype("float32"))
+    >>> tuple(r.slot_token.shape)   # [G, E, C], C = 8 * 1.0 / 4
+    (2, 4, 2)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        capacity_factor=2.0,
+        eval_capacity_factor="same",
+        load_balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+        jitter=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            num_experts,
+            load_balance_loss_weight=load_balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+            jitter=jitter,
+            seed=seed,
+            **kwargs,
+        )
+        self.capacity_factor = check_capacity_factor(
+            "capacity_factor", capacity_factor, allow_none=False
+        )
+        if eval_capacity_factor == "same":
+            eval_capacity_factor = self.capacity_factor
+        self.eval_capacity_factor = check_capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor, allow_none=False
+        )
+
+    def capacity(self, group_size, training=False):
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return compute_capacity(group_size, group_size, factor, self.num_experts)
+
+    def route(self, probs, mask, training=False):
+        G, S = ops.shape(probs)[0], ops.shape(probs)[1]
+        if not isinstance(S, int):
+            raise ValueError(
+                "ExpertChoiceRouter needs a static group size to compute its "
+                f"capacity; got a group of unknown length ({S})."
+            )
+        C = self.capacity(S, training=training)
+        # Padding tokens score -1 (below any probability) so experts take
+        # them last; if taken anyway they are marked empty below.
+        scores = ops.where(mask[..., None] > 0, probs, -1.0)
+        scores = ops.transpose(scores, (0, 2, 1))  # [G, E, S]
+        gate, token = ops.top_k(scores, C)  # [G, E, C]
+        taken = gate >= 0
+        slot_token = ops.where(taken, ops.cast(token, "int32"), S)
+        slot_gate = ops.where(taken, gate, 0.0)
+        # A token is dropped when no expert took it.
+        group_index = ops.arange(G, dtype="int32")[:, None, None]
+        flat_token = ops.reshape(_global_index(group_index, slot_token, S + 1), (-1,))
+        hits = ops.segment_sum(
+            ops.ones_like(flat_token, dtype="float32"),
+            flat_token,
+            num_segments=G * (S + 1),
+        )
+        hits = ops.reshape(hits, (G, S + 1))[:, :S]
+        served = ops.sum(ops.cast(hits > 0, "float32") * mask)
+        dropped = 1.0 - served / ops.maximum(ops.sum(mask), 1.0)
+        instructions = RoutingInstructions(
+            slot_token=slot_token, slot_gate=slot_gate, capacity=C
+        )
+        return instructions, dropped
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+            }
+        )
+        return config
+
+
+ROUTERS = {"top_k": TopKRouter, "expert_choice": ExpertChoiceRouter}

@@ -1,0 +1,3 @@
+from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
+from keras_brainformer.models.brainformer.parameter_count import count_parameters

@@ -1,0 +1,201 @@
+"""The Brainformer backbone: embeddings, a stack of Brainformer blocks, final norm."""
+
+import keras
+from keras_hub.layers import ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.layers.brainformer_block import BrainformerBlock
+from keras_brainformer.layers.rms_normalization import NORMS
+from keras_brainformer.layers.rms_normalization import make_norm
+from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_non_negative_float
+from keras_brainformer.layers.validation import check_optional_positive_int
+from keras_brainformer.layers.validation import check_positive_int
+from keras_brainformer.layers.validation import check_rate
+
+
+def resolve_block_specs(blocks, num_blocks):
+    """Turns `blocks` (one spec, or a list of specs, or their dicts) and
+    `num_blocks` into the list of block specs of the stack."""
+    if isinstance(blocks, (BlockSpec, dict)):
+        spec = BlockSpec.from_dict(blocks)
+        return [spec] * check_positive_int("num_blocks", num_blocks or 1)
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError(
+            "`blocks` must be a BlockSpec, its dict, or a non-empty list of "
+            f"them. Received: blocks={blocks!r}"
+        )
+    specs = [BlockSpec.from_dict(b) for b in blocks]
+    if num_blocks is not None and num_blocks != len(specs):
+        raise ValueError(
+            f"`num_blocks`={num_blocks!r} must be None or equal to the number "
+            f"of block specs given ({len(specs)})."
+        )
+    return specs
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class BrainformerBackbone(Backbone):
+    """A decoder-only stack of Brainformer blocks.
+
+    Token embedding → `num_blocks` Brainformer blocks (each an ordered list of
+    attention / dense FFN / MoE sublayers, pre-norm residual) → final norm.
+    Outputs the final hidden states `[B, T, hidden_dim]`; the token embedding
+    is reversible (`backbone.token_embedding(h, reverse=True)` gives logits
+    with the tied output matrix).
+
+    Args:
+        vocabulary_size: int, number of tokens.
+        hidden_dim: int, the model width `d`.
+        blocks: a `BlockSpec` (repeated `num_blocks` times), or a list of
+            block specs (one per block), or their dict forms.
+        num_blocks: int, times a single spec is stacked; must be None or the
+            list's length when `blocks` is a list.
+        max_sequence_length: int, the longest sequence the model is meant for
+            (used to size generation caches; positions are rotary).
+        norm: `"rms"` or `"layer"`.
+        norm_epsilon: float.
+        dropout: residual dropout (0 in the paper).
+        rotary_max_wavelength: int, RoPE base wavelength.
+        tie_embeddings: bool, share input and output embeddings.
+        dtype: dtype policy of the model (for example `"mixed_bfloat16"`);
+            routers always compute in float32.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_brainformer.layers import AttentionSpec, BlockSpec, MoESpec
+    from keras_brainformer.models import BrainformerBackbone
+
+    spec = BlockSpec([
+        AttentionSpec(num_heads=2),
+        MoESpec(num_experts=4, hidden_dim=64, router="expert_choice",
+                capacity_factor=1.0),
+    ])
+    backbone = BrainformerBackbone(
+        vocabulary_size=256, hidden_dim=32, blocks=spec, num_blocks=2
+    )
+    hidden = backbone({
+        "token_ids": np.ones((2, 16), "int32"),
+        "padding_mask": np.ones((2, 16), "int32"),
+    })  # [2, 16, 32]
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        hidden_dim,
+        blocks,
+        num_blocks=None,
+        max_sequence_length=2048,
+        norm="rms",
+        norm_epsilon=1e-6,
+        dropout=0.0,
+        rotary_max_wavelength=10000,
+        tie_embeddings=True,
+        dtype=None,
+        **kwargs,
+    ):
+        # === Validation (before any weight exists) ===
+        vocabulary_size = check_positive_int("vocabulary_size", vocabulary_size)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        num_blocks = check_optional_positive_int("num_blocks", num_blocks)
+        specs = resolve_block_specs(blocks, num_blocks)
+        max_sequence_length = check_positive_int(
+            "max_sequence_length", max_sequence_length
+        )
+        check_choice("norm", norm, NORMS)
+        norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
+        dropout = check_rate("dropout", dropout)
+        for spec in specs:
+            for i, sub in enumerate(spec.sublayers):
+                if sub.kind == "attention" and sub.head_dim is None:
+                    if hidden_dim % sub.num_heads:
+                        raise ValueError(
+                            f"sublayers[{i}] (attention): `num_heads`="
+                            f"{sub.num_heads} must divide `hidden_dim`="
+                            f"{hidden_dim}, or set `head_dim`."
+                        )
+
+        # === Layers ===
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=tie_embeddings,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.transformer_blocks = [
+            BrainformerBlock(
+                spec,
+                norm=norm,
+                norm_epsilon=norm_epsilon,
+                dropout=dropout,
+                rotary_max_wavelength=rotary_max_wavelength,
+                dtype=dtype,
+                name=f"block_{i}",
+            )
+            for i, spec in enumerate(specs)
+        ]
+        self.final_norm = make_norm(norm, norm_epsilon, "final_norm", dtype=dtype)
+
+        # === Functional Model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.token_embedding(token_ids)
+        for block in self.transformer_blocks:
+            x = block(x, padding_mask=padding_mask)
+        outputs = self.final_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.block_specs = specs
+        self.num_blocks = len(specs)
+        self.max_sequence_length = max_sequence_length
+        self.norm = norm
+        self.norm_epsilon = norm_epsilon
+        self.dropout = dropout
+        self.rotary_max_wavelength = rotary_max_wavelength
+        self.tie_embeddings = tie_embeddings
+
+    @property
+    def moe_layers(self):
+        """Every `MoEFeedForward` sublayer, in order."""
+        return [moe for block in self.transformer_blocks for moe in block.moe_layers]
+
+    def routing_statistics(self):
+        """Routing statistics of the latest call, per MoE layer (by path)."""
+        return {moe.path: moe.router.routing_statistics() for moe in self.moe_layers}
+
+    def get_config(self):
+        config = super().get_config()
+        # Store one spec + num_blocks when the stack repeats a single spec.
+        if all(spec == self.block_specs[0] for spec in self.block_specs):
+            blocks, num_blocks = self.block_specs[0].to_dict(), self.num_blocks
+        else:
+            blocks, num_blocks = [s.to_dict() for s in self.block_specs], None
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "hidden_dim": self.hidden_dim,
+                "blocks": blocks,
+                "num_blocks": num_blocks,
+                "max_sequence_length": self.max_sequence_length,
+                "norm": self.norm,
+                "norm_epsilon": self.norm_epsilon,
+                "dropout": self.dropout,
+                "rotary_max_wavelength": self.rotary_max_wavelength,
+                "tie_embeddings": self.tie_embeddings,
+            }
+        )
+        return config
