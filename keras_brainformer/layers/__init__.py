@@ -2,6 +2,14 @@
 
 from keras_brainformer.layers.activations import ACTIVATIONS
 from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.block_spec import AttentionSpec
+from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.layers.block_spec import FeedForwardSpec
+from keras_brainformer.layers.block_spec import MoESpec
+from keras_brainformer.layers.block_spec import dense_transformer_layer
+from keras_brainformer.layers.block_spec import glam_layer_pair
+from keras_brainformer.layers.brainformer_block import BrainformerBlock
+from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
@@ -13,11 +21,3 @@ from keras_brainformer.layers.routers import TopKRouter
 from keras_brainformer.layers.routers import compute_capacity
 from keras_brainformer.layers.routers import load_balance_loss
 from keras_brainformer.layers.routers import router_z_loss
-from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
-from keras_brainformer.layers.block_spec import dense_transformer_layer
-from keras_brainformer.layers.block_spec import glam_layer_pair
-from keras_brainformer.layers.brainformer_block import BrainformerBlock

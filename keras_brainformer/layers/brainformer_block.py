@@ -68,7 +68,7 @@ class BrainformerBlock(keras.layers.Layer):
                 make_norm(norm, norm_epsilon, f"{name}_norm", dtype=self.dtype_policy)
             )
             self.sublayers.append(self._make_sublayer(sub, name))
-        self.residual_dropout = keras.layers.Dropout(dropout)
+        self.residual_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _make_sublayer(self, sub, name):
         common = dict(

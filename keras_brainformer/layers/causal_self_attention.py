@@ -65,7 +65,7 @@ class CausalSelfAttention(keras.layers.Layer):
         self.rotary = RotaryEmbedding(
             max_wavelength=rotary_max_wavelength, dtype=self.dtype_policy
         )
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _resolve_head_dim(self, model_dim):
         if self.head_dim is not None:

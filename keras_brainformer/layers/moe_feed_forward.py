@@ -78,7 +78,10 @@ class MoEFeedForward(keras.layers.Layer):
         if isinstance(router, str):
             check_choice("router", router, tuple(ROUTERS))
             router = ROUTERS[router](
-                num_experts=num_experts, name="router", **(router_kwargs or {})
+                num_experts=num_experts,
+                name="router",
+                dtype=self.dtype_policy,
+                **(router_kwargs or {}),
             )
         elif not isinstance(router, Router):
             raise TypeError(

@@ -1,0 +1,284 @@
+"""Forward+backward cost of `MoEFeedForward` relative to its natural baselines.
+
+Measured in one run on the JAX backend (CPU is fine): every variant is built,
+its training step `value_and_grad(sum(y**2) + aux losses)` w.r.t. the trainable
+weights *and* the input is `jax.jit`-ed through `layer.stateless_call(...,
+training=True)`, compiled once, and then timed `--reps` times with the compared
+variants interleaved (one call of each per round) so that load on a shared
+machine hits all of them alike. Reported times are medians.
+
+Rows per number of experts `E` (top-k routing, `k=2`, capacity factor 1.25,
+group = one sequence):
+
+  (a) ours (index dispatch) / dense FFN with the same activated FLOPs
+      (`FeedForward(hidden_dim=k*h)`). Target <= 1.3; the capacity padding
+      alone makes it >= ~1.25 (`C = ceil(k*S*cf/E)` slots per expert).
+  (b) all-experts dense MoE (keras-hub Mixtral style: every expert runs on
+      every token, outputs weighted by a dense `[tokens, E]` matrix that is
+      zero outside the top-k) / ours. Target: close to `E/k`.
+  (c) one-hot einsum dispatch (`dispatch="one_hot"`) / ours (information).
+
+plus, for information, expert choice (`capacity_factor=2.0`) / dense FFN with
+hidden `2*h`, and dropless top-k (`capacity_factor=None`, `C = S`) / dense FFN.
+
+Usage:
+    python benchmarks/moe_layer.py            # full shapes (minutes on 2 cores)
+    python benchmarks/moe_layer.py --quick    # smoke run (seconds)
+"""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from keras_brainformer.layers import FeedForward  # noqa: E402
+from keras_brainformer.layers import MoEFeedForward  # noqa: E402
+from keras_brainformer.layers.activations import get_activation  # noqa: E402
+
+
+class AllExpertsMoE(keras.layers.Layer):
+    """Reference "all-experts" MoE (keras-hub Mixtral style).
+
+    Every expert is applied to every token; the expert outputs are summed with
+    a dense `[tokens, E]` weight matrix that holds the (renormalised) top-k
+    router probabilities and zeros elsewhere. Same weight shapes as
+    `ExpertBank`: `w_in [E, d, h]`, `w_out [E, h, d]`, router `[d, E]`.
+    Compute is `E/k` times that of the activated experts.
+    """
+
+    def __init__(self, num_experts, expert_hidden_dim, k=2, activation="gelu",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.k = k
+        self._activation_fn, gated = get_activation(activation)
+        if gated:
+            raise ValueError("AllExpertsMoE only implements plain activations.")
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        E, h = self.num_experts, self.expert_hidden_dim
+        self.router_kernel = self.add_weight(
+            name="router_kernel", shape=(d, E), initializer="glorot_uniform"
+        )
+        self.w_in = self.add_weight(
+            name="w_in", shape=(E, d, h), initializer="glorot_uniform"
+        )
+        self.w_out = self.add_weight(
+            name="w_out", shape=(E, h, d), initializer="glorot_uniform"
+        )
+
+    def call(self, x, training=False):
+        shape = ops.shape(x)
+        d = shape[-1]
+        tokens = ops.reshape(x, (-1, d))  # [T, d]
+        probs = ops.softmax(ops.matmul(tokens, self.router_kernel), axis=-1)
+        top_w, top_e = ops.top_k(probs, self.k)  # [T, k]
+        top_w = top_w / ops.sum(top_w, axis=-1, keepdims=True)
+        one_hot = ops.one_hot(top_e, self.num_experts, dtype=top_w.dtype)
+        weights = ops.sum(one_hot * top_w[..., None], axis=1)  # [T, E], dense
+        hidden = self._activation_fn(
+            ops.einsum("td,edh->eth", tokens, self.w_in)
+        )
+        expert_out = ops.einsum("eth,ehd->etd", hidden, self.w_out)  # [E, T, d]
+        out = ops.einsum("etd,te->td", expert_out, weights)
+        return ops.reshape(out, shape)
+
+
+def make_step(layer, x):
+    """Builds `layer` on `x` and returns `(jitted_step, args)`.
+
+    The step is the full training-time cost: forward with `training=True`,
+    the auxiliary losses the layer adds, and the gradient w.r.t. every
+    trainable variable and the input. The non-trainable updates (router
+    statistics) are returned too, so XLA cannot drop their computation.
+    """
+    layer(x)  # build
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    # `FeedForward.call` has no `training` argument (it has no dropout).
+    kwargs = {}
+    if "training" in inspect.signature(layer.call).parameters:
+        kwargs["training"] = True
+
+    def loss_fn(trainable, x, non_trainable):
+        y, updates, losses = layer.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **kwargs
+        )
+        loss = jnp.sum(jnp.square(y.astype("float32")))
+        for aux in losses:
+            loss = loss + aux
+        return loss, updates
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    @jax.jit
+    def step(trainable, x, non_trainable):
+        (loss, updates), grads = grad_fn(trainable, x, non_trainable)
+        return loss, grads, updates
+
+    return step, (trainable, x, non_trainable)
+
+
+def _block(out):
+    jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
+
+
+def time_interleaved(variants, reps, warmup=2):
+    """`variants`: dict name -> (step, args). Returns name -> list of ms."""
+    for name, (step, args) in variants.items():
+        t0 = time.perf_counter()
+        _block(step(*args))  # compile
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            _block(step(*args))
+        print(f"  compiled {name:<28s} in {compile_s:5.1f} s", flush=True)
+    times = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(reps):
+        # Rotate the order each round so no variant always runs first.
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            step, args = variants[name]
+            t0 = time.perf_counter()
+            _block(step(*args))
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def matmul_gflops(n, reps):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), "float32")
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), "float32")
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes, few repetitions (smoke run)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per variant (default 10, "
+                             "quick: 3)")
+    parser.add_argument("--experts", type=int, nargs="+", default=None,
+                        help="numbers of experts (default 16 32, quick: 8)")
+    args = parser.parse_args()
+
+    if args.quick:
+        batch, length, d, h = 2, 64, 64, 128
+        experts = args.experts or [8]
+        reps = args.reps or 3
+        mm_n = 512
+    else:
+        batch, length, d, h = 8, 512, 512, 1024
+        experts = args.experts or [16, 32]
+        reps = args.reps or 10
+        mm_n = 2048
+    k, cf, ec_cf = 2, 1.25, 2.0
+
+    keras.utils.set_random_seed(0)
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, length, d)), "float32"
+    )
+
+    print(f"keras {keras.__version__}, backend {keras.backend.backend()}, "
+          f"jax {jax.__version__}, devices {jax.devices()}, "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(f"shapes: {batch} x {length} tokens, d={d}, expert hidden={h}, "
+          f"k={k}, cf={cf}, group=one sequence (S={length}), reps={reps}")
+    gflops = matmul_gflops(mm_n, max(reps, 5))
+    print(f"float32 matmul {mm_n}x{mm_n}x{mm_n}: {gflops:.1f} GFLOP/s")
+
+    def moe(E, router="top_k", router_kwargs=None, dispatch="index"):
+        return MoEFeedForward(
+            num_experts=E, expert_hidden_dim=h, router=router,
+            router_kwargs=router_kwargs or {"k": k, "capacity_factor": cf},
+            activation="gelu", dispatch=dispatch,
+        )
+
+    rows = []  # (E, label, numerator ms, denominator ms, ratio, target, ok)
+
+    # Dense FFN baselines (shared by all E): same activated FLOPs as top-2 and
+    # as expert choice with cf=2 (both 2*h per token).
+    dense_hidden = k * h
+    ec_hidden = int(round(ec_cf * h))
+    for E in experts:
+        print(f"E={E}:", flush=True)
+        variants = {
+            "dense": make_step(FeedForward(hidden_dim=dense_hidden,
+                                           activation="gelu"), x),
+            "ours": make_step(moe(E), x),
+            "all_experts": make_step(
+                AllExpertsMoE(E, h, k=k, activation="gelu"), x),
+            "one_hot": make_step(moe(E, dispatch="one_hot"), x),
+            "expert_choice": make_step(
+                moe(E, router="expert_choice",
+                    router_kwargs={"capacity_factor": ec_cf}), x),
+            "dropless": make_step(
+                moe(E, router_kwargs={"k": k, "capacity_factor": None}), x),
+        }
+        if ec_hidden != dense_hidden:
+            variants["dense_ec"] = make_step(
+                FeedForward(hidden_dim=ec_hidden, activation="gelu"), x)
+        times = time_interleaved(variants, reps)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        dense_ec = med.get("dense_ec", med["dense"])
+        C = math.ceil(k * length * cf / E)
+        C_ec = math.ceil(length * ec_cf / E)
+
+        def row(label, num, den, target=None, ok=None):
+            rows.append((E, label, num, den, num / den, target, ok))
+
+        ratio_a = med["ours"] / med["dense"]
+        row(f"(a) ours (index, C={C}) / dense FFN h={dense_hidden}",
+            med["ours"], med["dense"], "<= 1.3", ratio_a <= 1.3)
+        ratio_b = med["all_experts"] / med["ours"]
+        # "Close to E/k": within 25% of it.
+        row("(b) all-experts dense MoE / ours", med["all_experts"],
+            med["ours"], f"~ E/k = {E // k}", ratio_b >= 0.75 * E / k)
+        row("(c) one-hot dispatch / ours", med["one_hot"], med["ours"])
+        row(f"expert choice cf={ec_cf} (C={C_ec}) / dense FFN h={ec_hidden}",
+            med["expert_choice"], dense_ec)
+        row(f"top-k dropless (C={length}) / dense FFN h={dense_hidden}",
+            med["dropless"], med["dense"])
+        for name, ts in times.items():
+            spread = (max(ts) - min(ts)) / statistics.median(ts)
+            print(f"  {name:<14s} median {med[name]:8.1f} ms  "
+                  f"(min {min(ts):.1f}, max {max(ts):.1f}, "
+                  f"spread {100 * spread:.0f}%)", flush=True)
+
+    flops = 3 * 2 * 2 * batch * length * d * dense_hidden  # fwd+bwd dense FFN
+    print()
+    print(f"Context: float32 matmul {gflops:.1f} GFLOP/s; dense FFN step "
+          f"~{flops / 1e9:.1f} GFLOP.")
+    print()
+    print("| E | ratio | numerator ms | denominator ms | ratio | target | result |")
+    print("|---|---|---:|---:|---:|---|---|")
+    for E, label, num, den, ratio, target, ok in rows:
+        result = "" if ok is None else ("PASS" if ok else "MISS")
+        print(f"| {E} | {label} | {num:.1f} | {den:.1f} | {ratio:.2f} | "
+              f"{target or 'info'} | {result} |")
+
+
+if __name__ == "__main__":
+    main()

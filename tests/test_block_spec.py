@@ -1,0 +1,126 @@
+"""BlockSpec: JSON round trips and validation before any weight exists."""
+
+import json
+
+import pytest
+
+from keras_brainformer.layers import AttentionSpec
+from keras_brainformer.layers import BlockSpec
+from keras_brainformer.layers import BrainformerBlock
+from keras_brainformer.layers import FeedForwardSpec
+from keras_brainformer.layers import MoESpec
+from keras_brainformer.layers import dense_transformer_layer
+from keras_brainformer.layers import glam_layer_pair
+from keras_brainformer.models import BrainformerBackbone
+
+
+def brainformer_like_spec():
+    return BlockSpec(
+        [
+            AttentionSpec(num_heads=4),
+            MoESpec(8, 64, router="expert_choice", capacity_factor=1.0),
+            FeedForwardSpec(48, activation="geglu"),
+            MoESpec(8, 32, activation="relu", k=1, capacity_factor=None),
+            AttentionSpec(num_heads=3, head_dim=8),
+            MoESpec(8, 64, batch_prioritized=True, z_loss_weight=1e-3, jitter=0.01),
+        ]
+    )
+
+
+def test_json_round_trip_is_exact():
+    spec = brainformer_like_spec()
+    text = spec.to_json()
+    assert BlockSpec.from_json(text) == spec
+    assert json.loads(text)["sublayers"][2] == {
+        "kind": "ffn",
+        "hidden_dim": 48,
+        "activation": "gated_gelu",  # aliases are canonicalised
+    }
+    assert BlockSpec.from_dict(json.loads(text)).to_dict() == spec.to_dict()
+
+
+def test_named_specs_are_just_specs():
+    glam = glam_layer_pair(num_heads=4, hidden_dim=64, num_experts=8)
+    assert [s.kind for s in glam.sublayers] == ["attention", "moe", "attention", "ffn"]
+    assert glam.sublayers[1].k == 2 and glam.sublayers[1].activation == "gated_gelu"
+    dense = dense_transformer_layer(num_heads=4, hidden_dim=64)
+    assert [s.kind for s in dense.sublayers] == ["attention", "ffn"]
+    assert glam.count("moe") == 1 and dense.count("moe") == 0
+
+
+def test_experts_per_token():
+    assert MoESpec(8, 4, k=2).experts_per_token == 2
+    assert MoESpec(8, 4, router="expert_choice", capacity_factor=1.5).experts_per_token == 1.5
+
+
+def test_block_config_round_trip():
+    block = BrainformerBlock(brainformer_like_spec(), norm="layer")
+    clone = BrainformerBlock.from_config(block.get_config())
+    assert clone.spec == block.spec
+    assert clone.get_config() == block.get_config()
+
+
+@pytest.mark.parametrize(
+    "build,field",
+    [
+        (lambda: BlockSpec([]), "sublayers"),
+        (lambda: BlockSpec("attention"), "sublayers"),
+        (lambda: BlockSpec([{"kind": "conv"}]), "kind"),
+        (lambda: BlockSpec([{"kind": "ffn", "hidden_dim": 8, "width": 2}]), "width"),
+        (lambda: BlockSpec([{"kind": "ffn", "hidden_dim": 0}]), "hidden_dim"),
+        (lambda: BlockSpec([{"kind": "attention", "num_heads": -2}]), "num_heads"),
+        (lambda: AttentionSpec(num_heads=2.5), "num_heads"),
+        (lambda: FeedForwardSpec(8, activation="tanh"), "activation"),
+        (lambda: MoESpec(4, 8, k=5), "k"),
+        (lambda: MoESpec(4, 8, capacity_factor=0), "capacity_factor"),
+        (lambda: MoESpec(4, 8, capacity_factor=-1.0), "capacity_factor"),
+        (lambda: MoESpec(4, 8, router="expert_choice", capacity_factor=None), "capacity_factor"),
+        (lambda: MoESpec(4, 8, eval_capacity_factor=0.0), "eval_capacity_factor"),
+        (lambda: MoESpec(4, 8, router="hash"), "router"),
+        (lambda: MoESpec(0, 8), "num_experts"),
+        (lambda: MoESpec(4, 8, load_balance_loss_weight=-0.1), "load_balance_loss_weight"),
+        (lambda: MoESpec(4, 8, jitter=1.5), "jitter"),
+        (lambda: MoESpec(4, 8, router="expert_choice", batch_prioritized=True), "batch_prioritized"),
+        (lambda: BlockSpec.from_dict({"layers": []}), "sublayers"),
+    ],
+)
+def test_invalid_specs_raise_naming_the_field(build, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        build()
+
+
+def test_nested_errors_say_which_sublayer():
+    with pytest.raises(ValueError, match=r"sublayers\[1\].*k"):
+        BlockSpec([{"kind": "attention"}, {"kind": "moe", "num_experts": 2, "hidden_dim": 4, "k": 3}])
+
+
+def test_backbone_rejects_heads_not_dividing_model_dim_before_building():
+    spec = BlockSpec([AttentionSpec(num_heads=3), FeedForwardSpec(8)])
+    with pytest.raises(ValueError, match="num_heads"):
+        BrainformerBackbone(vocabulary_size=16, hidden_dim=16, blocks=spec)
+    # With an explicit head_dim the heads are decoupled from the model width.
+    ok = BlockSpec([AttentionSpec(num_heads=3, head_dim=4), FeedForwardSpec(8)])
+    BrainformerBackbone(vocabulary_size=16, hidden_dim=16, blocks=ok)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"vocabulary_size": 0}, "vocabulary_size"),
+        ({"hidden_dim": -4}, "hidden_dim"),
+        ({"num_blocks": 0}, "num_blocks"),
+        ({"blocks": []}, "blocks"),
+        ({"norm": "batch"}, "norm"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"max_sequence_length": 0}, "max_sequence_length"),
+    ],
+)
+def test_backbone_bad_arguments(kwargs, field):
+    args = {
+        "vocabulary_size": 16,
+        "hidden_dim": 8,
+        "blocks": dense_transformer_layer(2, 16),
+        **kwargs,
+    }
+    with pytest.raises((ValueError, TypeError), match=field):
+        BrainformerBackbone(**args)

@@ -1,0 +1,216 @@
+"""MoEFeedForward: index dispatch == one-hot reference, sparsity, gradients,
+padding, dtypes, serialisation."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from keras import ops
+
+from keras_brainformer.layers import ExpertBank
+from keras_brainformer.layers import MoEFeedForward
+from keras_brainformer.layers import TopKRouter
+from keras_brainformer.layers import dispatch as dispatch_lib
+
+ROUTER_CASES = [
+    ("top_k", {"k": 1, "capacity_factor": 1.0}),
+    ("top_k", {"k": 2, "capacity_factor": 1.25}),
+    ("top_k", {"k": 2, "capacity_factor": 0.5}),
+    ("top_k", {"k": 2, "capacity_factor": None}),
+    ("top_k", {"k": 3, "capacity_factor": 1.0, "batch_prioritized": True}),
+    ("expert_choice", {"capacity_factor": 1.0}),
+    ("expert_choice", {"capacity_factor": 2.0}),
+    ("expert_choice", {"capacity_factor": 0.25}),
+]
+
+
+def _pair(router, kwargs, activation="gelu", group_size=None, shape=(2, 16, 8)):
+    layer = MoEFeedForward(
+        num_experts=4,
+        expert_hidden_dim=12,
+        router=router,
+        router_kwargs=kwargs,
+        activation=activation,
+        group_size=group_size,
+    )
+    layer.build(shape)
+    reference = MoEFeedForward.from_config({**layer.get_config(), "dispatch": "one_hot"})
+    reference.build(shape)
+    reference.set_weights(layer.get_weights())
+    return layer, reference
+
+
+@pytest.mark.parametrize("router,kwargs", ROUTER_CASES)
+@pytest.mark.parametrize("training", [False, True])
+def test_index_dispatch_matches_one_hot_reference(router, kwargs, training):
+    x = np.random.default_rng(0).normal(size=(2, 16, 8)).astype("float32")
+    mask = np.ones((2, 16), "int32")
+    mask[1, 11:] = 0
+    layer, reference = _pair(router, kwargs, activation="gated_silu", group_size=8)
+    y = to_numpy(layer(x, padding_mask=mask, training=training))
+    y_ref = to_numpy(reference(x, padding_mask=mask, training=training))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(y).max() > 0
+
+
+@pytest.mark.parametrize("router,kwargs", ROUTER_CASES[:2] + ROUTER_CASES[5:6])
+def test_gradients_match_reference_and_reach_router_and_experts(router, kwargs):
+    x = np.random.default_rng(1).normal(size=(2, 16, 8)).astype("float32")
+    layer, reference = _pair(router, kwargs)
+
+    def grads(model):
+        if keras.backend.backend() == "jax":
+            import jax
+
+            def loss_fn(trainable, x):
+                y, _ = model.stateless_call(
+                    trainable, [v.value for v in model.non_trainable_variables], x
+                )
+                return ops.sum(ops.square(y))
+
+            values = [v.value for v in model.trainable_variables]
+            g, gx = jax.grad(loss_fn, argnums=(0, 1))(values, x)
+        else:
+            import tensorflow as tf
+
+            xt = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                loss = tf.reduce_sum(tf.square(model(xt)))
+            *g, gx = tape.gradient(loss, model.trainable_variables + [xt])
+        names = [v.path.split("/")[-2] + "/" + v.name for v in model.trainable_variables]
+        return dict(zip(names, map(to_numpy, g))), to_numpy(gx)
+
+    g, gx = grads(layer)
+    g_ref, gx_ref = grads(reference)
+    assert set(g) == {"router/kernel", "experts/w_in", "experts/w_out"}
+    for name in g:
+        np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-4, atol=1e-6)
+        assert np.abs(g[name]).max() > 0, name
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-6)
+
+
+class CountingExperts(ExpertBank):
+    """Records the dispatched tensor so the test can check what experts see."""
+
+    def call(self, x):
+        self.seen = x
+        return super().call(x)
+
+
+def test_experts_only_see_routed_tokens():
+    """Sparse for real: expert e's input rows are exactly the tokens routed to
+    e (plus zero rows for empty slots), never the whole batch."""
+    S, d, E = 16, 8, 4
+    layer = MoEFeedForward(E, 12, router="top_k", router_kwargs={"k": 2, "capacity_factor": 1.0})
+    layer.experts = CountingExperts(E, 12, name="experts")
+    x = np.random.default_rng(2).normal(size=(1, S, d)).astype("float32")
+    layer(x)
+    seen = to_numpy(layer.experts.seen)  # [G, E, C, d]
+    C = layer.router.capacity(S)
+    assert seen.shape == (1, E, C, d) and E * C == 2 * S  # k * S slots, not E * S
+    routing = layer.router(x, training=False)
+    slot_token = to_numpy(routing.slot_token)[0]
+    for e in range(E):
+        for c in range(C):
+            t = slot_token[e, c]
+            expected = x[0, t] if t < S else np.zeros(d)
+            np.testing.assert_allclose(seen[0, e, c], expected, rtol=1e-6)
+
+
+def test_unrouted_tokens_get_zero_output():
+    # Capacity 1 slot per expert: most tokens are dropped and must output 0.
+    layer = MoEFeedForward(
+        2, 8, router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.1}
+    )
+    x = np.random.default_rng(3).normal(size=(1, 10, 4)).astype("float32")
+    y = to_numpy(layer(x))
+    served = np.abs(y[0]).sum(-1) > 0
+    assert served.sum() <= 2
+    assert layer.router.routing_statistics()["dropped_fraction"] >= 0.8 - 1e-6
+
+
+def test_padding_tokens_get_zero_output_and_do_not_change_real_tokens():
+    layer = MoEFeedForward(4, 8, router="expert_choice", router_kwargs={"capacity_factor": 1.0})
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, 8, 4)).astype("float32")
+    mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0]], "int32")
+    y = to_numpy(layer(x, padding_mask=mask))
+    np.testing.assert_array_equal(y[0, 5:], 0.0)
+    x2 = x.copy()
+    x2[0, 5:] = rng.normal(size=(3, 4))  # change only padding tokens
+    np.testing.assert_allclose(to_numpy(layer(x2, padding_mask=mask))[0, :5], y[0, :5])
+
+
+def test_group_size_splits_batch_into_groups():
+    layer = MoEFeedForward(4, 8, router="top_k", group_size=4)
+    x = np.random.default_rng(5).normal(size=(2, 6, 4)).astype("float32")
+    layer(x)  # 12 tokens in 3 groups of 4
+    with pytest.raises(ValueError, match="group_size"):
+        layer(x[:, :5])  # 10 tokens, not divisible by 4
+
+
+def test_mixed_bfloat16_keeps_router_in_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = MoEFeedForward(4, 8, router="top_k")
+    x = np.random.default_rng(6).normal(size=(2, 8, 4)).astype("float32")
+    y = layer(ops.cast(x, "bfloat16"))
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert layer.router.kernel.dtype == "float32"
+    assert layer.experts.w_in.dtype == "float32"  # float32 master weights
+    logits = layer.router.router_logits(ops.cast(x, "bfloat16"))
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    routing = layer.router(ops.cast(x, "bfloat16"))
+    assert keras.backend.standardize_dtype(routing.slot_gate.dtype) == "float32"
+
+
+def test_config_round_trip_reproduces_outputs():
+    layer = MoEFeedForward(
+        4,
+        8,
+        router=TopKRouter(4, k=1, capacity_factor=2.0, jitter=0.1, seed=3),
+        activation="squared_relu",
+    )
+    x = np.random.default_rng(7).normal(size=(2, 8, 4)).astype("float32")
+    y = to_numpy(layer(x))
+    clone = MoEFeedForward.from_config(layer.get_config())
+    clone.build(x.shape)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(to_numpy(clone(x)), y)
+    assert clone.router.get_config() == layer.router.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"num_experts": 0, "expert_hidden_dim": 8}, "num_experts"),
+        ({"num_experts": 4, "expert_hidden_dim": -1}, "expert_hidden_dim"),
+        ({"num_experts": 4, "expert_hidden_dim": 8, "router": "hash"}, "router"),
+        ({"num_experts": 4, "expert_hidden_dim": 8, "activation": "tanh"}, "activation"),
+        ({"num_experts": 4, "expert_hidden_dim": 8, "dispatch": "dense"}, "dispatch"),
+        ({"num_experts": 4, "expert_hidden_dim": 8, "group_size": 0}, "group_size"),
+        (
+            {"num_experts": 4, "expert_hidden_dim": 8, "router_kwargs": {"k": 5}},
+            "k",
+        ),
+        (
+            {"num_experts": 4, "expert_hidden_dim": 8, "router": TopKRouter(2)},
+            "num_experts",
+        ),
+    ],
+)
+def test_bad_arguments_raise_naming_the_field(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        MoEFeedForward(**kwargs)
+
+
+def test_one_hot_mask_has_one_entry_per_kept_choice():
+    layer = MoEFeedForward(4, 8, router="top_k", router_kwargs={"k": 2, "capacity_factor": 0.75})
+    x = np.random.default_rng(8).normal(size=(2, 8, 4)).astype("float32")
+    layer.build(x.shape)
+    routing = layer.router(ops.reshape(x, (2, 8, 4)))
+    mask, gates = dispatch_lib.one_hot_dispatch_mask(routing, 8)
+    mask = to_numpy(mask)
+    keep = to_numpy(routing.token_keep)
+    np.testing.assert_array_equal(mask.sum(axis=(2, 3)), keep.sum(-1))
+    assert mask.sum(axis=1).max() <= 1  # a slot holds at most one token
