@@ -70,6 +70,7 @@ def test_block_config_round_trip():
         (lambda: BlockSpec([{"kind": "ffn", "hidden_dim": 0}]), "hidden_dim"),
         (lambda: BlockSpec([{"kind": "attention", "num_heads": -2}]), "num_heads"),
         (lambda: AttentionSpec(num_heads=2.5), "num_heads"),
+        (lambda: AttentionSpec(num_heads=2, head_dim=7), "head_dim"),
         (lambda: FeedForwardSpec(8, activation="tanh"), "activation"),
         (lambda: MoESpec(4, 8, k=5), "k"),
         (lambda: MoESpec(4, 8, capacity_factor=0), "capacity_factor"),
@@ -100,6 +101,9 @@ def test_backbone_rejects_heads_not_dividing_model_dim_before_building():
         BrainformerBackbone(vocabulary_size=16, hidden_dim=16, blocks=spec)
     # With an explicit head_dim the heads are decoupled from the model width.
     ok = BlockSpec([AttentionSpec(num_heads=3, head_dim=4), FeedForwardSpec(8)])
+    odd = BlockSpec([AttentionSpec(num_heads=4), FeedForwardSpec(8)])  # head dim 3
+    with pytest.raises(ValueError, match="even"):
+        BrainformerBackbone(vocabulary_size=16, hidden_dim=12, blocks=odd)
     BrainformerBackbone(vocabulary_size=16, hidden_dim=16, blocks=ok)
 
 

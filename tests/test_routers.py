@@ -267,9 +267,7 @@ def test_switch_routes_to_argmax_and_drops_later_tokens():
     r = route(router, SWITCH_LOGITS)
     probs = np_softmax(SWITCH_LOGITS)
     assert r.capacity == 2
-    np.testing.assert_array_equal(
-        to_np(r.slot_token)[0], [[0, 2], [1, 5], [6, 6], [4, 6]]
-    )
+    np.testing.assert_array_equal(to_np(r.slot_token)[0], [[0, 2], [1, 5], [6, 6], [4, 6]])
     np.testing.assert_array_equal(to_np(r.token_expert)[0, :, 0], [0, 1, 0, 0, 3, 1])
     np.testing.assert_array_equal(to_np(r.token_position)[0, :, 0], [0, 0, 1, 2, 0, 1])
     np.testing.assert_array_equal(
@@ -280,9 +278,7 @@ def test_switch_routes_to_argmax_and_drops_later_tokens():
         [[probs[0, 0], probs[2, 0]], [probs[1, 1], probs[5, 1]], [0, 0], [probs[4, 3], 0]]
     )
     np.testing.assert_allclose(to_np(r.slot_gate)[0], expected_gate, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(
-        to_np(r.token_gate)[0, :, 0], probs.max(-1), rtol=1e-6
-    )
+    np.testing.assert_allclose(to_np(r.token_gate)[0, :, 0], probs.max(-1), rtol=1e-6)
     # The dropped token sits in no slot.
     assert 3 not in to_np(r.slot_token).tolist()
     assert keras.backend.standardize_dtype(r.slot_token.dtype) == "int32"
@@ -313,29 +309,33 @@ def test_switch_enough_capacity_drops_nothing():
 
 
 def test_switch_dropless_keeps_every_token():
-    router = make_router(TopKRouter, 2, k=1, capacity_factor=None)
-    logits = np.array([[3.0, 0.0]] * 5 + [[0.0, 1.0]], "float32")
+    router = make_router(TopKRouter, 4, k=1, capacity_factor=None)
+    logits = np.array([[3.0, 0.0, 0.0, 0.0]] * 5 + [[0.0, 0.0, 0.0, 1.0]], "float32")
     r = route(router, logits, training=True)
     assert r.capacity == 6
-    np.testing.assert_array_equal(to_np(r.slot_token)[0], [[0, 1, 2, 3, 4, 6], [5, 6, 6, 6, 6, 6]])
+    np.testing.assert_array_equal(
+        to_np(r.slot_token)[0],
+        [[0, 1, 2, 3, 4, 6], [6] * 6, [6] * 6, [5, 6, 6, 6, 6, 6]],
+    )
     assert to_np(r.token_keep).all()
     assert router.routing_statistics()["dropped_fraction"] == 0.0
+    np.testing.assert_allclose(
+        router.routing_statistics()["expert_load"], [5 / 6, 0, 0, 1 / 6], rtol=1e-6
+    )
 
 
 def test_kernel_is_used_permutation():
-    # Kernel = permutation: logits[:, e] = x[:, perm_inv...]; token i -> expert perm[i].
+    # Kernel = permutation matrix: input feature i feeds expert perm[i].
     perm = [2, 0, 3, 1]
     kernel = np.zeros((4, 4), "float32")
     for i, e in enumerate(perm):
         kernel[i, e] = 1.0
-    router = make_router(TopKRouter, 4, kernel=kernel, k=1, capacity_factor=1.0)
-    x = 2.0 * np.eye(4, dtype="float32")
+    router = make_router(TopKRouter, 4, kernel=kernel, k=1, capacity_factor=1.0)  # C = 2
+    x = 2.0 * np.eye(4, dtype="float32")[[0, 1, 2, 3, 0, 2]]
     r = route(router, x)
-    np.testing.assert_array_equal(to_np(r.token_expert)[0, :, 0], perm)
-    np.testing.assert_array_equal(to_np(r.slot_token)[0, :, 0], [1, 3, 0, 2])
-    np.testing.assert_allclose(
-        to_np(router.router_logits(x[None]))[0], x @ kernel, rtol=0, atol=0
-    )
+    np.testing.assert_array_equal(to_np(r.token_expert)[0, :, 0], [2, 0, 3, 1, 2, 3])
+    np.testing.assert_array_equal(to_np(r.slot_token)[0], [[1, 6], [3, 6], [0, 4], [2, 5]])
+    np.testing.assert_allclose(to_np(router.router_logits(x[None]))[0], x @ kernel, rtol=0, atol=0)
 
 
 def test_switch_normalize_gates_true_gives_unit_gates():
@@ -361,9 +361,7 @@ def test_top2_gates_renormalised_to_sum_one():
         to_np(r.token_gate)[0], top2 / top2.sum(-1, keepdims=True), rtol=1e-6
     )
     np.testing.assert_allclose(to_np(r.token_gate).sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(
-        to_np(r.token_expert)[0], np.argsort(-probs, axis=-1)[:, :2]
-    )
+    np.testing.assert_array_equal(to_np(r.token_expert)[0], np.argsort(-probs, axis=-1)[:, :2])
     # Dropless top-2: every token sits in exactly two slots, gates sum to 1.
     slot_token, slot_gate = to_np(r.slot_token)[0], to_np(r.slot_gate)[0]
     for s in range(6):
@@ -376,9 +374,7 @@ def test_top2_without_normalisation_keeps_raw_probabilities():
     router = make_router(TopKRouter, 4, k=2, capacity_factor=None, normalize_gates=False)
     r = route(router, SWITCH_LOGITS)
     probs = np_softmax(SWITCH_LOGITS)
-    np.testing.assert_allclose(
-        to_np(r.token_gate)[0], -np.sort(-probs, axis=-1)[:, :2], rtol=1e-6
-    )
+    np.testing.assert_allclose(to_np(r.token_gate)[0], -np.sort(-probs, axis=-1)[:, :2], rtol=1e-6)
 
 
 def test_top2_all_first_choices_before_any_second_choice():
@@ -432,9 +428,7 @@ def test_batch_prioritized_confident_tokens_win():
     np.testing.assert_array_equal(
         to_np(r.token_keep)[0, :, 0], [True, True, False, True, True, True]
     )
-    np.testing.assert_allclose(
-        to_np(r.slot_gate)[0, 0], [probs[3, 0], probs[0, 0]], rtol=1e-6
-    )
+    np.testing.assert_allclose(to_np(r.slot_gate)[0, 0], [probs[3, 0], probs[0, 0]], rtol=1e-6)
     assert router.routing_statistics()["dropped_fraction"] == pytest.approx(1 / 6, rel=1e-6)
     check_slot_table_consistency(r, 6)
 
@@ -443,9 +437,7 @@ def test_batch_prioritized_last_token_can_beat_first():
     # Every token wants expert 0 (C = 1); the last one is the most confident.
     logits = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [4.0, 0.0]], "float32")
     by_position = make_router(TopKRouter, 2, k=1, capacity_factor=0.5)
-    by_confidence = make_router(
-        TopKRouter, 2, k=1, capacity_factor=0.5, batch_prioritized=True
-    )
+    by_confidence = make_router(TopKRouter, 2, k=1, capacity_factor=0.5, batch_prioritized=True)
     assert to_np(route(by_position, logits).slot_token)[0].tolist() == [[0], [4]]
     assert to_np(route(by_confidence, logits).slot_token)[0].tolist() == [[3], [4]]
     # A padded token never wins, however confident.
@@ -539,7 +531,7 @@ TOP_K_CASES = [
     (1, None, True, False),
     (2, 1.0, False, False),
     (2, 0.75, False, True),
-    (2, 1.25, True, False),
+    (2, 1.0, True, False),
     (2, 0.5, True, True),
     (3, 1.0, False, True),
     (3, None, False, True),
@@ -548,7 +540,7 @@ TOP_K_CASES = [
 
 @pytest.mark.parametrize("k, capacity_factor, batch_prioritized, padded", TOP_K_CASES)
 def test_top_k_matches_numpy_reference(k, capacity_factor, batch_prioritized, padded):
-    G, S, E = 3, 10, 4
+    G, S, E = 2, 8, 4
     rng = np.random.default_rng(1000 * k + 10 * int(batch_prioritized) + int(padded))
     logits = (1.5 * rng.normal(size=(G, S, E))).astype("float32")
     # Group 1: every token prefers expert 0 (heavy contention).
@@ -556,7 +548,6 @@ def test_top_k_matches_numpy_reference(k, capacity_factor, batch_prioritized, pa
     mask = np.ones((G, S), "float32")
     if padded:
         mask = (rng.random((G, S)) > 0.3).astype("float32")
-        mask[2, :] = 1.0
     router = make_router(
         TopKRouter,
         E,
@@ -573,9 +564,7 @@ def test_top_k_matches_numpy_reference(k, capacity_factor, batch_prioritized, pa
     np.testing.assert_array_equal(to_np(r.token_expert), ref["token_expert"])
     np.testing.assert_array_equal(to_np(r.token_keep), ref["token_keep"])
     real = mask > 0
-    np.testing.assert_array_equal(
-        to_np(r.token_position)[real], ref["token_position"][real]
-    )
+    np.testing.assert_array_equal(to_np(r.token_position)[real], ref["token_position"][real])
     check_slot_table_consistency(r, S)
     # Statistics.
     stats = router.routing_statistics()
@@ -669,7 +658,8 @@ def test_expert_choice_too_few_real_tokens_leaves_slots_empty():
     probs = np_softmax(EC_LOGITS)
     np.testing.assert_array_equal(to_np(r.slot_token)[0], [[2, 5], [2, 5], [2, 5]])
     np.testing.assert_allclose(
-        to_np(r.slot_gate)[0], [[probs[2, 0], 0], [probs[2, 1], 0], [probs[2, 2], 0]],
+        to_np(r.slot_gate)[0],
+        [[probs[2, 0], 0], [probs[2, 1], 0], [probs[2, 2], 0]],
         rtol=1e-6,
     )
     stats = router.routing_statistics()
@@ -679,13 +669,13 @@ def test_expert_choice_too_few_real_tokens_leaves_slots_empty():
 
 @pytest.mark.parametrize("capacity_factor, padded", [(1.0, False), (2.0, True), (0.5, True)])
 def test_expert_choice_matches_numpy_reference(capacity_factor, padded):
-    G, S, E = 2, 9, 3
+    G, S, E = 2, 8, 4
     rng = np.random.default_rng(int(10 * capacity_factor) + int(padded))
     logits = (1.5 * rng.normal(size=(G, S, E))).astype("float32")
     mask = np.ones((G, S), "float32")
     if padded:
-        mask[0, [1, 4, 8]] = 0.0
-        mask[1, :6] = 0.0  # 3 real tokens only
+        mask[0, [1, 4, 7]] = 0.0
+        mask[1, :6] = 0.0  # 2 real tokens only
     router = make_router(ExpertChoiceRouter, E, capacity_factor=capacity_factor)
     r = route(router, logits, mask=mask if padded else None, training=True)
     C = compute_capacity(S, S, capacity_factor, E)
@@ -799,9 +789,7 @@ def test_router_losses_each_weight_independently():
     lb = np_load_balance_loss(probs, probs.argmax(-1), np.ones((1, 6)))
     assert [float(to_np(x)) for x in only_lb.losses] == pytest.approx([0.5 * lb], rel=1e-5)
 
-    only_z = make_router(
-        ExpertChoiceRouter, 4, load_balance_loss_weight=0.0, z_loss_weight=2.0
-    )
+    only_z = make_router(ExpertChoiceRouter, 4, load_balance_loss_weight=0.0, z_loss_weight=2.0)
     route(only_z, SWITCH_LOGITS, training=True)
     z = (np_logsumexp(SWITCH_LOGITS) ** 2).mean()
     assert [float(to_np(x)) for x in only_z.losses] == pytest.approx([2.0 * z], rel=1e-5)
@@ -827,9 +815,7 @@ def test_default_loss_weights():
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
 def test_router_math_is_float32_under_low_precision_policy(policy):
-    kernel = np.array(
-        [[1 / 3, 0.1, 0.7], [0.2, 1 / 7, 0.9], [0.3, 0.6, 1 / 9]], "float32"
-    )
+    kernel = np.array([[1 / 3, 0.1, 0.7], [0.2, 1 / 7, 0.9], [0.3, 0.6, 1 / 9]], "float32")
     # Inputs exactly representable in bfloat16, so only the kernel and the
     # router maths could lose precision.
     x = np.array([[[1.0, 0.5, 2.0], [0.25, 1.0, 0.0]]], "float32")
@@ -867,7 +853,7 @@ def test_statistics_are_float32_variables():
 def test_jitter_is_bounded_multiplicative_noise_in_training():
     jitter = 0.2
     router = make_router(TopKRouter, 4, jitter=jitter, seed=1)
-    x = np.ones((2, 64, 4), "float32")
+    x = np.ones((2, 8, 4), "float32")
     noisy = to_np(router.router_logits(x, training=True))
     assert noisy.min() >= 1 - jitter - 1e-6
     assert noisy.max() <= 1 + jitter + 1e-6
@@ -892,7 +878,7 @@ def test_jitter_does_nothing_at_inference():
 def test_same_seed_same_routing_in_training(cls):
     # Near-ties everywhere so that the noise decides the routing.
     rng = np.random.default_rng(7)
-    x = (1.0 + 0.01 * rng.normal(size=(2, 16, 4))).astype("float32")
+    x = (1.0 + 0.01 * rng.normal(size=(2, 8, 4))).astype("float32")
 
     def run(seed):
         router = make_router(cls, 4, capacity_factor=1.0, jitter=0.3, seed=seed)

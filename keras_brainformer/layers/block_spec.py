@@ -48,6 +48,11 @@ class AttentionSpec:
     def __post_init__(self):
         check_positive_int("num_heads", self.num_heads)
         check_optional_positive_int("head_dim", self.head_dim)
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(
+                "`head_dim` must be even (rotary position embeddings). "
+                f"Received: head_dim={self.head_dim}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

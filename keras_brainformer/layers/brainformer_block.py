@@ -40,7 +40,7 @@ class BrainformerBlock(keras.layers.Layer):
     ...     AttentionSpec, BlockSpec, MoESpec)
     >>> spec = BlockSpec([AttentionSpec(num_heads=2),
     ...                   MoESpec(num_experts=4, hidden_dim=32)])
-    >>> BrainformerBlock(spec)(np.ones((2, 8, 16), "float32")).shape
+    >>> tuple(BrainformerBlock(spec)(np.ones((2, 8, 16), "float32")).shape)
     (2, 8, 16)
     """
 

@@ -9,6 +9,26 @@ from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 
 
+def resolve_head_dim(model_dim, num_heads, head_dim=None):
+    """The head width: `head_dim`, or `model_dim // num_heads`. Rotary
+    embeddings rotate pairs of features, so it must be even."""
+    if head_dim is None:
+        if model_dim % num_heads:
+            raise ValueError(
+                f"`num_heads`={num_heads} must divide the model dim "
+                f"{model_dim} when `head_dim` is None; set `head_dim` to "
+                "decouple them."
+            )
+        head_dim = model_dim // num_heads
+    if head_dim % 2:
+        raise ValueError(
+            f"The head dim must be even for rotary position embeddings; got "
+            f"{head_dim} (`head_dim`={head_dim}, or model dim {model_dim} / "
+            f"`num_heads`={num_heads})."
+        )
+    return head_dim
+
+
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 class CausalSelfAttention(keras.layers.Layer):
     """Decoder self-attention: rotary position embeddings (RoPE) on queries and
@@ -41,7 +61,7 @@ class CausalSelfAttention(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> attn = CausalSelfAttention(num_heads=4)
-    >>> attn(np.ones((2, 6, 32), "float32")).shape
+    >>> tuple(attn(np.ones((2, 6, 32), "float32")).shape)
     (2, 6, 32)
     """
 
@@ -57,6 +77,8 @@ class CausalSelfAttention(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_optional_positive_int("head_dim", head_dim)
+        if self.head_dim is not None:
+            resolve_head_dim(None, self.num_heads, self.head_dim)
         self.rotary_max_wavelength = check_positive_int(
             "rotary_max_wavelength", rotary_max_wavelength
         )
@@ -68,15 +90,8 @@ class CausalSelfAttention(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _resolve_head_dim(self, model_dim):
-        if self.head_dim is not None:
-            return self.head_dim
-        if model_dim % self.num_heads:
-            raise ValueError(
-                f"`num_heads`={self.num_heads} must divide the model dim "
-                f"{model_dim} when `head_dim` is None; set `head_dim` to "
-                "decouple them."
-            )
-        return model_dim // self.num_heads
+        head_dim = resolve_head_dim(model_dim, self.num_heads, self.head_dim)
+        return head_dim
 
     def build(self, input_shape):
         model_dim = input_shape[-1]

@@ -25,7 +25,7 @@ class ExpertBank(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> bank = ExpertBank(num_experts=4, hidden_dim=32)
-    >>> bank(np.ones((2, 4, 3, 16), "float32")).shape
+    >>> tuple(bank(np.ones((2, 4, 3, 16), "float32")).shape)
     (2, 4, 3, 16)
     """
 

@@ -24,7 +24,7 @@ class FeedForward(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> ffn = FeedForward(hidden_dim=32, activation="gated_gelu")
-    >>> ffn(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(ffn(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 

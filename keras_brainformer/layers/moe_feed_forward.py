@@ -50,7 +50,7 @@ class MoEFeedForward(keras.layers.Layer):
     >>> import numpy as np
     >>> moe = MoEFeedForward(num_experts=4, expert_hidden_dim=32,
     ...                      router="top_k", router_kwargs={"k": 2})
-    >>> moe(np.random.rand(2, 8, 16).astype("float32")).shape
+    >>> tuple(moe(np.random.rand(2, 8, 16).astype("float32")).shape)
     (2, 8, 16)
     """
 

@@ -19,7 +19,7 @@ class RMSNormalization(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> norm = RMSNormalization()
-    >>> norm(np.ones((2, 3, 4), "float32")).shape
+    >>> tuple(norm(np.ones((2, 3, 4), "float32")).shape)
     (2, 3, 4)
     """
 

@@ -6,6 +6,7 @@ from keras_hub.models import Backbone
 
 from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.brainformer_block import BrainformerBlock
+from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.rms_normalization import NORMS
 from keras_brainformer.layers.rms_normalization import make_norm
 from keras_brainformer.layers.validation import check_choice
@@ -111,13 +112,11 @@ class BrainformerBackbone(Backbone):
         dropout = check_rate("dropout", dropout)
         for spec in specs:
             for i, sub in enumerate(spec.sublayers):
-                if sub.kind == "attention" and sub.head_dim is None:
-                    if hidden_dim % sub.num_heads:
-                        raise ValueError(
-                            f"sublayers[{i}] (attention): `num_heads`="
-                            f"{sub.num_heads} must divide `hidden_dim`="
-                            f"{hidden_dim}, or set `head_dim`."
-                        )
+                if sub.kind == "attention":
+                    try:
+                        resolve_head_dim(hidden_dim, sub.num_heads, sub.head_dim)
+                    except ValueError as e:
+                        raise ValueError(f"sublayers[{i}] (attention): {e}") from None
 
         # === Layers ===
         self.token_embedding = ReversibleEmbedding(

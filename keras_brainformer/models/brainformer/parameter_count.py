@@ -50,8 +50,8 @@ def count_parameters(config):
     >>> from keras_brainformer.layers import dense_transformer_layer
     >>> counts = count_parameters({"vocabulary_size": 100, "hidden_dim": 8,
     ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 2})
-    >>> counts["total"]
-    2360
+    >>> counts["total"]  # 100*8 + 8 + 2 * (4*8*8 + 2*8*16 + 2*8)
+    1864
     """
     d = config["hidden_dim"]
     specs = resolve_block_specs(config["blocks"], config.get("num_blocks"))

@@ -1,0 +1,88 @@
+"""Which router settings are causal: changing token t+1 must leave outputs at
+positions <= t unchanged. See the module docstring of layers/routers.py."""
+
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+from keras_brainformer.layers import AttentionSpec
+from keras_brainformer.layers import BlockSpec
+from keras_brainformer.layers import FeedForwardSpec
+from keras_brainformer.layers import MoEFeedForward
+from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import BrainformerBackbone
+
+T, D = 16, 8
+
+
+def _max_leak(layer, x, t):
+    """Largest change at positions <= t when every token after t changes."""
+    y = to_numpy(layer(x))
+    x2 = x.copy()
+    x2[:, t + 1 :] = np.random.default_rng(99).normal(size=x2[:, t + 1 :].shape)
+    return np.abs(to_numpy(layer(x2))[:, : t + 1] - y[:, : t + 1]).max()
+
+
+CAUSAL = [
+    ("top_k", {"k": 2, "capacity_factor": None}),  # dropless
+    ("top_k", {"k": 2, "capacity_factor": 4.0}),  # C = 2*16*4/4 >= S: nothing dropped
+    ("top_k", {"k": 1, "capacity_factor": 0.5}),  # drops, but only by earlier tokens
+]
+NOT_CAUSAL = [
+    ("top_k", {"k": 2, "capacity_factor": 0.5}),  # second choices wait for later firsts
+    ("top_k", {"k": 1, "capacity_factor": 0.5, "batch_prioritized": True}),
+    ("expert_choice", {"capacity_factor": 1.0}),
+]
+
+
+@pytest.mark.parametrize("router,kwargs", CAUSAL)
+def test_causal_router_settings(router, kwargs):
+    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
+    for t in range(T - 1):
+        assert _max_leak(layer, x, t) == 0.0, t
+
+
+@pytest.mark.parametrize("router,kwargs", NOT_CAUSAL)
+def test_non_causal_router_settings_leak(router, kwargs):
+    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
+    assert max(_max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
+
+
+def test_group_spanning_sequences_couples_them():
+    # Top-1 with dropping in position order, one group of two sequences:
+    # sequence 1 depends on sequence 0 (earlier in the group), not vice versa.
+    layer = MoEFeedForward(
+        4, 16, router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.5}, group_size=2 * T
+    )
+    x = np.random.default_rng(1).normal(size=(2, T, D)).astype("float32")
+    y = to_numpy(layer(x))
+    x0 = x.copy()
+    x0[0] = np.random.default_rng(2).normal(size=(T, D))
+    assert np.abs(to_numpy(layer(x0))[1] - y[1]).max() > 1e-4
+    x1 = x.copy()
+    x1[1] = np.random.default_rng(3).normal(size=(T, D))
+    np.testing.assert_array_equal(to_numpy(layer(x1))[0], y[0])
+
+
+def test_dropless_backbone_is_exactly_causal():
+    spec = BlockSpec(
+        [
+            AttentionSpec(num_heads=2),
+            MoESpec(4, 16, k=2, capacity_factor=None),
+            FeedForwardSpec(16),
+            MoESpec(4, 16, k=1, capacity_factor=0.5),
+        ]
+    )
+    backbone = BrainformerBackbone(vocabulary_size=50, hidden_dim=D, blocks=spec, num_blocks=2)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 50, (2, T)).astype("int32")
+    mask = np.ones((2, T), "int32")
+    y = to_numpy(backbone({"token_ids": tokens, "padding_mask": mask}))
+    for t in (0, 5, T - 2):
+        changed = tokens.copy()
+        changed[:, t + 1] = (changed[:, t + 1] + 7) % 50
+        y2 = to_numpy(backbone({"token_ids": changed, "padding_mask": mask}))
+        np.testing.assert_array_equal(y2[:, : t + 1], y[:, : t + 1])
+        assert np.abs(y2[:, t + 1] - y[:, t + 1]).max() > 0
