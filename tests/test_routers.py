@@ -1003,3 +1003,23 @@ def test_config_round_trip(router):
     assert restored.get_config() == router.get_config()
     for name in ("capacity_factor", "eval_capacity_factor", "jitter", "seed"):
         assert getattr(restored, name) == getattr(router, name)
+
+
+def test_nonbinary_token_mask_means_real_token():
+    """Any nonzero mask value marks a real token (0.5 or 2 must route as 1)."""
+    kernel = np.eye(2, dtype="float32")
+    x = np.array([[[3, 0], [2, 0], [1, 0], [0.5, 0]]], "float32")
+    for value in (0.5, 2.0):
+        router = make_router(TopKRouter, 2, kernel=kernel, k=1, capacity_factor=1.0)
+        r = router(x, token_mask=np.array([[1, value, 1, 1]], "float32"))
+        np.testing.assert_array_equal(to_np(r.slot_token)[0], [[0, 1], [4, 4]])
+        assert np.isclose(router.routing_statistics()["dropped_fraction"], 0.5)
+
+
+@pytest.mark.parametrize("cls", [TopKRouter, ExpertChoiceRouter])
+def test_all_padding_batch_reports_nothing_dropped(cls):
+    router = make_router(cls, 2, kernel=np.eye(2, dtype="float32"), capacity_factor=1.0)
+    x = np.ones((1, 4, 2), "float32")
+    r = router(x, token_mask=np.zeros((1, 4), "float32"))
+    assert (to_np(r.slot_token) == 4).all()
+    assert router.routing_statistics()["dropped_fraction"] == 0.0

@@ -191,7 +191,8 @@ class Router(keras.layers.Layer):
         shape = ops.shape(x)
         if mask is None:
             mask = ops.ones(shape[:2], "float32")
-        mask = ops.cast(mask, "float32")
+        # Any nonzero value marks a real token; routing and statistics use 0/1.
+        mask = ops.cast(ops.not_equal(ops.cast(mask, "float32"), 0.0), "float32")
         logits = self.router_logits(x, training=training)
         probs = ops.softmax(logits, axis=-1)
         instructions, aux = self.route(probs, mask, training=training)
@@ -414,8 +415,8 @@ class TopKRouter(Router):
             token_gate=gates,
             token_keep=keep,
         )
-        choices = ops.maximum(ops.sum(mask) * k, 1.0)
-        dropped = 1.0 - ops.sum(keep_f) / choices
+        choices = ops.sum(mask) * k
+        dropped = (choices - ops.sum(keep_f)) / ops.maximum(choices, 1.0)
         return instructions, dropped
 
     def get_config(self):
@@ -518,7 +519,8 @@ class ExpertChoiceRouter(Router):
         )
         hits = ops.reshape(hits, (G, S + 1))[:, :S]
         served = ops.sum(ops.cast(hits > 0, "float32") * mask)
-        dropped = 1.0 - served / ops.maximum(ops.sum(mask), 1.0)
+        real = ops.sum(mask)
+        dropped = (real - served) / ops.maximum(real, 1.0)
         instructions = RoutingInstructions(
             slot_token=slot_token, slot_gate=slot_gate, capacity=C
         )
