@@ -81,7 +81,10 @@ def test_block_config_round_trip():
         (lambda: MoESpec(0, 8), "num_experts"),
         (lambda: MoESpec(4, 8, load_balance_loss_weight=-0.1), "load_balance_loss_weight"),
         (lambda: MoESpec(4, 8, jitter=1.5), "jitter"),
-        (lambda: MoESpec(4, 8, router="expert_choice", batch_prioritized=True), "batch_prioritized"),
+        (
+            lambda: MoESpec(4, 8, router="expert_choice", batch_prioritized=True),
+            "batch_prioritized",
+        ),
         (lambda: BlockSpec.from_dict({"layers": []}), "sublayers"),
     ],
 )
@@ -92,7 +95,9 @@ def test_invalid_specs_raise_naming_the_field(build, field):
 
 def test_nested_errors_say_which_sublayer():
     with pytest.raises(ValueError, match=r"sublayers\[1\].*k"):
-        BlockSpec([{"kind": "attention"}, {"kind": "moe", "num_experts": 2, "hidden_dim": 4, "k": 3}])
+        BlockSpec(
+            [{"kind": "attention"}, {"kind": "moe", "num_experts": 2, "hidden_dim": 4, "k": 3}]
+        )
 
 
 def test_backbone_rejects_heads_not_dividing_model_dim_before_building():

@@ -32,11 +32,14 @@ def dispatch(x, slot_token):
     """
     G, S, d = ops.shape(x)
     E, C = ops.shape(slot_token)[1], ops.shape(slot_token)[2]
-    rows = ops.concatenate(
-        [ops.reshape(x, (G * S, d)), ops.zeros((1, d), dtype=x.dtype)], axis=0
-    )
-    index = ops.reshape(_flat_slot_index(slot_token, S), (-1,))
-    return ops.reshape(ops.take(rows, index, axis=0), (G, E, C, d))
+    filled = slot_token < S
+    # Empty slots read row 0 and are zeroed by the mask (a concatenated zero
+    # row would be simpler, but the gradient of a concat fed by a gather
+    # makes TensorFlow's XLA bridge crash).
+    index = ops.where(filled, _flat_slot_index(slot_token, S), 0)
+    rows = ops.take(ops.reshape(x, (G * S, d)), ops.reshape(index, (-1,)), axis=0)
+    rows = ops.reshape(rows, (G, E, C, d))
+    return rows * ops.cast(filled, x.dtype)[..., None]
 
 
 def combine(expert_out, slot_token, slot_gate, group_size):

@@ -380,8 +380,11 @@ class TopKRouter(Router):
             position = ops.take_along_axis(position, inverse[..., None], axis=1)
         keep = ops.logical_and(position < C, mask[..., None] > 0)  # [G, S, k]
 
-        # Slot table by scatter: slot = e * C + position; overflow goes to a
-        # scratch slot (index E * C) that is cut off afterwards.
+        # Slot table by an integer scatter: slot = e * C + position; overflow
+        # goes to a scratch slot (index E * C) that is cut off afterwards. The
+        # table stores each slot's choice (token * k + j, plus 1 so that 0
+        # marks an empty slot); gates are then *gathered* by choice, so the
+        # gradient flows through a gather, never through a scatter.
         slots_per_group = E * C + 1
         slot = ops.where(keep, experts * C + position, E * C)
         group_index = ops.arange(G, dtype="int32")[:, None, None]
@@ -389,23 +392,22 @@ class TopKRouter(Router):
             _global_index(group_index, ops.cast(slot, "int32"), slots_per_group),
             (-1, 1),
         )
-        token_index = ops.broadcast_to(
-            ops.arange(S, dtype="int32")[None, :, None], (G, S, k)
-        )
-        keep_f = ops.cast(keep, "float32")
-        # Stored as token + 1 so that 0 marks an empty slot.
-        table_shape = (G * slots_per_group,)
-        slot_token = ops.scatter(
+        choice_index = ops.reshape(ops.arange(S * k, dtype="int32"), (1, S, k))
+        keep_i = ops.cast(keep, "int32")
+        slot_choice = ops.scatter(
             flat_slot,
-            ops.reshape((token_index + 1) * ops.cast(keep, "int32"), (-1,)),
-            table_shape,
+            ops.reshape((choice_index + 1) * keep_i, (-1,)),
+            (G * slots_per_group,),
         )
-        slot_gate = ops.scatter(
-            flat_slot, ops.reshape(gates * keep_f, (-1,)), table_shape
+        slot_choice = ops.reshape(slot_choice, (G, slots_per_group))[:, : E * C] - 1
+        filled = slot_choice >= 0  # [G, E*C]
+        slot_token = ops.where(filled, slot_choice // k, S)
+        # Gather gates by choice; empty slots read choice 0, masked to 0.
+        slot_gate = ops.take_along_axis(
+            ops.reshape(gates, (G, S * k)), ops.where(filled, slot_choice, 0), axis=1
         )
-        slot_token = ops.reshape(slot_token, (G, slots_per_group))[:, : E * C]
-        slot_gate = ops.reshape(slot_gate, (G, slots_per_group))[:, : E * C]
-        slot_token = ops.where(slot_token > 0, slot_token - 1, S)
+        slot_gate = slot_gate * ops.cast(filled, slot_gate.dtype)
+        keep_f = ops.cast(keep, "float32")
         instructions = RoutingInstructions(
             slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
             slot_gate=ops.reshape(slot_gate, (G, E, C)),
