@@ -106,16 +106,16 @@ def test_experts_only_see_routed_tokens():
     layer.experts = CountingExperts(E, 12, name="experts")
     x = np.random.default_rng(2).normal(size=(1, S, d)).astype("float32")
     layer(x)
-    seen = to_numpy(layer.experts.seen)  # [G, E, C, d]
+    seen = to_numpy(layer.experts.seen)  # [E, G, C, d], expert-major
     C = layer.router.capacity(S)
-    assert seen.shape == (1, E, C, d) and E * C == 2 * S  # k * S slots, not E * S
+    assert seen.shape == (E, 1, C, d) and E * C == 2 * S  # k * S slots, not E * S
     routing = layer.router(x, training=False)
     slot_token = to_numpy(routing.slot_token)[0]
     for e in range(E):
         for c in range(C):
             t = slot_token[e, c]
             expected = x[0, t] if t < S else np.zeros(d)
-            np.testing.assert_allclose(seen[0, e, c], expected, rtol=1e-6)
+            np.testing.assert_allclose(seen[e, 0, c], expected, rtol=1e-6)
 
 
 def test_unrouted_tokens_get_zero_output():

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_brainformer.layers.token_matmul import token_matmul
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
@@ -122,9 +123,9 @@ class CausalSelfAttention(keras.layers.Layer):
         start = 0 if cache is None else cache_update_index
         if cache is not None and cache_update_index is None:
             raise ValueError("`cache_update_index` is required with `cache`.")
-        q = ops.einsum("btd,dhk->bthk", x, self.w_query)
-        k = ops.einsum("btd,dhk->bthk", x, self.w_key)
-        v = ops.einsum("btd,dhk->bthk", x, self.w_value)
+        q = token_matmul(x, self.w_query)
+        k = token_matmul(x, self.w_key)
+        v = token_matmul(x, self.w_value)
         q = self.rotary(q, start_index=start)
         k = self.rotary(k, start_index=start)
         if cache is not None:
@@ -152,7 +153,7 @@ class CausalSelfAttention(keras.layers.Layer):
         probs = ops.softmax(scores, axis=-1)
         probs = self.dropout_layer(probs, training=training)
         out = ops.einsum("bhqs,bshk->bqhk", ops.cast(probs, v.dtype), v)
-        out = ops.einsum("bqhk,hkd->bqd", out, self.w_output)
+        out = token_matmul(out, self.w_output, in_dims=2)
         if cache is not None:
             return out, cache
         return out

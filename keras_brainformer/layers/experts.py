@@ -13,8 +13,9 @@ class ExpertBank(keras.layers.Layer):
     """`E` FFN experts applied slot-wise to dispatched tokens.
 
     Weights: `w_in [E, d, h]` (plus `w_gate [E, d, h]` for gated activations)
-    and `w_out [E, h, d]`. Input and output `[G, E, C, d]`: expert `e` only
-    sees the `C` tokens in its slots, via one batched matmul per weight.
+    and `w_out [E, h, d]`. Input and output are expert-major `[E, ..., d]`
+    (the MoE layer passes `[E, G, C, d]`): expert `e` only sees the slots in
+    row `e`, via one batched matmul per weight.
 
     Args:
         num_experts: int, `E`.
@@ -25,8 +26,8 @@ class ExpertBank(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> bank = ExpertBank(num_experts=4, hidden_dim=32)
-    >>> tuple(bank(np.ones((2, 4, 3, 16), "float32")).shape)
-    (2, 4, 3, 16)
+    >>> tuple(bank(np.ones((4, 2, 3, 16), "float32")).shape)
+    (4, 2, 3, 16)
     """
 
     def __init__(
@@ -61,14 +62,15 @@ class ExpertBank(keras.layers.Layer):
         )
 
     def call(self, x):
-        # x: [G, E, C, d]
-        h = ops.einsum("gecd,edh->gech", x, self.w_in)
+        # x: [E, ..., d] -> [E, N, d]: one plain batched matmul per weight.
+        shape = ops.shape(x)
+        x = ops.reshape(x, (self.num_experts, -1, shape[-1]))
+        h = ops.matmul(x, self.w_in)
         if self._gated:
-            gate = ops.einsum("gecd,edh->gech", x, self.w_gate)
-            h = self._activation_fn(gate) * h
+            h = self._activation_fn(ops.matmul(x, self.w_gate)) * h
         else:
             h = self._activation_fn(h)
-        return ops.einsum("gech,ehd->gecd", h, self.w_out)
+        return ops.reshape(ops.matmul(h, self.w_out), shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

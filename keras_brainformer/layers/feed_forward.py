@@ -1,10 +1,10 @@
 """The dense (non-expert) position-wise feed-forward sublayer."""
 
 import keras
-from keras import ops
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.token_matmul import token_matmul
 from keras_brainformer.layers.validation import check_positive_int
 
 
@@ -61,12 +61,12 @@ class FeedForward(keras.layers.Layer):
         )
 
     def call(self, x):
-        h = ops.matmul(x, self.w_in)
+        h = token_matmul(x, self.w_in)
         if self._gated:
-            h = self._activation_fn(ops.matmul(x, self.w_gate)) * h
+            h = self._activation_fn(token_matmul(x, self.w_gate)) * h
         else:
             h = self._activation_fn(h)
-        return ops.matmul(h, self.w_out)
+        return token_matmul(h, self.w_out)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -20,7 +20,7 @@ class MoEFeedForward(keras.layers.Layer):
 
     Tokens `[B, T, d]` are cut into routing groups of `group_size` tokens
     (default: one group per sequence). The router decides which expert slots
-    each token fills; tokens are gathered into `[G, E, C, d]` by index, each
+    each token fills; tokens are gathered into `[E, G, C, d]` by index, each
     expert runs one batched matmul over its `C` slots, and the gate-weighted
     outputs are segment-summed back to their tokens. A token is multiplied
     only by the experts it was routed to; a token that reaches no expert gets
@@ -113,7 +113,7 @@ class MoEFeedForward(keras.layers.Layer):
         model_dim = input_shape[-1]
         if not self.router.built:
             self.router.build((None, None, model_dim))
-        self.experts.build((None, self.num_experts, None, model_dim))
+        self.experts.build((self.num_experts, None, None, model_dim))
 
     def _group_size(self, x):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -148,7 +148,7 @@ class MoEFeedForward(keras.layers.Layer):
         else:
             dispatch_mask, gates = dispatch_lib.one_hot_dispatch_mask(routing, S)
             expert_in = dispatch_lib.one_hot_dispatch(groups, dispatch_mask)
-        expert_out = self.experts(expert_in)  # [G, E, C, d]
+        expert_out = self.experts(expert_in)  # [E, G, C, d]
         if self.dispatch == "index":
             out = dispatch_lib.combine(
                 expert_out, routing.slot_token, routing.slot_gate, S
