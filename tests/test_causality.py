@@ -53,16 +53,24 @@ def test_non_causal_router_settings_leak(router, kwargs):
 def test_group_spanning_sequences_couples_them():
     # Top-1 with dropping in position order, one group of two sequences:
     # sequence 1 depends on sequence 0 (earlier in the group), not vice versa.
+    # The router kernel sends a token with a large feature i to expert i.
     layer = MoEFeedForward(
         4, 16, router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.5}, group_size=2 * T
     )
-    x = np.random.default_rng(1).normal(size=(2, T, D)).astype("float32")
+    layer.build((2, T, D))
+    layer.router.kernel.assign(10.0 * np.eye(D, 4, dtype="float32"))
+    rng = np.random.default_rng(1)
+    x = 0.1 * rng.normal(size=(2, T, D)).astype("float32")
+    x[:, :, 0] += 1.0  # everybody wants expert 0, which has C = 4 slots
     y = to_numpy(layer(x))
+    assert np.abs(y[1]).max() == 0.0  # sequence 0 took every slot of expert 0
     x0 = x.copy()
-    x0[0] = np.random.default_rng(2).normal(size=(T, D))
-    assert np.abs(to_numpy(layer(x0))[1] - y[1]).max() > 1e-4
+    x0[0, :, 0] -= 1.0
+    x0[0, :, 1] += 1.0  # sequence 0 moves to expert 1 ...
+    y0 = to_numpy(layer(x0))
+    assert np.abs(y0[1]).max() > 1e-4  # ... and sequence 1 now gets served
     x1 = x.copy()
-    x1[1] = np.random.default_rng(3).normal(size=(T, D))
+    x1[1] = rng.normal(size=(T, D))
     np.testing.assert_array_equal(to_numpy(layer(x1))[0], y[0])
 
 

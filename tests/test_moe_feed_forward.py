@@ -70,6 +70,13 @@ def test_gradients_match_reference_and_reach_router_and_experts(router, kwargs):
 
             values = [v.value for v in model.trainable_variables]
             g, gx = jax.grad(loss_fn, argnums=(0, 1))(values, x)
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            xt = torch.tensor(x, requires_grad=True)
+            loss = torch.sum(torch.square(model(xt)))
+            variables = [v.value for v in model.trainable_variables]
+            *g, gx = torch.autograd.grad(loss, variables + [xt])
         else:
             import tensorflow as tf
 

@@ -2,10 +2,11 @@
 
 `dispatch` / `combine` are the default, index-based path: a gather of
 `E·G·C` token rows into expert-major `[E, G, C, d]` and a segment-sum of the
-weighted expert outputs, linear in the number of slots. `one_hot_dispatch_mask` and `one_hot_dispatch` /
-`one_hot_combine` are the classic GShard formulation with a `[G, S, E, C]`
-mask and two einsums (quadratic cost); they are kept as the reference the
-index path is tested against.
+weighted expert outputs, linear in the number of slots.
+`one_hot_dispatch_mask` and `one_hot_dispatch` / `one_hot_combine` are the
+classic GShard formulation with a `[G, S, E, C]` mask and two einsums
+(quadratic cost); they are kept as the reference the index path is tested
+against.
 """
 
 from keras import ops

@@ -110,7 +110,9 @@ def router_z_loss(logits, mask):
 class Router(keras.layers.Layer):
     """Base class: the router weight, float32 logits, losses and statistics.
 
-    Subclasses implement `route(probs, mask, training)`.
+    Subclasses set `allows_dropless` and implement `slots_per_token()` (how
+    many slots a token asks for: `k`, or 1 for expert choice) and
+    `route(probs, mask, training)`.
 
     Routing statistics of the latest call are kept in non-trainable float32
     variables: `dropped_fraction` (share of token-choices that found no slot;
@@ -120,9 +122,13 @@ class Router(keras.layers.Layer):
     router distribution, in nats).
     """
 
+    allows_dropless = False
+
     def __init__(
         self,
         num_experts,
+        capacity_factor=1.0,
+        eval_capacity_factor="same",
         load_balance_loss_weight=0.0,
         z_loss_weight=0.0,
         jitter=0.0,
@@ -132,6 +138,14 @@ class Router(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
+        self.capacity_factor = check_capacity_factor(
+            "capacity_factor", capacity_factor, allow_none=self.allows_dropless
+        )
+        if eval_capacity_factor == "same":
+            eval_capacity_factor = self.capacity_factor
+        self.eval_capacity_factor = check_capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor, allow_none=self.allows_dropless
+        )
         self.load_balance_loss_weight = check_non_negative_float(
             "load_balance_loss_weight", load_balance_loss_weight
         )
@@ -171,6 +185,16 @@ class Router(keras.layers.Layer):
         self.load_cv = stat("load_cv")
         self.router_entropy = stat("router_entropy")
 
+    def slots_per_token(self):
+        raise NotImplementedError
+
+    def capacity(self, group_size, training=False):
+        """Slots per expert and group, from the train or eval capacity factor."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return compute_capacity(
+            self.slots_per_token() * group_size, group_size, factor, self.num_experts
+        )
+
     def router_logits(self, x, training=False):
         """float32 logits `[G, S, E]`; multiplicative input jitter in training."""
         x = ops.cast(x, "float32")
@@ -189,6 +213,11 @@ class Router(keras.layers.Layer):
         """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens."""
         mask = token_mask
         shape = ops.shape(x)
+        if not isinstance(shape[1], int):
+            raise ValueError(
+                f"{type(self).__name__} needs a static group size to compute "
+                f"its capacity; got a group of unknown length ({shape[1]})."
+            )
         if mask is None:
             mask = ops.ones(shape[:2], "float32")
         # Any nonzero value marks a real token; routing and statistics use 0/1.
@@ -244,6 +273,8 @@ class Router(keras.layers.Layer):
         config.update(
             {
                 "num_experts": self.num_experts,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
                 "load_balance_loss_weight": self.load_balance_loss_weight,
                 "z_loss_weight": self.z_loss_weight,
                 "jitter": self.jitter,
@@ -313,6 +344,8 @@ class TopKRouter(Router):
     ):
         super().__init__(
             num_experts,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
             load_balance_loss_weight=load_balance_loss_weight,
             z_loss_weight=z_loss_weight,
             jitter=jitter,
@@ -324,14 +357,6 @@ class TopKRouter(Router):
             raise ValueError(
                 f"`k` must be <= num_experts={self.num_experts}. Received: k={k}"
             )
-        self.capacity_factor = check_capacity_factor(
-            "capacity_factor", capacity_factor, allow_none=True
-        )
-        if eval_capacity_factor == "same":
-            eval_capacity_factor = self.capacity_factor
-        self.eval_capacity_factor = check_capacity_factor(
-            "eval_capacity_factor", eval_capacity_factor, allow_none=True
-        )
         if normalize_gates not in (None, True, False):
             raise TypeError(
                 "`normalize_gates` must be True, False or None. "
@@ -340,20 +365,14 @@ class TopKRouter(Router):
         self.normalize_gates = normalize_gates
         self.batch_prioritized = bool(batch_prioritized)
 
-    def capacity(self, group_size, training=False):
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return compute_capacity(
-            self.k * group_size, group_size, factor, self.num_experts
-        )
+    allows_dropless = True
+
+    def slots_per_token(self):
+        return self.k
 
     def route(self, probs, mask, training=False):
         G, S = ops.shape(probs)[0], ops.shape(probs)[1]
         E, k = self.num_experts, self.k
-        if not isinstance(S, int):
-            raise ValueError(
-                "TopKRouter needs a static group size to compute its capacity; "
-                f"got a group of unknown length ({S})."
-            )
         C = self.capacity(S, training=training)
 
         gates, experts = ops.top_k(probs, k)  # [G, S, k]
@@ -426,8 +445,6 @@ class TopKRouter(Router):
         config.update(
             {
                 "k": self.k,
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
                 "normalize_gates": self.normalize_gates,
                 "batch_prioritized": self.batch_prioritized,
             }
@@ -476,32 +493,20 @@ class ExpertChoiceRouter(Router):
     ):
         super().__init__(
             num_experts,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
             load_balance_loss_weight=load_balance_loss_weight,
             z_loss_weight=z_loss_weight,
             jitter=jitter,
             seed=seed,
             **kwargs,
         )
-        self.capacity_factor = check_capacity_factor(
-            "capacity_factor", capacity_factor, allow_none=False
-        )
-        if eval_capacity_factor == "same":
-            eval_capacity_factor = self.capacity_factor
-        self.eval_capacity_factor = check_capacity_factor(
-            "eval_capacity_factor", eval_capacity_factor, allow_none=False
-        )
 
-    def capacity(self, group_size, training=False):
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return compute_capacity(group_size, group_size, factor, self.num_experts)
+    def slots_per_token(self):
+        return 1
 
     def route(self, probs, mask, training=False):
         G, S = ops.shape(probs)[0], ops.shape(probs)[1]
-        if not isinstance(S, int):
-            raise ValueError(
-                "ExpertChoiceRouter needs a static group size to compute its "
-                f"capacity; got a group of unknown length ({S})."
-            )
         C = self.capacity(S, training=training)
         # Padding tokens score -1 (below any probability) so experts take
         # them last; if taken anyway they are marked empty below.
@@ -527,16 +532,6 @@ class ExpertChoiceRouter(Router):
             slot_token=slot_token, slot_gate=slot_gate, capacity=C
         )
         return instructions, dropped
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "capacity_factor": self.capacity_factor,
-                "eval_capacity_factor": self.eval_capacity_factor,
-            }
-        )
-        return config
 
 
 ROUTERS = {"top_k": TopKRouter, "expert_choice": ExpertChoiceRouter}
