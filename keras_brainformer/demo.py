@@ -10,6 +10,7 @@ import math
 import time
 
 import keras
+import numpy as np
 
 from keras_brainformer.data import BYTE_VOCABULARY_SIZE
 from keras_brainformer.data import byte_lm_arrays
@@ -74,15 +75,19 @@ def main(argv=None):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     before = lm.evaluate(x_val, y_val, batch_size=args.batch_size, verbose=0, return_dict=True)
-    steps_per_epoch = max(1, min(args.steps, len(y) // args.batch_size))
-    epochs = math.ceil(args.steps / steps_per_epoch)
+    # Exactly `steps` batches: successive shuffles of the training set.
+    rng = np.random.default_rng(args.seed)
+    needed = args.steps * args.batch_size
+    order = np.concatenate(
+        [rng.permutation(len(y)) for _ in range(-(-needed // len(y)))]
+    )[:needed]
     start = time.time()
     lm.fit(
-        x,
-        y,
+        {name: array[order] for name, array in x.items()},
+        y[order],
         batch_size=args.batch_size,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
+        epochs=1,
+        shuffle=False,
         validation_data=(x_val, y_val),
     )
     seconds = time.time() - start
@@ -90,7 +95,7 @@ def main(argv=None):
     print(
         f"Validation loss: {before['loss']:.3f} -> {after['loss']:.3f} nats/byte "
         f"({after['loss'] / math.log(2):.2f} bits/byte) after "
-        f"{epochs * steps_per_epoch} steps in {seconds:.0f} s "
+        f"{args.steps} steps in {seconds:.0f} s "
         "(expert choice routes within each sequence: this loss is in leaky, "
         "non-causal mode)."
     )
