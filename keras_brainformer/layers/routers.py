@@ -211,20 +211,19 @@ class Router(keras.layers.Layer):
 
     def call(self, x, token_mask=None, training=False):
         """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens."""
-        mask = token_mask
         shape = ops.shape(x)
         if not isinstance(shape[1], int):
             raise ValueError(
                 f"{type(self).__name__} needs a static group size to compute "
                 f"its capacity; got a group of unknown length ({shape[1]})."
             )
-        if mask is None:
-            mask = ops.ones(shape[:2], "float32")
+        if token_mask is None:
+            token_mask = ops.ones(shape[:2], "float32")
         # Any nonzero value marks a real token; routing and statistics use 0/1.
-        mask = ops.cast(ops.not_equal(ops.cast(mask, "float32"), 0.0), "float32")
+        mask = ops.cast(ops.not_equal(ops.cast(token_mask, "float32"), 0.0), "float32")
         logits = self.router_logits(x, training=training)
         probs = ops.softmax(logits, axis=-1)
-        instructions, aux = self.route(probs, mask, training=training)
+        instructions, dropped = self.route(probs, mask, training=training)
         if training:
             if self.load_balance_loss_weight > 0:
                 first_choice = ops.argmax(probs, axis=-1)
@@ -234,7 +233,7 @@ class Router(keras.layers.Layer):
                 )
             if self.z_loss_weight > 0:
                 self.add_loss(self.z_loss_weight * router_z_loss(logits, mask))
-        self._update_statistics(probs, mask, instructions, aux)
+        self._update_statistics(probs, mask, instructions, dropped)
         return instructions
 
     def _update_statistics(self, probs, mask, instructions, dropped_fraction):
