@@ -30,6 +30,11 @@ def byte_lm_arrays(text, sequence_length, validation_fraction=0.05):
     """
     if sequence_length < 1:
         raise ValueError(f"`sequence_length` must be >= 1. Received: {sequence_length}")
+    if not 0 < validation_fraction < 1:
+        raise ValueError(
+            "`validation_fraction` must be in (0, 1). "
+            f"Received: validation_fraction={validation_fraction}"
+        )
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype("int32")
     windows = len(data) // (sequence_length + 1)
     if windows < 2:
@@ -38,7 +43,7 @@ def byte_lm_arrays(text, sequence_length, validation_fraction=0.05):
             f"length {sequence_length}."
         )
     data = data[: windows * (sequence_length + 1)].reshape(windows, sequence_length + 1)
-    num_validation = max(1, int(round(windows * validation_fraction)))
+    num_validation = min(windows - 1, max(1, int(round(windows * validation_fraction))))
 
     def split(rows):
         x = {"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1])}

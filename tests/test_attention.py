@@ -97,3 +97,36 @@ def test_bad_arguments():
         CausalSelfAttention(num_heads=2)(
             np.ones((1, 2, 8), "float32"), cache=np.zeros((1, 2, 2, 2, 4), "float32")
         )
+
+
+def test_block_cache_path_with_padding_mask_over_the_cache():
+    spec = BlockSpec([AttentionSpec(num_heads=2), MoESpec(4, 16, capacity_factor=None)])
+    block = BrainformerBlock(spec)
+    x = np.random.default_rng(5).normal(size=(2, 6, 8)).astype("float32")
+    mask = np.ones((2, 6), "int32")
+    mask[1, 4:] = 0
+    full = to_numpy(block(x, padding_mask=mask))
+    cache = [ops.zeros((2, 2, 6, 2, 4))]
+    out, cache = block(x[:, :4], padding_mask=mask, cache=cache, cache_update_index=0)
+    outs = [to_numpy(out)]
+    for t in range(4, 6):
+        out, cache = block(x[:, t : t + 1], padding_mask=mask, cache=cache, cache_update_index=t)
+        outs.append(to_numpy(out))
+    cached = np.concatenate(outs, axis=1)
+    np.testing.assert_allclose(cached[0], full[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached[1, :4], full[1, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_differs_from_full_pass_for_expert_choice():
+    """Documented limitation: a decoding step routes its token alone, so a
+    router that ranks tokens across the group behaves differently."""
+    spec = BlockSpec([AttentionSpec(num_heads=2), MoESpec(4, 16, router="expert_choice")])
+    block = BrainformerBlock(spec)
+    x = np.random.default_rng(6).normal(size=(1, 8, 8)).astype("float32")
+    full = to_numpy(block(x))
+    cache = [ops.zeros((1, 2, 8, 2, 4))]
+    outs = []
+    for t in range(8):
+        out, cache = block(x[:, t : t + 1], cache=cache, cache_update_index=t)
+        outs.append(to_numpy(out))
+    assert np.abs(np.concatenate(outs, axis=1) - full).max() > 1e-3

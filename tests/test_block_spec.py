@@ -122,6 +122,8 @@ def test_backbone_rejects_heads_not_dividing_model_dim_before_building():
         ({"norm": "batch"}, "norm"),
         ({"dropout": 1.0}, "dropout"),
         ({"max_sequence_length": 0}, "max_sequence_length"),
+        ({"rotary_max_wavelength": 0}, "rotary_max_wavelength"),
+        ({"tie_embeddings": "no"}, "tie_embeddings"),
     ],
 )
 def test_backbone_bad_arguments(kwargs, field):
@@ -133,3 +135,26 @@ def test_backbone_bad_arguments(kwargs, field):
     }
     with pytest.raises((ValueError, TypeError), match=field):
         BrainformerBackbone(**args)
+
+
+def test_layer_level_arguments_are_validated():
+    from keras_brainformer.layers import MoEFeedForward
+    from keras_brainformer.layers import RMSNormalization
+    from keras_brainformer.layers import TopKRouter
+    from keras_brainformer.models import count_parameters
+
+    with pytest.raises(TypeError, match="batch_prioritized"):
+        TopKRouter(4, batch_prioritized="no")
+    with pytest.raises(TypeError, match="seed"):
+        TopKRouter(4, seed="abc")
+    with pytest.raises(ValueError, match="epsilon"):
+        RMSNormalization(epsilon=-1.0)
+    with pytest.raises(TypeError, match="router_kwargs"):
+        MoEFeedForward(4, 8, router_kwargs=[("k", 1)])
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEFeedForward(4, 8, router_kwargs={"num_experts": 8})
+    with pytest.raises(ValueError, match="num_blocks"):
+        count_parameters(
+            {"vocabulary_size": 8, "hidden_dim": 4, "num_blocks": 0,
+             "blocks": dense_transformer_layer(2, 8).to_dict()}
+        )

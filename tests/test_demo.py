@@ -20,6 +20,11 @@ def test_byte_arrays_are_shifted_windows_with_a_held_out_tail():
     assert (x["padding_mask"] == 1).all()
     with pytest.raises(ValueError, match="too short"):
         byte_lm_arrays("abc", sequence_length=10)
+    for fraction in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="validation_fraction"):
+            byte_lm_arrays(text, sequence_length=10, validation_fraction=fraction)
+    (x, _), _ = byte_lm_arrays(text, sequence_length=10, validation_fraction=0.99)
+    assert len(x["token_ids"]) >= 1
 
 
 def test_pydoc_text_is_deterministic_and_large():

@@ -1,15 +1,18 @@
 """The Brainformer block: a heterogeneous stack of pre-norm residual sublayers."""
 
 import keras
+from keras import ops
 
 from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.feed_forward import FeedForward
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
 from keras_brainformer.layers.rms_normalization import NORMS
 from keras_brainformer.layers.rms_normalization import make_norm
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
+from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 
 
@@ -29,9 +32,13 @@ class BrainformerBlock(keras.layers.Layer):
     Call arguments:
         x: `[B, T, d]`.
         padding_mask: optional `[B, T]` (keys mask for attention; padding
-            tokens are not routed by MoE sublayers).
+            tokens are not routed by MoE sublayers); `[B, L]` over the whole
+            cache when a cache is given.
         cache: optional list, one `[B, 2, L, H, hd]` KV cache per attention
-            sublayer in order; then `(x, new_caches)` is returned.
+            sublayer in order; then `(x, new_caches)` is returned. Cached
+            decoding routes each step's tokens as their own group, so it
+            equals the full forward pass only when every MoE sublayer is
+            dropless top-k with `group_size=None` (see docs/moe_layers.md).
         cache_update_index: position of `x`'s first token when caching.
 
     Example:
@@ -59,7 +66,9 @@ class BrainformerBlock(keras.layers.Layer):
         self.norm = check_choice("norm", norm, NORMS)
         self.norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
         self.dropout = check_rate("dropout", dropout)
-        self.rotary_max_wavelength = rotary_max_wavelength
+        self.rotary_max_wavelength = check_positive_int(
+            "rotary_max_wavelength", rotary_max_wavelength
+        )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.norms, self.sublayers = [], []
         for i, sub in enumerate(self.spec.sublayers):
@@ -72,7 +81,7 @@ class BrainformerBlock(keras.layers.Layer):
 
     def _make_sublayer(self, sub, name):
         common = dict(
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             dtype=self.dtype_policy,
             name=name,
         )
@@ -117,6 +126,15 @@ class BrainformerBlock(keras.layers.Layer):
         training=False,
     ):
         new_cache = []
+        moe_mask = padding_mask
+        if cache is not None and padding_mask is not None:
+            # Attention masks keys over the whole cache ([B, cache_length]);
+            # MoE sublayers only route the tokens of `x`.
+            moe_mask = ops.slice(
+                padding_mask,
+                (0, cache_update_index),
+                (ops.shape(x)[0], ops.shape(x)[1]),
+            )
         for norm, sublayer in zip(self.norms, self.sublayers):
             h = norm(x)
             if isinstance(sublayer, CausalSelfAttention):
@@ -132,7 +150,7 @@ class BrainformerBlock(keras.layers.Layer):
                 else:
                     h = sublayer(h, padding_mask=padding_mask, training=training)
             elif isinstance(sublayer, MoEFeedForward):
-                h = sublayer(h, padding_mask=padding_mask, training=training)
+                h = sublayer(h, padding_mask=moe_mask, training=training)
             else:
                 h = sublayer(h)
             x = x + self.residual_dropout(h, training=training)

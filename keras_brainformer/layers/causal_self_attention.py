@@ -4,6 +4,7 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.token_matmul import token_matmul
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
@@ -105,11 +106,13 @@ class CausalSelfAttention(keras.layers.Layer):
                 self.add_weight(
                     name=f"w_{name}",
                     shape=(model_dim, H, k),
-                    initializer=self.kernel_initializer,
+                    initializer=clone_initializer(self.kernel_initializer),
                 ),
             )
         self.w_output = self.add_weight(
-            name="w_output", shape=(H, k, model_dim), initializer=self.kernel_initializer
+            name="w_output",
+            shape=(H, k, model_dim),
+            initializer=clone_initializer(self.kernel_initializer),
         )
 
     def call(

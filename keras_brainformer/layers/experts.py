@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.validation import check_positive_int
 
 
@@ -49,16 +50,20 @@ class ExpertBank(keras.layers.Layer):
         model_dim = input_shape[-1]
         E, h = self.num_experts, self.hidden_dim
         self.w_in = self.add_weight(
-            name="w_in", shape=(E, model_dim, h), initializer=self.kernel_initializer
+            name="w_in",
+            shape=(E, model_dim, h),
+            initializer=clone_initializer(self.kernel_initializer),
         )
         if self._gated:
             self.w_gate = self.add_weight(
                 name="w_gate",
                 shape=(E, model_dim, h),
-                initializer=self.kernel_initializer,
+                initializer=clone_initializer(self.kernel_initializer),
             )
         self.w_out = self.add_weight(
-            name="w_out", shape=(E, h, model_dim), initializer=self.kernel_initializer
+            name="w_out",
+            shape=(E, h, model_dim),
+            initializer=clone_initializer(self.kernel_initializer),
         )
 
     def call(self, x):

@@ -4,6 +4,7 @@ import keras
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.token_matmul import token_matmul
 from keras_brainformer.layers.validation import check_positive_int
 
@@ -46,18 +47,18 @@ class FeedForward(keras.layers.Layer):
         self.w_in = self.add_weight(
             name="w_in",
             shape=(model_dim, self.hidden_dim),
-            initializer=self.kernel_initializer,
+            initializer=clone_initializer(self.kernel_initializer),
         )
         if self._gated:
             self.w_gate = self.add_weight(
                 name="w_gate",
                 shape=(model_dim, self.hidden_dim),
-                initializer=self.kernel_initializer,
+                initializer=clone_initializer(self.kernel_initializer),
             )
         self.w_out = self.add_weight(
             name="w_out",
             shape=(self.hidden_dim, model_dim),
-            initializer=self.kernel_initializer,
+            initializer=clone_initializer(self.kernel_initializer),
         )
 
     def call(self, x):

@@ -77,6 +77,15 @@ class MoEFeedForward(keras.layers.Layer):
             router = keras.saving.deserialize_keras_object(router)
         if isinstance(router, str):
             check_choice("router", router, tuple(ROUTERS))
+            if router_kwargs is not None and not isinstance(router_kwargs, dict):
+                raise TypeError(
+                    f"`router_kwargs` must be a dict. Received: {router_kwargs!r}"
+                )
+            if router_kwargs and {"num_experts", "name", "dtype"} & set(router_kwargs):
+                raise ValueError(
+                    "`router_kwargs` must not set num_experts, name or dtype (the "
+                    f"MoE layer sets them). Received: {sorted(router_kwargs)}"
+                )
             router = ROUTERS[router](
                 num_experts=num_experts,
                 name="router",

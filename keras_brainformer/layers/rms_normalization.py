@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_brainformer.layers.validation import check_non_negative_float
+
 NORMS = ("rms", "layer")
 
 
@@ -25,7 +27,7 @@ class RMSNormalization(keras.layers.Layer):
 
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
-        self.epsilon = epsilon
+        self.epsilon = check_non_negative_float("epsilon", epsilon)
 
     def build(self, input_shape):
         self.scale = self.add_weight(

@@ -29,6 +29,7 @@ import math
 import keras
 from keras import ops
 
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_positive_int
@@ -153,6 +154,8 @@ class Router(keras.layers.Layer):
             "z_loss_weight", z_loss_weight
         )
         self.jitter = check_rate("jitter", jitter)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"`seed` must be an int or None. Received: seed={seed!r}")
         self.seed = seed
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
@@ -165,7 +168,7 @@ class Router(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(model_dim, self.num_experts),
-            initializer=self.kernel_initializer,
+            initializer=clone_initializer(self.kernel_initializer),
             dtype="float32",
             autocast=False,
         )
@@ -362,7 +365,12 @@ class TopKRouter(Router):
                 f"Received: normalize_gates={normalize_gates!r}"
             )
         self.normalize_gates = normalize_gates
-        self.batch_prioritized = bool(batch_prioritized)
+        if not isinstance(batch_prioritized, bool):
+            raise TypeError(
+                "`batch_prioritized` must be a bool. "
+                f"Received: batch_prioritized={batch_prioritized!r}"
+            )
+        self.batch_prioritized = batch_prioritized
 
     allows_dropless = True
 

@@ -21,7 +21,8 @@ def resolve_block_specs(blocks, num_blocks):
     `num_blocks` into the list of block specs of the stack."""
     if isinstance(blocks, (BlockSpec, dict)):
         spec = BlockSpec.from_dict(blocks)
-        return [spec] * check_positive_int("num_blocks", num_blocks or 1)
+        count = 1 if num_blocks is None else check_positive_int("num_blocks", num_blocks)
+        return [spec] * count
     if not isinstance(blocks, (list, tuple)) or not blocks:
         raise ValueError(
             "`blocks` must be a BlockSpec, its dict, or a non-empty list of "
@@ -110,6 +111,13 @@ class BrainformerBackbone(Backbone):
         check_choice("norm", norm, NORMS)
         norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
         dropout = check_rate("dropout", dropout)
+        rotary_max_wavelength = check_positive_int(
+            "rotary_max_wavelength", rotary_max_wavelength
+        )
+        if not isinstance(tie_embeddings, bool):
+            raise TypeError(
+                f"`tie_embeddings` must be a bool. Received: tie_embeddings={tie_embeddings!r}"
+            )
         for spec in specs:
             for i, sub in enumerate(spec.sublayers):
                 if sub.kind == "attention":
@@ -154,6 +162,13 @@ class BrainformerBackbone(Backbone):
             dtype=dtype,
             **kwargs,
         )
+        if not tie_embeddings:
+            # ReversibleEmbedding draws both matrices from one unseeded
+            # initializer object, i.e. the same numbers: redraw the output one.
+            reverse = self.token_embedding.reverse_embeddings
+            reverse.assign(
+                keras.initializers.RandomNormal(stddev=0.02)(reverse.shape, reverse.dtype)
+            )
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
