@@ -22,6 +22,7 @@ from typing import Optional
 from typing import Union
 
 from keras_brainformer.layers.activations import canonical_activation
+from keras_brainformer.layers.routers import ROUTERS
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -29,7 +30,7 @@ from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 
-ROUTER_KINDS = ("top_k", "expert_choice")
+ROUTER_KINDS = tuple(ROUTERS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,13 +91,9 @@ class CausalSelfAttention(keras.layers.Layer):
         )
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
-    def _resolve_head_dim(self, model_dim):
-        head_dim = resolve_head_dim(model_dim, self.num_heads, self.head_dim)
-        return head_dim
-
     def build(self, input_shape):
         model_dim = input_shape[-1]
-        self._head_dim = self._resolve_head_dim(model_dim)
+        self._head_dim = resolve_head_dim(model_dim, self.num_heads, self.head_dim)
         H, k = self.num_heads, self._head_dim
         for name in ("query", "key", "value"):
             setattr(
