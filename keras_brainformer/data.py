@@ -50,3 +50,64 @@ def byte_lm_arrays(text, sequence_length, validation_fraction=0.05):
         return x, rows[:, 1:]
 
     return split(data[:-num_validation]), split(data[-num_validation:])
+
+
+STDLIB_EXCLUDED_DIRECTORIES = (
+    "__pycache__",
+    "encodings",
+    "idlelib",
+    "pydoc_data",
+    "site-packages",
+    "test",
+    "tests",
+)
+
+
+def stdlib_source_files(max_bytes=4_000_000, held_out=False, held_out_modulus=16):
+    """A deterministic selection of the standard library's `.py` sources.
+
+    Files under `os.path.dirname(os.__file__)` are eligible unless they lie
+    in a directory named in `STDLIB_EXCLUDED_DIRECTORIES` (test suites, IDLE,
+    installed packages, the `encodings` code-page tables and `pydoc_data`,
+    whose prose `pydoc_text()` already returns). Each eligible file is keyed
+    by the CRC-32 of its path relative to the standard-library root: files
+    whose key is divisible by `held_out_modulus` form the held-out split
+    (about 1/16 of the files), the others the training split. Within a split,
+    files are visited in key order (a fixed pseudo-random order that does not
+    favour the alphabet's start) and taken until adding the next one would
+    exceed `max_bytes`.
+
+    Args:
+        max_bytes: int or None. Cap on the total size of the returned files.
+        held_out: bool. Return the held-out split instead of the training one.
+        held_out_modulus: int. One file in about this many is held out.
+
+    Returns:
+        A list of absolute file paths, sorted.
+    """
+    import os
+    import zlib
+
+    root = os.path.dirname(os.__file__)
+    candidates = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(
+            d for d in subdirectories if d not in STDLIB_EXCLUDED_DIRECTORIES
+        )
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            key = zlib.crc32(relative.encode("utf-8"))
+            if (key % held_out_modulus == 0) == held_out:
+                candidates.append((key, relative, path))
+    selected = []
+    total = 0
+    for _, _, path in sorted(candidates):
+        size = os.path.getsize(path)
+        if max_bytes is not None and total + size > max_bytes:
+            break
+        selected.append(path)
+        total += size
+    return sorted(selected)

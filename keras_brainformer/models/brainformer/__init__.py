@@ -1,3 +1,8 @@
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_byte_tokenizer import BrainformerByteTokenizer
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+    BrainformerCausalLMPreprocessor,
+)
+from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.parameter_count import count_parameters

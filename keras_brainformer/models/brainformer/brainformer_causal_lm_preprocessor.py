@@ -1,0 +1,93 @@
+"""Brainformer causal-LM preprocessor: raw strings to packed next-token batches."""
+
+import keras
+from keras_hub.models import CausalLMPreprocessor
+
+from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
+    """Brainformer causal-LM preprocessor.
+
+    Tokenizes raw strings, adds `start_token_id` at the front and
+    `end_token_id` at the back (each optional), pads with `pad_token_id` or
+    truncates to `sequence_length + 1` tokens, and splits the result into
+    inputs and next-token labels. Calling it on a batch of strings returns
+    `(x, y, sample_weight)`:
+
+    - `x = {"token_ids", "padding_mask"}`, each `[batch, sequence_length]`
+      (token ids int32, the mask bool: True on real tokens);
+    - `y`: `[batch, sequence_length]`, `x["token_ids"]` shifted left by one;
+    - `sample_weight`: `[batch, sequence_length]`, the padding mask of `y`
+      (False where the label is padding).
+
+    `generate_preprocess()` and `generate_postprocess()` prepare prompts for
+    and decode outputs of `CausalLM.generate()`. It runs eagerly on NumPy or
+    the backend's tensors, and inside `tf.data.Dataset.map`.
+
+    Works with any tokenizer that has `start_token_id`, `end_token_id`,
+    `pad_token_id` and `detokenize()`: `BrainformerTokenizer` (the default,
+    and what `from_preset()` loads when the preset has no
+    `preprocessor.json`) or `BrainformerByteTokenizer` passed explicitly.
+
+    Args:
+        tokenizer: a `BrainformerTokenizer`, a `BrainformerByteTokenizer`, or
+            None for `BrainformerTokenizer()` with the shipped vocabulary.
+        sequence_length: int, the length of the packed sequences.
+        add_start_token: bool, prepend the start token.
+        add_end_token: bool, append the end token.
+        **kwargs: passed to `keras_hub.models.CausalLMPreprocessor`.
+
+    Example:
+    ```python
+    from keras_brainformer.models import BrainformerByteTokenizer
+    from keras_brainformer.models import BrainformerCausalLMPreprocessor
+
+    preprocessor = BrainformerCausalLMPreprocessor(sequence_length=16)
+    x, y, sample_weight = preprocessor(["import os\\n", "def f():\\n    pass\\n"])
+    assert tuple(x["token_ids"].shape) == (2, 16)
+    assert tuple(x["padding_mask"].shape) == (2, 16)
+    assert tuple(y.shape) == tuple(sample_weight.shape) == (2, 16)
+
+    byte_preprocessor = BrainformerCausalLMPreprocessor(
+        BrainformerByteTokenizer(), sequence_length=16)
+    x, y, sample_weight = byte_preprocessor(["import os\\n"])
+    # x["token_ids"][0]: 2 (start), the 10 bytes of "import os\\n", 3 (end), 0...
+    ```
+    """
+
+    backbone_cls = BrainformerBackbone
+    tokenizer_cls = BrainformerTokenizer
+
+    def __init__(
+        self,
+        tokenizer=None,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            tokenizer = BrainformerTokenizer()
+        missing = [
+            name
+            for name in ("start_token_id", "end_token_id", "pad_token_id")
+            if getattr(tokenizer, name, None) is None
+        ]
+        if missing or not hasattr(tokenizer, "detokenize"):
+            raise ValueError(
+                f"{self.__class__.__name__} needs a tokenizer with "
+                "`start_token_id`, `end_token_id`, `pad_token_id` and "
+                "`detokenize()`, such as `BrainformerTokenizer` or "
+                f"`BrainformerByteTokenizer`. Received: {tokenizer!r} "
+                f"(missing: {missing})"
+            )
+        super().__init__(
+            tokenizer=tokenizer,
+            sequence_length=sequence_length,
+            add_start_token=add_start_token,
+            add_end_token=add_end_token,
+            **kwargs,
+        )
