@@ -33,11 +33,12 @@ NOT_CAUSAL = [
     ("top_k", {"k": 1, "capacity_factor": 0.5, "batch_prioritized": True}),
     ("expert_choice", {"capacity_factor": 1.0}),
 ]
+AS_TRAINED = {"inference_routing": "as_trained"}
 
 
 @pytest.mark.parametrize("router,kwargs", CAUSAL)
 def test_causal_router_settings(router, kwargs):
-    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
         assert _max_leak(layer, x, t) == 0.0, t
@@ -45,9 +46,48 @@ def test_causal_router_settings(router, kwargs):
 
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL)
 def test_non_causal_router_settings_leak(router, kwargs):
-    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     assert max(_max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
+
+
+@pytest.mark.parametrize("router,kwargs", NOT_CAUSAL + CAUSAL)
+def test_causal_inference_routing_is_exactly_causal(router, kwargs):
+    # The default inference routing: every setting becomes causal.
+    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
+    for t in range(T - 1):
+        assert _max_leak(layer, x, t) == 0.0, t
+
+
+def test_causal_routing_of_expert_choice_is_top_round_cf_on_same_scores():
+    # Expert choice with capacity factor 2 -> each token takes its top-2
+    # experts by softmax score, gates = the raw scores (not renormalised).
+    layer = MoEFeedForward(
+        4, 16, router="expert_choice", router_kwargs={"capacity_factor": 2.0}
+    )
+    x = np.random.default_rng(5).normal(size=(2, T, D)).astype("float32")
+    layer(x)
+    router = layer.router
+    r = router(x.reshape(-1, T, D))
+    probs = to_numpy(keras_softmax(x.reshape(-1, T, D) @ to_numpy(router.kernel)))
+    slot_token, slot_gate = to_numpy(r.slot_token), to_numpy(r.slot_gate)
+    for g in range(2):
+        for s in range(T):
+            top2 = set(np.argsort(-probs[g, s])[:2])
+            got = {e for e in range(4) if (slot_token[g, e] == s).any()}
+            assert got == top2
+            for e in top2:
+                gate = slot_gate[g, e][slot_token[g, e] == s]
+                np.testing.assert_allclose(gate, probs[g, s, e], rtol=1e-5)
+    assert r.capacity == T  # dropless
+    # The training scheme is unchanged.
+    assert router(x.reshape(-1, T, D), training=True).capacity == 2 * T // 4
+
+
+def keras_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
 
 
 def test_group_spanning_sequences_couples_them():
@@ -55,7 +95,11 @@ def test_group_spanning_sequences_couples_them():
     # sequence 1 depends on sequence 0 (earlier in the group), not vice versa.
     # The router kernel sends a token with a large feature i to expert i.
     layer = MoEFeedForward(
-        4, 16, router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.5}, group_size=2 * T
+        4,
+        16,
+        router="top_k",
+        router_kwargs={"k": 1, "capacity_factor": 0.5, **AS_TRAINED},
+        group_size=2 * T,
     )
     layer.build((2, T, D))
     layer.router.kernel.assign(10.0 * np.eye(D, 4, dtype="float32"))

@@ -39,3 +39,4 @@ def test_demo_trains_and_returns_a_finite_loss(capsys):
     assert math.isfinite(loss) and loss < math.log(256) + 0.5
     out = capsys.readouterr().out
     assert "Validation loss" in out and "after 4 steps" in out
+    assert "causal routing" in out and "trained expert-choice routing" in out

@@ -109,7 +109,12 @@ def test_experts_only_see_routed_tokens():
     """Sparse for real: expert e's input rows are exactly the tokens routed to
     e (plus zero rows for empty slots), never the whole batch."""
     S, d, E = 16, 8, 4
-    layer = MoEFeedForward(E, 12, router="top_k", router_kwargs={"k": 2, "capacity_factor": 1.0})
+    layer = MoEFeedForward(
+        E,
+        12,
+        router="top_k",
+        router_kwargs={"k": 2, "capacity_factor": 1.0, "inference_routing": "as_trained"},
+    )
     layer.experts = CountingExperts(E, 12, name="experts")
     x = np.random.default_rng(2).normal(size=(1, S, d)).astype("float32")
     layer(x)
@@ -128,7 +133,10 @@ def test_experts_only_see_routed_tokens():
 def test_unrouted_tokens_get_zero_output():
     # Capacity 1 slot per expert: most tokens are dropped and must output 0.
     layer = MoEFeedForward(
-        2, 8, router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.1}
+        2,
+        8,
+        router="top_k",
+        router_kwargs={"k": 1, "capacity_factor": 0.1, "inference_routing": "as_trained"},
     )
     x = np.random.default_rng(3).normal(size=(1, 10, 4)).astype("float32")
     y = to_numpy(layer(x))

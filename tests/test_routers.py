@@ -44,7 +44,9 @@ def np_logsumexp(logits):
 
 def make_router(cls, num_experts, kernel=None, **kwargs):
     """A built router whose kernel is `kernel` (default: identity, so that
-    logits == inputs)."""
+    logits == inputs). These tests check each scheme as trained, so the
+    router keeps it at inference too unless a test asks otherwise."""
+    kwargs.setdefault("inference_routing", "as_trained")
     router = cls(num_experts=num_experts, **kwargs)
     if kernel is None:
         kernel = np.eye(num_experts, dtype="float32")

@@ -22,6 +22,7 @@ from typing import Optional
 from typing import Union
 
 from keras_brainformer.layers.activations import canonical_activation
+from keras_brainformer.layers.causal_self_attention import check_depthwise_conv_kernel
 from keras_brainformer.layers.routers import ROUTERS
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
@@ -40,15 +41,25 @@ class AttentionSpec:
     Args:
         num_heads: number of heads.
         head_dim: width of each head; None for `model_dim // num_heads`.
+        depthwise_conv_kernel: width of Primer's causal depthwise convolution
+            after the Q/K/V projections (multi-dconv-head attention); 0 (the
+            default, and the value assumed by dicts without the key) is off,
+            Primer uses 3.
     """
 
     num_heads: int = 8
     head_dim: Optional[int] = None
+    depthwise_conv_kernel: int = 0
     kind: ClassVar[str] = "attention"
 
     def __post_init__(self):
         check_positive_int("num_heads", self.num_heads)
         check_optional_positive_int("head_dim", self.head_dim)
+        object.__setattr__(
+            self,
+            "depthwise_conv_kernel",
+            check_depthwise_conv_kernel(self.depthwise_conv_kernel),
+        )
         if self.head_dim is not None and self.head_dim % 2:
             raise ValueError(
                 "`head_dim` must be even (rotary position embeddings). "

@@ -34,11 +34,13 @@ class BrainformerBlock(keras.layers.Layer):
         padding_mask: optional `[B, T]` (keys mask for attention; padding
             tokens are not routed by MoE sublayers); `[B, L]` over the whole
             cache when a cache is given.
-        cache: optional list, one `[B, 2, L, H, hd]` KV cache per attention
-            sublayer in order; then `(x, new_caches)` is returned. Cached
-            decoding routes each step's tokens as their own group, so it
-            equals the full forward pass only when every MoE sublayer is
-            dropless top-k with `group_size=None` (see docs/moe_layers.md).
+        cache: optional list, one cache per attention sublayer in order,
+            each shaped `layer.cache_shape(B, L)` (`[B, 2, L, H, hd]` keys
+            and values; more with Primer's depthwise conv); then
+            `(x, new_caches)` is returned. Cached decoding always uses the
+            MoE sublayers' causal routing (dropless token choice), so it
+            equals a full forward pass at inference in the default
+            `inference_routing="causal"` (see docs/moe_layers.md).
         cache_update_index: position of `x`'s first token when caching.
 
     Example:
@@ -90,6 +92,7 @@ class BrainformerBlock(keras.layers.Layer):
                 num_heads=sub.num_heads,
                 head_dim=sub.head_dim,
                 rotary_max_wavelength=self.rotary_max_wavelength,
+                depthwise_conv_kernel=sub.depthwise_conv_kernel,
                 **common,
             )
         if sub.kind == "ffn":
@@ -150,7 +153,14 @@ class BrainformerBlock(keras.layers.Layer):
                 else:
                     h = sublayer(h, padding_mask=padding_mask, training=training)
             elif isinstance(sublayer, MoEFeedForward):
-                h = sublayer(h, padding_mask=moe_mask, training=training)
+                # Cached decoding always routes causally: a step's tokens
+                # must not be routed by what comes after them.
+                h = sublayer(
+                    h,
+                    padding_mask=moe_mask,
+                    training=training,
+                    causal=True if cache is not None else None,
+                )
             else:
                 h = sublayer(h)
             x = x + self.residual_dropout(h, training=training)

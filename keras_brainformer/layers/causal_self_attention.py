@@ -1,4 +1,8 @@
-"""Causal multi-head self-attention with rotary positions and a KV cache."""
+"""Causal multi-head self-attention with rotary positions and a KV cache,
+optionally with Primer's multi-dconv-head attention (a causal depthwise
+convolution after the Q, K and V projections)."""
+
+import numbers
 
 import keras
 from keras import ops
@@ -9,6 +13,72 @@ from keras_brainformer.layers.token_matmul import token_matmul
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
+
+
+def check_depthwise_conv_kernel(value):
+    """`depthwise_conv_kernel` must be an int >= 0 (0 turns the conv off)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            "`depthwise_conv_kernel` must be an integer >= 0 (0 = off; Primer "
+            f"uses 3). Received: depthwise_conv_kernel={value!r}"
+        )
+    if value < 0:
+        raise ValueError(
+            "`depthwise_conv_kernel` must be an integer >= 0 (0 = off; Primer "
+            f"uses 3). Received: depthwise_conv_kernel={value!r}"
+        )
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_brainformer")
+class NearIdentityCausalConv(keras.initializers.RandomUniform):
+    """Initializer of causal depthwise-conv taps shaped `[kernel, ...]`: the
+    tap on the current token (the last one, index `kernel - 1`) is 1 and
+    every tap gets uniform noise in `[-noise, noise]`, so the convolution
+    starts close to the identity (the attention starts as plain attention)
+    while the taps on earlier tokens are not all equal.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.asarray(NearIdentityCausalConv(noise=0.0)((3, 2)))
+    >>> w.tolist()
+    [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    """
+
+    def __init__(self, noise=0.02, seed=None):
+        self.noise = float(noise)
+        super().__init__(minval=-self.noise, maxval=self.noise, seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        values = super().__call__(shape, dtype=dtype)
+        identity = ops.one_hot(shape[0] - 1, shape[0], dtype=values.dtype)
+        return values + ops.reshape(identity, (shape[0],) + (1,) * (len(shape) - 1))
+
+    def get_config(self):
+        return {"noise": self.noise, "seed": super().get_config()["seed"]}
+
+
+def causal_depthwise_conv(window, kernel, length):
+    """Causal depthwise convolution along axis 2 of `window`, no bias.
+
+    Args:
+        window: `[B, C, length + K - 1, ...]`: the `K - 1` inputs before the
+            first output position (zeros at the start of a sequence), then
+            the `length` inputs of the output positions.
+        kernel: `[C, K, ...]` taps; `kernel[:, K - 1]` weighs the current
+            position, `kernel[:, K - 1 - j]` the one `j` steps earlier.
+        length: number of output positions.
+
+    Returns:
+        `[B, C, length, ...]` with
+        `out[t] = sum_j kernel[K - 1 - j] * in[t - j]`.
+    """
+    taps = kernel.shape[1]
+    out = None
+    for i in range(taps):
+        term = window[:, :, i : i + length] * ops.expand_dims(kernel[:, i], 1)
+        out = term if out is None else out + term
+    return out
 
 
 def resolve_head_dim(model_dim, num_heads, head_dim=None):
@@ -40,6 +110,17 @@ class CausalSelfAttention(keras.layers.Layer):
     relative position bias: it has no parameters, extrapolates gracefully and
     makes cached decoding a matter of offsetting positions.
 
+    Multi-dconv-head attention (Primer, So et al. 2021): with
+    `depthwise_conv_kernel=K > 0`, each of the Q, K and V projections is
+    followed by a causal depthwise convolution of width K over the sequence,
+    one filter per (head, head channel), no bias:
+    `q'[t] = sum_{j<K} conv_query[K-1-j] * q[t-j]` (zeros before the first
+    token), and RoPE is applied to the convolved queries and keys. The taps
+    start near the identity (`NearIdentityCausalConv`: current-token tap 1,
+    noise of 0.02 on every tap). Padding tokens (`padding_mask` 0) have their
+    projections zeroed before the convolution, so they never leak into real
+    tokens: a left-padded sequence gives the outputs of the unpadded one.
+
     Args:
         num_heads: int, number of attention heads.
         head_dim: int or None. Width of each head. None means
@@ -49,15 +130,29 @@ class CausalSelfAttention(keras.layers.Layer):
         rotary_max_wavelength: int, RoPE base wavelength.
         dropout: float, dropout on attention probabilities.
         kernel_initializer: initializer of the projections.
+        depthwise_conv_kernel: int >= 0, width of Primer's causal depthwise
+            convolution after the Q/K/V projections; 0 (default) turns it
+            off, Primer uses 3. Adds weights `conv_query`, `conv_key`,
+            `conv_value`, each `[K, num_heads, head_dim]`.
 
     Call arguments:
         x: `[B, T, d]`.
         padding_mask: optional `[B, T]` (or `[B, cache_length]` when a cache is
             given), nonzero for real tokens; padding keys are not attended to.
-        cache: optional `[B, 2, cache_length, num_heads, head_dim]` keys and
-            values. When given, `x` holds the tokens at positions
-            `cache_update_index ...`, their keys/values are written into the
-            cache, and `(output, new_cache)` is returned.
+        cache: optional cache shaped `cache_shape(B, cache_length)`. When
+            given, `x` holds the tokens at positions `cache_update_index ...`,
+            their entries are written into the cache, and
+            `(output, new_cache)` is returned. Layout: without the conv (and
+            with `depthwise_conv_kernel=1`, which needs no history) it is
+            `[B, 2, cache_length, num_heads, head_dim]`: keys (after RoPE)
+            and values. With `depthwise_conv_kernel=K >= 2` it is
+            `[B, 5, cache_length + K - 1, num_heads, head_dim]`: channels
+            0, 1 = keys (convolved, after RoPE) and values (convolved),
+            channels 2, 3, 4 = the raw (pre-conv) query, key and value
+            projections; the entries of position `p` live at index
+            `p + K - 1` in every channel, and the first `K - 1` indices stay
+            zero (the conv's causal zero padding). A zero-filled cache is a
+            valid empty cache.
         cache_update_index: int or scalar tensor, where `x` starts.
 
     Example:
@@ -74,9 +169,13 @@ class CausalSelfAttention(keras.layers.Layer):
         rotary_max_wavelength=10000,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        depthwise_conv_kernel=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.depthwise_conv_kernel = check_depthwise_conv_kernel(
+            depthwise_conv_kernel
+        )
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_optional_positive_int("head_dim", head_dim)
         if self.head_dim is not None:
@@ -110,6 +209,95 @@ class CausalSelfAttention(keras.layers.Layer):
             shape=(H, k, model_dim),
             initializer=clone_initializer(self.kernel_initializer),
         )
+        if self.depthwise_conv_kernel:
+            for name in ("query", "key", "value"):
+                setattr(
+                    self,
+                    f"conv_{name}",
+                    self.add_weight(
+                        name=f"conv_{name}",
+                        shape=(self.depthwise_conv_kernel, H, k),
+                        # A fresh initializer (and seed) per weight.
+                        initializer=NearIdentityCausalConv(),
+                    ),
+                )
+
+    @property
+    def _cache_offset(self):
+        """Cache index of position 0: the `K - 1` zero slots in front."""
+        return max(self.depthwise_conv_kernel - 1, 0)
+
+    def cache_shape(self, batch_size, max_length):
+        """The shape of this layer's cache for `max_length` positions.
+
+        `(batch_size, 2, max_length, num_heads, head_dim)` without the conv
+        (or with `depthwise_conv_kernel=1`);
+        `(batch_size, 5, max_length + K - 1, num_heads, head_dim)` with
+        `depthwise_conv_kernel=K >= 2` (see the class docstring). The head
+        dim comes from `head_dim`, or, when that is None, from the model dim
+        seen at build time, so the layer must then be built first.
+
+        Example:
+        >>> CausalSelfAttention(4, head_dim=8, depthwise_conv_kernel=3
+        ...     ).cache_shape(2, 16)
+        (2, 5, 18, 4, 8)
+        """
+        head_dim = self.head_dim or getattr(self, "_head_dim", None)
+        if head_dim is None:
+            raise ValueError(
+                f"`cache_shape` of layer {self.name!r} needs the head dim: set "
+                "`head_dim` or build the layer first (head_dim = model dim / "
+                "num_heads)."
+            )
+        if self._cache_offset:
+            return (
+                batch_size,
+                5,
+                max_length + self._cache_offset,
+                self.num_heads,
+                head_dim,
+            )
+        return (batch_size, 2, max_length, self.num_heads, head_dim)
+
+    def _convolve(self, q, k, v, padding_mask, cache, cache_update_index):
+        """Primer's causal depthwise conv of the raw projections `[B, T, H,
+        hd]`. Returns the convolved `(q, k, v)` and the raw projections
+        stacked `[B, 3, T, H, hd]` (to be cached)."""
+        length = q.shape[1] if q.shape[1] is not None else ops.shape(q)[1]
+        if padding_mask is not None:
+            if cache is not None:
+                padding_mask = ops.slice(
+                    padding_mask,
+                    (0, cache_update_index),
+                    (ops.shape(q)[0], length),
+                )
+            keep = ops.cast(padding_mask, q.dtype)[:, :, None, None]
+            q, k, v = q * keep, k * keep, v * keep
+        raw = ops.stack((q, k, v), axis=1)
+        history = self._cache_offset
+        if not history:
+            window = raw
+        elif cache is None:
+            window = ops.pad(raw, ((0, 0), (0, 0), (history, 0), (0, 0), (0, 0)))
+        else:
+            # Indices cache_update_index .. + K - 2 hold the raw projections of
+            # the K - 1 positions before x (zeros before position 0).
+            zero = ops.zeros((), "int32")
+            previous = ops.slice(
+                cache,
+                (zero, zero + 2, cache_update_index, zero, zero),
+                (ops.shape(q)[0], 3, history, self.num_heads, self._head_dim),
+            )
+            window = ops.concatenate((ops.cast(previous, raw.dtype), raw), axis=2)
+        # `.value`: TensorFlow's `tf.stack` does not accept Keras variables.
+        kernel = ops.stack(
+            [
+                ops.cast(w.value, raw.dtype)
+                for w in (self.conv_query, self.conv_key, self.conv_value)
+            ]
+        )
+        out = causal_depthwise_conv(window, kernel, length)
+        return out[:, 0], out[:, 1], out[:, 2], raw
 
     def call(
         self,
@@ -122,19 +310,38 @@ class CausalSelfAttention(keras.layers.Layer):
         start = 0 if cache is None else cache_update_index
         if cache is not None and cache_update_index is None:
             raise ValueError("`cache_update_index` is required with `cache`.")
+        if cache is not None:
+            channels = 5 if self._cache_offset else 2
+            if cache.shape[1] is not None and cache.shape[1] != channels:
+                raise ValueError(
+                    f"Layer {self.name!r} (depthwise_conv_kernel="
+                    f"{self.depthwise_conv_kernel}) expects a cache with "
+                    f"{channels} entries on axis 1, shaped by `cache_shape("
+                    f"batch_size, max_length)`. Received: cache.shape="
+                    f"{tuple(cache.shape)}"
+                )
+            cache_update_index = ops.cast(cache_update_index, "int32")
         q = token_matmul(x, self.w_query)
         k = token_matmul(x, self.w_key)
         v = token_matmul(x, self.w_value)
+        raw = None
+        if self.depthwise_conv_kernel:
+            q, k, v, raw = self._convolve(
+                q, k, v, padding_mask, cache, cache_update_index
+            )
         q = self.rotary(q, start_index=start)
         k = self.rotary(k, start_index=start)
         if cache is not None:
+            entries = [k, v]
+            if self._cache_offset:
+                entries += [raw[:, 0], raw[:, 1], raw[:, 2]]
+            entries = ops.cast(ops.stack(entries, axis=1), cache.dtype)
             zero = ops.zeros((), "int32")
-            index = ops.cast(cache_update_index, "int32")
-            starts = (zero, index, zero, zero)
-            keys = ops.slice_update(cache[:, 0], starts, ops.cast(k, cache.dtype))
-            values = ops.slice_update(cache[:, 1], starts, ops.cast(v, cache.dtype))
-            cache = ops.stack((keys, values), axis=1)
-            k, v = ops.cast(keys, q.dtype), ops.cast(values, q.dtype)
+            offset = self._cache_offset
+            starts = (zero, zero, cache_update_index + offset, zero, zero)
+            cache = ops.slice_update(cache, starts, entries)
+            k = ops.cast(cache[:, 0, offset:], q.dtype)
+            v = ops.cast(cache[:, 1, offset:], q.dtype)
 
         # [B, H, T_query, T_key], in float32.
         scores = ops.einsum("bqhk,bshk->bhqs", q, k)
@@ -171,6 +378,7 @@ class CausalSelfAttention(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "depthwise_conv_kernel": self.depthwise_conv_kernel,
             }
         )
         return config

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_brainformer.layers import dispatch as dispatch_lib
 from keras_brainformer.layers.experts import ExpertBank
+from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import ROUTERS
 from keras_brainformer.layers.routers import Router
 from keras_brainformer.layers.validation import check_choice
@@ -45,6 +46,9 @@ class MoEFeedForward(keras.layers.Layer):
             tokens are never routed and do not count in losses or statistics.
         training: selects the training capacity factor, adds the auxiliary
             losses and the router jitter.
+        causal: at inference, True forces the router's causal routing (dropless
+            token choice, see `layers/routers.py`), False the training scheme,
+            None (default) follows `inference_routing`.
 
     Example:
     >>> import numpy as np
@@ -142,7 +146,18 @@ class MoEFeedForward(keras.layers.Layer):
                 )
         return self.group_size
 
-    def call(self, x, padding_mask=None, training=False):
+    @property
+    def inference_routing(self):
+        """`"causal"` or `"as_trained"`: how the router routes at inference."""
+        return self.router.inference_routing
+
+    @inference_routing.setter
+    def inference_routing(self, mode):
+        self.router.inference_routing = check_choice(
+            "inference_routing", mode, INFERENCE_ROUTING
+        )
+
+    def call(self, x, padding_mask=None, training=False, causal=None):
         shape = ops.shape(x)
         d = shape[-1]
         S = self._group_size(x)
@@ -150,7 +165,7 @@ class MoEFeedForward(keras.layers.Layer):
         mask = None
         if padding_mask is not None:
             mask = ops.reshape(ops.cast(padding_mask, "float32"), (-1, S))
-        routing = self.router(groups, token_mask=mask, training=training)
+        routing = self.router(groups, token_mask=mask, training=training, causal=causal)
 
         if self.dispatch == "index":
             expert_in = dispatch_lib.dispatch(groups, routing.slot_token)

@@ -22,6 +22,16 @@ group, including later tokens', are served before any second choice),
 batch-prioritized routing (ordered by confidence), and expert choice (experts
 rank all tokens of the group). A group that spans several sequences couples
 them (later sequences depend on earlier ones).
+
+Causal inference: every router has `inference_routing`. `"causal"` (the
+default) routes at inference (`training=False`) by dropless token choice on
+the same router probabilities: top-k with `k` its own `k` (gates as in
+training), and for expert choice top-`round(eval_capacity_factor)` with the raw
+softmax scores as gates (the weights expert choice gives its tokens). Each
+token's routing then depends on that token alone, so full-sequence evaluation
+is exactly causal and equals token-by-token cached decoding. `"as_trained"`
+keeps the training-time scheme (eval capacity factor) at inference, leaks
+included: the gap between the two is what leaking was worth.
 """
 
 import math
@@ -31,9 +41,12 @@ from keras import ops
 
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.validation import check_capacity_factor
+from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
+
+INFERENCE_ROUTING = ("causal", "as_trained")
 
 
 class RoutingInstructions:
@@ -135,10 +148,14 @@ class Router(keras.layers.Layer):
         jitter=0.0,
         seed=None,
         kernel_initializer=None,
+        inference_routing="causal",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
+        self.inference_routing = check_choice(
+            "inference_routing", inference_routing, INFERENCE_ROUTING
+        )
         self.capacity_factor = check_capacity_factor(
             "capacity_factor", capacity_factor, allow_none=self.allows_dropless
         )
@@ -191,6 +208,25 @@ class Router(keras.layers.Layer):
     def slots_per_token(self):
         raise NotImplementedError
 
+    def causal_k(self):
+        """Experts per token of the causal inference routing."""
+        raise NotImplementedError
+
+    def causal_normalize_gates(self):
+        """Whether the causal inference routing renormalises its k gates."""
+        raise NotImplementedError
+
+    def route_causally(self, probs, mask):
+        """Dropless token choice: each token's routing depends on it alone."""
+        S = ops.shape(probs)[1]
+        return token_choice_route(
+            probs,
+            mask,
+            k=self.causal_k(),
+            capacity=S,
+            normalize_gates=self.causal_normalize_gates(),
+        )
+
     def capacity(self, group_size, training=False):
         """Slots per expert and group, from the train or eval capacity factor."""
         factor = self.capacity_factor if training else self.eval_capacity_factor
@@ -212,8 +248,13 @@ class Router(keras.layers.Layer):
             x = x * noise
         return ops.matmul(x, self.kernel)
 
-    def call(self, x, token_mask=None, training=False):
-        """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens."""
+    def call(self, x, token_mask=None, training=False, causal=None):
+        """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens.
+
+        At inference (`training=False`), `causal=True` forces the causal
+        routing, `False` the training scheme, None follows
+        `inference_routing`.
+        """
         shape = ops.shape(x)
         if not isinstance(shape[1], int):
             raise ValueError(
@@ -226,7 +267,12 @@ class Router(keras.layers.Layer):
         mask = ops.cast(ops.not_equal(ops.cast(token_mask, "float32"), 0.0), "float32")
         logits = self.router_logits(x, training=training)
         probs = ops.softmax(logits, axis=-1)
-        instructions, dropped = self.route(probs, mask, training=training)
+        if causal is None:
+            causal = self.inference_routing == "causal"
+        if not training and causal:
+            instructions, dropped = self.route_causally(probs, mask)
+        else:
+            instructions, dropped = self.route(probs, mask, training=training)
         if training:
             if self.load_balance_loss_weight > 0:
                 first_choice = ops.argmax(probs, axis=-1)
@@ -265,7 +311,7 @@ class Router(keras.layers.Layer):
             "expert_load": ops.convert_to_numpy(self.expert_load).tolist(),
         }
 
-    def compute_output_spec(self, x, token_mask=None, training=False):
+    def compute_output_spec(self, x, token_mask=None, training=False, causal=None):
         raise NotImplementedError(
             "Routers are called inside MoEFeedForward, not on symbolic tensors."
         )
@@ -284,6 +330,7 @@ class Router(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "inference_routing": self.inference_routing,
             }
         )
         return config
@@ -292,6 +339,89 @@ class Router(keras.layers.Layer):
 def _global_index(group_index, local_index, per_group):
     """Flat index of `local_index` inside group `group_index`."""
     return group_index * per_group + local_index
+
+
+def token_choice_route(
+    probs, mask, k, capacity, normalize_gates=True, batch_prioritized=False
+):
+    """Top-k token-choice routing with capacity `C` per expert and group.
+
+    Args:
+        probs: float32 `[G, S, E]` router probabilities.
+        mask: float32 `[G, S]`, 1 for real tokens.
+        k: experts per token.
+        capacity: slots per expert, `C` (`S` makes it dropless).
+        normalize_gates: renormalise the k gates to sum to 1.
+        batch_prioritized: rank tokens by top-1 probability instead of position.
+
+    Returns:
+        `(RoutingInstructions, dropped_fraction)`.
+    """
+    G, S, E = ops.shape(probs)
+    C = capacity
+    gates, experts = ops.top_k(probs, k)  # [G, S, k]
+    if normalize_gates:
+        gates = gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), 1e-9)
+
+    # Position of each choice in its expert's queue, in priority order:
+    # choice-major (all first choices first), then position or confidence.
+    if batch_prioritized:
+        confidence = ops.where(mask > 0, ops.max(probs, axis=-1), -1.0)
+        order = ops.argsort(-confidence, axis=1)  # [G, S]
+        inverse = ops.argsort(order, axis=1)
+        ranked_experts = ops.take_along_axis(experts, order[..., None], axis=1)
+        ranked_mask = ops.take_along_axis(mask, order, axis=1)
+    else:
+        ranked_experts, ranked_mask = experts, mask
+    choice = ops.one_hot(ranked_experts, E, dtype="int32")  # [G, S, k, E]
+    choice = choice * ops.cast(ranked_mask, "int32")[:, :, None, None]
+    choice = ops.reshape(ops.transpose(choice, (0, 2, 1, 3)), (G, k * S, E))
+    position = ops.sum((ops.cumsum(choice, axis=1) - 1) * choice, axis=-1)
+    position = ops.transpose(ops.reshape(position, (G, k, S)), (0, 2, 1))
+    if batch_prioritized:
+        position = ops.take_along_axis(position, inverse[..., None], axis=1)
+    keep = ops.logical_and(position < C, mask[..., None] > 0)  # [G, S, k]
+
+    # Slot table by an integer scatter: slot = e * C + position; overflow
+    # goes to a scratch slot (index E * C) that is cut off afterwards. The
+    # table stores each slot's choice (token * k + j, plus 1 so that 0
+    # marks an empty slot); gates are then *gathered* by choice, so the
+    # gradient flows through a gather, never through a scatter.
+    slots_per_group = E * C + 1
+    slot = ops.where(keep, experts * C + position, E * C)
+    group_index = ops.arange(G, dtype="int32")[:, None, None]
+    flat_slot = ops.reshape(
+        _global_index(group_index, ops.cast(slot, "int32"), slots_per_group),
+        (-1, 1),
+    )
+    choice_index = ops.reshape(ops.arange(S * k, dtype="int32"), (1, S, k))
+    keep_i = ops.cast(keep, "int32")
+    slot_choice = ops.scatter(
+        flat_slot,
+        ops.reshape((choice_index + 1) * keep_i, (-1,)),
+        (G * slots_per_group,),
+    )
+    slot_choice = ops.reshape(slot_choice, (G, slots_per_group))[:, : E * C] - 1
+    filled = slot_choice >= 0  # [G, E*C]
+    slot_token = ops.where(filled, slot_choice // k, S)
+    # Gather gates by choice; empty slots read choice 0, masked to 0.
+    slot_gate = ops.take_along_axis(
+        ops.reshape(gates, (G, S * k)), ops.where(filled, slot_choice, 0), axis=1
+    )
+    slot_gate = slot_gate * ops.cast(filled, slot_gate.dtype)
+    keep_f = ops.cast(keep, "float32")
+    instructions = RoutingInstructions(
+        slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
+        slot_gate=ops.reshape(slot_gate, (G, E, C)),
+        capacity=C,
+        token_expert=experts,
+        token_position=position,
+        token_gate=gates,
+        token_keep=keep,
+    )
+    choices = ops.sum(mask) * k
+    dropped = (choices - ops.sum(keep_f)) / ops.maximum(choices, 1.0)
+    return instructions, dropped
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -321,6 +451,9 @@ class TopKRouter(Router):
         z_loss_weight: coefficient of the router z-loss (ST-MoE: 1e-3).
         jitter: multiplicative input noise `U(1-jitter, 1+jitter)` in training.
         seed: seed of the jitter noise.
+        inference_routing: `"causal"` (default; dropless top-k at inference,
+            see the module docstring) or `"as_trained"` (the training scheme
+            with `eval_capacity_factor`).
 
     Example:
     >>> import numpy as np
@@ -378,74 +511,21 @@ class TopKRouter(Router):
         return self.k
 
     def route(self, probs, mask, training=False):
-        G, S = ops.shape(probs)[0], ops.shape(probs)[1]
-        E, k = self.num_experts, self.k
-        C = self.capacity(S, training=training)
-
-        gates, experts = ops.top_k(probs, k)  # [G, S, k]
         normalize = self.k > 1 if self.normalize_gates is None else self.normalize_gates
-        if normalize:
-            gates = gates / ops.maximum(ops.sum(gates, axis=-1, keepdims=True), 1e-9)
+        return token_choice_route(
+            probs,
+            mask,
+            k=self.k,
+            capacity=self.capacity(ops.shape(probs)[1], training=training),
+            normalize_gates=normalize,
+            batch_prioritized=self.batch_prioritized,
+        )
 
-        # Position of each choice in its expert's queue, in priority order:
-        # choice-major (all first choices first), then position or confidence.
-        if self.batch_prioritized:
-            confidence = ops.where(mask > 0, ops.max(probs, axis=-1), -1.0)
-            order = ops.argsort(-confidence, axis=1)  # [G, S]
-            inverse = ops.argsort(order, axis=1)
-            ranked_experts = ops.take_along_axis(experts, order[..., None], axis=1)
-            ranked_mask = ops.take_along_axis(mask, order, axis=1)
-        else:
-            ranked_experts, ranked_mask = experts, mask
-        choice = ops.one_hot(ranked_experts, E, dtype="int32")  # [G, S, k, E]
-        choice = choice * ops.cast(ranked_mask, "int32")[:, :, None, None]
-        choice = ops.reshape(ops.transpose(choice, (0, 2, 1, 3)), (G, k * S, E))
-        position = ops.sum((ops.cumsum(choice, axis=1) - 1) * choice, axis=-1)
-        position = ops.transpose(ops.reshape(position, (G, k, S)), (0, 2, 1))
-        if self.batch_prioritized:
-            position = ops.take_along_axis(position, inverse[..., None], axis=1)
-        keep = ops.logical_and(position < C, mask[..., None] > 0)  # [G, S, k]
+    def causal_k(self):
+        return self.k
 
-        # Slot table by an integer scatter: slot = e * C + position; overflow
-        # goes to a scratch slot (index E * C) that is cut off afterwards. The
-        # table stores each slot's choice (token * k + j, plus 1 so that 0
-        # marks an empty slot); gates are then *gathered* by choice, so the
-        # gradient flows through a gather, never through a scatter.
-        slots_per_group = E * C + 1
-        slot = ops.where(keep, experts * C + position, E * C)
-        group_index = ops.arange(G, dtype="int32")[:, None, None]
-        flat_slot = ops.reshape(
-            _global_index(group_index, ops.cast(slot, "int32"), slots_per_group),
-            (-1, 1),
-        )
-        choice_index = ops.reshape(ops.arange(S * k, dtype="int32"), (1, S, k))
-        keep_i = ops.cast(keep, "int32")
-        slot_choice = ops.scatter(
-            flat_slot,
-            ops.reshape((choice_index + 1) * keep_i, (-1,)),
-            (G * slots_per_group,),
-        )
-        slot_choice = ops.reshape(slot_choice, (G, slots_per_group))[:, : E * C] - 1
-        filled = slot_choice >= 0  # [G, E*C]
-        slot_token = ops.where(filled, slot_choice // k, S)
-        # Gather gates by choice; empty slots read choice 0, masked to 0.
-        slot_gate = ops.take_along_axis(
-            ops.reshape(gates, (G, S * k)), ops.where(filled, slot_choice, 0), axis=1
-        )
-        slot_gate = slot_gate * ops.cast(filled, slot_gate.dtype)
-        keep_f = ops.cast(keep, "float32")
-        instructions = RoutingInstructions(
-            slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
-            slot_gate=ops.reshape(slot_gate, (G, E, C)),
-            capacity=C,
-            token_expert=experts,
-            token_position=position,
-            token_gate=gates,
-            token_keep=keep,
-        )
-        choices = ops.sum(mask) * k
-        dropped = (choices - ops.sum(keep_f)) / ops.maximum(choices, 1.0)
-        return instructions, dropped
+    def causal_normalize_gates(self):
+        return self.k > 1 if self.normalize_gates is None else self.normalize_gates
 
     def get_config(self):
         config = super().get_config()
@@ -468,7 +548,8 @@ class ExpertChoiceRouter(Router):
     the best `C = ceil(S · capacity_factor / E)` (at least 1). A token's output
     is the score-weighted sum of the experts that took it: some tokens get
     several experts, some none. Load is perfectly balanced by construction, so
-    the load-balance loss defaults to 0. Not causal (see module docstring).
+    the load-balance loss defaults to 0. Not causal in training (see the
+    module docstring); inference uses the causal scheme by default.
 
     Args:
         num_experts: int, `E`.
@@ -478,6 +559,10 @@ class ExpertChoiceRouter(Router):
             `capacity_factor`.
         load_balance_loss_weight, z_loss_weight, jitter, seed: as in
             `TopKRouter`.
+        inference_routing: `"causal"` (default): at inference each token
+            takes its top-`round(eval_capacity_factor)` experts by the same
+            scores (dropless token choice, exactly causal); `"as_trained"`:
+            expert choice at inference too (leaks the future in a decoder).
 
     Example:
     >>> import numpy as np
@@ -511,6 +596,15 @@ class ExpertChoiceRouter(Router):
 
     def slots_per_token(self):
         return 1
+
+    def causal_k(self):
+        # Expert choice serves `capacity_factor` experts per token on average;
+        # the causal scheme gives each token that many (rounded, at least 1).
+        factor = self.eval_capacity_factor
+        return int(min(self.num_experts, max(1, math.floor(factor + 0.5))))
+
+    def causal_normalize_gates(self):
+        return False
 
     def route(self, probs, mask, training=False):
         G, S = ops.shape(probs)[0], ops.shape(probs)[1]

@@ -6,3 +6,6 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
 )
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
+
+register_brainformer_presets(BrainformerBackbone)

@@ -9,11 +9,13 @@ from keras_brainformer.layers.brainformer_block import BrainformerBlock
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.rms_normalization import NORMS
 from keras_brainformer.layers.rms_normalization import make_norm
+from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
+from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 
 def resolve_block_specs(blocks, num_blocks):
@@ -38,7 +40,7 @@ def resolve_block_specs(blocks, num_blocks):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerBackbone(Backbone):
+class BrainformerBackbone(PresetMixin, Backbone):
     """A decoder-only stack of Brainformer blocks.
 
     Token embedding → `num_blocks` Brainformer blocks (each an ordered list of
@@ -186,6 +188,37 @@ class BrainformerBackbone(Backbone):
     def moe_layers(self):
         """Every `MoEFeedForward` sublayer, in order."""
         return [moe for block in self.transformer_blocks for moe in block.moe_layers]
+
+    @property
+    def attention_layers(self):
+        """Every attention sublayer, in order (one decoding cache each)."""
+        return [a for block in self.transformer_blocks for a in block.attention_layers]
+
+    @property
+    def inference_routing(self):
+        """`"causal"`, `"as_trained"` (or `"mixed"`): how MoE sublayers route
+        at inference; None without MoE sublayers."""
+        modes = {moe.inference_routing for moe in self.moe_layers}
+        if not modes:
+            return None
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def set_inference_routing(self, mode):
+        """Sets how every MoE sublayer routes at inference.
+
+        Args:
+            mode: `"causal"` (default; dropless token choice on the same router
+                probabilities, exactly causal, what generation uses) or
+                `"as_trained"` (the training-time scheme, which for expert
+                choice or capacity dropping lets a token's output depend on
+                later tokens).
+
+        Compiled predict/evaluate functions do not see the change; use
+        `BrainformerCausalLM.set_inference_routing`, which resets them.
+        """
+        check_choice("inference_routing", mode, INFERENCE_ROUTING)
+        for moe in self.moe_layers:
+            moe.inference_routing = mode
 
     def routing_statistics(self):
         """Routing statistics of the latest call, per MoE layer (by path)."""

@@ -4,14 +4,31 @@ import keras
 from keras import ops
 from keras_hub.models import CausalLM
 
+from keras_brainformer.layers.routers import INFERENCE_ROUTING
+from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+    BrainformerCausalLMPreprocessor,
+)
+from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerCausalLM(CausalLM):
-    """A `BrainformerBackbone` with a tied output projection to token logits.
+class BrainformerCausalLM(PresetMixin, CausalLM):
+    """A `BrainformerBackbone` with a tied output projection to token logits,
+    trainable with `fit` and sampling text with `generate()`.
+
+    Causal inference: expert choice (and token choice with capacity dropping)
+    lets a token's routing depend on later tokens of its sequence. At inference
+    every MoE sublayer therefore routes causally by default (dropless token
+    choice on the same router probabilities, see `layers/routers.py`), so
+    `predict`, `evaluate` and `generate()` never look ahead, and cached
+    generation equals uncached greedy decoding token for token.
+    `set_inference_routing("as_trained")` evaluates with the training-time
+    routing instead; `evaluate_routing_modes()` reports both losses. Training
+    (`fit`) always uses the routing it was configured with.
 
     Training logs carry, besides loss and accuracy, the routing statistics
     averaged over all MoE layers: `moe_dropped_fraction` (share of
@@ -23,9 +40,10 @@ class BrainformerCausalLM(CausalLM):
 
     Args:
         backbone: a `BrainformerBackbone`.
-        preprocessor: a `keras_hub.models.CausalLMPreprocessor` or None (feed
+        preprocessor: a `BrainformerCausalLMPreprocessor` (or any
+            `keras_hub.models.CausalLMPreprocessor`) or None (feed
             `{"token_ids", "padding_mask"}`, labels and sample weights
-            yourself).
+            yourself; `generate()` then takes and returns token ids).
 
     Example:
     ```python
@@ -42,10 +60,16 @@ class BrainformerCausalLM(CausalLM):
     tokens = np.random.randint(0, 256, (8, 17)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 16), "int32")}
     lm.fit(x, tokens[:, 1:], batch_size=4, epochs=1)
+
+    # Greedy generation from token ids (with a preprocessor: from strings).
+    prompt = {"token_ids": np.zeros((1, 12), "int32"),
+              "padding_mask": np.array([[1] * 4 + [0] * 8], "int32")}
+    out = lm.generate(prompt)  # fills positions 4..11
     ```
     """
 
     backbone_cls = BrainformerBackbone
+    preprocessor_cls = BrainformerCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===
@@ -78,3 +102,127 @@ class BrainformerCausalLM(CausalLM):
             values = ops.stack([getattr(r, name).value for r in routers])
             tracker.update_state(ops.mean(values))
         return loss
+
+    # === Inference routing ===
+
+    def set_inference_routing(self, mode):
+        """`"causal"` (default) or `"as_trained"` routing of every MoE
+        sublayer at inference; resets compiled predict/evaluate/generate
+        functions so the change takes effect. `generate()` always decodes
+        causally."""
+        check_choice("inference_routing", mode, INFERENCE_ROUTING)
+        self.backbone.set_inference_routing(mode)
+        self.predict_function = None
+        self.test_function = None
+        self.generate_function = None
+
+    def evaluate_routing_modes(self, *args, **kwargs):
+        """Runs `evaluate` in both inference routings and restores the mode.
+
+        Returns:
+            `{"causal": ..., "as_trained": ...}`, each what `evaluate` returns
+            (pass `return_dict=True` for dicts). For dense models or dropless
+            top-k routing the two are equal; for expert choice the gap is what
+            looking ahead was worth.
+        """
+        previous = self.backbone.inference_routing
+        results = {}
+        try:
+            for mode in INFERENCE_ROUTING:
+                self.set_inference_routing(mode)
+                results[mode] = self.evaluate(*args, **kwargs)
+        finally:
+            if previous in INFERENCE_ROUTING:
+                self.set_inference_routing(previous)
+        return results
+
+    # === Generation ===
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Forward pass of new tokens against a decoding cache.
+
+        Args:
+            token_ids: int `[B, T]`, the tokens at positions
+                `cache_update_index ... cache_update_index + T - 1`.
+            cache: tuple with one cache per attention sublayer of the whole
+                stack, in order (shapes from `CausalSelfAttention.cache_shape`).
+            cache_update_index: int or scalar tensor.
+
+        Returns:
+            `(logits [B, T, vocab], hidden_states [B, T, d], cache)`. MoE
+            sublayers route causally (dropless token choice).
+        """
+        backbone = self.backbone
+        cache = list(cache)
+        x = backbone.token_embedding(token_ids)
+        updated, start = [], 0
+        for block in backbone.transformer_blocks:
+            count = len(block.attention_layers)
+            x, block_cache = block(
+                x,
+                cache=cache[start : start + count],
+                cache_update_index=cache_update_index,
+            )
+            updated.extend(block_cache)
+            start += count
+        hidden_states = backbone.final_norm(x)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, tuple(updated)
+
+    def _build_cache(self, token_ids):
+        """Zero caches for `token_ids`' length, seeded with one forward pass."""
+        batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        cache = tuple(
+            ops.zeros(layer.cache_shape(batch_size, max_length), dtype=self.compute_dtype)
+            for layer in self.backbone.attention_layers
+        )
+        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compilable generation pass over a batch (keras-hub protocol).
+
+        Args:
+            inputs: dict with `"token_ids"` and `"padding_mask"` `[B, L]`; the
+                prompt is the masked-in prefix of each row, `L` the total
+                length to fill.
+            stop_token_ids: tuple of ids that end a row, or None.
+        """
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(token_ids)
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.min(row_lengths)  # the first position to generate
+
+        def next(prompt, cache, index):
+            # Feed the previous token; the logits predict position `index`.
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+
+        if stop_token_ids is not None:
+            # Mask out everything after the first generated stop token.
+            generated = ops.logical_not(ops.cast(padding_mask, "bool"))
+            is_stop = ops.zeros_like(generated)
+            for stop in stop_token_ids:
+                is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop))
+            end_locations = ops.cast(ops.logical_and(is_stop, generated), "int32")
+            after_end = ops.cumsum(end_locations, axis=-1) - end_locations
+            padding_mask = ops.logical_not(ops.cast(after_end, "bool"))
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        return {"token_ids": token_ids, "padding_mask": padding_mask}

@@ -5,10 +5,11 @@ from keras_hub.models import CausalLMPreprocessor
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
+class BrainformerCausalLMPreprocessor(PresetMixin, CausalLMPreprocessor):
     """Brainformer causal-LM preprocessor.
 
     Tokenizes raw strings, adds `start_token_id` at the front and

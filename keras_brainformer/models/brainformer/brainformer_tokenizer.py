@@ -6,6 +6,7 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 BRAINFORMER_VOCABULARY_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -45,7 +46,7 @@ def default_vocabulary():
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerTokenizer(SentencePieceTokenizer):
+class BrainformerTokenizer(PresetMixin, SentencePieceTokenizer):
     """Brainformer tokenizer layer based on SentencePiece.
 
     Tokenizes raw strings into integer ids with a SentencePiece model and

@@ -3,7 +3,9 @@
 Convention (documented in docs/): the token embedding is counted once when tied
 (twice when untied) and is part of both the total and the activated count;
 norms (one per sublayer plus the final one) are counted; attention is
-`4 · d · heads · head_dim` (Q, K, V, O; rotary positions have no weights); a
+`4 · d · heads · head_dim` (Q, K, V, O; rotary positions have no weights),
+plus `3 · kernel · heads · head_dim` with Primer's depthwise convolution
+(`depthwise_conv_kernel=kernel > 0`, one bias-free filter per Q/K/V channel); a
 dense FFN is `2 · d · h`, or `3 · d · h` with a gated activation; an MoE layer
 is its router `d · E` plus `E` experts of the FFN size. *Activated* counts the
 router and the experts one token uses on average: `k` for top-k routing, the
@@ -23,6 +25,7 @@ def sublayer_parameters(sub, d):
     if sub.kind == "attention":
         head_dim = sub.head_dim or d // sub.num_heads
         n = 4 * d * sub.num_heads * head_dim
+        n += 3 * sub.depthwise_conv_kernel * sub.num_heads * head_dim
         return n, n
     if sub.kind == "ffn":
         n = _ffn_params(d, sub.hidden_dim, sub.activation)

@@ -1,0 +1,452 @@
+"""Architecture presets of the model zoo: Brainformer, GLaM, GLaM with expert
+choice, dense and Primer baselines, at the paper's scales and tiny CPU scales.
+
+Every preset is a random initialisation (architecture only, no weights).
+`backbone_presets[name]["config"]` holds `BrainformerBackbone` constructor
+kwargs (JSON-serialisable); `"metadata"` holds our parameter counts of that
+exact config (`count_parameters`) and, where the paper gives one, its figure.
+
+Full-size presets use the paper's 256K SentencePiece vocabulary, so their
+counts include a 256000 x d tied embedding. The paper's Tables 2 and 3 are
+reproduced by `paper_convention_counts` instead: the same config with a 32K
+tied embedding (see `docs/presets.md`).
+
+The Brainformer blocks are a reconstruction (the paper's exact blocks are
+only in its Figures 8 and 9): their widths come from
+`presets/reconstruct_brainformer.py`.
+
+Print the zoo's table (the one in `docs/presets.md`) with
+`python -m keras_brainformer.models.brainformer.brainformer_presets`.
+"""
+
+import copy
+
+from keras_brainformer.layers.block_spec import AttentionSpec
+from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.layers.block_spec import FeedForwardSpec
+from keras_brainformer.layers.block_spec import MoESpec
+from keras_brainformer.models.brainformer.parameter_count import count_parameters
+
+# The paper's training vocabulary (SentencePiece 256K) and sequence length.
+PAPER_TRAINING_VOCABULARY_SIZE = 256000
+PAPER_SEQUENCE_LENGTH = 1024
+# The embedding size that reproduces the paper's Tables 2 and 3 (see
+# `paper_convention_counts`; 32000 fits better than 32768).
+PAPER_VOCABULARY_SIZE = 32000
+# The project's shipped SentencePiece vocabulary, for the tiny presets.
+TINY_VOCABULARY_SIZE = 8192
+TINY_SEQUENCE_LENGTH = 256
+TINY_EXPERTS = 8
+
+GLAM_CAPACITY_FACTOR = 2.0
+GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
+PRIMER_DEPTHWISE_CONV_KERNEL = 3
+
+# === The Brainformer reconstruction ===
+# Layout (the same at every scale): A M F M A M F M (A attention, M MoE with
+# expert choice, F dense FFN). Per sublayer (kind, activation, hidden width);
+# `None` marks attention. Output of `python presets/reconstruct_brainformer.py`
+# (its "CHOSEN" candidate): 3 / 6 / 8 blocks, d = 1024 / 2048 / 4096,
+# 32 / 64 / 64 experts, heads 16 x 64 / 16 x 128 / 32 x 128.
+BRAINFORMER_WIDTHS = {
+    ("brainformer1", "100m"): (
+        None,
+        ("moe", "gated_gelu", 3072),
+        ("ffn", "gelu", 1536),
+        ("moe", "gated_gelu", 3072),
+        None,
+        ("moe", "gated_gelu", 1536),
+        ("ffn", "gelu", 1536),
+        ("moe", "gelu", 3072),
+    ),
+    ("brainformer1", "1b"): (
+        None,
+        ("moe", "gated_gelu", 3072),
+        ("ffn", "gated_gelu", 8192),
+        ("moe", "gelu", 8192),
+        None,
+        ("moe", "gelu", 3072),
+        ("ffn", "gated_gelu", 8192),
+        ("moe", "gelu", 3072),
+    ),
+    ("brainformer1", "8b"): (
+        None,
+        ("moe", "gelu", 16384),
+        ("ffn", "gated_gelu", 16384),
+        ("moe", "gelu", 8192),
+        None,
+        ("moe", "gelu", 8192),
+        ("ffn", "gated_gelu", 16384),
+        ("moe", "gelu", 6144),
+    ),
+    ("brainformer2", "100m"): (
+        None,
+        ("moe", "gated_gelu", 3072),
+        ("ffn", "gelu", 2048),
+        ("moe", "gated_gelu", 3072),
+        None,
+        ("moe", "gated_gelu", 3072),
+        ("ffn", "gelu", 1536),
+        ("moe", "gelu", 2048),
+    ),
+}
+BRAINFORMER_SCALES = {
+    # scale: (hidden_dim, num_experts, num_blocks, num_heads, head_dim)
+    "100m": (1024, 32, 3, 16, 64),
+    "1b": (2048, 64, 6, 16, 128),
+    "8b": (4096, 64, 8, 32, 128),
+}
+BRAINFORMER_CAPACITY_FACTORS = {"brainformer1": 1.0, "brainformer2": 2.0}
+
+
+def _brainformer_block(
+    widths, num_experts, num_heads, head_dim, capacity_factor, width_scale=1
+):
+    sublayers = []
+    for item in widths:
+        if item is None:
+            sublayers.append(AttentionSpec(num_heads=num_heads, head_dim=head_dim))
+            continue
+        kind, activation, width = item
+        width = int(round(width * width_scale))
+        if kind == "ffn":
+            sublayers.append(FeedForwardSpec(hidden_dim=width, activation=activation))
+        else:
+            sublayers.append(
+                MoESpec(
+                    num_experts=num_experts,
+                    hidden_dim=width,
+                    activation=activation,
+                    router="expert_choice",
+                    capacity_factor=capacity_factor,
+                )
+            )
+    return BlockSpec(sublayers)
+
+
+def _glam_block(num_heads, head_dim, hidden_dim, num_experts, router="top_k"):
+    """GLaM's repeating unit: two decoder layers, the first with its FFN
+    replaced by the MoE (plain GELU experts, gated GELU dense FFN)."""
+    moe_kwargs = {"router": router, "capacity_factor": GLAM_CAPACITY_FACTOR}
+    if router == "top_k":
+        moe_kwargs.update(k=2, load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT)
+    return BlockSpec(
+        [
+            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
+            MoESpec(
+                num_experts=num_experts,
+                hidden_dim=hidden_dim,
+                activation="gelu",
+                **moe_kwargs,
+            ),
+            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
+            FeedForwardSpec(hidden_dim=hidden_dim, activation="gated_gelu"),
+        ]
+    )
+
+
+def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
+    """A decoder layer: attention then FFN (gated GELU; Primer: squared ReLU
+    and a depthwise convolution after Q/K/V)."""
+    return BlockSpec(
+        [
+            AttentionSpec(
+                num_heads=num_heads,
+                head_dim=head_dim,
+                depthwise_conv_kernel=PRIMER_DEPTHWISE_CONV_KERNEL if primer else 0,
+            ),
+            FeedForwardSpec(
+                hidden_dim=hidden_dim,
+                activation="squared_relu" if primer else "gated_gelu",
+            ),
+        ]
+    )
+
+
+def _config(block, num_blocks, hidden_dim, tiny=False):
+    return {
+        "vocabulary_size": TINY_VOCABULARY_SIZE if tiny else PAPER_TRAINING_VOCABULARY_SIZE,
+        "hidden_dim": hidden_dim,
+        "blocks": block.to_dict(),
+        "num_blocks": num_blocks,
+        "max_sequence_length": TINY_SEQUENCE_LENGTH if tiny else PAPER_SEQUENCE_LENGTH,
+        "norm": "rms",
+        "tie_embeddings": True,
+    }
+
+
+def paper_convention_counts(config, vocabulary_size=PAPER_VOCABULARY_SIZE):
+    """Counts under the convention that reproduces the paper's Tables 2 and 3.
+
+    `count_parameters` of the same architecture with a 32K-entry tied
+    embedding (counted in both total and activated). Everything else is the
+    config's own: gated dense FFNs count 3 matrices, plain (GELU) experts 2,
+    attention `4 · d · heads · head_dim`, routers `d · E`, norms `d`.
+
+    32000 rather than 32768: over the six rows of Table 2 plus the Table 3
+    rows, 32000 gives the smaller worst error (the difference is
+    `768 · d`, under 1 % everywhere; docs/presets.md shows both).
+
+    Returns:
+        `count_parameters`'s dict.
+    """
+    config = dict(config, vocabulary_size=vocabulary_size, tie_embeddings=True)
+    return count_parameters(config)
+
+
+def _preset(description, family, config, paper=None):
+    counts = count_parameters(config)
+    return {
+        "metadata": {
+            "description": description,
+            "family": family,
+            "params": counts["total"],
+            "activated_params": counts["activated"],
+            "paper": paper,
+        },
+        "config": config,
+    }
+
+
+def _paper(total, activated, source):
+    return {"total": float(total), "activated": float(activated), "source": source}
+
+
+def _build_presets():
+    presets = {}
+    random_init = "Random initialisation (architecture preset)."
+
+    # === Brainformer (reconstruction of Figures 8 / 9) ===
+    brainformer_paper = {
+        ("brainformer1", "100m"): _paper(3.19e9, 156e6, "Table 3"),
+        ("brainformer1", "1b"): _paper(30e9, 1.38e9, "Table 3"),
+        ("brainformer1", "8b"): _paper(158e9, 7.4e9, "Table 3"),
+        ("brainformer2", "100m"): _paper(3.33e9, 266e6, "Table 3"),
+    }
+    scale_words = {"100m": "100M", "1b": "1B", "8b": "8B"}
+    for (family, scale), widths in BRAINFORMER_WIDTHS.items():
+        d, experts, blocks, heads, head_dim = BRAINFORMER_SCALES[scale]
+        cf = BRAINFORMER_CAPACITY_FACTORS[family]
+        block = _brainformer_block(widths, experts, heads, head_dim, cf)
+        number = family[-1]
+        presets[f"{family}_{scale}"] = _preset(
+            f"Brainformer block {number} at the {scale_words[scale]}/{experts}E scale: "
+            f"{blocks} x an 8-sublayer block ({block.count('attention')} attention, "
+            f"{block.count('ffn')} dense FFN, {block.count('moe')} MoE), d={d}, "
+            f"expert-choice routing with capacity factor {cf:g}. A reconstruction "
+            f"(layout and widths fitted to Table 3; the paper's exact block is only "
+            f"in its Figure {7 + int(number)}). {random_init}",
+            family,
+            _config(block, blocks, d),
+            brainformer_paper[(family, scale)],
+        )
+
+    # === GLaM (Table 2) and GLaM with expert choice ===
+    # name: (layers, d, hidden, heads, head_dim, experts, paper)
+    glam = {
+        "glam_100m_32e": (12, 768, 3072, 12, 64, 32, _paper(1.0e9, 145e6, "Table 3")),
+        "glam_100m_64e": (12, 768, 3072, 12, 64, 64, _paper(1.9e9, 145e6, "Table 2")),
+        "glam_1b7_64e": (24, 2048, 8192, 16, 128, 64, _paper(27e9, 1.879e9, "Table 2")),
+        "glam_8b_64e": (32, 4096, 16384, 32, 128, 64, _paper(143e9, 9.8e9, "Table 2")),
+        "glam_ec_100m_32e": (12, 768, 3072, 12, 64, 32, None),
+        "glam_ec_8b_64e": (32, 4096, 16384, 32, 128, 64, _paper(143e9, 9.8e9, "Table 3")),
+    }
+    for name, (layers, d, hidden, heads, head_dim, experts, paper) in glam.items():
+        ec = name.startswith("glam_ec")
+        block = _glam_block(
+            heads, head_dim, hidden, experts, router="expert_choice" if ec else "top_k"
+        )
+        routing = (
+            f"expert-choice routing (capacity factor {GLAM_CAPACITY_FACTOR:g})"
+            if ec
+            else f"top-2 routing (capacity factor {GLAM_CAPACITY_FACTOR:g}, "
+            f"load-balance loss {GLAM_LOAD_BALANCE_LOSS_WEIGHT:g})"
+        )
+        presets[name] = _preset(
+            f"{'GLaM with expert choice' if ec else 'GLaM'}: {layers} layers, d={d}, "
+            f"MoE ({experts} GELU experts of width {hidden}) in every other layer, "
+            f"{routing}, gated-GELU dense FFNs; sizes from Table 2. {random_init}",
+            "glam_ec" if ec else "glam",
+            _config(block, layers // 2, d),
+            paper,
+        )
+
+    # === Dense and Primer baselines ===
+    # name: (layers, d, hidden, heads, head_dim, paper)
+    dense = {
+        "dense_100m": (12, 768, 3072, 12, 64, _paper(130e6, 130e6, "Table 2")),
+        "dense_1b7": (24, 2048, 8192, 16, 128, _paper(1.7e9, 1.7e9, "Table 2")),
+        "dense_8b": (32, 4096, 16384, 32, 128, _paper(8.7e9, 8.7e9, "Table 2")),
+        "primer_100m": (12, 768, 3072, 12, 64, None),
+        "primer_1b7": (24, 2048, 8192, 16, 128, None),
+    }
+    for name, (layers, d, hidden, heads, head_dim, paper) in dense.items():
+        primer = name.startswith("primer")
+        block = _dense_block(heads, head_dim, hidden, primer=primer)
+        what = (
+            "Primer baseline: squared-ReLU FFNs and a width-3 depthwise convolution "
+            "after Q/K/V, sized like the dense model of Table 2 (no paper count)"
+            if primer
+            else "Dense Transformer baseline with gated-GELU FFNs (Table 2)"
+        )
+        presets[name] = _preset(
+            f"{what}: {layers} layers, d={d}, FFN width {hidden}. {random_init}",
+            "primer" if primer else "dense",
+            _config(block, layers, d),
+            paper,
+        )
+
+    # === Tiny variants (CPU scale) ===
+    # Each keeps its family's layout and width ratios and picks d and depth so
+    # the activated non-embedding parameters match (see `TINY_ACTIVATED`).
+    tiny = "Tiny CPU-scale variant (vocabulary 8192, sequences of 256) "
+    for family, d, heads, blocks in (("brainformer1", 64, 4, 2), ("brainformer2", 48, 3, 2)):
+        cf = BRAINFORMER_CAPACITY_FACTORS[family]
+        block = _brainformer_block(
+            BRAINFORMER_WIDTHS[(family, "100m")],
+            TINY_EXPERTS,
+            heads,
+            16,
+            cf,
+            width_scale=d / BRAINFORMER_SCALES["100m"][0],
+        )
+        presets[f"{family}_tiny"] = _preset(
+            f"{tiny}of the Brainformer block {family[-1]} reconstruction: {blocks} x the "
+            f"100M block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} "
+            f"experts, expert choice with capacity factor {cf:g}. {random_init}",
+            family,
+            _config(block, blocks, d, tiny=True),
+        )
+    for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
+        d = 70
+        block = _glam_block(5, 14, 4 * d, TINY_EXPERTS, router=router)
+        presets[f"{family}_tiny"] = _preset(
+            f"{tiny}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
+            f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
+            f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
+            family,
+            _config(block, 2, d, tiny=True),
+        )
+    presets["dense_tiny"] = _preset(
+        f"{tiny}of the dense baseline: 6 layers, d=60, gated-GELU FFN width 4d. {random_init}",
+        "dense",
+        _config(_dense_block(3, 20, 240), 6, 60, tiny=True),
+    )
+    presets["primer_tiny"] = _preset(
+        f"{tiny}of the Primer baseline: 7 layers, d=64, squared-ReLU FFN width 4d, "
+        f"depthwise convolution width 3. {random_init}",
+        "primer",
+        _config(_dense_block(4, 16, 256, primer=True), 7, 64, tiny=True),
+    )
+    return presets
+
+
+backbone_presets = _build_presets()
+
+
+def tiny_activated_non_embedding():
+    """Activated non-embedding parameters of each tiny preset."""
+    out = {}
+    for name, preset in backbone_presets.items():
+        if name.endswith("_tiny"):
+            counts = count_parameters(preset["config"])
+            out[name] = counts["activated"] - counts["embedding"]
+    return out
+
+
+# === The zoo's table ===
+
+
+def _layout(config):
+    letters = {"attention": "A", "ffn": "F", "moe": "M"}
+    spec = BlockSpec.from_dict(config["blocks"])
+    return f"{config['num_blocks']} x [{' '.join(letters[s.kind] for s in spec.sublayers)}]"
+
+
+def _experts(config):
+    spec = BlockSpec.from_dict(config["blocks"])
+    experts = sorted({s.num_experts for s in spec.sublayers if s.kind == "moe"})
+    return "/".join(map(str, experts)) or "-"
+
+
+def _human(n):
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def table_rows(presets=None):
+    """One dict per preset: counts (ours and paper convention), paper figures,
+    relative errors of the paper-convention counts."""
+    rows = []
+    for name, preset in (presets or backbone_presets).items():
+        config, meta = preset["config"], preset["metadata"]
+        paper_counts = paper_convention_counts(config)
+        row = {
+            "name": name,
+            "family": meta["family"],
+            "layout": _layout(config),
+            "d": config["hidden_dim"],
+            "experts": _experts(config),
+            "total": meta["params"],
+            "activated": meta["activated_params"],
+            "paper_convention_total": paper_counts["total"],
+            "paper_convention_activated": paper_counts["activated"],
+            "paper": meta["paper"],
+            "total_error": None,
+            "activated_error": None,
+        }
+        if meta["paper"]:
+            row["total_error"] = paper_counts["total"] / meta["paper"]["total"] - 1
+            row["activated_error"] = (
+                paper_counts["activated"] / meta["paper"]["activated"] - 1
+            )
+        rows.append(row)
+    return rows
+
+
+def markdown_table(presets=None):
+    """The presets as a markdown table (the one in `docs/presets.md`)."""
+    lines = [
+        "| preset | family | blocks x layout | d | E | total / activated (ours, vocab) "
+        "| paper convention (32K vocab) | paper | error (total / activated) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table_rows(presets):
+        vocab = (presets or backbone_presets)[r["name"]]["config"]["vocabulary_size"]
+        ours = f"{_human(r['total'])} / {_human(r['activated'])} ({vocab})"
+        conv = f"{_human(r['paper_convention_total'])} / {_human(r['paper_convention_activated'])}"
+        if r["name"].endswith("_tiny"):
+            conv = "-"
+        if r["paper"]:
+            paper = (
+                f"{_human(r['paper']['total'])} / {_human(r['paper']['activated'])} "
+                f"({r['paper']['source']})"
+            )
+            error = f"{r['total_error']:+.1%} / {r['activated_error']:+.1%}"
+        else:
+            paper, error = "-", "-"
+        lines.append(
+            f"| `{r['name']}` | {r['family']} | {r['layout']} | {r['d']} | {r['experts']} "
+            f"| {ours} | {conv} | {paper} | {error} |"
+        )
+    return "\n".join(lines)
+
+
+def get_preset_config(name):
+    """A deep copy of a preset's constructor kwargs."""
+    if name not in backbone_presets:
+        raise ValueError(
+            f"Unknown preset {name!r}. Available: {sorted(backbone_presets)}."
+        )
+    return copy.deepcopy(backbone_presets[name]["config"])
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+    print()
+    print("Tiny presets, activated non-embedding parameters:")
+    for name, n in tiny_activated_non_embedding().items():
+        total = backbone_presets[name]["metadata"]["params"]
+        print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")

@@ -1,0 +1,186 @@
+"""Loading the zoo's presets by name: folders, registration and `from_preset`.
+
+Every preset of `brainformer_presets.backbone_presets` is a keras-hub preset
+folder: `config.json` (the backbone), `metadata.json` (description, parameter
+counts, the paper's figures) and, for presets that use the shipped 8K
+vocabulary, `tokenizer.json`, `preprocessor.json` and
+`assets/tokenizer/vocabulary.spm`. The folders live in the repository's
+`presets/` (rebuilt by `python presets/build_presets.py`); when the package is
+installed without them, `preset_directory(name)` writes the folder into
+`$KERAS_BRAINFORMER_HOME/presets` (default `~/.cache/keras_brainformer`) from
+the registry on first use.
+
+The names are registered with keras-hub, so `BrainformerBackbone.presets`
+lists them and `from_preset("brainformer1_tiny")` resolves them like built-in
+keras-hub presets. Architecture presets carry no weights: our classes'
+`from_preset` then builds a random initialisation (with a log line) instead of
+failing on a missing weights file. The generic
+`keras_hub.models.CausalLM.from_preset(name, load_weights=False)` also works.
+"""
+
+import json
+import os
+import pathlib
+
+import keras
+from absl import logging
+from keras_hub.src.utils.preset_utils import register_presets
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
+TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
+
+_REPOSITORY_PRESETS = pathlib.Path(__file__).resolve().parents[3] / "presets"
+
+
+def _registry():
+    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+
+    return backbone_presets
+
+
+def cache_root():
+    """Where presets missing from the repository are materialised."""
+    home = os.environ.get("KERAS_BRAINFORMER_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "keras_brainformer"
+    )
+    return pathlib.Path(home) / "presets"
+
+
+def _default_location(name):
+    in_tree = _REPOSITORY_PRESETS / name
+    if (in_tree / CONFIG_FILE).exists():
+        return in_tree
+    return cache_root() / name
+
+
+def backbone_config_json(config):
+    """The `config.json` dict keras-hub writes for a backbone with `config`."""
+    return {
+        "module": "keras_brainformer.models.brainformer.brainformer_backbone",
+        "class_name": "BrainformerBackbone",
+        "config": {"name": "brainformer_backbone", "trainable": True, **config},
+        "registered_name": "keras_brainformer>BrainformerBackbone",
+    }
+
+
+def write_preset_directory(name, directory):
+    """Writes preset `name`'s folder (config, metadata, tokenizer if the
+    preset uses the shipped vocabulary) into `directory`. Files are written to
+    a temporary folder first and moved in place, so a failure leaves nothing
+    half-written."""
+    from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+        BrainformerCausalLMPreprocessor,
+    )
+    from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+
+    presets = _registry()
+    if name not in presets:
+        raise ValueError(f"Unknown preset {name!r}. Available presets: {sorted(presets)}.")
+    entry = presets[name]
+    directory = pathlib.Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    if staging.exists():
+        _remove_tree(staging)
+    staging.mkdir(parents=True)
+    with open(staging / CONFIG_FILE, "w") as f:
+        json.dump(backbone_config_json(entry["config"]), f, indent=4)
+        f.write("\n")
+    metadata = {
+        "keras_brainformer_preset": name,
+        "keras_version": keras.version(),
+        **entry["metadata"],
+    }
+    tokenizer = BrainformerTokenizer()
+    if entry["config"]["vocabulary_size"] == tokenizer.vocabulary_size():
+        BrainformerCausalLMPreprocessor(
+            tokenizer=tokenizer, sequence_length=TINY_PREPROCESSOR_SEQUENCE_LENGTH
+        ).save_to_preset(str(staging))
+    with open(staging / METADATA_FILE, "w") as f:
+        json.dump(metadata, f, indent=4)
+        f.write("\n")
+    if directory.exists():
+        _remove_tree(directory)
+    staging.rename(directory)
+    return directory
+
+
+def _remove_tree(path):
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def preset_directory(name):
+    """The folder of preset `name`, materialised from the registry if needed."""
+    directory = _default_location(name)
+    if not (directory / CONFIG_FILE).exists():
+        write_preset_directory(name, directory)
+    return directory
+
+
+def has_weights(directory):
+    return any((pathlib.Path(directory) / f).exists() for f in WEIGHTS_FILES)
+
+
+def resolve_preset(preset):
+    """Maps a zoo preset name to its folder; other handles pass through."""
+    if isinstance(preset, str) and preset in _registry():
+        return str(preset_directory(preset))
+    return preset
+
+
+def register_brainformer_presets(backbone_cls):
+    """Registers every zoo preset with keras-hub (names → folders)."""
+    register_presets(
+        {
+            name: {"metadata": entry["metadata"], "kaggle_handle": str(_default_location(name))}
+            for name, entry in _registry().items()
+        },
+        backbone_cls,
+    )
+
+
+class PresetMixin:
+    """`from_preset` that accepts zoo names and weightless architecture presets.
+
+    Put it first in the bases of a keras-hub Backbone, Task, Tokenizer or
+    Preprocessor subclass.
+    """
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        preset = resolve_preset(preset)
+        if isinstance(preset, str) and os.path.isdir(preset):
+            if not (pathlib.Path(preset) / CONFIG_FILE).exists():
+                raise ValueError(
+                    f"Preset folder {preset!r} has no {CONFIG_FILE}: not a "
+                    "keras-hub preset (see docs/presets.md)."
+                )
+            weights_requested = kwargs.get("load_weights", True)
+            if "load_weights" in _parameters(super().from_preset) and weights_requested:
+                if not has_weights(preset):
+                    logging.info(
+                        "Preset %s has no weights (architecture preset): "
+                        "building a random initialisation.",
+                        preset,
+                    )
+                    kwargs["load_weights"] = False
+            if (
+                "preprocessor" in _parameters(cls.__init__)
+                and "preprocessor" not in kwargs
+                and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
+            ):
+                kwargs["preprocessor"] = None
+        return super().from_preset(preset, *args, **kwargs)
+
+
+def _parameters(function):
+    import inspect
+
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return {}
