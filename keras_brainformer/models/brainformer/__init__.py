@@ -4,6 +4,12 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm import Brainform
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
+from keras_brainformer.models.brainformer.brainformer_text_classifier import (
+    BrainformerTextClassifier,
+)
+from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
+    BrainformerTextClassifierPreprocessor,
+)
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
