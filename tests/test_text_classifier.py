@@ -2,8 +2,6 @@
 raw strings, presets, config round trips, validation."""
 
 import copy
-import re
-import textwrap
 
 import keras
 import keras_hub
@@ -11,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer import classification_data
 from keras_brainformer.classification_data import stdlib_docstring_dataset
 from keras_brainformer.layers import AttentionSpec
 from keras_brainformer.layers import BlockSpec
@@ -22,8 +19,6 @@ from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerTextClassifier
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
-from keras_brainformer.models.brainformer import brainformer_text_classifier
-from keras_brainformer.models.brainformer import brainformer_text_classifier_preprocessor
 from keras_brainformer.models.brainformer.brainformer_text_classifier import last_token_selection
 
 D = 16
@@ -321,25 +316,3 @@ def test_stdlib_docstring_dataset_is_deterministic_and_deduplicated():
     assert set(data.validation_texts) <= set(more.validation_texts)
     with pytest.raises(ValueError, match="itertools"):
         stdlib_docstring_dataset(modules=("json", "itertools"))
-
-
-# --- Docstring examples -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "module",
-    [brainformer_text_classifier, brainformer_text_classifier_preprocessor, classification_data],
-    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
-)
-def test_docstring_examples_run(module):
-    docstrings = [module.__doc__] + [
-        obj.__doc__
-        for obj in vars(module).values()
-        if isinstance(obj, type) and obj.__module__ == module.__name__ and obj.__doc__
-    ]
-    examples = [
-        block for doc in docstrings for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    ]
-    assert examples
-    for example in examples:
-        exec(compile(textwrap.dedent(example), module.__name__, "exec"), {})

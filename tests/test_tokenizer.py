@@ -3,9 +3,7 @@
 import importlib.util
 import io
 import os
-import re
 import sys
-import textwrap
 
 import keras
 import keras_hub
@@ -20,10 +18,8 @@ from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
-from keras_brainformer.models.brainformer import brainformer_byte_tokenizer
-from keras_brainformer.models.brainformer import brainformer_causal_lm_preprocessor
-from keras_brainformer.models.brainformer import brainformer_tokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BRAINFORMER_VOCABULARY_FILE
+from keras_brainformer.models.brainformer.brainformer_tokenizer import SPECIAL_TOKEN_TRAINER_OPTIONS
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPOSITORY_ROOT, "presets", "tokenizer", "train_vocabulary.py")
@@ -70,15 +66,8 @@ def train_tiny_proto(vocabulary_size=300, **overrides):
 
     options = dict(
         model_type="bpe",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        pad_piece="<pad>",
-        unk_piece="<unk>",
-        bos_piece="<s>",
-        eos_piece="</s>",
         minloglevel=2,
+        **SPECIAL_TOKEN_TRAINER_OPTIONS,
     )
     options.update(overrides)
     writer = io.BytesIO()
@@ -387,25 +376,3 @@ def test_byte_preprocessor_preset_round_trip(tmp_path):
     assert np.array_equal(
         to_numpy(restored(texts)[0]["token_ids"]), to_numpy(preprocessor(texts)[0]["token_ids"])
     )
-
-
-# --- Docstring examples -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "module",
-    [brainformer_tokenizer, brainformer_byte_tokenizer, brainformer_causal_lm_preprocessor],
-    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
-)
-def test_docstring_examples_run(module):
-    docstrings = [
-        obj.__doc__
-        for obj in vars(module).values()
-        if isinstance(obj, type) and obj.__module__ == module.__name__ and obj.__doc__
-    ]
-    examples = [
-        block for doc in docstrings for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    ]
-    assert examples
-    for example in examples:
-        exec(compile(textwrap.dedent(example), module.__name__, "exec"), {})

@@ -36,6 +36,8 @@ import os
 import sys
 import time
 
+from keras_brainformer.models.brainformer.brainformer_tokenizer import SPECIAL_TOKEN_TRAINER_OPTIONS
+
 VOCABULARY_SIZE = 8192
 MODEL_TYPE = "bpe"
 MAX_SOURCE_BYTES = 4_000_000
@@ -55,14 +57,7 @@ DEFAULT_OUTPUT = os.path.join(
 
 TRAINER_OPTIONS = dict(
     model_type=MODEL_TYPE,
-    pad_id=0,
-    unk_id=1,
-    bos_id=2,
-    eos_id=3,
-    pad_piece="<pad>",
-    unk_piece="<unk>",
-    bos_piece="<s>",
-    eos_piece="</s>",
+    **SPECIAL_TOKEN_TRAINER_OPTIONS,
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,
     add_dummy_prefix=False,

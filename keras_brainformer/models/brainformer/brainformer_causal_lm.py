@@ -64,7 +64,7 @@ class BrainformerCausalLM(PresetMixin, CausalLM):
     # Greedy generation from token ids (with a preprocessor: from strings).
     prompt = {"token_ids": np.zeros((1, 12), "int32"),
               "padding_mask": np.array([[1] * 4 + [0] * 8], "int32")}
-    out = lm.generate(prompt)  # fills positions 4..11
+    out = lm.generate(prompt, stop_token_ids=None)  # fills positions 4..11
     ```
     """
 

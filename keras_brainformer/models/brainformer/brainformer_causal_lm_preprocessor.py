@@ -5,6 +5,7 @@ from keras_hub.models import CausalLMPreprocessor
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 
@@ -72,19 +73,7 @@ class BrainformerCausalLMPreprocessor(PresetMixin, CausalLMPreprocessor):
     ):
         if tokenizer is None:
             tokenizer = BrainformerTokenizer()
-        missing = [
-            name
-            for name in ("start_token_id", "end_token_id", "pad_token_id")
-            if getattr(tokenizer, name, None) is None
-        ]
-        if missing or not hasattr(tokenizer, "detokenize"):
-            raise ValueError(
-                f"{self.__class__.__name__} needs a tokenizer with "
-                "`start_token_id`, `end_token_id`, `pad_token_id` and "
-                "`detokenize()`, such as `BrainformerTokenizer` or "
-                f"`BrainformerByteTokenizer`. Received: {tokenizer!r} "
-                f"(missing: {missing})"
-            )
+        check_special_token_ids(tokenizer, self.__class__.__name__, detokenize=True)
         super().__init__(
             tokenizer=tokenizer,
             sequence_length=sequence_length,

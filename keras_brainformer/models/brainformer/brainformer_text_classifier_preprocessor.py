@@ -7,6 +7,7 @@ from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
 
@@ -78,18 +79,7 @@ class BrainformerTextClassifierPreprocessor(PresetMixin, TextClassifierPreproces
     ):
         if tokenizer is None:
             tokenizer = BrainformerTokenizer()
-        missing = [
-            name
-            for name in ("start_token_id", "end_token_id", "pad_token_id")
-            if getattr(tokenizer, name, None) is None
-        ]
-        if missing:
-            raise ValueError(
-                f"{self.__class__.__name__} needs a tokenizer with "
-                "`start_token_id`, `end_token_id` and `pad_token_id`, such as "
-                "`BrainformerTokenizer` or `BrainformerByteTokenizer`. "
-                f"Received: {tokenizer!r} (missing: {missing})"
-            )
+        check_special_token_ids(tokenizer, self.__class__.__name__)
         if isinstance(sequence_length, bool) or not isinstance(sequence_length, int):
             raise ValueError(
                 "`sequence_length` must be an integer. "

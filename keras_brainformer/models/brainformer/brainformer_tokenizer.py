@@ -8,6 +8,18 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.preset_loading import PresetMixin
 
+# SentencePiece trainer options that give the family's special-token ids.
+SPECIAL_TOKEN_TRAINER_OPTIONS = dict(
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    pad_piece="<pad>",
+    unk_piece="<unk>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+)
+
 BRAINFORMER_VOCABULARY_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "assets",
@@ -30,6 +42,25 @@ def _tf_kernel_cache_epoch():
     except ImportError:
         return None
     return getattr(context.context(), "_rng", None)
+
+
+def check_special_token_ids(tokenizer, owner, detokenize=False):
+    """Raises a `ValueError` naming `owner` unless `tokenizer` has start, end
+    and pad token ids (and `detokenize()` when `detokenize`)."""
+    missing = [
+        name
+        for name in ("start_token_id", "end_token_id", "pad_token_id")
+        if getattr(tokenizer, name, None) is None
+    ]
+    if detokenize and not hasattr(tokenizer, "detokenize"):
+        missing.append("detokenize()")
+    if missing:
+        raise ValueError(
+            f"{owner} needs a tokenizer with `start_token_id`, `end_token_id`, "
+            f"`pad_token_id`{' and `detokenize()`' if detokenize else ''}, such as "
+            "`BrainformerTokenizer` or `BrainformerByteTokenizer`. "
+            f"Received: {tokenizer!r} (missing: {missing})"
+        )
 
 
 def default_vocabulary():
