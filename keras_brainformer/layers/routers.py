@@ -458,9 +458,11 @@ class TopKRouter(Router):
     Example:
     >>> import numpy as np
     >>> router = TopKRouter(num_experts=4, k=2, capacity_factor=1.0)
-    >>> r = router(np.random.rand(1, 8, 16).astype("float32"))
-    >>> tuple(r.slot_token.shape)   # [G, E, C], C = ceil(2 * 8 * 1.0 / 4)
+    >>> x = np.random.rand(1, 8, 16).astype("float32")
+    >>> tuple(router(x, training=True).slot_token.shape)  # C = ceil(2 * 8 * 1.0 / 4)
     (1, 4, 4)
+    >>> tuple(router(x).slot_token.shape)  # inference: causal (dropless), C = S
+    (1, 4, 8)
     """
 
     def __init__(
@@ -567,9 +569,11 @@ class ExpertChoiceRouter(Router):
     Example:
     >>> import numpy as np
     >>> router = ExpertChoiceRouter(num_experts=4, capacity_factor=1.0)
-    >>> r = router(np.random.rand(2, 8, 16).astype("float32"))
-    >>> tuple(r.slot_token.shape)   # [G, E, C], C = 8 * 1.0 / 4
+    >>> x = np.random.rand(2, 8, 16).astype("float32")
+    >>> tuple(router(x, training=True).slot_token.shape)  # [G, E, C], C = 8 * 1.0 / 4
     (2, 4, 2)
+    >>> tuple(router(x).slot_token.shape)  # inference: causal top-1, C = S
+    (2, 4, 8)
     """
 
     def __init__(
