@@ -1,4 +1,4 @@
-"""Every ```python Example block in the model modules' docstrings runs.
+"""Every ```python Example block in the model and training modules' docstrings runs.
 
 (`>>>` examples run through pytest's `--doctest-modules`.)"""
 
@@ -15,6 +15,7 @@ from keras_brainformer.models.brainformer import brainformer_causal_lm_preproces
 from keras_brainformer.models.brainformer import brainformer_text_classifier
 from keras_brainformer.models.brainformer import brainformer_text_classifier_preprocessor
 from keras_brainformer.models.brainformer import brainformer_tokenizer
+from keras_brainformer.training import callbacks
 
 MODULES = [
     brainformer_backbone,
@@ -25,6 +26,7 @@ MODULES = [
     brainformer_text_classifier,
     brainformer_text_classifier_preprocessor,
     classification_data,
+    callbacks,
 ]
 
 

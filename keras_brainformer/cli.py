@@ -1,0 +1,230 @@
+"""The `keras-brainformer` command line (also `python -m keras_brainformer`).
+
+    keras-brainformer train --preset brainformer1_tiny --steps 300
+    keras-brainformer generate --preset runs/brainformer1_tiny/preset "def "
+    keras-brainformer presets
+    keras-brainformer compare --budget 60
+
+Bad input (unknown preset, missing data, a budget <= 0, a run folder of
+another model) prints one `error:` line and exits with code 2.
+"""
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_train_arguments(parser):
+    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps")
+    parser.add_argument(
+        "--time-budget", type=_positive_float, default=None, help="stop after this many seconds"
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="text files or folders (default: the embedded Python docs and stdlib sources)",
+    )
+    parser.add_argument("--sequence-length", type=_positive_int, default=128)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        default=50,
+        help="steps between validation, logs and checkpoints",
+    )
+    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    parser.add_argument("--learning-rate", type=_positive_float, default=0.01)
+    parser.add_argument(
+        "--constant-steps",
+        type=_positive_int,
+        default=None,
+        help="steps at the peak learning rate before the 1/sqrt decay (default: half)",
+    )
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--mixed-bfloat16", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
+    parser.add_argument(
+        "--tokenizer", choices=("preset", "sentencepiece", "byte"), default="preset"
+    )
+    parser.add_argument("--validation-batches", type=_positive_int, default=8)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-brainformer",
+        description="Brainformer and MoE language models for Keras 3.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a preset on a corpus; rerun the same command to resume",
+        description="Train a causal LM from a preset. Killing it and rerunning the same "
+        "command resumes from the last completed epoch.",
+    )
+    train.add_argument("--preset", required=True, help="zoo preset name or preset folder")
+    train.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
+    train.add_argument("--overwrite", action="store_true", help="replace a different run")
+    _add_train_arguments(train)
+
+    generate = commands.add_parser("generate", help="generate text from a preset")
+    generate.add_argument("--preset", required=True, help="preset name or folder")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts")
+    generate.add_argument("--max-length", type=_positive_int, default=64)
+    generate.add_argument(
+        "--sampler", default="top_k", help="greedy, top_k, top_p, random, beam, contrastive"
+    )
+    generate.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser("presets", help="list the zoo's presets with parameter counts")
+
+    compare = commands.add_parser(
+        "compare",
+        help="train several families for the same wall-clock budget and compare",
+        description="The paper's fixed-wall-clock evaluation at tiny scale: every family "
+        "trains for the same seconds of training steps on the same data; writes "
+        "curves.csv, curves.png and results.md.",
+    )
+    compare.add_argument(
+        "--families",
+        nargs="+",
+        default=["brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny"],
+        help="tiny presets to compare",
+    )
+    compare.add_argument(
+        "--budget", type=_positive_float, default=60.0, help="seconds of training per family"
+    )
+    compare.add_argument("--out", default="runs/compare")
+    compare.add_argument("--sequence-length", type=_positive_int, default=128)
+    compare.add_argument("--batch-size", type=_positive_int, default=16)
+    compare.add_argument(
+        "--eval-every", type=_positive_int, default=25, help="steps between validation points"
+    )
+    compare.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    compare.add_argument("--learning-rate", type=_positive_float, default=0.01)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
+    compare.add_argument("--validation-batches", type=_positive_int, default=8)
+    return parser
+
+
+def _run_train(args):
+    import os
+
+    from keras_brainformer.training.trainer import train_language_model
+
+    out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.preset)))
+    train_language_model(
+        preset=args.preset,
+        run_dir=out,
+        steps=args.steps,
+        time_budget=args.time_budget,
+        data_paths=args.data,
+        sequence_length=args.sequence_length,
+        batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        constant_steps=args.constant_steps,
+        warmup_steps=args.warmup_steps,
+        mixed_bfloat16=args.mixed_bfloat16,
+        seed=args.seed,
+        max_corpus_bytes=args.max_corpus_bytes,
+        tokenizer=args.tokenizer,
+        validation_batches=args.validation_batches,
+        overwrite=args.overwrite,
+    )
+
+
+def _run_generate(args):
+    import keras
+
+    from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.training.trainer import TrainingError
+
+    keras.utils.set_random_seed(args.seed)
+    lm = BrainformerCausalLM.from_preset(args.preset)
+    if lm.preprocessor is None:
+        raise TrainingError(
+            f"Preset {args.preset!r} has no tokenizer, so it cannot generate text "
+            "(full-size presets use the paper's unreleased 256K vocabulary)."
+        )
+    lm.compile(sampler=args.sampler)
+    outputs = lm.generate(args.prompt, max_length=args.max_length)
+    for text in outputs:
+        print(text)
+        print("-" * 40)
+
+
+def _run_presets(args):
+    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+
+    def human(n):
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if n >= size:
+                return f"{n / size:.3g}{unit}"
+        return str(n)
+
+    rows = [("name", "family", "total", "activated", "paper (total / activated)")]
+    for name in sorted(backbone_presets):
+        meta = backbone_presets[name]["metadata"]
+        paper = meta["paper"]
+        reference = (
+            f"{human(paper['total'])} / {human(paper['activated'])} ({paper['source']})"
+            if paper
+            else "-"
+        )
+        counts = (human(meta["params"]), human(meta["activated_params"]))
+        rows.append((name, meta["family"], *counts, reference))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(
+        "\nCounts use each preset's own vocabulary (256K for full-size, 8192 for tiny); "
+        "docs/presets.md compares them with the paper's tables."
+    )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from keras_brainformer.training.trainer import TrainingError
+
+    handlers = {"train": _run_train, "generate": _run_generate, "presets": _run_presets}
+    if args.command == "compare":
+        from keras_brainformer.training.compare import run_compare
+
+        handlers["compare"] = run_compare
+    try:
+        handlers[args.command](args)
+    except (TrainingError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

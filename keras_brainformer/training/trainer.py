@@ -1,0 +1,400 @@
+"""`train_language_model`: the job behind `keras-brainformer train`.
+
+One run folder holds everything a run writes:
+
+    run.json        what was asked (preset, model config, data and optimizer
+                    settings); a rerun with different settings is refused
+    backup/         BackupAndRestore checkpoint (weights + optimizer + epoch)
+    logs/           TensorBoard: loss, perplexity, learning rate, tokens/s,
+                    per-MoE-layer router statistics
+    history.csv     one row per epoch (appended across resumes)
+    preset/         the trained model as a keras-hub preset (`from_preset`)
+    summary.json    final validation loss (causal and as-trained routing),
+                    steps, tokens seen, seconds, a sample generation
+
+Resuming: killing the process and rerunning the same command continues from
+the last completed epoch (the data pipeline restarts at that epoch's first
+batch), and ends with the same weights and losses as an uninterrupted run
+with the same seed.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+
+import keras
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+BACKUP_DIR = "backup"
+PRESET_DIR = "preset"
+
+
+KILL_AT_EPOCH_VARIABLE = "KERAS_BRAINFORMER_KILL_AT_EPOCH"
+
+
+class TrainingError(ValueError):
+    """Bad input to a training run (reported with exit code 2 by the CLI)."""
+
+
+class KillAtEpoch(keras.callbacks.Callback):
+    """Fault injection for tests: SIGKILLs this process at the end of epoch
+    `epoch` (1-based), after the checkpoint of that epoch was written. Enabled
+    only by the `KERAS_BRAINFORMER_KILL_AT_EPOCH` environment variable."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training once `seconds` of wall-clock time have passed (checked
+    after every batch; the batch in flight finishes)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.start = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.perf_counter() - self.start >= self.seconds:
+            self.model.stop_training = True
+
+
+def _json_roundtrip(value):
+    return json.loads(json.dumps(value))
+
+
+def load_tokenizer(preset, tokenizer="preset"):
+    """The tokenizer of a run: the preset's own, the shipped SentencePiece
+    vocabulary (`"sentencepiece"`), or bytes (`"byte"`)."""
+    from keras_brainformer.models import BrainformerByteTokenizer
+    from keras_brainformer.models import BrainformerTokenizer
+    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+
+    if tokenizer == "byte":
+        return BrainformerByteTokenizer()
+    if tokenizer == "preset":
+        directory = pathlib.Path(resolve_preset(preset))
+        if (directory / "tokenizer.json").exists():
+            return BrainformerTokenizer.from_preset(str(directory))
+    return BrainformerTokenizer()
+
+
+def _check_positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TrainingError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+
+
+def train_language_model(
+    preset,
+    run_dir,
+    steps=300,
+    time_budget=None,
+    data_paths=None,
+    sequence_length=128,
+    batch_size=16,
+    steps_per_epoch=50,
+    optimizer="adafactor",
+    learning_rate=0.01,
+    constant_steps=None,
+    warmup_steps=0,
+    mixed_bfloat16=False,
+    seed=0,
+    max_corpus_bytes=2_000_000,
+    tokenizer="preset",
+    validation_batches=8,
+    overwrite=False,
+    sample_prompt="def ",
+    verbose=1,
+):
+    """Trains a causal LM from a preset on a corpus and writes a run folder.
+
+    Args:
+        preset: zoo preset name or preset folder (a trained folder continues
+            from its weights).
+        run_dir: the run folder (see the module docstring).
+        steps: training steps (rounded up to whole epochs of
+            `steps_per_epoch`).
+        time_budget: optional seconds of training after which to stop.
+        data_paths: files/folders of text, or None for the embedded corpus
+            (Python's reference manual and standard-library sources).
+        sequence_length, batch_size: tokens per row and rows per step.
+        steps_per_epoch: steps between validation, logging and checkpoints.
+        optimizer: `"adafactor"` (the paper's) or `"adamw"`.
+        learning_rate: peak learning rate.
+        constant_steps: steps at the peak before the inverse-square-root
+            decay (default: half of `steps`).
+        warmup_steps: linear warm-up steps.
+        mixed_bfloat16: train under the `mixed_bfloat16` policy (routers stay
+            float32).
+        seed: seeds initialisation and data order.
+        max_corpus_bytes: cap on the text read.
+        tokenizer: `"preset"`, `"sentencepiece"` or `"byte"`.
+        validation_batches: validation batches evaluated each epoch.
+        overwrite: replace a run folder made with other settings.
+        sample_prompt: prompt of the sample generation at the end.
+
+    Returns:
+        The summary dict (also written to `summary.json`).
+    """
+    from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models import BrainformerCausalLMPreprocessor
+    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.training.callbacks import RouterStatisticsLogger
+    from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
+    from keras_brainformer.training.callbacks import ThroughputLogger
+    from keras_brainformer.training.corpus import build_language_model_data
+
+    # === Validate everything before touching the run folder ===
+    for name, value in (
+        ("steps", steps),
+        ("sequence_length", sequence_length),
+        ("batch_size", batch_size),
+        ("steps_per_epoch", steps_per_epoch),
+        ("learning_rate", learning_rate),
+        ("max_corpus_bytes", max_corpus_bytes),
+        ("validation_batches", validation_batches),
+    ):
+        _check_positive(name, value)
+    _check_positive("time_budget", time_budget, allow_none=True)
+    if optimizer not in ("adafactor", "adamw"):
+        raise TrainingError(f"Unknown optimizer {optimizer!r}. Allowed: 'adafactor', 'adamw'.")
+    if tokenizer not in ("preset", "sentencepiece", "byte"):
+        raise TrainingError(
+            f"Unknown tokenizer {tokenizer!r}. Allowed: 'preset', 'sentencepiece', 'byte'."
+        )
+    is_name = isinstance(preset, str) and preset in backbone_presets
+    if not is_name and not (pathlib.Path(str(preset)) / "config.json").exists():
+        raise TrainingError(
+            f"Unknown preset {preset!r}: not a zoo preset name (see `keras-brainformer "
+            "presets`) nor a preset folder with a config.json."
+        )
+    for path in data_paths or ():
+        if not os.path.exists(path):
+            raise TrainingError(f"Data path {path!r} does not exist.")
+
+    steps_per_epoch = min(int(steps_per_epoch), int(steps))
+    epochs = math.ceil(int(steps) / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if constant_steps is None:
+        constant_steps = max(1, total_steps // 2)
+
+    preset_dir = str(resolve_preset(preset))
+    with open(pathlib.Path(preset_dir) / "config.json") as f:
+        model_config = json.load(f)["config"]
+    run_settings = _json_roundtrip(
+        {
+            "preset": str(preset),
+            "model_config": model_config,
+            "steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "data_paths": [os.path.abspath(p) for p in data_paths or ()],
+            "sequence_length": sequence_length,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "learning_rate": learning_rate,
+            "constant_steps": constant_steps,
+            "warmup_steps": warmup_steps,
+            "mixed_bfloat16": bool(mixed_bfloat16),
+            "seed": seed,
+            "max_corpus_bytes": max_corpus_bytes,
+            "tokenizer": tokenizer,
+            "validation_batches": validation_batches,
+            "backend": keras.config.backend(),
+        }
+    )
+    run_dir = pathlib.Path(run_dir)
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        with open(run_file) as f:
+            previous = json.load(f)
+        if previous != run_settings:
+            if not overwrite:
+                changed = sorted(
+                    k
+                    for k in set(previous) | set(run_settings)
+                    if previous.get(k) != run_settings.get(k)
+                )
+                raise TrainingError(
+                    f"Run folder {str(run_dir)!r} holds a run with other settings "
+                    f"(differing: {', '.join(changed)}). Use another --out, or "
+                    "--overwrite to replace it."
+                )
+            shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TrainingError(
+                f"Run folder {str(run_dir)!r} is not empty and holds no {RUN_FILE}. "
+                "Use another --out, or --overwrite to replace it."
+            )
+        shutil.rmtree(run_dir)
+
+    # === Data ===
+    keras.utils.set_random_seed(seed)
+    text_tokenizer = load_tokenizer(preset, tokenizer)
+    try:
+        data = build_language_model_data(
+            text_tokenizer,
+            sequence_length,
+            paths=data_paths,
+            max_bytes=max_corpus_bytes,
+            verbose=bool(verbose),
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise TrainingError(str(error)) from error
+    if verbose:
+        print(data.summary())
+
+    # === Model ===
+    kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
+    lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
+    vocabulary = lm.backbone.vocabulary_size
+    if text_tokenizer.vocabulary_size() > vocabulary:
+        raise TrainingError(
+            f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
+            f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
+            "vocabulary."
+        )
+    compile_language_model(lm, optimizer, learning_rate, constant_steps, warmup_steps)
+
+    # === Run folder and resume point ===
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_file, "w") as f:
+        json.dump(run_settings, f, indent=2)
+    backup_dir = run_dir / BACKUP_DIR
+    start_epoch = _backed_up_epoch(backup_dir)
+    if verbose and start_epoch:
+        print(f"Resuming {run_dir} after epoch {start_epoch} of {epochs}.")
+
+    tokens_per_batch = batch_size * sequence_length
+    callbacks = [
+        StopOnNonFiniteLoss(),
+        ThroughputLogger(tokens_per_batch),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+        RouterStatisticsLogger(str(run_dir / "logs")),
+        keras.callbacks.BackupAndRestore(
+            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+        ),
+    ]
+    if time_budget is not None:
+        callbacks.append(TimeBudget(time_budget))
+    if os.environ.get(KILL_AT_EPOCH_VARIABLE):
+        callbacks.append(KillAtEpoch(int(os.environ[KILL_AT_EPOCH_VARIABLE])))
+
+    start = time.perf_counter()
+    lm.fit(
+        data.train_dataset(batch_size, seed=seed, start_step=start_epoch * steps_per_epoch),
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=data.validation_dataset(batch_size, max_batches=validation_batches),
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - start
+    steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
+
+    # === Final evaluation in both routings, preset, sample ===
+    validation = data.validation_dataset(batch_size, max_batches=validation_batches)
+    modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
+    lm.preprocessor = BrainformerCausalLMPreprocessor(
+        text_tokenizer, sequence_length=sequence_length
+    )
+    _save_preset_atomically(lm, run_dir / PRESET_DIR)
+    sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
+    summary = {
+        "preset": str(preset),
+        "steps": steps_done,
+        "tokens_seen": steps_done * tokens_per_batch,
+        "seconds_this_run": round(seconds, 2),
+        "validation_loss_causal": float(modes["causal"]["loss"]),
+        "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
+        "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
+        "has_moe": bool(lm.backbone.moe_layers),
+        "sample_prompt": sample_prompt,
+        "sample": sample,
+        "preset_dir": str(run_dir / PRESET_DIR),
+    }
+    with open(run_dir / SUMMARY_FILE, "w") as f:
+        json.dump(summary, f, indent=2)
+    if verbose:
+        print(format_summary(summary))
+    return summary
+
+
+def compile_language_model(lm, optimizer, learning_rate, constant_steps, warmup_steps=0):
+    """Compiles `lm` with the paper's schedule (constant, then 1/sqrt decay),
+    cross-entropy on logits, accuracy, and builds the optimizer (checkpoint
+    restoring needs its variables)."""
+    from keras_brainformer.training.schedules import InverseSquareRootSchedule
+    from keras_brainformer.training.schedules import make_optimizer
+
+    schedule = InverseSquareRootSchedule(
+        peak_learning_rate=learning_rate,
+        constant_steps=constant_steps,
+        warmup_steps=warmup_steps,
+    )
+    lm.compile(
+        optimizer=make_optimizer(optimizer, learning_rate=schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        sampler="greedy",
+    )
+    lm.optimizer.build(lm.trainable_variables)
+
+
+def _backed_up_epoch(backup_dir):
+    path = pathlib.Path(backup_dir) / "training_metadata.json"
+    if not path.exists():
+        return 0
+    try:
+        with open(path) as f:
+            return int(json.load(f)["epoch"])
+    except (ValueError, KeyError, OSError):
+        return 0
+
+
+def _save_preset_atomically(lm, directory):
+    """Writes the preset next to `directory` and swaps it in when complete."""
+    directory = pathlib.Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    lm.save_to_preset(str(staging))
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+
+
+def format_summary(summary):
+    lines = [
+        f"Trained {summary['steps']} steps ({summary['tokens_seen']:,} tokens) in "
+        f"{summary['seconds_this_run']:.0f} s this run.",
+        f"Validation loss (causal routing, what generation uses): "
+        f"{summary['validation_loss_causal']:.4f} "
+        f"(perplexity {summary['validation_perplexity_causal']:.2f})",
+    ]
+    if summary["has_moe"]:
+        lines.append(
+            f"Validation loss with the routing as trained (may look ahead): "
+            f"{summary['validation_loss_as_trained']:.4f}"
+        )
+    lines.append(f"Preset written to {summary['preset_dir']}")
+    lines.append(f"Sample: {summary['sample']!r}")
+    return "\n".join(lines)

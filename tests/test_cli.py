@@ -1,0 +1,168 @@
+"""`keras-brainformer`: presets listing, bad input, a smoke `train`, generation
+from the written preset, resume after SIGKILL, and a tiny `compare`."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from keras_brainformer import cli
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.training.trainer import KILL_AT_EPOCH_VARIABLE
+
+# Seconds-scale settings: tiny model, short sequences, a small corpus slice.
+SMOKE = [
+    "--sequence-length", "32",
+    "--batch-size", "4",
+    "--steps-per-epoch", "2",
+    "--max-corpus-bytes", "150000",
+    "--validation-batches", "1",
+]  # fmt: skip
+
+
+def run_cli(argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_presets_lists_every_preset(capsys):
+    assert run_cli(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in backbone_presets:
+        assert name in out
+    assert "Table 3" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "no_such_preset"], "Unknown preset"),
+        (["train", "--preset", "dense_tiny", "--data", "/no/such/file.txt"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(argv + ["--out", out]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--time-budget", "-1")])
+def test_non_positive_budget_is_a_usage_error(flag, value, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["train", "--preset", "dense_tiny", flag, value, "--out", tmp_path / "r"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_corpus_exits_2(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.txt").write_text("")
+    argv = ["train", "--preset", "dense_tiny", "--data", tmp_path / "data"]
+    assert run_cli(argv + ["--out", tmp_path / "run"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "preset").exists()
+
+
+def test_smoke_train_writes_a_loadable_preset_and_refuses_other_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "glam_ec_tiny", "--steps", "4", "--out", out] + SMOKE
+    assert run_cli(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 4 * 32
+    assert np.isfinite(summary["validation_loss_causal"])
+    assert summary["has_moe"] and np.isfinite(summary["validation_loss_as_trained"])
+    printed = capsys.readouterr().out
+    assert "causal routing" in printed and "as trained" in printed
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2  # two epochs of two steps
+    assert {"tokens_per_second", "learning_rate", "val_loss"} <= set(rows[0])
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    # The preset generates text from the command line.
+    assert run_cli(["generate", "--preset", out / "preset", "def ", "--max-length", "12"]) == 0
+    assert "def " in capsys.readouterr().out
+    # Same folder, other settings: refused (exit 2) and left as it was ...
+    other = ["train", "--preset", "dense_tiny", "--steps", "4", "--out", out] + SMOKE
+    assert run_cli(other) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["preset"] == "glam_ec_tiny"
+    # ... unless asked to overwrite.
+    assert run_cli(other + ["--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["preset"] == "dense_tiny"
+
+
+def _train_subprocess(out, env_extra=None):
+    argv = [
+        sys.executable, "-m", "keras_brainformer", "train", "--preset", "brainformer1_tiny",
+        "--steps", "6", "--out", str(out), "--seed", "3",
+    ] + SMOKE  # fmt: skip
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(preset_dir):
+    values = {}
+    with h5py.File(pathlib.Path(preset_dir) / "model.weights.h5", "r") as f:
+        f.visititems(
+            lambda name, item: values.__setitem__(name, item[()])
+            if isinstance(item, h5py.Dataset)
+            else None
+        )
+    return values
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
+    # Uninterrupted: 3 epochs of 2 steps.
+    done = _train_subprocess(tmp_path / "straight")
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Killed (SIGKILL) right after epoch 1's checkpoint, then the same command again.
+    killed = _train_subprocess(tmp_path / "resumed", {KILL_AT_EPOCH_VARIABLE: "1"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    resumed = _train_subprocess(tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming" in resumed.stdout
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    again = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert again["steps"] == straight["steps"] == 6
+    for key in ("validation_loss_causal", "validation_loss_as_trained"):
+        assert again[key] == pytest.approx(straight[key], abs=1e-6)
+    a = _weights(tmp_path / "straight" / "preset")
+    b = _weights(tmp_path / "resumed" / "preset")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def test_compare_writes_csv_plot_and_table(tmp_path):
+    from keras_brainformer.training.compare import compare_families
+
+    results = compare_families(
+        families=("dense_tiny", "glam_tiny"),
+        budget=1.0,
+        out=tmp_path / "cmp",
+        sequence_length=32,
+        batch_size=4,
+        eval_every=2,
+        max_corpus_bytes=150_000,
+        validation_batches=1,
+        verbose=0,
+    )
+    assert [r["family"] for r in results] == ["dense_tiny", "glam_tiny"]
+    for r in results:
+        assert r["train_seconds"] >= 1.0 and r["steps"] >= 2
+        assert np.isfinite(r["val_loss_causal"])
+    with open(tmp_path / "cmp" / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["family"] for row in rows} == {"dense_tiny", "glam_tiny"}
+    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 1000
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "| dense_tiny |" in table and "| glam_tiny |" in table
+    # The worst family reaches its own final loss.
+    assert any(r["seconds_to_worst_final_loss"] is not None for r in results)
