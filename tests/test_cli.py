@@ -166,3 +166,14 @@ def test_compare_writes_csv_plot_and_table(tmp_path):
     assert "| dense_tiny |" in table and "| glam_tiny |" in table
     # The worst family reaches its own final loss.
     assert any(r["seconds_to_worst_final_loss"] is not None for r in results)
+
+
+def test_time_budget_and_mixed_bfloat16(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "primer_tiny", "--steps", "400", "--time-budget", "0.5"]
+    assert run_cli(argv + ["--mixed-bfloat16", "--out", out] + SMOKE) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 1 <= summary["steps"] < 400  # stopped by the clock, not the step count
+    assert np.isfinite(summary["validation_loss_causal"])
+    config = json.loads((out / "preset" / "config.json").read_text())["config"]
+    assert config["dtype"]["config"]["name"] == "mixed_bfloat16"

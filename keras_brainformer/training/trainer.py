@@ -26,6 +26,7 @@ import shutil
 import time
 
 import keras
+import keras_hub
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -271,7 +272,12 @@ def train_language_model(
             f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
             "vocabulary."
         )
-    compile_language_model(lm, optimizer, learning_rate, constant_steps, warmup_steps)
+    # The sample at the end: top-k sampling, seeded (greedy decoding of a
+    # small model tends to loop on one phrase).
+    sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
+    compile_language_model(
+        lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
+    )
 
     # === Run folder and resume point ===
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +344,9 @@ def train_language_model(
     return summary
 
 
-def compile_language_model(lm, optimizer, learning_rate, constant_steps, warmup_steps=0):
+def compile_language_model(
+    lm, optimizer, learning_rate, constant_steps, warmup_steps=0, sampler="greedy"
+):
     """Compiles `lm` with the paper's schedule (constant, then 1/sqrt decay),
     cross-entropy on logits, accuracy, and builds the optimizer (checkpoint
     restoring needs its variables)."""
@@ -354,7 +362,7 @@ def compile_language_model(lm, optimizer, learning_rate, constant_steps, warmup_
         optimizer=make_optimizer(optimizer, learning_rate=schedule),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        sampler="greedy",
+        sampler=sampler,
     )
     lm.optimizer.build(lm.trainable_variables)
 
