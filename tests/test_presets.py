@@ -91,6 +91,8 @@ def test_save_to_preset_round_trip_through_generic_keras_hub_loader(tmp_path):
     }
     expected = to_numpy(lm(x))
     lm.save_to_preset(str(tmp_path / "saved"))
+    metadata = json.loads((tmp_path / "saved" / "metadata.json").read_text())
+    assert "CausalLM" in metadata["tasks"] and "TextClassifier" in metadata["tasks"]
     for loader in (BrainformerCausalLM, keras_hub.models.CausalLM):
         loaded = loader.from_preset(str(tmp_path / "saved"))
         assert isinstance(loaded, BrainformerCausalLM)

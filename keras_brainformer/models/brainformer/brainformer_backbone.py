@@ -15,7 +15,7 @@ from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
 def resolve_block_specs(blocks, num_blocks):
@@ -40,7 +40,8 @@ def resolve_block_specs(blocks, num_blocks):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerBackbone(PresetMixin, Backbone):
+@zoo_presets
+class BrainformerBackbone(Backbone):
     """A decoder-only stack of Brainformer blocks.
 
     Token embedding → `num_blocks` Brainformer blocks (each an ordered list of

@@ -10,13 +10,14 @@ from keras_brainformer.models.brainformer.brainformer_backbone import Brainforme
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerCausalLM(PresetMixin, CausalLM):
+@zoo_presets
+class BrainformerCausalLM(CausalLM):
     """A `BrainformerBackbone` with a tied output projection to token logits,
     trainable with `fit` and sampling text with `generate()`.
 

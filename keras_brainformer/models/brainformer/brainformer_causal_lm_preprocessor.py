@@ -6,11 +6,12 @@ from keras_hub.models import CausalLMPreprocessor
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerCausalLMPreprocessor(PresetMixin, CausalLMPreprocessor):
+@zoo_presets
+class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
     """Brainformer causal-LM preprocessor.
 
     Tokenizes raw strings, adds `start_token_id` at the front and

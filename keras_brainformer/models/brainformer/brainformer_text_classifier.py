@@ -13,7 +13,7 @@ from keras_brainformer.models.brainformer.brainformer_backbone import Brainforme
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
 def last_token_selection(padding_mask):
@@ -64,7 +64,8 @@ def check_num_classes(num_classes):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerTextClassifier(PresetMixin, TextClassifier):
+@zoo_presets
+class BrainformerTextClassifier(TextClassifier):
     """A `BrainformerBackbone` with a classification head, for fine-tuning.
 
     The backbone is a causal decoder, so only the last real token of a text

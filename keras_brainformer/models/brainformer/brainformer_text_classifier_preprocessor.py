@@ -8,11 +8,12 @@ from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerTextClassifierPreprocessor(PresetMixin, TextClassifierPreprocessor):
+@zoo_presets
+class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
     """Brainformer text-classifier preprocessor.
 
     Tokenizes raw strings, adds `start_token_id` at the front and

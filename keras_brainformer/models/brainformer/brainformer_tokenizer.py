@@ -6,7 +6,7 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
-from keras_brainformer.models.brainformer.preset_loading import PresetMixin
+from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 # SentencePiece trainer options that give the family's special-token ids.
 SPECIAL_TOKEN_TRAINER_OPTIONS = dict(
@@ -77,7 +77,8 @@ def default_vocabulary():
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class BrainformerTokenizer(PresetMixin, SentencePieceTokenizer):
+@zoo_presets
+class BrainformerTokenizer(SentencePieceTokenizer):
     """Brainformer tokenizer layer based on SentencePiece.
 
     Tokenizes raw strings into integer ids with a SentencePiece model and

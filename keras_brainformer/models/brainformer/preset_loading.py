@@ -13,7 +13,7 @@ the registry on first use.
 The names are registered with keras-hub, so `BrainformerBackbone.presets`
 lists them and `from_preset("brainformer1_tiny")` resolves them like built-in
 keras-hub presets. Architecture presets carry no weights: our classes'
-`from_preset` then builds a random initialisation (with a log line) instead of
+`from_preset` (`zoo_presets`) then builds a random initialisation (with a log line) instead of
 failing on a missing weights file. The generic
 `keras_hub.models.CausalLM.from_preset(name, load_weights=False)` also works.
 """
@@ -143,15 +143,16 @@ def register_brainformer_presets(backbone_cls):
     )
 
 
-class PresetMixin:
-    """`from_preset` that accepts zoo names and weightless architecture presets.
+def zoo_presets(cls):
+    """Class decorator: `cls.from_preset` also accepts zoo preset names and
+    weightless architecture presets (then builds a random initialisation).
 
-    Put it first in the bases of a keras-hub Backbone, Task, Tokenizer or
-    Preprocessor subclass.
+    A decorator rather than a mixin base, so that keras-hub still sees the
+    class's real base (it lists a preset's tasks by `cls.__base__`).
     """
 
-    @classmethod
-    def from_preset(cls, preset, *args, **kwargs):
+    def from_preset(klass, preset, *args, **kwargs):
+        parent = super(cls, klass).from_preset
         preset = resolve_preset(preset)
         if isinstance(preset, str) and os.path.isdir(preset):
             if not (pathlib.Path(preset) / CONFIG_FILE).exists():
@@ -160,7 +161,7 @@ class PresetMixin:
                     "keras-hub preset (see docs/presets.md)."
                 )
             weights_requested = kwargs.get("load_weights", True)
-            if "load_weights" in _parameters(super().from_preset) and weights_requested:
+            if "load_weights" in _parameters(parent) and weights_requested:
                 if not has_weights(preset):
                     logging.info(
                         "Preset %s has no weights (architecture preset): "
@@ -169,12 +170,20 @@ class PresetMixin:
                     )
                     kwargs["load_weights"] = False
             if (
-                "preprocessor" in _parameters(cls.__init__)
+                "preprocessor" in _parameters(klass.__init__)
                 and "preprocessor" not in kwargs
                 and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
             ):
                 kwargs["preprocessor"] = None
-        return super().from_preset(preset, *args, **kwargs)
+        return parent(preset, *args, **kwargs)
+
+    from_preset.__doc__ = (
+        f"`{cls.__name__}` from a zoo preset name (see `BrainformerBackbone.presets`) "
+        "or a preset folder; architecture presets without weights build a random "
+        "initialisation. Other arguments as in keras-hub's `from_preset`."
+    )
+    cls.from_preset = classmethod(from_preset)
+    return cls
 
 
 def _parameters(function):
