@@ -10,6 +10,10 @@ installed without them, `preset_directory(name)` writes the folder into
 `$KERAS_BRAINFORMER_HOME/presets` (default `~/.cache/keras_brainformer`) from
 the registry on first use.
 
+Trained presets (folders in `presets/` with weights and a training record in
+their `metadata.json`) are registered by name too; they ship with the
+repository, not with the installed package.
+
 The names are registered with keras-hub, so `BrainformerBackbone.presets`
 lists them and `from_preset("brainformer1_tiny")` resolves them like built-in
 keras-hub presets. Architecture presets carry no weights: our classes'
@@ -125,22 +129,42 @@ def has_weights(directory):
     return any((pathlib.Path(directory) / f).exists() for f in WEIGHTS_FILES)
 
 
+def trained_presets():
+    """Name → metadata of the trained presets in the repository's `presets/`:
+    folders with weights whose `metadata.json` records a `"training"` (written
+    by `presets/package_trained_preset.py`)."""
+    found = {}
+    for metadata_path in sorted(_REPOSITORY_PRESETS.glob("*/" + METADATA_FILE)):
+        folder = metadata_path.parent
+        if not has_weights(folder):
+            continue
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        if "training" in metadata:
+            found[folder.name] = metadata
+    return found
+
+
 def resolve_preset(preset):
     """Maps a zoo preset name to its folder; other handles pass through."""
-    if isinstance(preset, str) and preset in _registry():
-        return str(preset_directory(preset))
+    if isinstance(preset, str):
+        if preset in _registry():
+            return str(preset_directory(preset))
+        if (_REPOSITORY_PRESETS / preset / METADATA_FILE).exists() and preset in trained_presets():
+            return str(_REPOSITORY_PRESETS / preset)
     return preset
 
 
 def register_brainformer_presets(backbone_cls):
-    """Registers every zoo preset with keras-hub (names → folders)."""
-    register_presets(
-        {
-            name: {"metadata": entry["metadata"], "kaggle_handle": str(_default_location(name))}
-            for name, entry in _registry().items()
-        },
-        backbone_cls,
-    )
+    """Registers every zoo preset with keras-hub (names → folders): the
+    architecture presets and the trained ones found in `presets/`."""
+    entries = {
+        name: {"metadata": entry["metadata"], "kaggle_handle": str(_default_location(name))}
+        for name, entry in _registry().items()
+    }
+    for name, metadata in trained_presets().items():
+        entries[name] = {"metadata": metadata, "kaggle_handle": str(_REPOSITORY_PRESETS / name)}
+    register_presets(entries, backbone_cls)
 
 
 def zoo_presets(cls):
