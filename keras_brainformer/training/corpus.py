@@ -364,6 +364,11 @@ def _check_count(name, value, minimum):
         raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
 
 
+def _epoch_order(seed, epoch, count):
+    """The order in which epoch `epoch` visits `count` training windows."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
 class LanguageModelData:
     """Packed train and validation windows, and `tf.data` pipelines over them.
 
@@ -449,7 +454,7 @@ class LanguageModelData:
         """
         self._check_train_batch_size(batch_size)
         epoch, index = divmod(int(step), self.steps_per_epoch(batch_size))
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.train_windows))
+        order = _epoch_order(seed, epoch, len(self.train_windows))
         return self.train_windows[order[index * batch_size : (index + 1) * batch_size]]
 
     def train_dataset(self, batch_size, seed, start_step=0):
@@ -483,7 +488,7 @@ class LanguageModelData:
                 step_epoch, index = divmod(step, steps_per_epoch)
                 if step_epoch != epoch:
                     epoch = step_epoch
-                    order = np.random.default_rng([seed, epoch]).permutation(len(windows))
+                    order = _epoch_order(seed, epoch, len(windows))
                 yield windows[order[index * batch_size : (index + 1) * batch_size]]
                 step += 1
 

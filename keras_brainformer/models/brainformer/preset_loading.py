@@ -25,6 +25,7 @@ failing on a missing weights file. The generic
 import json
 import os
 import pathlib
+import shutil
 
 import keras
 from absl import logging
@@ -87,7 +88,7 @@ def write_preset_directory(name, directory):
     directory = pathlib.Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     if staging.exists():
-        _remove_tree(staging)
+        shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with open(staging / CONFIG_FILE, "w") as f:
         json.dump(backbone_config_json(entry["config"]), f, indent=4)
@@ -106,15 +107,9 @@ def write_preset_directory(name, directory):
         json.dump(metadata, f, indent=4)
         f.write("\n")
     if directory.exists():
-        _remove_tree(directory)
+        shutil.rmtree(directory)
     staging.rename(directory)
     return directory
-
-
-def _remove_tree(path):
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def preset_directory(name):
@@ -129,19 +124,26 @@ def has_weights(directory):
     return any((pathlib.Path(directory) / f).exists() for f in WEIGHTS_FILES)
 
 
+def _training_metadata(folder):
+    """The metadata of `folder` if it is a trained preset (weights and a
+    `"training"` record), else None."""
+    metadata_path = pathlib.Path(folder) / METADATA_FILE
+    if not metadata_path.exists() or not has_weights(folder):
+        return None
+    with open(metadata_path) as f:
+        metadata = json.load(f)
+    return metadata if "training" in metadata else None
+
+
 def trained_presets():
     """Name → metadata of the trained presets in the repository's `presets/`:
     folders with weights whose `metadata.json` records a `"training"` (written
     by `presets/package_trained_preset.py`)."""
     found = {}
     for metadata_path in sorted(_REPOSITORY_PRESETS.glob("*/" + METADATA_FILE)):
-        folder = metadata_path.parent
-        if not has_weights(folder):
-            continue
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-        if "training" in metadata:
-            found[folder.name] = metadata
+        metadata = _training_metadata(metadata_path.parent)
+        if metadata is not None:
+            found[metadata_path.parent.name] = metadata
     return found
 
 
@@ -150,8 +152,9 @@ def resolve_preset(preset):
     if isinstance(preset, str):
         if preset in _registry():
             return str(preset_directory(preset))
-        if (_REPOSITORY_PRESETS / preset / METADATA_FILE).exists() and preset in trained_presets():
-            return str(_REPOSITORY_PRESETS / preset)
+        folder = _REPOSITORY_PRESETS / preset
+        if "/" not in preset and _training_metadata(folder) is not None:
+            return str(folder)
     return preset
 
 
