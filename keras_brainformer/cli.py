@@ -4,6 +4,8 @@
     keras-brainformer generate --preset runs/brainformer1_tiny/preset "def "
     keras-brainformer presets
     keras-brainformer compare --budget 60
+    keras-brainformer plan --preset brainformer1_8b --mesh batch=16,expert=16
+    keras-brainformer search --budget-per-trial 60 --trials 40 --out runs/search
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
 another model) prints one `error:` line and exits with code 2.
@@ -71,6 +73,20 @@ def _add_train_arguments(parser):
         "--tokenizer", choices=("preset", "sentencepiece", "byte"), default="preset"
     )
     parser.add_argument("--validation-batches", type=_positive_int, default=8)
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. batch=2,expert=4 (JAX; see docs/distributed_training.md)",
+    )
+    parser.add_argument(
+        "--experts-on",
+        choices=("expert", "batch"),
+        default=None,
+        help="mesh axis of the expert banks (default: expert if the mesh has it, else batch)",
+    )
+    parser.add_argument(
+        "--fsdp", action="store_true", help="also split weights along the batch axis"
+    )
 
 
 def build_parser():
@@ -129,6 +145,20 @@ def build_parser():
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
     compare.add_argument("--validation-batches", type=_positive_int, default=8)
+
+    from keras_brainformer.distribution import plan_command
+    from keras_brainformer.search import command as search_command
+
+    plan = commands.add_parser(
+        "plan",
+        help="per-device memory plan of a preset on a device mesh (allocates nothing)",
+    )
+    plan_command.add_arguments(plan)
+    search = commands.add_parser(
+        "search",
+        help="the paper's block-wise regularized-evolution search (KerasTuner)",
+    )
+    search_command.add_arguments(search)
     return parser
 
 
@@ -157,6 +187,9 @@ def _run_train(args):
         tokenizer=args.tokenizer,
         validation_batches=args.validation_batches,
         overwrite=args.overwrite,
+        mesh=args.mesh,
+        experts_on=args.experts_on,
+        fsdp=args.fsdp,
     )
 
 
@@ -218,12 +251,20 @@ def main(argv=None):
         from keras_brainformer.training.compare import run_compare
 
         handlers["compare"] = run_compare
+    if args.command == "plan":
+        from keras_brainformer.distribution import plan_command
+
+        handlers["plan"] = plan_command.run
+    if args.command == "search":
+        from keras_brainformer.search import command as search_command
+
+        handlers["search"] = search_command.run
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except (TrainingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -11,20 +11,22 @@ against.
 
 from keras import ops
 
+from keras_brainformer.layers.grouped_scatter import segment_sum_per_group
+
 
 def _expert_major(table):
-    """`[G, E, C]` slot table -> `[E, G, C]`, the order experts consume."""
-    return ops.transpose(table, (1, 0, 2))
+    """`[G, E, C, ...]` -> `[E, G, C, ...]`, the order experts consume."""
+    rank = len(ops.shape(table))
+    return ops.transpose(table, (1, 0) + tuple(range(2, rank)))
 
 
-def _flat_slot_index(slot_token, group_size):
-    """Row of each slot's token in the flattened `[G*S, d]` tokens, in
-    expert-major order `[E, G, C]`, and whether the slot is filled."""
-    G = ops.shape(slot_token)[0]
-    group_offset = ops.arange(G, dtype="int32")[:, None, None] * group_size
+def _group_slot_index(slot_token, group_size):
+    """Each slot's token index *within its group*, `[G, E*C]` (0 for empty
+    slots), and whether the slot is filled, `[G, E, C]`."""
+    G, E, C = ops.shape(slot_token)
     filled = slot_token < group_size
-    index = ops.where(filled, group_offset + slot_token, 0)
-    return _expert_major(index), _expert_major(filled)
+    index = ops.where(filled, slot_token, 0)
+    return ops.reshape(index, (G, E * C)), filled
 
 
 def dispatch(x, slot_token):
@@ -38,16 +40,21 @@ def dispatch(x, slot_token):
         `[E, G, C, d]`; empty slots are zeros. Expert-major so that each
         expert's `G·C` slots are contiguous and the expert matmuls are plain
         batched matmuls over `E`.
+
+    The gather is batched over groups (`take_along_axis` on the token axis),
+    so a partitioner that splits `G` across devices keeps it local; the
+    transpose to expert-major is then where tokens travel to the devices of
+    their experts (an all-to-all when `E` is split on the same axis).
     """
     G, S, d = ops.shape(x)
     E, C = ops.shape(slot_token)[1], ops.shape(slot_token)[2]
-    index, filled = _flat_slot_index(slot_token, S)
-    # Empty slots read row 0 and are zeroed by the mask (a concatenated zero
+    index, filled = _group_slot_index(slot_token, S)
+    # Empty slots read token 0 and are zeroed by the mask (a concatenated zero
     # row would be simpler, but the gradient of a concat fed by a gather
     # makes TensorFlow's XLA bridge crash).
-    rows = ops.take(ops.reshape(x, (G * S, d)), ops.reshape(index, (-1,)), axis=0)
-    rows = ops.reshape(rows, (E, G, C, d))
-    return rows * ops.cast(filled, x.dtype)[..., None]
+    rows = ops.take_along_axis(x, index[..., None], axis=1)  # [G, E*C, d]
+    rows = ops.reshape(rows, (G, E, C, d)) * ops.cast(filled, x.dtype)[..., None]
+    return _expert_major(rows)
 
 
 def combine(expert_out, slot_token, slot_gate, group_size):
@@ -63,16 +70,11 @@ def combine(expert_out, slot_token, slot_gate, group_size):
         float32 `[G, S, d]`; a token no expert served gets zeros.
     """
     E, G, C, d = ops.shape(expert_out)
-    S = group_size
-    index, filled = _flat_slot_index(slot_token, S)
-    gate = ops.where(filled, _expert_major(ops.cast(slot_gate, "float32")), 0.0)
-    weighted = ops.cast(expert_out, "float32") * gate[..., None]
-    out = ops.segment_sum(
-        ops.reshape(weighted, (E * G * C, d)),
-        ops.reshape(index, (-1,)),
-        num_segments=G * S,
-    )
-    return ops.reshape(out, (G, S, d))
+    index, filled = _group_slot_index(slot_token, group_size)
+    gate = ops.where(filled, ops.cast(slot_gate, "float32"), 0.0)  # [G, E, C]
+    weighted = ops.transpose(ops.cast(expert_out, "float32"), (1, 0, 2, 3))
+    weighted = ops.reshape(weighted * gate[..., None], (G, E * C, d))
+    return segment_sum_per_group(weighted, index, group_size)
 
 
 def one_hot_dispatch_mask(instructions, group_size):

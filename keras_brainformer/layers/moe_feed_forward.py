@@ -157,6 +157,20 @@ class MoEFeedForward(keras.layers.Layer):
             "inference_routing", mode, INFERENCE_ROUTING
         )
 
+    def _constrain(self, tensor, name):
+        """Applies the active distribution's layout for `<path>/<name>`, if
+        any (`keras_brainformer.distribution.get_layout_map` gives the
+        dispatched `[E, G, C, d]` tensors `(expert, batch, None, None)`, so
+        XLA moves tokens to the experts' devices instead of gathering expert
+        weights)."""
+        distribution = keras.distribution.distribution()
+        if distribution is None or self.path is None:
+            return tensor
+        layout = distribution.get_tensor_layout(f"{self.path}/{name}")
+        if layout is None:
+            return tensor
+        return keras.distribution.distribute_tensor(tensor, layout)
+
     def call(self, x, padding_mask=None, training=False, causal=None):
         shape = ops.shape(x)
         d = shape[-1]
@@ -172,7 +186,8 @@ class MoEFeedForward(keras.layers.Layer):
         else:
             dispatch_mask, gates = dispatch_lib.one_hot_dispatch_mask(routing, S)
             expert_in = dispatch_lib.one_hot_dispatch(groups, dispatch_mask)
-        expert_out = self.experts(expert_in)  # [E, G, C, d]
+        expert_in = self._constrain(expert_in, "dispatched")
+        expert_out = self._constrain(self.experts(expert_in), "expert_outputs")  # [E, G, C, d]
         if self.dispatch == "index":
             out = dispatch_lib.combine(
                 expert_out, routing.slot_token, routing.slot_gate, S

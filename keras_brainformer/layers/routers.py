@@ -39,6 +39,7 @@ import math
 import keras
 from keras import ops
 
+from keras_brainformer.layers.grouped_scatter import segment_sum_per_group
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
@@ -336,11 +337,6 @@ class Router(keras.layers.Layer):
         return config
 
 
-def _global_index(group_index, local_index, per_group):
-    """Flat index of `local_index` inside group `group_index`."""
-    return group_index * per_group + local_index
-
-
 def token_choice_route(
     probs, mask, k, capacity, normalize_gates=True, batch_prioritized=False
 ):
@@ -389,19 +385,14 @@ def token_choice_route(
     # gradient flows through a gather, never through a scatter.
     slots_per_group = E * C + 1
     slot = ops.where(keep, experts * C + position, E * C)
-    group_index = ops.arange(G, dtype="int32")[:, None, None]
-    flat_slot = ops.reshape(
-        _global_index(group_index, ops.cast(slot, "int32"), slots_per_group),
-        (-1, 1),
-    )
     choice_index = ops.reshape(ops.arange(S * k, dtype="int32"), (1, S, k))
     keep_i = ops.cast(keep, "int32")
-    slot_choice = ops.scatter(
-        flat_slot,
-        ops.reshape((choice_index + 1) * keep_i, (-1,)),
-        (G * slots_per_group,),
+    slot_choice = segment_sum_per_group(
+        ops.reshape((choice_index + 1) * keep_i, (G, S * k)),
+        ops.reshape(ops.cast(slot, "int32"), (G, S * k)),
+        slots_per_group,
     )
-    slot_choice = ops.reshape(slot_choice, (G, slots_per_group))[:, : E * C] - 1
+    slot_choice = slot_choice[:, : E * C] - 1
     filled = slot_choice >= 0  # [G, E*C]
     slot_token = ops.where(filled, slot_choice // k, S)
     # Gather gates by choice; empty slots read choice 0, masked to 0.
@@ -622,14 +613,11 @@ class ExpertChoiceRouter(Router):
         slot_token = ops.where(taken, ops.cast(token, "int32"), S)
         slot_gate = ops.where(taken, gate, 0.0)
         # A token is dropped when no expert took it.
-        group_index = ops.arange(G, dtype="int32")[:, None, None]
-        flat_token = ops.reshape(_global_index(group_index, slot_token, S + 1), (-1,))
-        hits = ops.segment_sum(
-            ops.ones_like(flat_token, dtype="float32"),
-            flat_token,
-            num_segments=G * (S + 1),
+        flat_token = ops.reshape(slot_token, (G, -1))
+        hits = segment_sum_per_group(
+            ops.ones_like(flat_token, dtype="float32"), flat_token, S + 1
         )
-        hits = ops.reshape(hits, (G, S + 1))[:, :S]
+        hits = hits[:, :S]
         served = ops.sum(ops.cast(hits > 0, "float32") * mask)
         real = ops.sum(mask)
         dropped = (real - served) / ops.maximum(real, 1.0)

@@ -18,6 +18,7 @@ batch), and ends with the same weights and losses as an uninterrupted run
 with the same seed.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -122,6 +123,9 @@ def train_language_model(
     overwrite=False,
     sample_prompt="def ",
     verbose=1,
+    mesh=None,
+    experts_on=None,
+    fsdp=False,
 ):
     """Trains a causal LM from a preset on a corpus and writes a run folder.
 
@@ -149,6 +153,13 @@ def train_language_model(
         validation_batches: validation batches evaluated each epoch.
         overwrite: replace a run folder made with other settings.
         sample_prompt: prompt of the sample generation at the end.
+        mesh: optional device mesh spec such as `"batch=2,expert=4"` (JAX
+            backend): weights and batches are split with
+            `keras_brainformer.distribution.make_distribution`. The batch
+            size must be divisible by the `batch` axis.
+        experts_on: `"expert"` or `"batch"`, the mesh axis of the expert banks
+            (see `make_distribution`).
+        fsdp: also split weights along the batch axis.
 
     Returns:
         The summary dict (also written to `summary.json`).
@@ -189,6 +200,7 @@ def train_language_model(
     for path in data_paths or ():
         if not os.path.exists(path):
             raise TrainingError(f"Data path {path!r} does not exist.")
+    distribution = _make_distribution(mesh, experts_on, fsdp, batch_size)
 
     steps_per_epoch = min(int(steps_per_epoch), int(steps))
     epochs = math.ceil(int(steps) / steps_per_epoch)
@@ -262,86 +274,146 @@ def train_language_model(
     if verbose:
         print(data.summary())
 
-    # === Model ===
-    kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
-    lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
-    vocabulary = lm.backbone.vocabulary_size
-    if text_tokenizer.vocabulary_size() > vocabulary:
-        raise TrainingError(
-            f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
-            f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
-            "vocabulary."
+    # === Model, training, evaluation ===
+    # Weights are created (and split) under the distribution; fit, evaluate
+    # and generate run under it too.
+    with distribution.scope() if distribution is not None else contextlib.nullcontext():
+        kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
+        if distribution is not None and verbose:
+            print(f"Distribution: {_describe(distribution)}")
+        lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
+        if distribution is not None:
+            from keras_brainformer.distribution.layout_map import check_divisible
+
+            layout_map = getattr(distribution, "_layout_map", None)
+            if layout_map is not None:
+                try:
+                    check_divisible({v.path: v.shape for v in lm.backbone.weights}, layout_map)
+                except ValueError as error:
+                    raise TrainingError(str(error)) from None
+        vocabulary = lm.backbone.vocabulary_size
+        if text_tokenizer.vocabulary_size() > vocabulary:
+            raise TrainingError(
+                f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
+                f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
+                "vocabulary."
+            )
+        # The sample at the end: top-k sampling, seeded (greedy decoding of a
+        # small model tends to loop on one phrase).
+        sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
+        compile_language_model(
+            lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
         )
-    # The sample at the end: top-k sampling, seeded (greedy decoding of a
-    # small model tends to loop on one phrase).
-    sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
-    compile_language_model(
-        lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
-    )
 
-    # === Run folder and resume point ===
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_file, "w") as f:
-        json.dump(run_settings, f, indent=2)
-    backup_dir = run_dir / BACKUP_DIR
-    start_epoch = _backed_up_epoch(backup_dir)
-    if verbose and start_epoch:
-        print(f"Resuming {run_dir} after epoch {start_epoch} of {epochs}.")
+        # === Run folder and resume point ===
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_file, "w") as f:
+            json.dump(run_settings, f, indent=2)
+        backup_dir = run_dir / BACKUP_DIR
+        start_epoch = _backed_up_epoch(backup_dir)
+        if verbose and start_epoch:
+            print(f"Resuming {run_dir} after epoch {start_epoch} of {epochs}.")
 
-    tokens_per_batch = batch_size * sequence_length
-    callbacks = [
-        StopOnNonFiniteLoss(),
-        ThroughputLogger(tokens_per_batch),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
-        RouterStatisticsLogger(str(run_dir / "logs")),
-        keras.callbacks.BackupAndRestore(
-            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
-        ),
-    ]
-    if time_budget is not None:
-        callbacks.append(TimeBudget(time_budget))
-    if os.environ.get(KILL_AT_EPOCH_VARIABLE):
-        callbacks.append(KillAtEpoch(int(os.environ[KILL_AT_EPOCH_VARIABLE])))
+        tokens_per_batch = batch_size * sequence_length
+        callbacks = [
+            StopOnNonFiniteLoss(),
+            ThroughputLogger(tokens_per_batch),
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+            RouterStatisticsLogger(str(run_dir / "logs")),
+            keras.callbacks.BackupAndRestore(
+                str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+            ),
+        ]
+        if time_budget is not None:
+            callbacks.append(TimeBudget(time_budget))
+        if os.environ.get(KILL_AT_EPOCH_VARIABLE):
+            callbacks.append(KillAtEpoch(int(os.environ[KILL_AT_EPOCH_VARIABLE])))
 
-    start = time.perf_counter()
-    lm.fit(
-        data.train_dataset(batch_size, seed=seed, start_step=start_epoch * steps_per_epoch),
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=data.validation_dataset(batch_size, max_batches=validation_batches),
-        callbacks=callbacks,
-        verbose=verbose,
-    )
-    seconds = time.perf_counter() - start
-    steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
+        start = time.perf_counter()
+        lm.fit(
+            data.train_dataset(batch_size, seed=seed, start_step=start_epoch * steps_per_epoch),
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=data.validation_dataset(batch_size, max_batches=validation_batches),
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        seconds = time.perf_counter() - start
+        steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
 
-    # === Final evaluation in both routings, preset, sample ===
-    validation = data.validation_dataset(batch_size, max_batches=validation_batches)
-    modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
-    lm.preprocessor = BrainformerCausalLMPreprocessor(
-        text_tokenizer, sequence_length=sequence_length
-    )
-    _save_preset_atomically(lm, run_dir / PRESET_DIR)
-    sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
-    summary = {
-        "preset": str(preset),
-        "steps": steps_done,
-        "tokens_seen": steps_done * tokens_per_batch,
-        "seconds_this_run": round(seconds, 2),
-        "validation_loss_causal": float(modes["causal"]["loss"]),
-        "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
-        "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
-        "has_moe": bool(lm.backbone.moe_layers),
-        "sample_prompt": sample_prompt,
-        "sample": sample,
-        "preset_dir": str(run_dir / PRESET_DIR),
-    }
-    with open(run_dir / SUMMARY_FILE, "w") as f:
-        json.dump(summary, f, indent=2)
-    if verbose:
-        print(format_summary(summary))
-    return summary
+        # === Final evaluation in both routings, preset, sample ===
+        validation = data.validation_dataset(batch_size, max_batches=validation_batches)
+        modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
+        lm.preprocessor = BrainformerCausalLMPreprocessor(
+            text_tokenizer, sequence_length=sequence_length
+        )
+        _save_preset_atomically(lm, run_dir / PRESET_DIR)
+        # One prompt: a batch of 1 cannot be split along a batch axis, so the
+        # sample runs without the distribution (on the already split weights).
+        with _without_distribution():
+            sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
+        summary = {
+            "preset": str(preset),
+            "steps": steps_done,
+            "tokens_seen": steps_done * tokens_per_batch,
+            "seconds_this_run": round(seconds, 2),
+            "validation_loss_causal": float(modes["causal"]["loss"]),
+            "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
+            "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
+            "has_moe": bool(lm.backbone.moe_layers),
+            "sample_prompt": sample_prompt,
+            "sample": sample,
+            "preset_dir": str(run_dir / PRESET_DIR),
+        }
+        with open(run_dir / SUMMARY_FILE, "w") as f:
+            json.dump(summary, f, indent=2)
+        if verbose:
+            print(format_summary(summary))
+        return summary
+
+
+def _make_distribution(mesh, experts_on, fsdp, batch_size):
+    """The distribution for `--mesh`, validated before anything is written."""
+    if mesh is None:
+        if experts_on is not None or fsdp:
+            raise TrainingError("`experts_on` and `fsdp` need a `mesh`.")
+        return None
+    from keras_brainformer.distribution.mesh import make_distribution
+    from keras_brainformer.distribution.mesh import parse_mesh_spec
+
+    if keras.config.backend() != "jax":
+        raise TrainingError(
+            f"--mesh needs the JAX backend (keras.distribution); the backend is "
+            f"{keras.config.backend()!r}. Set KERAS_BACKEND=jax, or see "
+            "docs/distributed_training.md for tf.distribute."
+        )
+    try:
+        sizes = parse_mesh_spec(mesh)
+        if batch_size % sizes["batch"]:
+            raise ValueError(
+                f"The batch size {batch_size} is not divisible by the mesh's batch "
+                f"axis ({sizes['batch']})."
+            )
+        return make_distribution(sizes, experts_on=experts_on, fsdp=fsdp)
+    except (ValueError, TypeError) as error:
+        raise TrainingError(str(error)) from None
+
+
+@contextlib.contextmanager
+def _without_distribution():
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+def _describe(distribution):
+    mesh = distribution.device_mesh
+    axes = ", ".join(f"{n}={s}" for n, s in zip(mesh.axis_names, mesh.shape))
+    return f"{type(distribution).__name__} over {len(mesh.devices.flat)} devices ({axes})"
 
 
 def compile_language_model(

@@ -4,6 +4,7 @@ import keras
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_brainformer.distribution.layout_map import get_layout_map
 from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.brainformer_block import BrainformerBlock
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
@@ -224,6 +225,51 @@ class BrainformerBackbone(Backbone):
     def routing_statistics(self):
         """Routing statistics of the latest call, per MoE layer (by path)."""
         return {moe.path: moe.router.routing_statistics() for moe in self.moe_layers}
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        batch_dim_name="batch",
+        model_dim_name="model",
+        expert_dim_name="expert",
+        fsdp=False,
+    ):
+        """A `keras.distribution.LayoutMap` covering every weight.
+
+        Embeddings, attention and dense FFNs are split on `model_dim_name`
+        (heads / hidden units / vocabulary), expert banks `[E, d, h]` on
+        `expert_dim_name` × `model_dim_name`, routers and norms replicated,
+        and the dispatched `[E, G, C, d]` MoE tensors constrained to the
+        expert axis; axes the mesh lacks are ignored. See
+        `keras_brainformer.distribution.layout_map` for the table, and
+        `keras_brainformer.distribution.make_distribution` for a one-liner.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            batch_dim_name: the axis the batch is split along.
+            model_dim_name: the tensor-parallel axis.
+            expert_dim_name: the expert axis (may be the batch axis: GShard).
+            fsdp: also split weights along the batch axis.
+
+        Example:
+        ```python
+        import keras
+        mesh = keras.distribution.DeviceMesh(
+            (2, 4), ("batch", "expert"), keras.distribution.list_devices())
+        distribution = keras.distribution.ModelParallel(
+            layout_map=BrainformerBackbone.get_layout_map(mesh),
+            batch_dim_name="batch")
+        with distribution.scope():
+            lm = BrainformerCausalLM.from_preset("glam_tiny")
+        ```
+        """
+        return get_layout_map(
+            device_mesh,
+            batch_dim_name=batch_dim_name,
+            model_dim_name=model_dim_name,
+            expert_dim_name=expert_dim_name,
+            fsdp=fsdp,
+        )
 
     def get_config(self):
         config = super().get_config()

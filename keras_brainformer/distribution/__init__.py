@@ -1,0 +1,1 @@
+"""Scale-out: layout maps, meshes, and memory planning."""

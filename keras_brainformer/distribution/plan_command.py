@@ -1,0 +1,142 @@
+"""`keras-brainformer plan`: per-device memory of training a preset on a mesh.
+
+    keras-brainformer plan --preset brainformer1_8b --mesh batch=16,expert=16 \\
+        --batch-size 256 --seq-len 1024 --dtype mixed_bfloat16 --device-memory 16GB
+
+Reads the preset's config (a zoo name, or a preset folder's `config.json`)
+without building the model, and prints `plan_memory`'s table for each
+optimizer asked for, then a verdict per optimizer when `--device-memory` is
+given. Exit codes: 0 when every plan fits (or no device memory was given),
+1 when one does not fit, 2 on bad input (unknown preset, bad mesh spec,
+indivisible shapes), printed as one `error:` line.
+"""
+
+import json
+import os
+
+from keras_brainformer.distribution.memory_plan import OPTIMIZERS
+from keras_brainformer.distribution.memory_plan import parse_bytes
+from keras_brainformer.distribution.memory_plan import plan_memory
+from keras_brainformer.distribution.mesh import expert_axis
+from keras_brainformer.distribution.mesh import parse_mesh_spec
+from keras_brainformer.distribution.weight_shapes import DTYPE_POLICIES
+
+EXIT_DOES_NOT_FIT = 1
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--preset",
+        required=True,
+        help="zoo preset name (see `keras-brainformer presets`) or a preset folder",
+    )
+    parser.add_argument(
+        "--mesh", default="batch=1",
+        help="device mesh, e.g. batch=16,expert=16 (axes: batch, expert, model; "
+        "default batch=1)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="global batch size, divisible by the batch axis (default: one "
+        "sequence per batch shard, i.e. the batch axis size)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None,
+        help="tokens per sequence (default: the preset's max_sequence_length)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPE_POLICIES,
+        help="dtype policy (mixed_bfloat16: float32 weights, bfloat16 activations)",
+    )
+    parser.add_argument(
+        "--optimizer", default="both", choices=OPTIMIZERS + ("both",),
+        help="Keras optimizer whose state is counted (default: both)",
+    )
+    parser.add_argument(
+        "--fsdp", action="store_true",
+        help="also split weights along the batch axis (ZeRO-3 style)",
+    )
+    parser.add_argument(
+        "--experts-on", choices=("expert", "batch"), default=None,
+        help="mesh axis of the expert banks, as `keras-brainformer train --experts-on` "
+        "(default: expert if the mesh has it, else batch unless the mesh is batch-only "
+        "without --fsdp, which replicates them)",
+    )
+    parser.add_argument(
+        "--device-memory", default=None,
+        help="memory of one device, e.g. 16GB (10^9 bytes) or 16GiB (2^30 bytes); "
+        "prints whether the plan fits and exits 1 if not",
+    )
+
+
+def load_config(preset):
+    """The backbone config of a zoo preset name or a preset folder."""
+    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+    from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+    from keras_brainformer.training.trainer import TrainingError
+
+    if preset in backbone_presets:
+        return get_preset_config(preset)
+    path = os.path.join(preset, "config.json") if os.path.isdir(preset) else None
+    if path is None or not os.path.exists(path):
+        raise TrainingError(
+            f"Unknown preset {preset!r}: not a zoo preset nor a preset folder "
+            f"with a config.json. Zoo presets: {sorted(backbone_presets)}."
+        )
+    with open(path) as f:
+        entry = json.load(f)
+    config = dict(entry.get("config", entry))
+    for key in ("name", "trainable"):
+        config.pop(key, None)
+    if not {"vocabulary_size", "hidden_dim", "blocks"} <= set(config):
+        raise TrainingError(f"{path} is not a BrainformerBackbone config.")
+    return config
+
+
+def plans(args):
+    """The `MemoryPlan`s asked for by parsed `args` (bad input raises
+    `TrainingError`)."""
+    from keras_brainformer.training.trainer import TrainingError
+
+    config = load_config(args.preset)
+    try:
+        mesh = parse_mesh_spec(args.mesh)
+        batch_size = args.batch_size if args.batch_size is not None else mesh["batch"]
+        seq_len = (
+            args.seq_len if args.seq_len is not None else config.get("max_sequence_length", 2048)
+        )
+        optimizers = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
+        return [
+            plan_memory(
+                config, mesh, batch_size, seq_len, dtype=args.dtype,
+                optimizer=optimizer, fsdp=args.fsdp,
+                expert_dim_name=expert_axis(mesh, args.experts_on, args.fsdp),
+            )
+            for optimizer in optimizers
+        ]
+    except (TypeError, ValueError) as error:
+        raise TrainingError(str(error)) from None
+
+
+def run(args):
+    """Prints the plan table(s); exits with code 1 if a plan does not fit."""
+    from keras_brainformer.training.trainer import TrainingError
+
+    device_memory = None
+    if args.device_memory is not None:
+        try:
+            device_memory = parse_bytes(args.device_memory)
+        except ValueError as error:
+            raise TrainingError(f"--device-memory: {error}") from None
+    results = plans(args)
+    print(f"preset {args.preset}")
+    for plan in results:
+        print()
+        print(plan.table())
+    if device_memory is not None:
+        print()
+        for plan in results:
+            print(f"{plan.optimizer}: {plan.verdict(device_memory)}")
+        if not all(plan.fits(device_memory) for plan in results):
+            return EXIT_DOES_NOT_FIT
+    return 0

@@ -1,0 +1,138 @@
+"""Runs a few `fit` steps of a tiny model on several meshes and prints JSON.
+
+Used by `tests/test_distribution.py` in a subprocess started with
+`JAX_NUM_CPU_DEVICES=8 KERAS_BACKEND=jax`, so that JAX sees 8 simulated
+devices (the variable must be set before JAX starts):
+
+    python tests/distributed_fit.py --model brainformer --meshes batch=8 batch=2,expert=4
+
+For each mesh (and once without any distribution, the reference) it builds
+the model under the distribution, trains `--steps` steps on fixed data with
+AdamW, and records the per-step losses, the final weights' checksum, and the
+local shard shape of every weight and of its optimizer slots.
+"""
+
+import argparse
+import json
+
+import keras
+import numpy as np
+
+from keras_brainformer.distribution.mesh import make_distribution
+from keras_brainformer.layers import glam_layer_pair
+from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+
+
+def model_config(name, load_balance=True):
+    if name == "brainformer":
+        config = get_preset_config("brainformer1_tiny")
+    elif name == "glam":
+        # glam_tiny's layout (attention, top-2 MoE, attention, FFN) at d=64
+        # with 4 heads, so that the heads split on a model axis of 2 or 4.
+        config = get_preset_config("glam_tiny")
+        config["hidden_dim"] = 64
+        config["blocks"] = glam_layer_pair(4, 256, 8).to_dict()
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    config["vocabulary_size"] = 1024
+    if not load_balance:
+        for sub in config["blocks"]["sublayers"]:
+            if sub["kind"] == "moe":
+                sub["load_balance_loss_weight"] = 0.0
+    return config
+
+
+def batches(steps, batch_size, length, vocabulary):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, vocabulary, size=(steps * batch_size, length + 1))
+    x = {
+        "token_ids": tokens[:, :-1].astype("int32"),
+        "padding_mask": np.ones((steps * batch_size, length), "int32"),
+    }
+    return x, tokens[:, 1:].astype("int32")
+
+
+def local_shape(variable):
+    value = variable.value
+    shards = getattr(value, "addressable_shards", None)
+    return list(shards[0].data.shape) if shards else list(value.shape)
+
+
+def spec_of(variable):
+    sharding = getattr(variable.value, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return [None if a is None else str(a) for a in spec] if spec is not None else None
+
+
+def run(config, mesh, steps, batch_size, length, experts_on):
+    distribution = None if mesh == "none" else make_distribution(mesh, experts_on=experts_on)
+    keras.utils.set_random_seed(0)
+    scope = distribution.scope() if distribution else _null()
+    with scope:
+        lm = BrainformerCausalLM(
+            backbone=BrainformerCausalLM.backbone_cls(**config), preprocessor=None
+        )
+        lm.compile(
+            optimizer=keras.optimizers.AdamW(learning_rate=1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        x, y = batches(steps, batch_size, length, config["vocabulary_size"])
+        losses = []
+
+        class Record(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                losses.append(float(logs["loss"]))
+
+        lm.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+               callbacks=[Record()])
+        # Keras logs the running mean of the loss; recover per-step losses.
+        per_step = [losses[0]] + [
+            (i + 1) * losses[i] - i * losses[i - 1] for i in range(1, len(losses))
+        ]
+        weights = {
+            v.path: {
+                "shape": list(v.shape),
+                "local": local_shape(v),
+                "spec": spec_of(v),
+                "trainable": v.trainable,
+            }
+            for v in lm.backbone.weights
+        }
+        slots = {}
+        for v in lm.optimizer.variables:
+            slots[v.path] = {"shape": list(v.shape), "local": local_shape(v)}
+        checksum = float(
+            sum(np.abs(keras.ops.convert_to_numpy(v.value)).sum() for v in lm.backbone.weights)
+        )
+    return {"losses": per_step, "weights": weights, "slots": slots, "checksum": checksum}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="brainformer")
+    parser.add_argument("--meshes", nargs="*", default=[])
+    parser.add_argument("--experts-on", default=None)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=32)
+    args = parser.parse_args()
+    config = model_config(args.model)
+    results = {"devices": len(keras.distribution.list_devices())}
+    for mesh in ["none"] + args.meshes:
+        experts_on = args.experts_on if mesh != "none" else None
+        key = mesh if experts_on is None else f"{mesh}|experts_on={experts_on}"
+        results[key] = run(config, mesh, args.steps, args.batch_size, args.length, experts_on)
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Scale-out: layout maps cover every weight; data / model / expert / data×expert
+meshes on 8 simulated JAX devices train like one device; expert weights and
+their optimizer slots are split as intended; the dispatched MoE tensors move
+by all-to-all; a two-process (multi-host) run agrees with itself and with one
+device; tf.distribute.MirroredStrategy on two logical CPUs matches one device.
+
+The multi-device checks run in subprocesses: JAX fixes its device count when
+it starts (`JAX_NUM_CPU_DEVICES`), TensorFlow its logical devices.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_brainformer.distribution.layout_map import TENSOR_RULES
+from keras_brainformer.distribution.layout_map import WEIGHT_RULES
+from keras_brainformer.distribution.layout_map import check_divisible
+from keras_brainformer.distribution.layout_map import get_layout_map
+from keras_brainformer.distribution.layout_map import match_rule
+from keras_brainformer.distribution.layout_map import resolve_axes
+from keras_brainformer.distribution.mesh import make_distribution
+from keras_brainformer.distribution.mesh import parse_mesh_spec
+from keras_brainformer.layers import grouped_scatter
+from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TINY = (
+    "brainformer1_tiny",
+    "brainformer2_tiny",
+    "glam_tiny",
+    "glam_ec_tiny",
+    "dense_tiny",
+    "primer_tiny",
+)
+jax_only = pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="keras.distribution runs on the JAX backend"
+)
+
+
+def _variants():
+    for name in TINY:
+        yield name, get_preset_config(name)
+    untied = get_preset_config("glam_tiny")
+    untied["tie_embeddings"] = False
+    yield "glam_tiny untied", untied
+    layer_norm = get_preset_config("primer_tiny")
+    layer_norm["norm"] = "layer"
+    yield "primer_tiny layer norm", layer_norm
+
+
+@pytest.mark.parametrize("name,config", list(_variants()), ids=lambda v: str(v)[:24])
+def test_every_weight_matches_exactly_one_rule(name, config):
+    config = dict(config, vocabulary_size=256)
+    backbone = BrainformerBackbone(**config)
+    for variable in backbone.weights:
+        assert len(match_rule(variable.path)) == 1, (variable.path, match_rule(variable.path))
+        assert not match_rule(variable.path, TENSOR_RULES), variable.path
+    # Keras' own lookup (re.fullmatch, an error on two matches) agrees.
+    mesh = keras.distribution.DeviceMesh((1, 1, 1), ("batch", "expert", "model"),
+                                         keras.distribution.list_devices()[:1])
+    layout_map = get_layout_map(mesh)
+    for variable in backbone.weights:
+        assert layout_map[variable.path] is not None, variable.path
+    for moe in backbone.moe_layers:
+        layout = layout_map[f"{moe.path}/dispatched"]
+        assert layout.axes == ("expert", "batch", None, None)
+
+
+def test_replicated_rules_are_exactly_the_small_weights():
+    sharded = {name for name, _, axes in WEIGHT_RULES if any(a is not None for a in axes)}
+    assert sharded == {
+        "embedding", "reverse_embedding", "attention_qkv", "attention_output",
+        "attention_conv", "ffn_in", "ffn_out", "expert_in", "expert_out",
+    }
+
+
+def test_resolve_axes_drops_missing_and_repeated_axes():
+    template = ("expert", "fsdp", "model")
+    assert resolve_axes(template, ("batch", "expert"), "batch", "model", "expert", False) == (
+        "expert", None, None)
+    assert resolve_axes(template, ("batch", "model"), "batch", "model", "batch", True) == (
+        "batch", None, "model")
+    assert resolve_axes(template, ("batch", "expert", "model"), "batch", "model", "expert",
+                        True) == ("expert", "batch", "model")
+
+
+def test_mesh_spec_parsing_and_errors():
+    assert parse_mesh_spec("batch=2,expert=4") == {"batch": 2, "expert": 4}
+    assert parse_mesh_spec(" model = 2 ") == {"batch": 1, "model": 2}
+    for bad, word in (("batch=2,batch=2", "twice"), ("gpu=2", "unknown axis"),
+                      ("batch=0", ">= 1"), ("batch:2", "axis=size"), ("", "axis=size")):
+        with pytest.raises(ValueError, match=word):
+            parse_mesh_spec(bad)
+    with pytest.raises(TypeError, match="mesh"):
+        parse_mesh_spec(8)
+    with pytest.raises(ValueError, match="needs 8 devices but 1"):
+        make_distribution("batch=8", devices=keras.distribution.list_devices()[:1])
+    with pytest.raises(ValueError, match="experts_on"):
+        make_distribution("batch=1", experts_on="model")
+
+
+def test_check_divisible_names_the_weight():
+    mesh = keras.distribution.DeviceMesh((1,), ("batch",), keras.distribution.list_devices()[:1])
+    layout_map = get_layout_map(mesh)
+    check_divisible({"block_0/1_moe/experts/w_in": (8, 64, 96)}, layout_map)
+    # A pretend 3-way expert axis: 8 experts do not split in three.
+    layout_map_3 = _FakeLayoutMap({"expert": 3, "batch": 1})
+    expected = r"block_0/1_moe/experts/w_in \(8, 64, 96\).*'expert' of size 3"
+    with pytest.raises(ValueError, match=expected):
+        check_divisible({"block_0/1_moe/experts/w_in": (8, 64, 96)}, layout_map_3)
+
+
+class _FakeLayoutMap:
+    """A layout map over a mesh larger than this machine (no devices needed)."""
+
+    def __init__(self, sizes):
+        self.device_mesh = type("Mesh", (), {"axis_names": tuple(sizes),
+                                             "shape": tuple(sizes.values())})()
+
+    def __getitem__(self, path):
+        (name,) = match_rule(path)
+        template = next(axes for n, _, axes in WEIGHT_RULES if n == name)
+        axes = resolve_axes(template, self.device_mesh.axis_names, "batch", "model",
+                            "expert", False)
+        return type("Layout", (), {"axes": axes})()
+
+
+@pytest.mark.parametrize("trailing", [(), (3,)])
+def test_grouped_scatter_matches_portable_reference(trailing):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 10) + trailing).astype("float32")
+    index = rng.integers(0, 6, size=(4, 10)).astype("int32")  # duplicates
+    fast = grouped_scatter.segment_sum_per_group(values, index, 6)
+    portable = grouped_scatter.portable_segment_sum_per_group(values, index, 6)
+    expected = np.zeros((4, 6) + trailing, "float32")
+    for g in range(4):
+        for n in range(10):
+            expected[g, index[g, n]] += values[g, n]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fast), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(portable), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+def _run(script, *args, env=None, timeout=600):
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    done = subprocess.run(
+        [sys.executable, os.path.join(TESTS, script), *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+JAX8 = {"JAX_NUM_CPU_DEVICES": "8", "KERAS_BACKEND": "jax"}
+# float32 sums in another order (per-shard partial sums, then a collective):
+# the same losses to ~1e-6 relative after 3 steps; 2e-5 leaves headroom, and a
+# wrong sharding (a dropped shard, a double-counted all-reduce) moves the
+# loss by far more than that.
+RTOL = 2e-5
+
+
+def _check_run(result, reference, sizes, experts_on):
+    np.testing.assert_allclose(result["losses"], reference["losses"], rtol=RTOL)
+    assert result["checksum"] == pytest.approx(reference["checksum"], rel=RTOL)
+    if set(sizes) == {"batch"} and experts_on is None:
+        split = 1  # plain DataParallel
+    else:  # make_distribution's default: the expert axis, else the batch axis
+        split = sizes[experts_on or ("expert" if "expert" in sizes else "batch")]
+    model = sizes.get("model", 1)
+    slots_checked = 0
+    for path, weight in result["weights"].items():
+        shape, local = weight["shape"], weight["local"]
+        if re.search(r"moe/experts/w_(in|gate)$", path):
+            assert local == [shape[0] // split, shape[1], shape[2] // model], path
+        elif path.endswith("moe/experts/w_out"):
+            assert local == [shape[0] // split, shape[1] // model, shape[2]], path
+        elif re.search(r"attention/w_(query|key|value)$", path):
+            assert local == [shape[0], shape[1] // model, shape[2]], path
+        elif path.endswith("router/kernel") or path.endswith("_norm/scale"):
+            assert local == shape, path
+        # AdamW's momentum and velocity carry their weight's split.
+        slot_prefix = path.replace("/", "_")
+        for slot_path, slot in result["slots"].items():
+            if slot_path.split("/", 1)[1] in (f"{slot_prefix}_momentum",
+                                               f"{slot_prefix}_velocity"):
+                assert slot["local"] == local, slot_path
+                slots_checked += 1
+    trainable = sum(w["trainable"] for w in result["weights"].values())
+    assert slots_checked == 2 * trainable
+
+
+MESHES = ("batch=8", "batch=2,model=4", "batch=2,expert=4", "batch=1,expert=8")
+
+
+@jax_only
+@pytest.mark.parametrize("model", ["brainformer", "glam"])
+def test_meshes_train_like_one_device(model):
+    result = _run("distributed_fit.py", "--model", model, "--meshes", *MESHES, env=JAX8)
+    assert result["devices"] == 8
+    reference = result["none"]
+    for mesh in MESHES:
+        _check_run(result[mesh], reference, parse_mesh_spec(mesh), None)
+    # Data-parallel replicates; every other mesh splits the expert banks.
+    assert result["batch=8"]["weights"]["block_0/1_moe/experts/w_in"]["spec"] == [None] * 3
+    assert result["batch=1,expert=8"]["weights"]["block_0/1_moe/experts/w_in"]["local"][0] == 1
+
+
+@jax_only
+def test_gshard_layout_experts_on_the_batch_axis():
+    result = _run(
+        "distributed_fit.py", "--model", "glam", "--meshes", "batch=8",
+        "--experts-on", "batch", env=JAX8,
+    )
+    _check_run(result["batch=8|experts_on=batch"], result["none"], {"batch": 8}, "batch")
+
+
+HLO_SCRIPT = """
+import re, jax, keras, numpy as np
+from keras_brainformer.distribution.mesh import make_distribution
+from keras_brainformer.layers import MoEFeedForward
+counts = {}
+for constrain in (True, False):
+    dist = make_distribution("batch=8", experts_on="batch")
+    if not constrain:
+        del dist._layout_map[next(k for k in dist._layout_map if "dispatched" in k)]
+    with dist.scope():
+        with keras.name_scope("block_0"):
+            moe = MoEFeedForward(8, 128, router_kwargs={"k": 2}, name="1_moe")
+            moe.build((None, 64, 64))
+        x = np.random.rand(16, 64, 64).astype("float32")
+        x = jax.device_put(x, dist.get_data_layout(x.shape).backend_layout)
+        tv = [v.value for v in moe.trainable_variables]
+        ntv = [v.value for v in moe.non_trainable_variables]
+        def loss(tv, ntv, x):
+            return (moe.stateless_call(tv, ntv, x, training=True)[0] ** 2).mean()
+        text = jax.jit(jax.grad(loss)).lower(tv, ntv, x).compile().as_text()
+    counts[constrain] = {
+        "all_to_all": len(re.findall(r" all-to-all(?:-start)?\\(", text)),
+        "token_gathers": len(re.findall(r"f32\\[16,64,64\\][^ ]* all-gather", text)),
+    }
+print("RESULT " + json.dumps({"constrained": counts[True], "free": counts[False]}))
+"""
+
+
+@jax_only
+def test_dispatched_tokens_move_by_all_to_all(tmp_path):
+    script = tmp_path / "hlo.py"
+    script.write_text("import json\n" + HLO_SCRIPT)
+    result = _run(str(script), env=JAX8)
+    # GShard layout (experts on the batch axis): with the sharding constraint
+    # on the dispatched tensors, tokens travel by all-to-all and the full
+    # token tensor is never gathered on every device.
+    assert result["constrained"]["all_to_all"] >= 2, result
+    assert result["constrained"]["token_gathers"] == 0, result
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@jax_only
+def test_two_processes_on_loopback_agree_with_one_device():
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", KERAS_BACKEND="jax",
+               PYTHONUNBUFFERED="1")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(TESTS, "multihost_fit.py"),
+             "--coordinator", address, "--process-id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for i in range(2)
+    ]
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=400)
+            lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+            assert process.returncode == 0 and lines, err[-4000:]
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    reference = _run("distributed_fit.py", "--model", "glam", "--meshes",
+                     env={"KERAS_BACKEND": "jax"})["none"]
+    for result in results:
+        assert result["global_devices"] == 4 and result["local_devices"] == 2
+        # Each process reads half of every global batch.
+        assert result["local_batch_rows"] * 2 == result["global_rows"]
+        assert result["expert_w_in_local"][0] * 2 == result["expert_w_in_global"][0]
+        np.testing.assert_allclose(result["losses"], reference["losses"], rtol=RTOL)
+    assert results[0]["losses"] == results[1]["losses"]
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="tf.distribute")
+def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
+    result = _run("mirrored_fit.py", env={"KERAS_BACKEND": "tensorflow"})
+    assert result["replicas"] == 2
+    np.testing.assert_allclose(result["mirrored"], result["single"], rtol=RTOL)
