@@ -310,3 +310,72 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
     result = _run("mirrored_fit.py", env={"KERAS_BACKEND": "tensorflow"})
     assert result["replicas"] == 2
     np.testing.assert_allclose(result["mirrored"], result["single"], rtol=RTOL)
+
+
+@jax_only
+def test_multihost_example_on_the_real_corpus_pipeline():
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", KERAS_BACKEND="jax", PYTHONUNBUFFERED="1")
+    example = os.path.join(os.path.dirname(TESTS), "examples", "train_multihost.py")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, example, "--coordinator", address, "--num-processes", "2",
+             "--process-id", str(i), "--mesh", "batch=2,expert=4", "--steps", "3",
+             "--sequence-length", "32", "--max-corpus-bytes", "100000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for i in range(2)
+    ]
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=400)
+            lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+            assert process.returncode == 0 and lines, err[-4000:]
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [r["process"] for r in results] == [0, 1]
+    assert len(results[0]["losses"]) == 3 and np.all(np.isfinite(results[0]["losses"]))
+    assert results[0]["losses"] == results[1]["losses"]
+
+
+def test_train_mesh_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    from keras_brainformer import cli
+
+    out = tmp_path / "run"
+    common = ["train", "--preset", "glam_tiny", "--out", str(out), "--steps", "1"]
+    if keras.config.backend() != "jax":
+        assert cli.main(common + ["--mesh", "batch=1"]) == 2
+        assert "needs the JAX backend" in capsys.readouterr().err
+    else:
+        assert cli.main(common + ["--mesh", "batch=3"]) == 2
+        assert "batch size 16 is not divisible" in capsys.readouterr().err
+        assert cli.main(common + ["--mesh", "batch=2", "--batch-size", "2"]) == 2
+        assert "needs 2 devices but 1" in capsys.readouterr().err
+        assert cli.main(common + ["--mesh", "batch=1", "--batch-size", "3",
+                                  "--experts-on", "expert"]) == 2
+        assert "not an axis of the mesh" in capsys.readouterr().err
+    assert cli.main(common + ["--mesh", "batch=one"]) == 2
+    assert "Invalid mesh spec" in capsys.readouterr().err
+    assert cli.main(common + ["--fsdp"]) == 2
+    assert "need a `mesh`" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@jax_only
+def test_train_command_with_a_mesh(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_brainformer", "train", "--preset", "glam_tiny",
+         "--out", str(tmp_path / "run"), "--steps", "2", "--steps-per-epoch", "2",
+         "--batch-size", "8", "--sequence-length", "32", "--max-corpus-bytes", "100000",
+         "--validation-batches", "1", "--mesh", "batch=2,expert=4"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, **JAX8),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "ModelParallel over 8 devices (batch=2, expert=4)" in done.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["validation_loss_causal"])

@@ -494,6 +494,10 @@ class LanguageModelData:
 
         signature = tf.TensorSpec([batch_size, self.sequence_length + 1], tf.int32)
         dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+        # Re-batched so that the batch size is visible to tf.data (Keras
+        # splits a dataset between processes by it in multi-host runs); the
+        # batches are the same.
+        dataset = dataset.unbatch().batch(batch_size, drop_remainder=True)
         return dataset.map(_inputs_and_targets).prefetch(tf.data.AUTOTUNE)
 
     def validation_steps(self, batch_size, max_batches=None):
@@ -519,11 +523,11 @@ class LanguageModelData:
         count = self.validation_steps(batch_size, max_batches)
         windows = self.validation_windows
         if len(windows) < batch_size:
-            batches = windows[None]
+            rows, batch_size = windows, len(windows)
         else:
-            width = self.sequence_length + 1
-            batches = windows[: count * batch_size].reshape(count, batch_size, width)
-        dataset = tf.data.Dataset.from_tensor_slices(batches)
+            rows = windows[: count * batch_size]
+        dataset = tf.data.Dataset.from_tensor_slices(rows)
+        dataset = dataset.batch(batch_size, drop_remainder=True)
         return dataset.map(_inputs_and_targets)
 
     def summary(self):

@@ -382,14 +382,14 @@ def _make_distribution(mesh, experts_on, fsdp, batch_size):
     from keras_brainformer.distribution.mesh import make_distribution
     from keras_brainformer.distribution.mesh import parse_mesh_spec
 
-    if keras.config.backend() != "jax":
-        raise TrainingError(
-            f"--mesh needs the JAX backend (keras.distribution); the backend is "
-            f"{keras.config.backend()!r}. Set KERAS_BACKEND=jax, or see "
-            "docs/distributed_training.md for tf.distribute."
-        )
     try:
         sizes = parse_mesh_spec(mesh)
+        if keras.config.backend() != "jax":
+            raise ValueError(
+                f"--mesh needs the JAX backend (keras.distribution); the backend is "
+                f"{keras.config.backend()!r}. Set KERAS_BACKEND=jax, or see "
+                "docs/distributed_training.md for tf.distribute."
+            )
         if batch_size % sizes["batch"]:
             raise ValueError(
                 f"The batch size {batch_size} is not divisible by the mesh's batch "
