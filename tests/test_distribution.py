@@ -247,6 +247,7 @@ for constrain in (True, False):
     counts[constrain] = {
         "all_to_all": len(re.findall(r" all-to-all(?:-start)?\\(", text)),
         "token_gathers": len(re.findall(r"f32\\[16,64,64\\][^ ]* all-gather", text)),
+        "weight_gathers": len(re.findall(r"f32\\[8,(?:64,128|128,64)\\][^ ]* all-gather", text)),
     }
 print("RESULT " + json.dumps({"constrained": counts[True], "free": counts[False]}))
 """
@@ -258,10 +259,14 @@ def test_dispatched_tokens_move_by_all_to_all(tmp_path):
     script.write_text("import json\n" + HLO_SCRIPT)
     result = _run(str(script), env=JAX8)
     # GShard layout (experts on the batch axis): with the sharding constraint
-    # on the dispatched tensors, tokens travel by all-to-all and the full
-    # token tensor is never gathered on every device.
+    # on the dispatched tensors, tokens travel by all-to-all, and neither the
+    # full token tensor nor an expert bank is gathered on every device.
     assert result["constrained"]["all_to_all"] >= 2, result
     assert result["constrained"]["token_gathers"] == 0, result
+    assert result["constrained"]["weight_gathers"] == 0, result
+    # Without it, XLA gathers the expert banks instead (what the constraint
+    # is for).
+    assert result["free"]["weight_gathers"] > 0, result
 
 
 def _free_port():
