@@ -4,7 +4,9 @@ Used by `tests/test_distribution.py` in a subprocess started with
 `JAX_NUM_CPU_DEVICES=8 KERAS_BACKEND=jax`, so that JAX sees 8 simulated
 devices (the variable must be set before JAX starts):
 
-    python tests/distributed_fit.py --model brainformer --meshes batch=8 batch=2,expert=4
+    python tests/distributed_fit.py --model glam --meshes batch=8 batch=2,expert=4 batch=8@batch
+
+(`MESH@AXIS` puts the expert banks on mesh axis AXIS, e.g. GShard's layout.)
 
 For each mesh (and once without any distribution, the reference) it builds
 the model under the distribution, trains `--steps` steps on fixed data with
@@ -120,17 +122,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="brainformer")
     parser.add_argument("--meshes", nargs="*", default=[])
-    parser.add_argument("--experts-on", default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
     args = parser.parse_args()
     config = model_config(args.model)
     results = {"devices": len(keras.distribution.list_devices())}
-    for mesh in ["none"] + args.meshes:
-        experts_on = args.experts_on if mesh != "none" else None
-        key = mesh if experts_on is None else f"{mesh}|experts_on={experts_on}"
-        results[key] = run(config, mesh, args.steps, args.batch_size, args.length, experts_on)
+    for key in ["none"] + args.meshes:
+        # "batch=8@batch": the mesh, with the experts on the batch axis.
+        mesh, _, experts_on = key.partition("@")
+        results[key] = run(
+            config, mesh, args.steps, args.batch_size, args.length, experts_on or None
+        )
     print("RESULT " + json.dumps(results))
 
 

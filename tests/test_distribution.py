@@ -200,12 +200,28 @@ def _check_run(result, reference, sizes, experts_on):
 
 
 MESHES = ("batch=8", "batch=2,model=4", "batch=2,expert=4", "batch=1,expert=8")
+GSHARD = "batch=8@batch"  # experts on the batch axis
+
+
+@pytest.fixture(scope="module")
+def mesh_runs():
+    """One subprocess per model: the one-device reference and every mesh."""
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            meshes = MESHES + ((GSHARD,) if model == "glam" else ())
+            cache[model] = _run("distributed_fit.py", "--model", model, "--meshes", *meshes,
+                                env=JAX8)
+        return cache[model]
+
+    return get
 
 
 @jax_only
 @pytest.mark.parametrize("model", ["brainformer", "glam"])
-def test_meshes_train_like_one_device(model):
-    result = _run("distributed_fit.py", "--model", model, "--meshes", *MESHES, env=JAX8)
+def test_meshes_train_like_one_device(model, mesh_runs):
+    result = mesh_runs(model)
     assert result["devices"] == 8
     reference = result["none"]
     for mesh in MESHES:
@@ -216,12 +232,9 @@ def test_meshes_train_like_one_device(model):
 
 
 @jax_only
-def test_gshard_layout_experts_on_the_batch_axis():
-    result = _run(
-        "distributed_fit.py", "--model", "glam", "--meshes", "batch=8",
-        "--experts-on", "batch", env=JAX8,
-    )
-    _check_run(result["batch=8|experts_on=batch"], result["none"], {"batch": 8}, "batch")
+def test_gshard_layout_experts_on_the_batch_axis(mesh_runs):
+    result = mesh_runs("glam")
+    _check_run(result[GSHARD], result["none"], {"batch": 8}, "batch")
 
 
 HLO_SCRIPT = """
@@ -276,7 +289,7 @@ def _free_port():
 
 
 @jax_only
-def test_two_processes_on_loopback_agree_with_one_device():
+def test_two_processes_on_loopback_agree_with_one_device(mesh_runs):
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", KERAS_BACKEND="jax",
                PYTHONUNBUFFERED="1")
@@ -299,8 +312,7 @@ def test_two_processes_on_loopback_agree_with_one_device():
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    reference = _run("distributed_fit.py", "--model", "glam", "--meshes",
-                     env={"KERAS_BACKEND": "jax"})["none"]
+    reference = mesh_runs("glam")["none"]  # the same model and data on one device
     for result in results:
         assert result["global_devices"] == 4 and result["local_devices"] == 2
         # Each process reads half of every global batch.

@@ -108,8 +108,9 @@ def make_distribution(mesh, experts_on=None, fsdp=False, devices=None):
         creating the model.
 
     Example:
-    >>> d = make_distribution("batch=1")
-    >>> type(d).__name__
+    >>> import keras
+    >>> one_device = keras.distribution.list_devices()[:1]
+    >>> type(make_distribution("batch=1", devices=one_device)).__name__
     'DataParallel'
     """
     sizes = parse_mesh_spec(mesh) if isinstance(mesh, str) else dict(mesh)
