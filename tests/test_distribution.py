@@ -118,6 +118,16 @@ def test_check_divisible_names_the_weight():
         check_divisible({"block_0/1_moe/experts/w_in": (8, 64, 96)}, layout_map_3)
 
 
+def test_train_refuses_a_mesh_that_does_not_divide_the_model_before_building_it():
+    from keras_brainformer.training.trainer import TrainingError
+    from keras_brainformer.training.trainer import check_layout
+
+    distribution = type("D", (), {"_layout_map": _FakeLayoutMap({"batch": 1, "model": 2})})()
+    check_layout(get_preset_config("brainformer1_tiny"), distribution)  # 4 heads: fine
+    with pytest.raises(TrainingError, match=r"block_0/0_attention/w_query \(70, 5, 14\)"):
+        check_layout(get_preset_config("glam_tiny"), distribution)  # 5 heads on model=2
+
+
 class _FakeLayoutMap:
     """A layout map over a mesh larger than this machine (no devices needed)."""
 

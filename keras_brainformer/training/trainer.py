@@ -211,6 +211,7 @@ def train_language_model(
     preset_dir = str(resolve_preset(preset))
     with open(pathlib.Path(preset_dir) / "config.json") as f:
         model_config = json.load(f)["config"]
+    check_layout(model_config, distribution)
     run_settings = _json_roundtrip(
         {
             "preset": str(preset),
@@ -282,15 +283,6 @@ def train_language_model(
         if distribution is not None and verbose:
             print(f"Distribution: {_describe(distribution)}")
         lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
-        if distribution is not None:
-            from keras_brainformer.distribution.layout_map import check_divisible
-
-            layout_map = getattr(distribution, "_layout_map", None)
-            if layout_map is not None:
-                try:
-                    check_divisible({v.path: v.shape for v in lm.backbone.weights}, layout_map)
-                except ValueError as error:
-                    raise TrainingError(str(error)) from None
         vocabulary = lm.backbone.vocabulary_size
         if text_tokenizer.vocabulary_size() > vocabulary:
             raise TrainingError(
@@ -397,6 +389,21 @@ def _make_distribution(mesh, experts_on, fsdp, batch_size):
             )
         return make_distribution(sizes, experts_on=experts_on, fsdp=fsdp)
     except (ValueError, TypeError) as error:
+        raise TrainingError(str(error)) from None
+
+
+def check_layout(model_config, distribution):
+    """Raises `TrainingError` naming every weight of `model_config` that the
+    distribution's layout map cannot split evenly (before any is created)."""
+    layout_map = getattr(distribution, "_layout_map", None)
+    if layout_map is None:
+        return
+    from keras_brainformer.distribution.layout_map import check_divisible
+    from keras_brainformer.distribution.weight_shapes import weight_shapes
+
+    try:
+        check_divisible(weight_shapes(model_config), layout_map)
+    except ValueError as error:
         raise TrainingError(str(error)) from None
 
 
