@@ -8,13 +8,16 @@
     keras-brainformer search --budget-per-trial 60 --trials 40 --out runs/search
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
-another model) prints one `error:` line and exits with code 2.
+another model) prints one `error:` line and exits with code 2. A training
+loss that turns NaN or infinite prints the step and the checkpoint kept, and
+exits with code 3. `plan` exits with 1 when the plan does not fit.
 """
 
 import argparse
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
 
 
 def _positive_int(text):
@@ -244,6 +247,7 @@ def _run_presets(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from keras_brainformer.training.trainer import NonFiniteLossError
     from keras_brainformer.training.trainer import TrainingError
 
     handlers = {"train": _run_train, "generate": _run_generate, "presets": _run_presets}
@@ -261,6 +265,9 @@ def main(argv=None):
         handlers["search"] = search_command.run
     try:
         code = handlers[args.command](args)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE_LOSS
     except (TrainingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

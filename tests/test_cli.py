@@ -15,6 +15,7 @@ import pytest
 from keras_brainformer import cli
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.training.trainer import KILL_AT_EPOCH_VARIABLE
+from keras_brainformer.training.trainer import NAN_AT_STEP_VARIABLE
 
 # Seconds-scale settings: tiny model, short sequences, a small corpus slice.
 SMOKE = [
@@ -138,6 +139,27 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Epoch 1 = steps 1-2 (checkpointed); step 3's loss is NaN.
+    out = tmp_path / "nan"
+    done = _train_subprocess(out, {NAN_AT_STEP_VARIABLE: "3"})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "the training loss is nan" in done.stderr
+    assert "at epoch 2, batch 1 (optimizer step 3)" in done.stderr
+    assert "checkpoint after epoch 1 is kept" in done.stderr
+    assert not (out / "preset").exists() and not (out / "summary.json").exists()
+    backup = sorted((out / "backup").glob("*.weights.h5"))
+    assert backup
+    for path in backup:  # every checkpoint on disk is the good one
+        with h5py.File(path, "r") as f:
+            values = []
+            f.visititems(
+                lambda name, item: values.append(item[()])
+                if isinstance(item, h5py.Dataset) else None
+            )
+        assert values and all(np.all(np.isfinite(v)) for v in values), path
 
 
 def test_compare_writes_csv_plot_and_table(tmp_path):

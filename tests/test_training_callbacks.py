@@ -304,10 +304,10 @@ def test_stop_on_non_finite_loss_names_the_step(capsys):
         x, y, batch_size=BATCH, epochs=3, callbacks=[PoisonAfter(), stop], verbose=0
     )
     assert (stop.stopped_epoch, stop.stopped_batch, stop.stopped_step) == (1, 2, 6)
-    assert "epoch 1, batch 2 (optimizer step 6)" in capsys.readouterr().out
+    assert "epoch 2, batch 3 (optimizer step 6)" in capsys.readouterr().out
     assert len(history.history["loss"]) == 2
     raising = StopOnNonFiniteLoss(raise_error=True)
     raising.set_model(lm)
     raising.on_train_begin()
-    with pytest.raises(FloatingPointError, match="batch 0"):
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
         raising.on_train_batch_end(0, {"loss": float("inf")})

@@ -267,8 +267,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     infinite, saying where.
 
     Like `keras.callbacks.TerminateOnNaN`, but the message names the epoch,
-    the batch and the optimizer step, and they stay on the callback:
-    `stopped_epoch`, `stopped_batch`, `stopped_step` (None while training
+    the batch (1-based, as Keras' progress bar counts) and the optimizer
+    step, and they stay on the callback: `stopped_epoch`, `stopped_batch`
+    (0-based, as Keras passes them), `stopped_step` (None while training
     was not stopped) and `message`. The logged loss is the running mean of
     the epoch, so it turns non-finite at the first bad batch. Training stops
     gracefully (`model.stop_training = True`; other callbacks' `on_train_end`
@@ -316,7 +317,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self.stopped_step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         self.message = (
             f"StopOnNonFiniteLoss: the training loss is {float(loss)} at epoch "
-            f"{self._epoch}, batch {batch} (optimizer step {self.stopped_step}); "
+            f"{self._epoch + 1}, batch {batch + 1} (optimizer step {self.stopped_step}); "
             "stopping training."
         )
         if self.raise_error:

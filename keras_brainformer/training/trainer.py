@@ -36,10 +36,15 @@ PRESET_DIR = "preset"
 
 
 KILL_AT_EPOCH_VARIABLE = "KERAS_BRAINFORMER_KILL_AT_EPOCH"
+NAN_AT_STEP_VARIABLE = "KERAS_BRAINFORMER_NAN_AT_STEP"
 
 
 class TrainingError(ValueError):
     """Bad input to a training run (reported with exit code 2 by the CLI)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite (the message names the step)."""
 
 
 class KillAtEpoch(keras.callbacks.Callback):
@@ -56,6 +61,23 @@ class KillAtEpoch(keras.callbacks.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAtStep(keras.callbacks.Callback):
+    """Fault injection for tests: before optimizer step `step` (1-based),
+    fills the first trainable weight with NaN, so that step's loss is NaN.
+    Enabled only by the `KERAS_BRAINFORMER_NAN_AT_STEP` environment
+    variable."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if done + 1 == self.step:
+            weight = self.model.trainable_weights[0]
+            weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -308,7 +330,9 @@ def train_language_model(
 
         tokens_per_batch = batch_size * sequence_length
         callbacks = [
-            StopOnNonFiniteLoss(),
+            # Raises at the first non-finite loss, before the epoch's end, so
+            # the epoch's checkpoint is never written from broken weights.
+            StopOnNonFiniteLoss(raise_error=True),
             ThroughputLogger(tokens_per_batch),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
@@ -321,16 +345,35 @@ def train_language_model(
             callbacks.append(TimeBudget(time_budget))
         if os.environ.get(KILL_AT_EPOCH_VARIABLE):
             callbacks.append(KillAtEpoch(int(os.environ[KILL_AT_EPOCH_VARIABLE])))
+        if os.environ.get(NAN_AT_STEP_VARIABLE):
+            callbacks.insert(0, PoisonAtStep(int(os.environ[NAN_AT_STEP_VARIABLE])))
 
         start = time.perf_counter()
-        lm.fit(
-            data.train_dataset(batch_size, seed=seed, start_step=start_epoch * steps_per_epoch),
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=data.validation_dataset(batch_size, max_batches=validation_batches),
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        try:
+            lm.fit(
+                data.train_dataset(
+                    batch_size, seed=seed, start_step=start_epoch * steps_per_epoch
+                ),
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                validation_data=data.validation_dataset(
+                    batch_size, max_batches=validation_batches
+                ),
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except FloatingPointError as error:
+            kept = _backed_up_epoch(backup_dir)
+            where = (
+                f"the checkpoint after epoch {kept} is kept in {backup_dir}"
+                if kept
+                else "no epoch had finished, so there is no checkpoint"
+            )
+            raise NonFiniteLossError(
+                f"{error} Training stopped; {where}, and no preset was written. "
+                "Rerunning the same command resumes from the checkpoint; to change "
+                "the learning rate, start a new run (--out or --overwrite)."
+            ) from None
         seconds = time.perf_counter() - start
         steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
 
