@@ -20,6 +20,7 @@ import keras
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import count_parameters
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.training.corpus import default_documents
 from keras_brainformer.training.corpus import split_documents
 from keras_brainformer.training.evaluation import heldout_loss
@@ -108,6 +109,7 @@ def main(argv=None):
         }
     )
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
+    record_checksums(staging)  # from_preset verifies them before loading
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

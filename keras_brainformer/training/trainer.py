@@ -501,12 +501,16 @@ def _backed_up_epoch(backup_dir):
 
 
 def _save_preset_atomically(lm, directory):
-    """Writes the preset next to `directory` and swaps it in when complete."""
+    """Writes the preset next to `directory` (with the checksums of its
+    files in `metadata.json`) and swaps it in when complete."""
+    from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+
     directory = pathlib.Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     lm.save_to_preset(str(staging))
+    record_checksums(staging)  # verified by from_preset before loading
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)

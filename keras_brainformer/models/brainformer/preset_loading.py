@@ -31,6 +31,9 @@ import keras
 from absl import logging
 from keras_hub.src.utils.preset_utils import register_presets
 
+from keras_brainformer.models.brainformer.preset_integrity import PresetError
+from keras_brainformer.models.brainformer.preset_integrity import verify_preset
+
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -181,12 +184,11 @@ def zoo_presets(cls):
     def from_preset(klass, preset, *args, **kwargs):
         parent = super(cls, klass).from_preset
         preset = resolve_preset(preset)
-        if isinstance(preset, str) and os.path.isdir(preset):
-            if not (pathlib.Path(preset) / CONFIG_FILE).exists():
-                raise ValueError(
-                    f"Preset folder {preset!r} has no {CONFIG_FILE}: not a "
-                    "keras-hub preset (see docs/presets.md)."
-                )
+        is_folder = isinstance(preset, str) and os.path.isdir(preset)
+        if is_folder:
+            # Missing, unreadable or corrupted files fail here, naming the
+            # file, before any weight is created.
+            verify_preset(preset)
             weights_requested = kwargs.get("load_weights", True)
             if "load_weights" in _parameters(parent) and weights_requested:
                 if not has_weights(preset):
@@ -202,7 +204,14 @@ def zoo_presets(cls):
                 and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
             ):
                 kwargs["preprocessor"] = None
-        return parent(preset, *args, **kwargs)
+        try:
+            return parent(preset, *args, **kwargs)
+        except OSError as error:
+            if not is_folder:
+                raise
+            raise PresetError(
+                f"{preset}: a file of this preset could not be read ({error})."
+            ) from None
 
     from_preset.__doc__ = (
         f"`{cls.__name__}` from a zoo preset name (see `BrainformerBackbone.presets`) "
