@@ -14,6 +14,7 @@ import pytest
 
 from keras_brainformer import cli
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.training.checkpointing import KILL_IN_CHECKPOINT_VARIABLE
 from keras_brainformer.training.trainer import KILL_AT_EPOCH_VARIABLE
 from keras_brainformer.training.trainer import NAN_AT_STEP_VARIABLE
 
@@ -119,6 +120,7 @@ def _weights(preset_dir):
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
+    """Killed after a checkpoint, and killed in the middle of one."""
     # Uninterrupted: 3 epochs of 2 steps.
     done = _train_subprocess(tmp_path / "straight")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -129,16 +131,25 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     resumed = _train_subprocess(tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming" in resumed.stdout
+    # Killed in the middle of epoch 2's checkpoint (its weights written, its
+    # epoch not yet): the half-written checkpoint must not be used.
+    torn = _train_subprocess(tmp_path / "torn", {KILL_IN_CHECKPOINT_VARIABLE: "2:weights"})
+    assert torn.returncode == -9
+    assert list((tmp_path / "torn" / "backup").glob("epoch-000002.partial"))
+    again_torn = _train_subprocess(tmp_path / "torn")
+    assert again_torn.returncode == 0, again_torn.stderr[-2000:]
+    assert "Resuming" in again_torn.stdout and "after epoch 1 of 3" in again_torn.stdout
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    again = json.loads((tmp_path / "resumed" / "summary.json").read_text())
-    assert again["steps"] == straight["steps"] == 6
-    for key in ("validation_loss_causal", "validation_loss_as_trained"):
-        assert again[key] == pytest.approx(straight[key], abs=1e-6)
     a = _weights(tmp_path / "straight" / "preset")
-    b = _weights(tmp_path / "resumed" / "preset")
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+    for run in ("resumed", "torn"):
+        again = json.loads((tmp_path / run / "summary.json").read_text())
+        assert again["steps"] == straight["steps"] == 6
+        for key in ("validation_loss_causal", "validation_loss_as_trained"):
+            assert again[key] == pytest.approx(straight[key], abs=1e-6)
+        b = _weights(tmp_path / run / "preset")
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=f"{run}: {name}")
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -150,7 +161,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "at epoch 2, batch 1 (optimizer step 3)" in done.stderr
     assert "checkpoint after epoch 1 is kept" in done.stderr
     assert not (out / "preset").exists() and not (out / "summary.json").exists()
-    backup = sorted((out / "backup").glob("*.weights.h5"))
+    backup = sorted((out / "backup").rglob("*.weights.h5"))
     assert backup
     for path in backup:  # every checkpoint on disk is the good one
         with h5py.File(path, "r") as f:

@@ -4,7 +4,8 @@ One run folder holds everything a run writes:
 
     run.json        what was asked (preset, model config, data and optimizer
                     settings); a rerun with different settings is refused
-    backup/         BackupAndRestore checkpoint (weights + optimizer + epoch)
+    backup/         crash-safe epoch checkpoints (weights + optimizer + epoch),
+                    see `checkpointing.AtomicBackupAndRestore`
     logs/           TensorBoard: loss, perplexity, learning rate, tokens/s,
                     per-MoE-layer router statistics
     history.csv     one row per epoch (appended across resumes)
@@ -193,6 +194,7 @@ def train_language_model(
     from keras_brainformer.training.callbacks import RouterStatisticsLogger
     from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
     from keras_brainformer.training.callbacks import ThroughputLogger
+    from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
     from keras_brainformer.training.corpus import build_language_model_data
 
     # === Validate everything before touching the run folder ===
@@ -337,9 +339,7 @@ def train_language_model(
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
             RouterStatisticsLogger(str(run_dir / "logs")),
-            keras.callbacks.BackupAndRestore(
-                str(backup_dir), double_checkpoint=True, delete_checkpoint=False
-            ),
+            AtomicBackupAndRestore(backup_dir),
         ]
         if time_budget is not None:
             callbacks.append(TimeBudget(time_budget))
@@ -490,14 +490,9 @@ def compile_language_model(
 
 
 def _backed_up_epoch(backup_dir):
-    path = pathlib.Path(backup_dir) / "training_metadata.json"
-    if not path.exists():
-        return 0
-    try:
-        with open(path) as f:
-            return int(json.load(f)["epoch"])
-    except (ValueError, KeyError, OSError):
-        return 0
+    from keras_brainformer.training.checkpointing import latest_epoch
+
+    return latest_epoch(backup_dir)
 
 
 def _save_preset_atomically(lm, directory):
