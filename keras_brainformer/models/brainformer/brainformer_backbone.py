@@ -16,6 +16,7 @@ from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
+from keras_brainformer.layers.validation import check_token_ids
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
@@ -38,6 +39,22 @@ def resolve_block_specs(blocks, num_blocks):
             f"of block specs given ({len(specs)})."
         )
     return specs
+
+
+def check_task_inputs(task, x):
+    """Checks token-id inputs a task's `predict` / `generate` received, on
+    concrete values before tracing (on JAX an out-of-range id would otherwise
+    be clamped silently by XLA's gather). Strings meant for the task's
+    preprocessor, datasets and generators pass through unchecked."""
+    if isinstance(x, dict) and "token_ids" in x:
+        task.backbone.check_inputs(x)
+    elif isinstance(x, tuple) and x and isinstance(x[0], dict):
+        check_task_inputs(task, x[0])  # an `(x, y, sample_weight)` tuple
+    elif hasattr(x, "dtype") and hasattr(x, "shape"):
+        dtype = str(getattr(x.dtype, "name", x.dtype))
+        is_text = dtype == "object" or dtype.startswith(("str", "bytes", "<U", "|S"))
+        if not (is_text and getattr(task, "preprocessor", None) is not None):
+            task.backbone.check_inputs(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -185,6 +202,31 @@ class BrainformerBackbone(Backbone):
         self.dropout = dropout
         self.rotary_max_wavelength = rotary_max_wavelength
         self.tie_embeddings = tie_embeddings
+
+    def check_inputs(self, inputs):
+        """Checks `{"token_ids", "padding_mask"}` (or bare token ids) at the
+        boundary: integer dtype and rank 2 on any tensor; ids in
+        `[0, vocabulary_size)`, a non-empty batch and at most
+        `max_sequence_length` positions on concrete inputs (traced calls
+        skip those). Raises a `TypeError`/`ValueError` naming what is wrong."""
+        if isinstance(inputs, dict):
+            if "token_ids" not in inputs:
+                raise ValueError(
+                    "Inputs must be a dict with keys 'token_ids' and "
+                    f"'padding_mask'. Received keys: {sorted(inputs)}."
+                )
+            check_token_ids(
+                inputs["token_ids"],
+                self.vocabulary_size,
+                self.max_sequence_length,
+                padding_mask=inputs.get("padding_mask"),
+            )
+        else:
+            check_token_ids(inputs, self.vocabulary_size, self.max_sequence_length)
+
+    def call(self, inputs, *args, **kwargs):
+        self.check_inputs(inputs)
+        return super().call(inputs, *args, **kwargs)
 
     @property
     def moe_layers(self):

@@ -7,6 +7,7 @@ from keras_hub.models import CausalLM
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
@@ -136,6 +137,29 @@ class BrainformerCausalLM(CausalLM):
             if previous in INFERENCE_ROUTING:
                 self.set_inference_routing(previous)
         return results
+
+    # === Input checks at the boundary ===
+
+    def predict(self, x, *args, **kwargs):
+        check_task_inputs(self, x)
+        return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        check_task_inputs(self, x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def make_generate_function(self):
+        if self.generate_function is not None:
+            return self.generate_function
+        generate_function = super().make_generate_function()
+
+        def checked_generate_function(inputs, *args, **kwargs):
+            # Called once per (preprocessed) batch with concrete tensors.
+            check_task_inputs(self, inputs)
+            return generate_function(inputs, *args, **kwargs)
+
+        self.generate_function = checked_generate_function
+        return checked_generate_function
 
     # === Generation ===
 

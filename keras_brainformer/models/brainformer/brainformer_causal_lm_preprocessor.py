@@ -1,12 +1,41 @@
 """Brainformer causal-LM preprocessor: raw strings to packed next-token batches."""
 
 import keras
+import numpy as np
 from keras_hub.models import CausalLMPreprocessor
 
+from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+
+
+def check_text(x, where):
+    """Raw text (a string, a list of strings or a string array) is what the
+    preprocessor takes; concrete non-text inputs (token ids, numbers, None)
+    are rejected with a `TypeError`. Tensors (`tf.data` pipelines) pass."""
+    if isinstance(x, (str, bytes)):
+        return
+    if x is None or isinstance(x, (int, float, bool, np.number)):
+        bad = repr(x)
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind in "US" or (
+            x.dtype.kind == "O" and all(isinstance(v, (str, bytes)) for v in x.flat)
+        ):
+            return
+        bad = f"an array of dtype {x.dtype} and shape {x.shape}"
+    elif isinstance(x, (list, tuple)):
+        if all(isinstance(v, (str, bytes)) for v in x):
+            return
+        bad = f"a {type(x).__name__} holding {sorted({type(v).__name__ for v in x})}"
+    else:
+        return
+    raise TypeError(
+        f"`{where}` takes raw text: a string, a list of strings or a string "
+        f"array. Received: {bad}. To feed token ids, skip the preprocessor "
+        "(`preprocessor=None`) and pass `{'token_ids', 'padding_mask'}`."
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -75,6 +104,13 @@ class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
         if tokenizer is None:
             tokenizer = BrainformerTokenizer()
         check_special_token_ids(tokenizer, self.__class__.__name__, detokenize=True)
+        sequence_length = check_positive_int("sequence_length", sequence_length)
+        for name, value in (
+            ("add_start_token", add_start_token),
+            ("add_end_token", add_end_token),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
         super().__init__(
             tokenizer=tokenizer,
             sequence_length=sequence_length,
@@ -82,3 +118,13 @@ class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
             add_end_token=add_end_token,
             **kwargs,
         )
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        check_text(x, f"{self.__class__.__name__}.call")
+        return super().call(
+            x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
+        )
+
+    def generate_preprocess(self, x, sequence_length=None):
+        check_text(x, f"{self.__class__.__name__}.generate_preprocess")
+        return super().generate_preprocess(x, sequence_length=sequence_length)

@@ -10,6 +10,7 @@ from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
@@ -183,6 +184,14 @@ class BrainformerTextClassifier(TextClassifier):
         # === Config ===
         self.num_classes = num_classes
         self.dropout = dropout
+
+    def predict(self, x, *args, **kwargs):
+        check_task_inputs(self, x)
+        return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        check_task_inputs(self, x)
+        return super().evaluate(x, *args, **kwargs)
 
     def set_inference_routing(self, mode):
         """`"causal"` (default) or `"as_trained"` routing of every MoE
