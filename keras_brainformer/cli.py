@@ -20,7 +20,8 @@ EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 
 
-def _positive_int(text):
+def positive_int(text):
+    """argparse type: an int > 0."""
     try:
         value = int(text)
     except ValueError:
@@ -30,7 +31,8 @@ def _positive_int(text):
     return value
 
 
-def _positive_float(text):
+def positive_float(text):
+    """argparse type: a number > 0."""
     try:
         value = float(text)
     except ValueError:
@@ -41,9 +43,9 @@ def _positive_float(text):
 
 
 def _add_train_arguments(parser):
-    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps")
     parser.add_argument(
-        "--time-budget", type=_positive_float, default=None, help="stop after this many seconds"
+        "--time-budget", type=positive_float, default=None, help="stop after this many seconds"
     )
     parser.add_argument(
         "--data",
@@ -52,30 +54,30 @@ def _add_train_arguments(parser):
         metavar="PATH",
         help="text files or folders (default: the embedded Python docs and stdlib sources)",
     )
-    parser.add_argument("--sequence-length", type=_positive_int, default=128)
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--sequence-length", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--steps-per-epoch",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="steps between validation, logs and checkpoints",
     )
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    parser.add_argument("--learning-rate", type=_positive_float, default=0.01)
+    parser.add_argument("--learning-rate", type=positive_float, default=0.01)
     parser.add_argument(
         "--constant-steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="steps at the peak learning rate before the 1/sqrt decay (default: half)",
     )
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--mixed-bfloat16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
+    parser.add_argument("--max-corpus-bytes", type=positive_int, default=2_000_000)
     parser.add_argument(
         "--tokenizer", choices=("preset", "sentencepiece", "byte"), default="preset"
     )
-    parser.add_argument("--validation-batches", type=_positive_int, default=8)
+    parser.add_argument("--validation-batches", type=positive_int, default=8)
     parser.add_argument(
         "--mesh",
         default=None,
@@ -113,7 +115,7 @@ def build_parser():
     generate = commands.add_parser("generate", help="generate text from a preset")
     generate.add_argument("--preset", required=True, help="preset name or folder")
     generate.add_argument("prompt", nargs="+", help="one or more prompts")
-    generate.add_argument("--max-length", type=_positive_int, default=64)
+    generate.add_argument("--max-length", type=positive_int, default=64)
     generate.add_argument(
         "--sampler", default="top_k", help="greedy, top_k, top_p, random, beam, contrastive"
     )
@@ -135,19 +137,19 @@ def build_parser():
         help="tiny presets to compare",
     )
     compare.add_argument(
-        "--budget", type=_positive_float, default=60.0, help="seconds of training per family"
+        "--budget", type=positive_float, default=60.0, help="seconds of training per family"
     )
     compare.add_argument("--out", default="runs/compare")
-    compare.add_argument("--sequence-length", type=_positive_int, default=128)
-    compare.add_argument("--batch-size", type=_positive_int, default=16)
+    compare.add_argument("--sequence-length", type=positive_int, default=128)
+    compare.add_argument("--batch-size", type=positive_int, default=16)
     compare.add_argument(
-        "--eval-every", type=_positive_int, default=25, help="steps between validation points"
+        "--eval-every", type=positive_int, default=25, help="steps between validation points"
     )
     compare.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    compare.add_argument("--learning-rate", type=_positive_float, default=0.01)
+    compare.add_argument("--learning-rate", type=positive_float, default=0.01)
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
-    compare.add_argument("--validation-batches", type=_positive_int, default=8)
+    compare.add_argument("--max-corpus-bytes", type=positive_int, default=2_000_000)
+    compare.add_argument("--validation-batches", type=positive_int, default=8)
 
     from keras_brainformer.distribution import plan_command
     from keras_brainformer.search import command as search_command

@@ -298,15 +298,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@jax_only
-def test_two_processes_on_loopback_agree_with_one_device(mesh_runs):
+def _run_two_processes(script, args, devices_per_process):
+    """Starts `script` twice as processes 0 and 1 of one JAX job on
+    127.0.0.1 and returns their `RESULT` dicts; bounded by a timeout, and
+    both processes are killed if anything fails."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", KERAS_BACKEND="jax",
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices_per_process), KERAS_BACKEND="jax",
                PYTHONUNBUFFERED="1")
     processes = [
         subprocess.Popen(
-            [sys.executable, os.path.join(TESTS, "multihost_fit.py"),
-             "--coordinator", address, "--process-id", str(i)],
+            [sys.executable, script, "--coordinator", address, "--process-id", str(i), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         for i in range(2)
@@ -322,6 +323,12 @@ def test_two_processes_on_loopback_agree_with_one_device(mesh_runs):
         for process in processes:
             if process.poll() is None:
                 process.kill()
+    return results
+
+
+@jax_only
+def test_two_processes_on_loopback_agree_with_one_device(mesh_runs):
+    results = _run_two_processes(os.path.join(TESTS, "multihost_fit.py"), [], 2)
     reference = mesh_runs("glam")["none"]  # the same model and data on one device
     for result in results:
         assert result["global_devices"] == 4 and result["local_devices"] == 2
@@ -341,29 +348,13 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
 
 @jax_only
 def test_multihost_example_on_the_real_corpus_pipeline():
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", KERAS_BACKEND="jax", PYTHONUNBUFFERED="1")
     example = os.path.join(os.path.dirname(TESTS), "examples", "train_multihost.py")
-    processes = [
-        subprocess.Popen(
-            [sys.executable, example, "--coordinator", address, "--num-processes", "2",
-             "--process-id", str(i), "--mesh", "batch=2,expert=4", "--steps", "3",
-             "--sequence-length", "32", "--max-corpus-bytes", "100000"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for i in range(2)
-    ]
-    results = []
-    try:
-        for process in processes:
-            out, err = process.communicate(timeout=400)
-            lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-            assert process.returncode == 0 and lines, err[-4000:]
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    results = _run_two_processes(
+        example,
+        ["--num-processes", "2", "--mesh", "batch=2,expert=4", "--steps", "3",
+         "--sequence-length", "32", "--max-corpus-bytes", "100000"],
+        4,
+    )
     assert [r["process"] for r in results] == [0, 1]
     assert len(results[0]["losses"]) == 3 and np.all(np.isfinite(results[0]["losses"]))
     assert results[0]["losses"] == results[1]["losses"]
