@@ -25,6 +25,8 @@ import time
 import keras
 import numpy as np
 
+from keras_brainformer.training.callbacks import StepClock
+
 REJECTED_REWARD = -1.0
 
 
@@ -79,38 +81,6 @@ def reward_from(val_loss, rejected):
     if rejected or not math.isfinite(val_loss):
         return REJECTED_REWARD
     return math.exp(-val_loss)
-
-
-class StepClock(keras.callbacks.Callback):
-    """Times training steps honestly (blocks on each step's loss) and stops
-    `fit` when `stop_at` seconds of steps have run. With `skip_first`, the
-    first step (tracing and compilation) is timed apart."""
-
-    def __init__(self, stop_at, skip_first=True, seconds=0.0):
-        super().__init__()
-        self.stop_at = stop_at
-        self.skip_first = skip_first
-        self.seconds = seconds
-        self.compile_seconds = None
-        self.steps = 0
-        self.step_times = []
-        self.last_loss = math.nan
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.last_loss = float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
-        elapsed = time.perf_counter() - self._start
-        self.steps += 1
-        if self.skip_first and self.compile_seconds is None:
-            self.compile_seconds = elapsed
-        else:
-            self.seconds += elapsed
-            self.step_times.append(elapsed)
-        if self.seconds >= self.stop_at or not math.isfinite(self.last_loss):
-            self.model.stop_training = True
 
 
 def build_language_model(backbone_config, seed=0):

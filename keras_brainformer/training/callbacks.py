@@ -324,3 +324,38 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise FloatingPointError(self.message)
         print(self.message, flush=True)
         self.model.stop_training = True
+
+
+class StepClock(keras.callbacks.Callback):
+    """Times training steps honestly (blocks on each step's loss) and stops
+    `fit` when `stop_at` seconds of steps have run. With `skip_first`, the
+    first step (tracing and compilation) is timed apart; with
+    `stop_on_non_finite`, a NaN/inf loss stops too."""
+
+    def __init__(self, stop_at, skip_first=True, seconds=0.0, stop_on_non_finite=True):
+        super().__init__()
+        self.stop_at = stop_at
+        self.skip_first = skip_first
+        self.stop_on_non_finite = stop_on_non_finite
+        self.seconds = seconds
+        self.compile_seconds = None
+        self.steps = 0
+        self.step_times = []
+        self.last_loss = math.nan
+        self._start = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last_loss = float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
+        elapsed = time.perf_counter() - self._start
+        self.steps += 1
+        if self.skip_first and self.compile_seconds is None:
+            self.compile_seconds = elapsed
+        else:
+            self.seconds += elapsed
+            self.step_times.append(elapsed)
+        non_finite = self.stop_on_non_finite and not math.isfinite(self.last_loss)
+        if self.seconds >= self.stop_at or non_finite:
+            self.model.stop_training = True

@@ -21,42 +21,23 @@ import time
 import keras
 import numpy as np
 
+from keras_brainformer.training.callbacks import StepClock
+
 DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
 CSV_FIELDS = ("family", "step", "seconds", "tokens", "train_loss", "val_loss")
 
 
-class TrainingClock(keras.callbacks.Callback):
+class TrainingClock(StepClock):
     """Times training steps (blocking on each step's loss so asynchronous
     backends are timed honestly), records a curve point at every epoch end,
     and stops training once `budget` seconds of steps have run. The first
     step (tracing and compilation) is timed separately and not counted."""
 
     def __init__(self, budget, tokens_per_batch):
-        super().__init__()
+        super().__init__(stop_at=budget, stop_on_non_finite=False)
         self.budget = budget
         self.tokens_per_batch = tokens_per_batch
-        self.seconds = 0.0
-        self.compile_seconds = None
-        self.steps = 0
-        self.step_times = []
         self.points = []
-        self._batch_start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._batch_start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the step
-        elapsed = time.perf_counter() - self._batch_start
-        self.steps += 1
-        self._last_loss = loss
-        if self.compile_seconds is None:
-            self.compile_seconds = elapsed
-            return
-        self.seconds += elapsed
-        self.step_times.append(elapsed)
-        if self.seconds >= self.budget:
-            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
