@@ -12,9 +12,11 @@ from keras_brainformer.layers import BlockSpec
 from keras_brainformer.layers import FeedForwardSpec
 from keras_brainformer.layers import MoESpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTextClassifier
+from keras_brainformer.models import BrainformerTextClassifierPreprocessor
 
 VOCAB, D, MAX_LEN, B, T = 64, 16, 16, 2, 8
 
@@ -155,6 +157,150 @@ def test_fit_on_tf_data_unaffected(causal_lm):
     assert np.isfinite(history.history["loss"][-1])
 
 
+# === fit on concrete data: checked before training starts ===
+
+
+def weights_of(model):
+    return [to_numpy(w).copy() for w in model.weights]
+
+
+def assert_rejected_without_training(model, error_type, words, fn):
+    before = weights_of(model)
+    assert_raises(error_type, words, fn)
+    for old, new in zip(before, weights_of(model)):
+        np.testing.assert_array_equal(old, new)
+
+
+def next_token_labels(x):
+    shape = np.shape(x["token_ids"])
+    return np.ones(shape if len(shape) == 2 else (B, T), "int32")
+
+
+@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+def test_causal_lm_fit_rejects_bad_ids(causal_lm, x, error_type, words):
+    assert_rejected_without_training(
+        causal_lm, error_type, words,
+        lambda: causal_lm.fit(x, next_token_labels(x), epochs=1, verbose=0),
+    )
+
+
+BAD_NEXT_TOKEN_LABELS = [
+    pytest.param(
+        ids(VOCAB), ValueError, ["`y`", "vocabulary_size=64", "64", "(0, 0)"], id="eq_vocab"
+    ),
+    pytest.param(ids(-1), ValueError, ["`y`", "vocabulary_size=64", "-1"], id="negative"),
+    pytest.param(ids(1.5, dtype="float32"), ValueError, ["`y`", "1.5", "(0, 0)"], id="fraction"),
+    pytest.param(np.full((B, T), "a"), TypeError, ["`y`", "<U1"], id="strings"),
+]
+
+
+@pytest.mark.parametrize("y, error_type, words", BAD_NEXT_TOKEN_LABELS)
+def test_causal_lm_fit_rejects_bad_labels(causal_lm, y, error_type, words):
+    x = inputs(ids())
+    assert_rejected_without_training(
+        causal_lm, error_type, words, lambda: causal_lm.fit(x, y, verbose=0)
+    )
+    assert_raises(error_type, words, lambda: causal_lm.evaluate(x, y, verbose=0))
+
+
+def test_causal_lm_fit_rejects_bad_validation_data(causal_lm):
+    x, y = inputs(ids()), ids()
+    bad_x = inputs(ids(VOCAB + 1))
+    assert_rejected_without_training(
+        causal_lm, ValueError, ["validation_data", "token_ids", "vocabulary_size"],
+        lambda: causal_lm.fit(x, y, validation_data=(bad_x, y), verbose=0),
+    )
+    assert_rejected_without_training(
+        causal_lm, ValueError, ["validation_data", "`y`", "vocabulary_size"],
+        lambda: causal_lm.fit(x, y, validation_data=(x, ids(-3), None), verbose=0),
+    )
+    # The first out-of-range id is named with its position.
+    partly_bad = ids()
+    partly_bad[1, 5] = VOCAB + 7
+    assert_rejected_without_training(
+        causal_lm, ValueError, ["token_ids", str(VOCAB + 7), "(1, 5)"],
+        lambda: causal_lm.fit(inputs(partly_bad), y, verbose=0),
+    )
+
+
+def test_causal_lm_fit_on_valid_arrays_trains():
+    keras.utils.set_random_seed(0)
+    lm = BrainformerCausalLM(make_backbone())
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (4, T + 1)).astype("int32")
+    x = inputs(tokens[:, :-1])
+    before = weights_of(lm)
+    history = lm.fit(
+        x, tokens[:, 1:], batch_size=2, epochs=1, verbose=0,
+        validation_data=(x, tokens[:, 1:]),
+    )
+    assert np.isfinite(history.history["val_loss"][-1])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, weights_of(lm)))
+
+
+BAD_CLASS_LABELS = [
+    pytest.param([0, 3], ValueError, ["`y`", "num_classes=3", "3", "(1,)"], id="eq_num_classes"),
+    pytest.param(
+        np.array([-1, 0]), ValueError, ["`y`", "num_classes=3", "-1", "(0,)"], id="negative"
+    ),
+    pytest.param(np.array([[0], [9]]), ValueError, ["`y`", "9", "(1, 0)"], id="column"),
+    pytest.param(np.array([0.0, 1.5]), ValueError, ["`y`", "1.5", "(1,)"], id="fraction"),
+    pytest.param(np.array([0.0, np.nan]), ValueError, ["`y`", "nan"], id="nan"),
+    pytest.param(np.array(["a", "b"]), TypeError, ["`y`", "<U1"], id="strings"),
+]
+
+
+@pytest.mark.parametrize("y, error_type, words", BAD_CLASS_LABELS)
+def test_text_classifier_fit_rejects_bad_labels(classifier, y, error_type, words):
+    x = inputs(ids())
+    assert_rejected_without_training(
+        classifier, error_type, words, lambda: classifier.fit(x, y, verbose=0)
+    )
+    assert_raises(error_type, words, lambda: classifier.evaluate(x, y, verbose=0))
+    assert_rejected_without_training(
+        classifier, error_type, ["validation_data"] + words,
+        lambda: classifier.fit(x, [0, 1], validation_data=(x, y), verbose=0),
+    )
+
+
+@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+def test_text_classifier_fit_rejects_bad_ids(classifier, x, error_type, words):
+    assert_rejected_without_training(
+        classifier, error_type, words,
+        lambda: classifier.fit(x, np.zeros(B, "int32"), verbose=0),
+    )
+
+
+def test_text_classifier_fit_checks_labels_only_for_a_sparse_loss(backbone):
+    """One-hot labels with a categorical loss are not class ids: no check."""
+    classifier = BrainformerTextClassifier(backbone, num_classes=3)
+    classifier.compile(
+        optimizer="adam",
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.CategoricalAccuracy()],
+    )
+    one_hot = np.eye(3, dtype="float32")[[0, 2]]
+    history = classifier.fit(inputs(ids()), one_hot, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+
+
+def test_text_classifier_fit_from_text_checks_labels():
+    tokenizer = BrainformerByteTokenizer()
+    keras.utils.set_random_seed(0)
+    classifier = BrainformerTextClassifier(
+        make_backbone(tokenizer.vocabulary_size()),
+        num_classes=2,
+        preprocessor=BrainformerTextClassifierPreprocessor(tokenizer, sequence_length=T),
+    )
+    texts = ["import os", "x = 1"]
+    assert_rejected_without_training(
+        classifier, ValueError, ["`y`", "num_classes=2", "5"],
+        lambda: classifier.fit(texts, [0, 5], verbose=0),
+    )
+    history = classifier.fit(texts, [0, 1], epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+
+
 # === Preprocessor ===
 
 
@@ -215,3 +361,74 @@ def test_generate_from_text_checks_the_model_limits(preprocessor):
         lambda: matched.generate(["def main():"], max_length=2 * MAX_LEN),
     )
     assert isinstance(matched.generate("def main():", max_length=T), str)
+
+
+# === Text-classifier preprocessor ===
+
+
+@pytest.mark.parametrize(
+    "kwargs, error_type, field",
+    [
+        ({"sequence_length": 0}, ValueError, "sequence_length"),
+        ({"sequence_length": -4}, ValueError, "sequence_length"),
+        ({"sequence_length": 2}, ValueError, "sequence_length"),  # only </s>, <s>
+        ({"sequence_length": 8.5}, TypeError, "sequence_length"),
+        ({"sequence_length": None}, TypeError, "sequence_length"),
+        ({"sequence_length": "8"}, TypeError, "sequence_length"),
+        ({"add_start_token": "yes"}, TypeError, "add_start_token"),
+        ({"add_end_token": 1}, TypeError, "add_end_token"),
+        ({"num_classes": 0}, ValueError, "num_classes"),
+        ({"num_classes": 2.5}, TypeError, "num_classes"),
+    ],
+)
+def test_classifier_preprocessor_rejects_bad_arguments(kwargs, error_type, field):
+    kwargs = {"tokenizer": BrainformerByteTokenizer(), **kwargs}
+    assert_raises(
+        error_type, [field], lambda: BrainformerTextClassifierPreprocessor(**kwargs)
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier_preprocessor():
+    return BrainformerTextClassifierPreprocessor(
+        BrainformerByteTokenizer(), sequence_length=T, num_classes=3
+    )
+
+
+@pytest.mark.parametrize(
+    "x, error_type, words",
+    [
+        pytest.param(np.array([[1, 2, 3]]), TypeError, ["raw text", "int"], id="int_ids"),
+        pytest.param([1, 2, 3], TypeError, ["raw text", "int"], id="int_list"),
+        pytest.param(np.array([1.5, 2.5]), TypeError, ["raw text", "float"], id="floats"),
+        pytest.param(7, TypeError, ["raw text", "7"], id="int"),
+        pytest.param(None, TypeError, ["raw text", "None"], id="none"),
+        pytest.param([["a", "b"]], TypeError, ["raw text", "list"], id="nested_list"),
+        pytest.param(inputs(ids()), TypeError, ["raw text", "dict", "token_ids"], id="dict"),
+        pytest.param(np.array([["a"], ["b"]]), ValueError, ["1-D", "(2, 1)"], id="rank_2"),
+        pytest.param([], ValueError, ["empty batch"], id="empty_list"),
+        pytest.param(np.array([], dtype=str), ValueError, ["empty batch"], id="empty_array"),
+    ],
+)
+def test_classifier_preprocessor_rejects_non_text(classifier_preprocessor, x, error_type, words):
+    assert_raises(error_type, words, lambda: classifier_preprocessor(x))
+
+
+@pytest.mark.parametrize("y", [[0, 3], [-1, 0], [0.5, 1.0]])
+def test_classifier_preprocessor_rejects_bad_labels(classifier_preprocessor, y):
+    assert_raises(
+        ValueError, ["`y`", "num_classes=3"],
+        lambda: classifier_preprocessor(["a", "b"], y),
+    )
+
+
+def test_classifier_preprocessor_accepts_text(classifier_preprocessor):
+    x, y = classifier_preprocessor(["import os", "x = 1"], [0, 2])
+    assert to_numpy(x["token_ids"]).shape == (2, T)
+    assert to_numpy(classifier_preprocessor(np.array(["a", "b"]))["token_ids"]).shape == (2, T)
+    config = classifier_preprocessor.get_config()
+    restored = BrainformerTextClassifierPreprocessor.from_config(config)
+    assert restored.num_classes == 3
+    # Without `num_classes`, the config has no such key (older configs load).
+    plain = BrainformerTextClassifierPreprocessor(BrainformerByteTokenizer(), sequence_length=T)
+    assert "num_classes" not in plain.get_config()

@@ -1,6 +1,8 @@
 """Argument checks shared by layers and specs: each error names the field,
 the value received and what is allowed."""
 
+import contextlib
+import inspect
 import math
 import numbers
 
@@ -162,9 +164,12 @@ def check_token_ids(
     if value.size:
         low, high = int(value.min()), int(value.max())
         if low < 0 or high >= vocabulary_size:
+            bad = (value < 0) | (value >= vocabulary_size)
+            position = first_position(bad)
             raise ValueError(
                 f"`{field}` must be in [0, vocabulary_size={vocabulary_size}). "
-                f"Received ids from {low} to {high}."
+                f"Received ids from {low} to {high}; the first out of range is "
+                f"{value[position].item()} at position {position}."
             )
     mask = concrete_array(padding_mask)
     if mask is not None and mask.shape != value.shape:
@@ -172,3 +177,90 @@ def check_token_ids(
             f"`padding_mask` must have the shape of `{field}` {value.shape}. "
             f"Received shape {mask.shape}."
         )
+
+
+def first_position(bad):
+    """The index tuple of the first True entry of the boolean array `bad`."""
+    index = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    return tuple(int(i) for i in index)
+
+
+def check_class_labels(labels, limit, limit_name="num_classes", field="y"):
+    """Checks concrete integer labels (class ids, or next-token ids) against
+    `[0, limit)`; symbolic tensors, datasets and other non-array inputs pass.
+
+    Float labels must be whole numbers (a sparse loss casts 1.5 to 1
+    silently). Raises a `TypeError` (strings, objects) or `ValueError` (out of
+    range, not whole) naming `field`, the first bad value and its position.
+    """
+    value = concrete_array(labels)
+    if value is None:
+        return
+    allowed = f"integer labels in [0, {limit_name}={limit})"
+    kind = value.dtype.kind
+    if kind not in "biuf":
+        raise TypeError(
+            f"`{field}` must hold {allowed}. Received dtype {value.dtype}."
+        )
+    if not value.size:
+        return
+    if kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(value) | (value != np.round(value))
+        if bad.any():
+            position = first_position(bad)
+            raise ValueError(
+                f"`{field}` must hold {allowed}. Received "
+                f"{value[position].item()!r} at position {position}."
+            )
+    bad = (value < 0) | (value >= limit)
+    if bad.any():
+        position = first_position(bad)
+        raise ValueError(
+            f"`{field}` must hold {allowed}. Received labels from "
+            f"{value.min().item()} to {value.max().item()}; the first out of "
+            f"range is {value[position].item()} at position {position}."
+        )
+
+
+def uses_sparse_labels(loss):
+    """Whether a compiled `loss` takes integer class ids as labels (sparse
+    categorical crossentropy, the default of the Keras-Hub tasks); only then
+    do the label checks of `fit`/`evaluate` apply."""
+    import keras
+
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True
+    if isinstance(loss, str):
+        return loss == "sparse_categorical_crossentropy"
+    return loss is keras.losses.sparse_categorical_crossentropy
+
+
+@contextlib.contextmanager
+def errors_prefixed(prefix):
+    """Re-raises a `TypeError`/`ValueError` with `prefix` on its message (to
+    say which argument, for example `validation_data`, held the bad value)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{prefix}{error}") from None
+
+
+def check_fit_arguments(fit, check_data, x, y, args, kwargs):
+    """Runs `check_data(x, y)` on the training data of a `fit(x, y, *args,
+    **kwargs)` call and on its `validation_data` when that is an `(x, y)` or
+    `(x, y, sample_weight)` tuple (datasets and generators pass: their
+    batches are only seen inside the compiled train step). `fit` is the
+    method about to be called, used to find `validation_data` among
+    positional arguments."""
+    check_data(x, y)
+    validation_data = kwargs.get("validation_data")
+    if args:
+        try:
+            bound = inspect.signature(fit).bind(x, y, *args, **kwargs)
+            validation_data = bound.arguments.get("validation_data", validation_data)
+        except TypeError:
+            pass  # `fit` itself will report the bad arguments
+    if isinstance(validation_data, (tuple, list)) and 2 <= len(validation_data) <= 3:
+        with errors_prefixed("In `validation_data`: "):
+            check_data(validation_data[0], validation_data[1])

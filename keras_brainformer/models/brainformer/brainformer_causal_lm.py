@@ -6,6 +6,9 @@ from keras_hub.models import CausalLM
 
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_class_labels
+from keras_brainformer.layers.validation import check_fit_arguments
+from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
@@ -140,13 +143,47 @@ class BrainformerCausalLM(CausalLM):
 
     # === Input checks at the boundary ===
 
+    def check_data(self, x, y=None):
+        """Checks concrete `fit`/`evaluate` data before any step runs (see
+        `fit`): token ids in `x`, and labels `y` in `[0, vocabulary_size)`
+        when there is no preprocessor and the loss takes integer labels."""
+        check_task_inputs(self, x)
+        if (
+            y is not None
+            and self.preprocessor is None
+            and uses_sparse_labels(getattr(self, "loss", None))
+        ):
+            check_class_labels(
+                y, self.backbone.vocabulary_size, limit_name="vocabulary_size"
+            )
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, with the data checked first when it is concrete.
+
+        Token ids given as NumPy arrays, lists or eager tensors (`x =
+        {"token_ids", "padding_mask"}`, and the next-token labels `y` when
+        there is no preprocessor), and the same in a `validation_data`
+        tuple, are checked before training starts: integer dtype, rank 2, a
+        non-empty batch, ids and labels in `[0, vocabulary_size)`, at most
+        `max_sequence_length` positions and a `padding_mask` of the ids'
+        shape. A bad value raises a `TypeError`/`ValueError` naming the field,
+        the value and the allowed range, and nothing is trained (on JAX, XLA's
+        gather would otherwise clamp an out-of-range id silently).
+
+        A `tf.data.Dataset`, generator or `keras.utils.PyDataset` passes
+        unchecked: its batches are only seen inside the compiled train step,
+        where values cannot be checked. Check such data when building it.
+        """
+        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
     def predict(self, x, *args, **kwargs):
         check_task_inputs(self, x)
         return super().predict(x, *args, **kwargs)
 
-    def evaluate(self, x=None, *args, **kwargs):
-        check_task_inputs(self, x)
-        return super().evaluate(x, *args, **kwargs)
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self.check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def make_generate_function(self):
         if self.generate_function is not None:

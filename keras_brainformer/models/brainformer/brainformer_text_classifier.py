@@ -8,7 +8,10 @@ from keras_hub.models import TextClassifier
 
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
+from keras_brainformer.layers.validation import check_class_labels
+from keras_brainformer.layers.validation import check_fit_arguments
 from keras_brainformer.layers.validation import check_rate
+from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
@@ -185,13 +188,42 @@ class BrainformerTextClassifier(TextClassifier):
         self.num_classes = num_classes
         self.dropout = dropout
 
+    def check_data(self, x, y=None):
+        """Checks concrete `fit`/`evaluate` data before any step runs (see
+        `fit`): token ids in `x` (raw text goes to the preprocessor), and
+        labels `y` in `[0, num_classes)` when the loss takes integer labels
+        (the default `compile()`)."""
+        check_task_inputs(self, x)
+        if y is not None and uses_sparse_labels(getattr(self, "loss", None)):
+            check_class_labels(y, self.num_classes)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, with the data checked first when it is concrete.
+
+        Labels `y` given as NumPy arrays, lists or eager tensors must be
+        whole numbers in `[0, num_classes)` (with the default sparse
+        categorical loss); token ids fed without a preprocessor (`x =
+        {"token_ids", "padding_mask"}`) must have an integer dtype, rank 2,
+        ids in `[0, vocabulary_size)`, at most `max_sequence_length`
+        positions and a `padding_mask` of the same shape. The same holds for
+        a `validation_data` tuple. A bad value raises a
+        `TypeError`/`ValueError` naming the field, the value and the allowed
+        range, and nothing is trained.
+
+        A `tf.data.Dataset`, generator or `keras.utils.PyDataset` passes
+        unchecked: its batches are only seen inside the compiled train step,
+        where values cannot be checked. Check such data when building it.
+        """
+        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
     def predict(self, x, *args, **kwargs):
         check_task_inputs(self, x)
         return super().predict(x, *args, **kwargs)
 
-    def evaluate(self, x=None, *args, **kwargs):
-        check_task_inputs(self, x)
-        return super().evaluate(x, *args, **kwargs)
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self.check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def set_inference_routing(self, mode):
         """`"causal"` (default) or `"as_trained"` routing of every MoE

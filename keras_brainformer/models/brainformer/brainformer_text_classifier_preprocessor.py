@@ -1,11 +1,16 @@
 """Brainformer text-classifier preprocessor: raw strings to padded token ids."""
 
 import keras
+import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import TextClassifierPreprocessor
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
+from keras_brainformer.layers.validation import check_class_labels
+from keras_brainformer.layers.validation import check_optional_positive_int
+from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import check_text
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
@@ -34,7 +39,10 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
 
     Only single-segment inputs are supported (one string per example). It
     runs eagerly on Python strings or NumPy arrays and inside
-    `tf.data.Dataset.map`.
+    `tf.data.Dataset.map`. Concrete inputs are checked: anything but a
+    string, a list of strings or a 1-D string array (token ids, numbers,
+    None, nested lists, dicts) raises a `TypeError`, an empty batch a
+    `ValueError`.
 
     Works with any tokenizer that has `start_token_id`, `end_token_id` and
     `pad_token_id`: `BrainformerTokenizer` (the default, and what
@@ -47,6 +55,9 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
         sequence_length: int, the length of the packed sequences.
         add_start_token: bool, prepend the start token.
         add_end_token: bool, append the end token (the pooled token).
+        num_classes: int or None. When set, concrete labels passed with the
+            texts must be whole numbers in `[0, num_classes)`
+            (`BrainformerTextClassifier.fit` checks its labels either way).
         **kwargs: passed to `keras_hub.models.TextClassifierPreprocessor`.
 
     Example:
@@ -76,17 +87,21 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
         sequence_length=512,
         add_start_token=True,
         add_end_token=True,
+        num_classes=None,
         **kwargs,
     ):
         if tokenizer is None:
             tokenizer = BrainformerTokenizer()
         check_special_token_ids(tokenizer, self.__class__.__name__)
-        if isinstance(sequence_length, bool) or not isinstance(sequence_length, int):
-            raise ValueError(
-                "`sequence_length` must be an integer. "
-                f"Received: sequence_length={sequence_length!r}"
-            )
-        reserved = int(bool(add_start_token)) + int(bool(add_end_token))
+        sequence_length = check_positive_int("sequence_length", sequence_length)
+        for name, value in (
+            ("add_start_token", add_start_token),
+            ("add_end_token", add_end_token),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+        num_classes = check_optional_positive_int("num_classes", num_classes)
+        reserved = int(add_start_token) + int(add_end_token)
         if sequence_length <= reserved:
             raise ValueError(
                 f"`sequence_length` must leave room for text after the {reserved} "
@@ -97,6 +112,7 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
         super().__init__(tokenizer=tokenizer, sequence_length=sequence_length, **kwargs)
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
+        self.num_classes = num_classes
 
     def build(self, input_shape):
         # Defer packer creation to `build()` so that tokenizer assets have
@@ -110,7 +126,8 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
         )
         self.built = True
 
-    def _pack(self, x):
+    def _segment(self, x):
+        """The one text segment of `x` (a 1-tuple of segments is unwrapped)."""
         if isinstance(x, tuple):
             if len(x) != 1:
                 raise ValueError(
@@ -118,6 +135,43 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
                     f"example. Received a tuple of {len(x)} segments."
                 )
             (x,) = x
+        return x
+
+    def check_inputs(self, x, y=None):
+        """Checks concrete inputs (tensors in a `tf.data` pipeline pass): `x`
+        is a string, a non-empty list of strings or a non-empty 1-D string
+        array; `y` holds labels in `[0, num_classes)` when `num_classes` is
+        set."""
+        where = f"{self.__class__.__name__}.call"
+        x = self._segment(x)
+        if isinstance(x, dict):
+            raise TypeError(
+                f"`{where}` takes raw text: a string, a list of strings or a "
+                f"string array. Received: a dict with keys {sorted(x)}. Token "
+                "ids skip the preprocessor: call the model on them directly."
+            )
+        check_text(x, where)
+        if isinstance(x, (list, tuple, np.ndarray)):
+            shape = np.shape(x)
+            if len(shape) > 1:
+                raise ValueError(
+                    f"`{where}` takes one string per example: a 1-D batch. "
+                    f"Received a string array of shape {shape}."
+                )
+            if shape and shape[0] == 0:
+                raise ValueError(
+                    f"`{where}` received an empty batch (0 texts). "
+                    "Pass at least one string."
+                )
+        if self.num_classes is not None and y is not None:
+            check_class_labels(y, self.num_classes)
+
+    def call(self, x, y=None, sample_weight=None):
+        self.check_inputs(x, y)
+        return super().call(x, y=y, sample_weight=sample_weight)
+
+    def _pack(self, x):
+        x = self._segment(x)
         token_ids, padding_mask = self.packer(
             self.tokenizer(x),
             add_start_value=self.add_start_token,
@@ -141,4 +195,6 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
                 "add_end_token": self.add_end_token,
             }
         )
+        if self.num_classes is not None:
+            config["num_classes"] = self.num_classes
         return config
