@@ -6,10 +6,10 @@ import numbers
 
 import keras
 from keras import ops
-from keras_hub.layers import RotaryEmbedding
 
+from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
-from keras_brainformer.layers.token_matmul import token_matmul
+from keras_brainformer.layers.rotary import apply_rotary
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
@@ -102,7 +102,7 @@ def resolve_head_dim(model_dim, num_heads, head_dim=None):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class CausalSelfAttention(keras.layers.Layer):
+class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
     """Decoder self-attention: rotary position embeddings (RoPE) on queries and
     keys, softmax in float32, no biases.
 
@@ -134,6 +134,15 @@ class CausalSelfAttention(keras.layers.Layer):
             convolution after the Q/K/V projections; 0 (default) turns it
             off, Primer uses 3. Adds weights `conv_query`, `conv_key`,
             `conv_value`, each `[K, num_heads, head_dim]`.
+        lora_rank: int or None. Builds the layer with LoRA adapters of this
+            rank on the Q, K, V and output projections.
+        lora_alpha: LoRA scale numerator (default `lora_rank`).
+
+    The Q, K, V and output projections take LoRA adapters
+    (`enable_lora(rank)`) and int8 quantization (`quantize("int8")`), see
+    `layers/adaptable_kernels.py`; the Primer convolution taps stay float.
+    The layer holds no sublayers (RoPE is a function, dropout a seeded op), so
+    `Model.quantize` reaches it.
 
     Call arguments:
         x: `[B, T, d]`.
@@ -170,9 +179,12 @@ class CausalSelfAttention(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         depthwise_conv_kernel=0,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._init_adaptable(lora_rank, lora_alpha)
         self.depthwise_conv_kernel = check_depthwise_conv_kernel(
             depthwise_conv_kernel
         )
@@ -185,29 +197,24 @@ class CausalSelfAttention(keras.layers.Layer):
         )
         self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.rotary = RotaryEmbedding(
-            max_wavelength=rotary_max_wavelength, dtype=self.dtype_policy
-        )
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        if self.dropout > 0:
+            self.seed_generator = keras.random.SeedGenerator()
 
     def build(self, input_shape):
         model_dim = input_shape[-1]
         self._head_dim = resolve_head_dim(model_dim, self.num_heads, self.head_dim)
         H, k = self.num_heads, self._head_dim
         for name in ("query", "key", "value"):
-            setattr(
-                self,
+            self._add_kernel(
                 f"w_{name}",
-                self.add_weight(
-                    name=f"w_{name}",
-                    shape=(model_dim, H, k),
-                    initializer=clone_initializer(self.kernel_initializer),
-                ),
+                (model_dim, H, k),
+                clone_initializer(self.kernel_initializer),
             )
-        self.w_output = self.add_weight(
-            name="w_output",
-            shape=(H, k, model_dim),
-            initializer=clone_initializer(self.kernel_initializer),
+        self._add_kernel(
+            "w_output",
+            (H, k, model_dim),
+            clone_initializer(self.kernel_initializer),
+            in_dims=2,
         )
         if self.depthwise_conv_kernel:
             for name in ("query", "key", "value"):
@@ -221,6 +228,7 @@ class CausalSelfAttention(keras.layers.Layer):
                         initializer=NearIdentityCausalConv(),
                     ),
                 )
+        self._build_lora()
 
     @property
     def _cache_offset(self):
@@ -321,16 +329,16 @@ class CausalSelfAttention(keras.layers.Layer):
                     f"{tuple(cache.shape)}"
                 )
             cache_update_index = ops.cast(cache_update_index, "int32")
-        q = token_matmul(x, self.w_query)
-        k = token_matmul(x, self.w_key)
-        v = token_matmul(x, self.w_value)
+        q = self._project("w_query", x)
+        k = self._project("w_key", x)
+        v = self._project("w_value", x)
         raw = None
         if self.depthwise_conv_kernel:
             q, k, v, raw = self._convolve(
                 q, k, v, padding_mask, cache, cache_update_index
             )
-        q = self.rotary(q, start_index=start)
-        k = self.rotary(k, start_index=start)
+        q = apply_rotary(q, start, self.rotary_max_wavelength, self.compute_dtype)
+        k = apply_rotary(k, start, self.rotary_max_wavelength, self.compute_dtype)
         if cache is not None:
             entries = [k, v]
             if self._cache_offset:
@@ -357,9 +365,10 @@ class CausalSelfAttention(keras.layers.Layer):
             allowed = ops.logical_and(allowed, keys_ok)
         scores = ops.where(allowed, scores, -1e9)
         probs = ops.softmax(scores, axis=-1)
-        probs = self.dropout_layer(probs, training=training)
+        if training and self.dropout > 0:
+            probs = keras.random.dropout(probs, self.dropout, seed=self.seed_generator)
         out = ops.einsum("bhqs,bshk->bqhk", ops.cast(probs, v.dtype), v)
-        out = token_matmul(out, self.w_output, in_dims=2)
+        out = self._project("w_output", out)
         if cache is not None:
             return out, cache
         return out
@@ -379,6 +388,7 @@ class CausalSelfAttention(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "depthwise_conv_kernel": self.depthwise_conv_kernel,
+                **self._adaptable_config(),
             }
         )
         return config

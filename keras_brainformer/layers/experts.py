@@ -5,12 +5,13 @@ from keras import ops
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.activations import get_activation
+from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class ExpertBank(keras.layers.Layer):
+class ExpertBank(AdaptableKernels, keras.layers.Layer):
     """`E` FFN experts applied slot-wise to dispatched tokens.
 
     Weights: `w_in [E, d, h]` (plus `w_gate [E, d, h]` for gated activations)
@@ -23,6 +24,13 @@ class ExpertBank(keras.layers.Layer):
         hidden_dim: int, `h`, each expert's hidden width.
         activation: str, see `keras_brainformer.layers.activations`.
         kernel_initializer: initializer of the expert weights.
+        lora_rank: int or None. Builds the bank with per-expert LoRA
+            adapters of this rank (`A [E, d, r]`, `B [E, r, h]`).
+        lora_alpha: LoRA scale numerator (default `lora_rank`).
+
+    The expert kernels take LoRA adapters (`enable_lora(rank)`, one pair per
+    expert) and int8 quantization (`quantize("int8")`, one scale per expert
+    and output channel), see `layers/adaptable_kernels.py`.
 
     Example:
     >>> import numpy as np
@@ -37,9 +45,12 @@ class ExpertBank(keras.layers.Layer):
         hidden_dim,
         activation="gelu",
         kernel_initializer="glorot_uniform",
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._init_adaptable(lora_rank, lora_alpha)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         self.activation = canonical_activation(activation)
@@ -49,33 +60,32 @@ class ExpertBank(keras.layers.Layer):
     def build(self, input_shape):
         model_dim = input_shape[-1]
         E, h = self.num_experts, self.hidden_dim
-        self.w_in = self.add_weight(
-            name="w_in",
-            shape=(E, model_dim, h),
-            initializer=clone_initializer(self.kernel_initializer),
-        )
-        if self._gated:
-            self.w_gate = self.add_weight(
-                name="w_gate",
-                shape=(E, model_dim, h),
-                initializer=clone_initializer(self.kernel_initializer),
+        names = ("w_in", "w_gate") if self._gated else ("w_in",)
+        for name in names:
+            self._add_kernel(
+                name,
+                (E, model_dim, h),
+                clone_initializer(self.kernel_initializer),
+                batch_dims=1,
             )
-        self.w_out = self.add_weight(
-            name="w_out",
-            shape=(E, h, model_dim),
-            initializer=clone_initializer(self.kernel_initializer),
+        self._add_kernel(
+            "w_out",
+            (E, h, model_dim),
+            clone_initializer(self.kernel_initializer),
+            batch_dims=1,
         )
+        self._build_lora()
 
     def call(self, x):
         # x: [E, ..., d] -> [E, N, d]: one plain batched matmul per weight.
         shape = ops.shape(x)
         x = ops.reshape(x, (self.num_experts, -1, shape[-1]))
-        h = ops.matmul(x, self.w_in)
+        h = self._project("w_in", x)
         if self._gated:
-            h = self._activation_fn(ops.matmul(x, self.w_gate)) * h
+            h = self._activation_fn(self._project("w_gate", x)) * h
         else:
             h = self._activation_fn(h)
-        return ops.reshape(ops.matmul(h, self.w_out), shape)
+        return ops.reshape(self._project("w_out", h), shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -90,6 +100,7 @@ class ExpertBank(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                **self._adaptable_config(),
             }
         )
         return config

@@ -1,13 +1,14 @@
 """The Brainformer backbone: embeddings, a stack of Brainformer blocks, final norm."""
 
 import keras
-from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_brainformer.distribution.layout_map import get_layout_map
+from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.brainformer_block import BrainformerBlock
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
+from keras_brainformer.layers.reversible_embedding import ReversibleEmbedding
 from keras_brainformer.layers.rms_normalization import NORMS
 from keras_brainformer.layers.rms_normalization import make_norm
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
@@ -17,6 +18,7 @@ from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.layers.validation import check_token_ids
+from keras_brainformer.models.brainformer import lora_weights
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
@@ -263,6 +265,38 @@ class BrainformerBackbone(Backbone):
         check_choice("inference_routing", mode, INFERENCE_ROUTING)
         for moe in self.moe_layers:
             moe.inference_routing = mode
+
+    def default_lora_layer_names(self):
+        """Names of every attention, dense FFN and expert-bank layer: what
+        `enable_lora(rank)` adapts by default (all their projection kernels,
+        every expert included; routers, norms and embeddings stay frozen)."""
+        return sorted(
+            {
+                layer.name
+                for layer in self._flatten_layers(include_self=False)
+                if isinstance(layer, AdaptableKernels)
+            }
+        )
+
+    def save_lora_weights(self, filepath):
+        """Saves only the LoRA adapters to `filepath` (`*.lora.h5`)."""
+        lora_weights.save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath):
+        """Loads adapters saved by `save_lora_weights`, enabling LoRA with the
+        file's rank first if needed. Nothing is assigned unless every layer,
+        name and shape in the file matches."""
+        rank = lora_weights.read_lora_rank(filepath)
+        enabled = lora_weights.lora_layers(self)
+        if not enabled:
+            self.enable_lora(rank)
+        elif {layer.lora_rank for layer in enabled.values()} != {rank}:
+            ranks = sorted({layer.lora_rank for layer in enabled.values()})
+            raise ValueError(
+                f"The LoRA rank of file {filepath} is {rank}, but this model "
+                f"was enabled with rank {ranks}. Both must match."
+            )
+        lora_weights.load_lora_weights(self, filepath)
 
     def routing_statistics(self):
         """Routing statistics of the latest call, per MoE layer (by path)."""

@@ -15,6 +15,7 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
     BrainformerCausalLMPreprocessor,
 )
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
@@ -176,6 +177,16 @@ class BrainformerCausalLM(CausalLM):
         """
         check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
         return super().fit(x, y, *args, **kwargs)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
+        FFN and expert kernel and the token embedding (routers and norms stay
+        float32); it works straight after `from_preset` (see
+        `task_quantization.py`). Quantize the task rather than its backbone,
+        so the task's compiled functions are rebuilt."""
+        return quantize_task(
+            self, super().quantize, mode, config=config, filters=filters, **kwargs
+        )
 
     def predict(self, x, *args, **kwargs):
         check_task_inputs(self, x)

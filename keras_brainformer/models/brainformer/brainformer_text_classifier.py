@@ -18,6 +18,7 @@ from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocess
     BrainformerTextClassifierPreprocessor,
 )
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 
 def last_token_selection(padding_mask):
@@ -216,6 +217,16 @@ class BrainformerTextClassifier(TextClassifier):
         """
         check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
         return super().fit(x, y, *args, **kwargs)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
+        FFN and expert kernel and the token embedding (routers and norms stay
+        float32); it works straight after `from_preset` (see
+        `task_quantization.py`). Quantize the task rather than its backbone,
+        so the task's compiled functions are rebuilt."""
+        return quantize_task(
+            self, super().quantize, mode, config=config, filters=filters, **kwargs
+        )
 
     def predict(self, x, *args, **kwargs):
         check_task_inputs(self, x)
