@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_brainformer.layers import dispatch as dispatch_lib
+from keras_brainformer.layers import ragged_experts
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import ROUTERS
@@ -39,6 +40,19 @@ class MoEFeedForward(keras.layers.Layer):
         dispatch: `"index"` (default, sparse) or `"one_hot"` (the GShard
             `[G, S, E, C]` einsum; a slow reference for tests).
         kernel_initializer: initializer of the expert weights.
+        dropless_impl: how dropless token-choice routing (top-k with
+            `capacity_factor=None`, and the causal inference routing) is
+            computed. `"slots"`: the slot path above, with `C = S` slots per
+            expert (`E/k` times the useful work). `"ragged"` (JAX only): the
+            `T·k` token choices sorted by expert and multiplied with grouped
+            matmuls (`jax.lax.ragged_dot`, see `layers/ragged_experts.py`),
+            no empty slots; same outputs, losses, statistics and gradients.
+            `"auto"` (default): `"ragged"` on JAX with a TPU default backend
+            and no active distribution, `"slots"` otherwise (XLA CPU, and
+            NVIDIA GPUs with upstream jaxlib 0.10, expand `ragged_dot` into
+            a dense masked matmul costing `k` times the slot path). Routing
+            that can drop tokens, `dispatch="one_hot"`, and int8 or LoRA
+            expert banks always use the slot path.
 
     Call arguments:
         x: `[B, T, d]` tokens.
@@ -68,9 +82,19 @@ class MoEFeedForward(keras.layers.Layer):
         group_size=None,
         dispatch="index",
         kernel_initializer="glorot_uniform",
+        dropless_impl="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.dropless_impl = check_choice(
+            "dropless_impl", dropless_impl, ragged_experts.DROPLESS_IMPLS
+        )
+        if self.dropless_impl == "ragged" and keras.config.backend() != "jax":
+            raise ValueError(
+                "`dropless_impl`='ragged' needs the JAX backend (it uses "
+                f"jax.lax.ragged_dot); the backend is {keras.config.backend()!r}, "
+                "where the allowed values are ('auto', 'slots')."
+            )
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.expert_hidden_dim = check_positive_int(
             "expert_hidden_dim", expert_hidden_dim
@@ -171,6 +195,18 @@ class MoEFeedForward(keras.layers.Layer):
             return tensor
         return keras.distribution.distribute_tensor(tensor, layout)
 
+    def _uses_ragged(self, routing, group_size):
+        """Whether this call computes the experts with grouped matmuls: dropless
+        token choice (every choice fits, `C = S`) with the index dispatch, a
+        plain float expert bank, and `dropless_impl` resolving to ragged."""
+        if self.dropless_impl == "slots" or self.dispatch != "index":
+            return False
+        if routing.token_expert is None or routing.capacity < group_size:
+            return False
+        if not ragged_experts.bank_supports_ragged(self.experts):
+            return False
+        return self.dropless_impl == "ragged" or ragged_experts.ragged_is_default()
+
     def call(self, x, padding_mask=None, training=False, causal=None):
         shape = ops.shape(x)
         d = shape[-1]
@@ -180,6 +216,16 @@ class MoEFeedForward(keras.layers.Layer):
         if padding_mask is not None:
             mask = ops.reshape(ops.cast(padding_mask, "float32"), (-1, S))
         routing = self.router(groups, token_mask=mask, training=training, causal=causal)
+        if self._uses_ragged(routing, S):
+            k = ops.shape(routing.token_expert)[-1]
+            out = ragged_experts.ragged_experts_combine(
+                ops.reshape(groups, (-1, d)),
+                ops.reshape(routing.token_expert, (-1, k)),
+                ops.reshape(routing.token_gate, (-1, k)),
+                ops.reshape(routing.token_keep, (-1, k)),
+                self.experts,
+            )
+            return ops.reshape(ops.cast(out, self.compute_dtype), shape)
 
         if self.dispatch == "index":
             expert_in = dispatch_lib.dispatch(groups, routing.slot_token)
@@ -210,6 +256,7 @@ class MoEFeedForward(keras.layers.Layer):
                 "activation": self.activation,
                 "group_size": self.group_size,
                 "dispatch": self.dispatch,
+                "dropless_impl": self.dropless_impl,
                 "kernel_initializer": keras.initializers.serialize(
                     self.experts.kernel_initializer
                 ),
