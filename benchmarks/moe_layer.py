@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
+from machine_peak import matmul_gflops  # noqa: E402
 
 from keras_brainformer.layers import FeedForward  # noqa: E402
 from keras_brainformer.layers import MoEFeedForward  # noqa: E402
@@ -179,19 +180,6 @@ def time_pair(num, den, reps):
         den_ms.append(b)
         ratios.append(a / b)
     return num_ms, den_ms, ratios
-
-
-def matmul_gflops(n, reps):
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), "float32")
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), "float32")
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(ts) / 1e9
 
 
 def main():
