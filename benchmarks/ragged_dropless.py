@@ -35,35 +35,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from moe_layer import make_step  # noqa: E402
 
 from keras_brainformer.layers import FeedForward  # noqa: E402
 from keras_brainformer.layers import MoEFeedForward  # noqa: E402
-
-
-def make_step(layer, x, training):
-    """`(jitted step, args)`: loss, gradients and router-statistic updates."""
-    layer(x)  # build
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-    kwargs = {"training": True} if training else {}
-
-    def loss_fn(trainable, x, non_trainable):
-        y, updates, losses = layer.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **kwargs
-        )
-        loss = jnp.sum(jnp.square(y.astype("float32")))
-        for aux in losses:
-            loss = loss + aux
-        return loss, updates
-
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-
-    @jax.jit
-    def step(trainable, x, non_trainable):
-        (loss, updates), grads = grad_fn(trainable, x, non_trainable)
-        return loss, grads, updates
-
-    return step, (trainable, x, non_trainable)
 
 
 def run(variant):
@@ -105,10 +80,9 @@ def main():
 
     for E in experts:
         variants = {
-            "dense": make_step(
-                FeedForward(hidden_dim=k * h, activation="gelu"), x, False),
-            "slots": make_step(moe(E, "slots"), x, True),
-            "ragged": make_step(moe(E, "ragged"), x, True),
+            "dense": make_step(FeedForward(hidden_dim=k * h, activation="gelu"), x),
+            "slots": make_step(moe(E, "slots"), x),
+            "ragged": make_step(moe(E, "ragged"), x),
         }
         for name, variant in variants.items():
             t0 = time.perf_counter()

@@ -38,6 +38,7 @@ from keras_brainformer.layers.adaptable_kernels import AdaptableKernels  # noqa:
 from keras_brainformer.models import BrainformerCausalLM  # noqa: E402
 from keras_brainformer.training.evaluation import heldout_loss  # noqa: E402
 from keras_brainformer.training.evaluation import heldout_windows  # noqa: E402
+from keras_brainformer.training.evaluation import windows_loss  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = ["brainformer1_tiny_stdlib", "glam_tiny_stdlib", "dense_tiny_stdlib"]
@@ -58,22 +59,6 @@ def frozen_kernels(backbone):
         if isinstance(layer, AdaptableKernels)
         for name in layer._kernel_specs
     }
-
-
-def windows_loss(lm, windows, batch_size=8):
-    """Mean next-token cross-entropy (nats/token) over `windows`."""
-    losses = []
-    for start in range(0, len(windows), batch_size):
-        rows = windows[start : start + batch_size]
-        logits = lm({"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1])})
-        losses.append(
-            keras.ops.convert_to_numpy(
-                keras.losses.sparse_categorical_crossentropy(
-                    rows[:, 1:], keras.ops.cast(logits, "float32"), from_logits=True
-                )
-            )
-        )
-    return float(np.mean(np.concatenate(losses)))
 
 
 def lora_finetune(lm, text, args):

@@ -26,9 +26,15 @@ def heldout_loss(lm, text, sequence_length=128, max_windows=32, batch_size=8):
         lm: a `BrainformerCausalLM` with a preprocessor (its tokenizer is used).
         text: the held-out text.
     """
+    windows = heldout_windows(text, lm.preprocessor.tokenizer, sequence_length, max_windows)
+    return windows_loss(lm, windows, batch_size)
+
+
+def windows_loss(lm, windows, batch_size=8):
+    """Mean next-token cross-entropy (nats/token) of `lm` over token
+    `windows` `[N, length + 1]` (inputs `[:, :-1]`, labels `[:, 1:]`)."""
     import keras
 
-    windows = heldout_windows(text, lm.preprocessor.tokenizer, sequence_length, max_windows)
     losses = []
     for start in range(0, len(windows), batch_size):
         rows = windows[start : start + batch_size]
