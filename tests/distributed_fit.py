@@ -67,7 +67,7 @@ def spec_of(variable):
     return [None if a is None else str(a) for a in spec] if spec is not None else None
 
 
-def run(config, mesh, steps, batch_size, length, experts_on):
+def run(config, mesh, steps, batch_size, length, experts_on, lora=0):
     distribution = None if mesh == "none" else make_distribution(mesh, experts_on=experts_on)
     keras.utils.set_random_seed(0)
     scope = distribution.scope() if distribution else _null()
@@ -75,6 +75,10 @@ def run(config, mesh, steps, batch_size, length, experts_on):
         lm = BrainformerCausalLM(
             backbone=BrainformerCausalLM.backbone_cls(**config), preprocessor=None
         )
+        if lora:
+            # Adapters are created under the distribution: the layout map
+            # places each expert's pair with its expert.
+            lm.backbone.enable_lora(lora)
         lm.compile(
             optimizer=keras.optimizers.AdamW(learning_rate=1e-3),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -125,6 +129,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--lora", type=int, default=0, help="enable LoRA of this rank")
     args = parser.parse_args()
     config = model_config(args.model)
     results = {"devices": len(keras.distribution.list_devices())}
@@ -132,7 +137,8 @@ def main():
         # "batch=8@batch": the mesh, with the experts on the batch axis.
         mesh, _, experts_on = key.partition("@")
         results[key] = run(
-            config, mesh, args.steps, args.batch_size, args.length, experts_on or None
+            config, mesh, args.steps, args.batch_size, args.length, experts_on or None,
+            lora=args.lora,
         )
     print("RESULT " + json.dumps(results))
 

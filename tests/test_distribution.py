@@ -79,7 +79,27 @@ def test_replicated_rules_are_exactly_the_small_weights():
     assert sharded == {
         "embedding", "reverse_embedding", "attention_qkv", "attention_output",
         "attention_conv", "ffn_in", "ffn_out", "expert_in", "expert_out",
+        "expert_lora", "expert_int8_scale",
     }
+
+
+@pytest.mark.parametrize("preset", ["brainformer1_tiny", "primer_tiny"])
+@pytest.mark.parametrize("mode", ["lora", "int8", "int8+lora"])
+def test_lora_adapters_and_int8_scales_match_exactly_one_rule(preset, mode):
+    config = dict(get_preset_config(preset), vocabulary_size=256)
+    backbone = BrainformerBackbone(**config)
+    if "int8" in mode:
+        backbone.quantize("int8")
+    if "lora" in mode:
+        backbone.enable_lora(2)
+    added = [v.path for v in backbone.weights if v.path.endswith(("_lora_a", "_lora_b", "_scale"))]
+    assert added
+    for variable in backbone.weights:
+        assert len(match_rule(variable.path)) == 1, (variable.path, match_rule(variable.path))
+    expert_adapters = [p for p in added if "/experts/" in p]
+    if backbone.moe_layers:
+        assert expert_adapters
+        assert all(match_rule(p)[0].startswith("expert_") for p in expert_adapters)
 
 
 def test_resolve_axes_drops_missing_and_repeated_axes():
@@ -239,6 +259,22 @@ def test_meshes_train_like_one_device(model, mesh_runs):
     # Data-parallel replicates; every other mesh splits the expert banks.
     assert result["batch=8"]["weights"]["block_0/1_moe/experts/w_in"]["spec"] == [None] * 3
     assert result["batch=1,expert=8"]["weights"]["block_0/1_moe/experts/w_in"]["local"][0] == 1
+
+
+@jax_only
+def test_lora_under_expert_parallelism_trains_like_one_device():
+    """LoRA adapters created under a `batch=2,expert=4` mesh: each expert's
+    pair lives with its expert, only adapters train, and the losses equal one
+    device's."""
+    result = _run("distributed_fit.py", "--model", "glam", "--lora", "4",
+                  "--meshes", "batch=2,expert=4", env=JAX8)
+    reference, sharded = result["none"], result["batch=2,expert=4"]
+    np.testing.assert_allclose(sharded["losses"], reference["losses"], rtol=2e-5)
+    trainable = [p for p, w in sharded["weights"].items() if w["trainable"]]
+    assert trainable and all("_lora_" in p for p in trainable)
+    a = sharded["weights"]["block_0/1_moe/experts/w_in_lora_a"]
+    assert a["shape"] == [8, 64, 4] and a["local"] == [2, 64, 4]
+    assert sharded["weights"]["block_0/1_moe/experts/w_in"]["local"][0] == 2
 
 
 @jax_only

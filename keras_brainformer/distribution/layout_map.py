@@ -56,6 +56,18 @@ WEIGHT_RULES = (
      ()),
     ("router_expert_load", _SUBLAYER + r"moe/router/expert_load", (None,)),
     ("norm", _PREFIX + r"(?:block_\d+/\d+_\w+_norm|final_norm)/(?:scale|gamma|beta)", (None,)),
+    # LoRA adapters (`enable_lora`) and int8 scales (`quantize("int8")`, whose
+    # int8 kernels keep their float kernels' names and rules). Per-expert
+    # adapters and scales live with their experts; the rest is small and
+    # replicated.
+    ("expert_lora", _SUBLAYER + r"moe/experts/w_(?:in|gate|out)_lora_[ab]", ("expert", None, None)),
+    ("expert_int8_scale", _SUBLAYER + r"moe/experts/w_(?:in|gate|out)_scale",
+     ("expert", None, None)),
+    ("lora", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)|ffn/w_(?:in|gate|out))"
+     r"_lora_[ab]", (None, None)),
+    ("int8_scale", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)|ffn/w_(?:in|gate|out))"
+     r"_scale", (None, None)),
+    ("embedding_int8_scale", _PREFIX + r"token_embedding/(?:reverse_)?embeddings_scale", (None,)),
 )
 # Intermediate tensors (looked up by `distribution.get_tensor_layout(path)`).
 TENSOR_RULES = (
