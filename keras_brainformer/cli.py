@@ -220,6 +220,7 @@ def _run_generate(args):
 
 def _run_presets(args):
     from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+    from keras_brainformer.models.brainformer.preset_loading import trained_presets
 
     def human(n):
         for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -227,9 +228,12 @@ def _run_presets(args):
                 return f"{n / size:.3g}{unit}"
         return str(n)
 
-    rows = [("name", "family", "total", "activated", "paper (total / activated)")]
-    for name in sorted(backbone_presets):
-        meta = backbone_presets[name]["metadata"]
+    rows = [("name", "family", "total", "activated", "weights", "paper (total / activated)")]
+    listed = {name: (backbone_presets[name]["metadata"], "random") for name in backbone_presets}
+    for name, meta in trained_presets().items():
+        listed[name] = (meta, f"trained ({meta['training']['steps']} steps)")
+    for name in sorted(listed):
+        meta, weights = listed[name]
         paper = meta["paper"]
         reference = (
             f"{human(paper['total'])} / {human(paper['activated'])} ({paper['source']})"
@@ -237,13 +241,14 @@ def _run_presets(args):
             else "-"
         )
         counts = (human(meta["params"]), human(meta["activated_params"]))
-        rows.append((name, meta["family"], *counts, reference))
+        rows.append((name, meta["family"], *counts, weights, reference))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(
         "\nCounts use each preset's own vocabulary (256K for full-size, 8192 for tiny); "
-        "docs/presets.md compares them with the paper's tables."
+        "docs/presets.md compares them with the paper's tables. Trained presets: "
+        "docs/trained_presets.md."
     )
 
 

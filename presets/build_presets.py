@@ -10,7 +10,7 @@ A test checks that the folders match the registry.
 import pathlib
 
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.preset_loading import write_preset_directory
+from keras_brainformer.models.brainformer.preset_building import write_preset_directory
 
 HERE = pathlib.Path(__file__).resolve().parent
 

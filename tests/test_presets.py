@@ -14,8 +14,8 @@ from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import count_parameters
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.preset_loading import backbone_config_json
-from keras_brainformer.models.brainformer.preset_loading import write_preset_directory
+from keras_brainformer.models.brainformer.preset_building import backbone_config_json
+from keras_brainformer.models.brainformer.preset_building import write_preset_directory
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "presets"
 TINY = sorted(name for name in backbone_presets if name.endswith("_tiny"))
@@ -135,3 +135,42 @@ def test_expert_choice_families_leak_in_as_trained_mode(name):
     lm.set_inference_routing("as_trained")
     tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
     assert max(_causality_gap(lm, tokens, t)[0] for t in (0, 7, 16)) > 0.0
+
+
+def test_presets_resolve_inside_the_installed_package():
+    """Preset folders ship inside the package (`keras_brainformer/presets/`,
+    a link to `presets/` in a checkout, a copy in the wheel); every registered
+    handle points there, never at the current directory or a cache."""
+    import keras_brainformer
+    from keras_brainformer.models.brainformer.preset_loading import PRESETS_ROOT
+
+    package = pathlib.Path(keras_brainformer.__file__).resolve().parent
+    assert PRESETS_ROOT == package / "presets"
+    for name, entry in BrainformerBackbone.presets.items():
+        handle = pathlib.Path(entry["kaggle_handle"])
+        assert handle.parent == PRESETS_ROOT, name
+        assert (handle / "config.json").exists(), name
+
+
+def test_loading_a_preset_writes_nothing(tmp_path, monkeypatch):
+    from keras_brainformer.models.brainformer.preset_loading import PRESETS_ROOT
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in PRESETS_ROOT.rglob("*") if p.is_file()}
+    BrainformerBackbone.from_preset("dense_tiny")
+    BrainformerCausalLM.from_preset("dense_tiny_stdlib")
+    after = {p: p.stat().st_mtime_ns for p in PRESETS_ROOT.rglob("*") if p.is_file()}
+    assert after == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registered_preset_missing_from_the_installation_is_a_clear_error(
+    tmp_path, monkeypatch
+):
+    from keras_brainformer.models.brainformer import preset_loading
+
+    monkeypatch.setattr(preset_loading, "PRESETS_ROOT", tmp_path)
+    with pytest.raises(preset_loading.PresetError, match="glam_tiny.*missing from this"):
+        BrainformerBackbone.from_preset("glam_tiny")
+    assert list(tmp_path.iterdir()) == []

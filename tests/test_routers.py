@@ -815,13 +815,14 @@ def test_default_loss_weights():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
-def test_router_math_is_float32_under_low_precision_policy(policy):
+def test_router_math_is_float32_under_mixed_precision():
     kernel = np.array([[1 / 3, 0.1, 0.7], [0.2, 1 / 7, 0.9], [0.3, 0.6, 1 / 9]], "float32")
     # Inputs exactly representable in bfloat16, so only the kernel and the
     # router maths could lose precision.
     x = np.array([[[1.0, 0.5, 2.0], [0.25, 1.0, 0.0]]], "float32")
-    router = make_router(TopKRouter, 3, kernel=kernel, k=1, capacity_factor=None, dtype=policy)
+    router = make_router(
+        TopKRouter, 3, kernel=kernel, k=1, capacity_factor=None, dtype="mixed_bfloat16"
+    )
     assert router.compute_dtype == "bfloat16"
     assert router.kernel.dtype == "float32"
     np.testing.assert_array_equal(to_np(router.kernel), kernel)
@@ -837,6 +838,24 @@ def test_router_math_is_float32_under_low_precision_policy(policy):
     kernel_bf16 = to_np(ops.cast(ops.cast(kernel, "bfloat16"), "float32"))
     rounded = np_softmax(x[0] @ kernel_bf16.astype(np.float64)).max(-1)
     assert np.abs(rounded - exact).max() > 1e-4
+
+
+def test_pure_bfloat16_policy_stores_bfloat16_and_computes_float32():
+    """A pure policy is respected by every variable (keras-hub's precision
+    contract); the logits, softmax and gates are still float32 maths on the
+    stored (rounded) kernel."""
+    kernel = np.array([[1 / 3, 0.1, 0.7], [0.2, 1 / 7, 0.9], [0.3, 0.6, 1 / 9]], "float32")
+    x = np.array([[[1.0, 0.5, 2.0], [0.25, 1.0, 0.0]]], "float32")
+    router = make_router(TopKRouter, 3, kernel=kernel, k=1, capacity_factor=None, dtype="bfloat16")
+    assert router.kernel.dtype == "bfloat16"
+    for v in (router.dropped_fraction, router.expert_load, router.load_cv, router.router_entropy):
+        assert v.dtype == "bfloat16"
+    kernel_bf16 = to_np(ops.cast(ops.cast(kernel, "bfloat16"), "float32"))
+    np.testing.assert_array_equal(to_np(ops.cast(router.kernel, "float32")), kernel_bf16)
+    r = router(x)
+    assert keras.backend.standardize_dtype(r.token_gate.dtype) == "float32"
+    rounded = np_softmax(x[0] @ kernel_bf16.astype(np.float64)).max(-1)
+    np.testing.assert_allclose(to_np(r.token_gate)[0, :, 0], rounded, rtol=2e-6)
 
 
 def test_statistics_are_float32_variables():

@@ -17,6 +17,7 @@ from keras_brainformer.layers.rms_normalization import RMSNormalization
 from keras_brainformer.layers.routers import ExpertChoiceRouter
 from keras_brainformer.layers.routers import Router
 from keras_brainformer.layers.routers import RoutingInstructions
+from keras_brainformer.layers.routers import SlotRoutingInstructions
 from keras_brainformer.layers.routers import TopKRouter
 from keras_brainformer.layers.routers import compute_capacity
 from keras_brainformer.layers.routers import load_balance_loss

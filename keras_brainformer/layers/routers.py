@@ -4,7 +4,8 @@ MoE layer, compute the auxiliary losses and keep routing statistics.
 Shapes: `G` routing groups of `S` tokens, `E` experts, `C` slots per expert
 (the capacity), `k` choices per token, `d` model width.
 
-Every router returns a `RoutingInstructions`: a slot table `slot_token[G, E, C]`
+Every router returns routing instructions (`RoutingInstructions` for token
+choice, `SlotRoutingInstructions` for expert choice): a slot table `slot_token[G, E, C]`
 (which token of the group sits in each expert slot; `S` marks an empty slot) and
 `slot_gate[G, E, C]` (the weight of that expert's output for that token). The
 MoE layer gathers tokens into slots by these indices and sums the weighted
@@ -35,6 +36,8 @@ included: the gap between the two is what leaking was worth.
 """
 
 import math
+from typing import Any
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -50,37 +53,50 @@ from keras_brainformer.layers.validation import check_rate
 INFERENCE_ROUTING = ("causal", "as_trained")
 
 
-class RoutingInstructions:
-    """What a router decided for a batch of groups.
+class RoutingInstructions(NamedTuple):
+    """What a token-choice router decided for a batch of groups: a named
+    tuple of tensors, so a router also runs on symbolic tensors like any
+    Keras layer.
 
     Attributes:
+        slot_gate: float32 `[G, E, C]`, combine weight of each slot (0 if empty).
         slot_token: int32 `[G, E, C]`, the token (index within its group) in
             each expert slot; `S` (the group size) marks an empty slot.
-        slot_gate: float32 `[G, E, C]`, combine weight of each slot (0 if empty).
-        capacity: int, `C`.
         token_expert, token_position, token_gate, token_keep: `[G, S, k]`
-            per-token choices of a token-choice router (None for expert
-            choice): chosen expert, position in that expert's queue, gate, and
-            whether the choice fits in capacity.
+            per-token choices: chosen expert, position in that expert's
+            queue, gate, and whether the choice fits in capacity.
+        capacity: `C`, the slots per expert (a property: the last axis of
+            `slot_token`).
+
+    Gates stay float32 whatever the layer's dtype policy: they are routing
+    decisions, and the MoE layer combines expert outputs in float32.
     """
 
-    def __init__(
-        self,
-        slot_token,
-        slot_gate,
-        capacity,
-        token_expert=None,
-        token_position=None,
-        token_gate=None,
-        token_keep=None,
-    ):
-        self.slot_token = slot_token
-        self.slot_gate = slot_gate
-        self.capacity = capacity
-        self.token_expert = token_expert
-        self.token_position = token_position
-        self.token_gate = token_gate
-        self.token_keep = token_keep
+    slot_gate: Any
+    slot_token: Any
+    token_expert: Any
+    token_position: Any
+    token_gate: Any
+    token_keep: Any
+
+    @property
+    def capacity(self):
+        return self.slot_token.shape[-1]
+
+
+class SlotRoutingInstructions(NamedTuple):
+    """What an expert-choice router decided: only the slot table (experts pick
+    tokens, so there are no per-token choices; `token_*` read None).
+    Attributes as in `RoutingInstructions`."""
+
+    slot_gate: Any
+    slot_token: Any
+
+    @property
+    def capacity(self):
+        return self.slot_token.shape[-1]
+
+    token_expert = token_position = token_gate = token_keep = property(lambda self: None)
 
 
 def compute_capacity(num_tokens, group_size, capacity_factor, num_experts):
@@ -129,7 +145,14 @@ class Router(keras.layers.Layer):
     many slots a token asks for: `k`, or 1 for expert choice) and
     `route(probs, mask, training)`.
 
-    Routing statistics of the latest call are kept in non-trainable float32
+    A router is an ordinary Keras layer: called on `[G, S, d]` tokens (eager or
+    symbolic) it returns `RoutingInstructions`, a named tuple of tensors. Its
+    variables (the `[d, E]` kernel and the statistics) follow the layer's dtype
+    policy (float32 under `mixed_bfloat16`, bfloat16 under a pure `bfloat16`
+    policy); the logits, softmax, top-k, gates and losses are computed in
+    float32 inside `call` whatever the policy.
+
+    Routing statistics of the latest call are kept in non-trainable
     variables: `dropped_fraction` (share of token-choices that found no slot;
     for expert choice, share of tokens that no expert took), `expert_load`
     (`[E]`, share of filled slots per expert), `load_cv` (coefficient of
@@ -187,7 +210,7 @@ class Router(keras.layers.Layer):
             name="kernel",
             shape=(model_dim, self.num_experts),
             initializer=clone_initializer(self.kernel_initializer),
-            dtype="float32",
+            dtype=self.variable_dtype,
             autocast=False,
         )
 
@@ -196,7 +219,7 @@ class Router(keras.layers.Layer):
                 name=name,
                 shape=shape,
                 initializer="zeros",
-                dtype="float32",
+                dtype=self.variable_dtype,
                 trainable=False,
                 autocast=False,
             )
@@ -247,7 +270,7 @@ class Router(keras.layers.Layer):
                 dtype="float32",
             )
             x = x * noise
-        return ops.matmul(x, self.kernel)
+        return ops.matmul(x, ops.cast(self.kernel, "float32"))
 
     def call(self, x, token_mask=None, training=False, causal=None):
         """Routes `x` `[G, S, d]`; `token_mask` `[G, S]` marks real tokens.
@@ -298,10 +321,13 @@ class Router(keras.layers.Layer):
         cv = ops.sqrt(ops.mean(ops.square(load - mean))) / ops.maximum(
             mean, 1e-9
         )
-        self.dropped_fraction.assign(ops.cast(dropped_fraction, "float32"))
-        self.expert_load.assign(load)
-        self.load_cv.assign(cv)
-        self.router_entropy.assign(ops.sum(entropy * mask) / count)
+        for variable, value in (
+            (self.dropped_fraction, dropped_fraction),
+            (self.expert_load, load),
+            (self.load_cv, cv),
+            (self.router_entropy, ops.sum(entropy * mask) / count),
+        ):
+            variable.assign(ops.cast(value, variable.dtype))
 
     def routing_statistics(self):
         """The statistics of the latest call as a dict of Python floats/lists."""
@@ -311,11 +337,6 @@ class Router(keras.layers.Layer):
             "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
             "expert_load": ops.convert_to_numpy(self.expert_load).tolist(),
         }
-
-    def compute_output_spec(self, x, token_mask=None, training=False, causal=None):
-        raise NotImplementedError(
-            "Routers are called inside MoEFeedForward, not on symbolic tensors."
-        )
 
     def get_config(self):
         config = super().get_config()
@@ -404,7 +425,6 @@ def token_choice_route(
     instructions = RoutingInstructions(
         slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
         slot_gate=ops.reshape(slot_gate, (G, E, C)),
-        capacity=C,
         token_expert=experts,
         token_position=position,
         token_gate=gates,
@@ -621,9 +641,7 @@ class ExpertChoiceRouter(Router):
         served = ops.sum(ops.cast(hits > 0, "float32") * mask)
         real = ops.sum(mask)
         dropped = (real - served) / ops.maximum(real, 1.0)
-        instructions = RoutingInstructions(
-            slot_token=slot_token, slot_gate=slot_gate, capacity=C
-        )
+        instructions = SlotRoutingInstructions(slot_gate=slot_gate, slot_token=slot_token)
         return instructions, dropped
 
 

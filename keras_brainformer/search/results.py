@@ -184,7 +184,7 @@ def write_preset_folder(config, metadata, directory):
     )
     from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
     from keras_brainformer.models.brainformer.parameter_count import count_parameters
-    from keras_brainformer.models.brainformer.preset_loading import backbone_config_json
+    from keras_brainformer.models.brainformer.preset_building import backbone_config_json
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -4,15 +4,15 @@ Every preset of `brainformer_presets.backbone_presets` is a keras-hub preset
 folder: `config.json` (the backbone), `metadata.json` (description, parameter
 counts, the paper's figures) and, for presets that use the shipped 8K
 vocabulary, `tokenizer.json`, `preprocessor.json` and
-`assets/tokenizer/vocabulary.spm`. The folders live in the repository's
-`presets/` (rebuilt by `python presets/build_presets.py`); when the package is
-installed without them, `preset_directory(name)` writes the folder into
-`$KERAS_BRAINFORMER_HOME/presets` (default `~/.cache/keras_brainformer`) from
-the registry on first use.
+`assets/tokenizer/vocabulary.spm`. The folders are written at build time
+(`python presets/build_presets.py`, see `preset_building.py`) into the
+top-level `presets/` and ship inside the package as `keras_brainformer/presets/`
+(a link to `presets/` in a checkout, a copy of it in the wheel). Loading only
+reads that packaged folder: it never writes anything and never looks at the
+current directory or a repository path.
 
-Trained presets (folders in `presets/` with weights and a training record in
-their `metadata.json`) are registered by name too; they ship with the
-repository, not with the installed package.
+Trained presets (packaged folders with weights and a training record in
+their `metadata.json`) are registered by name too.
 
 The names are registered with keras-hub, so `BrainformerBackbone.presets`
 lists them and `from_preset("brainformer1_tiny")` resolves them like built-in
@@ -25,9 +25,7 @@ failing on a missing weights file. The generic
 import json
 import os
 import pathlib
-import shutil
 
-import keras
 from absl import logging
 from keras_hub.src.utils.preset_utils import register_presets
 
@@ -40,7 +38,9 @@ TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
 TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
 
-_REPOSITORY_PRESETS = pathlib.Path(__file__).resolve().parents[3] / "presets"
+# The package's own preset folders: `keras_brainformer/presets/` (in a
+# checkout, a link to the top-level `presets/`; in a wheel, a copy of it).
+PRESETS_ROOT = pathlib.Path(__file__).resolve().parents[2] / "presets"
 
 
 def _registry():
@@ -49,77 +49,21 @@ def _registry():
     return backbone_presets
 
 
-def cache_root():
-    """Where presets missing from the repository are materialised."""
-    home = os.environ.get("KERAS_BRAINFORMER_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache", "keras_brainformer"
-    )
-    return pathlib.Path(home) / "presets"
-
-
-def _default_location(name):
-    in_tree = _REPOSITORY_PRESETS / name
-    if (in_tree / CONFIG_FILE).exists():
-        return in_tree
-    return cache_root() / name
-
-
-def backbone_config_json(config):
-    """The `config.json` dict keras-hub writes for a backbone with `config`."""
-    return {
-        "module": "keras_brainformer.models.brainformer.brainformer_backbone",
-        "class_name": "BrainformerBackbone",
-        "config": {"name": "brainformer_backbone", "trainable": True, **config},
-        "registered_name": "keras_brainformer>BrainformerBackbone",
-    }
-
-
-def write_preset_directory(name, directory):
-    """Writes preset `name`'s folder (config, metadata, tokenizer if the
-    preset uses the shipped vocabulary) into `directory`. Files are written to
-    a temporary folder first and moved in place, so a failure leaves nothing
-    half-written."""
-    from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
-        BrainformerCausalLMPreprocessor,
-    )
-    from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-
-    presets = _registry()
-    if name not in presets:
-        raise ValueError(f"Unknown preset {name!r}. Available presets: {sorted(presets)}.")
-    entry = presets[name]
-    directory = pathlib.Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    with open(staging / CONFIG_FILE, "w") as f:
-        json.dump(backbone_config_json(entry["config"]), f, indent=4)
-        f.write("\n")
-    metadata = {
-        "keras_brainformer_preset": name,
-        "keras_version": keras.version(),
-        **entry["metadata"],
-    }
-    tokenizer = BrainformerTokenizer()
-    if entry["config"]["vocabulary_size"] == tokenizer.vocabulary_size():
-        BrainformerCausalLMPreprocessor(
-            tokenizer=tokenizer, sequence_length=TINY_PREPROCESSOR_SEQUENCE_LENGTH
-        ).save_to_preset(str(staging))
-    with open(staging / METADATA_FILE, "w") as f:
-        json.dump(metadata, f, indent=4)
-        f.write("\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    staging.rename(directory)
-    return directory
-
-
 def preset_directory(name):
-    """The folder of preset `name`, materialised from the registry if needed."""
-    directory = _default_location(name)
+    """The packaged folder of zoo preset `name` (never written at load time).
+
+    Raises `PresetError` if this installation lacks the folder: the package
+    was built without its presets (rebuild the wheel from a checkout, or run
+    `python presets/build_presets.py` in an editable checkout).
+    """
+    directory = PRESETS_ROOT / name
     if not (directory / CONFIG_FILE).exists():
-        write_preset_directory(name, directory)
+        raise PresetError(
+            f"Preset {name!r} is registered but its folder {directory} is missing from "
+            "this installation of keras_brainformer (the package was built without "
+            "its presets). Reinstall keras-brainformer, or in a checkout run "
+            "`python presets/build_presets.py`."
+        )
     return directory
 
 
@@ -143,7 +87,7 @@ def trained_presets():
     folders with weights whose `metadata.json` records a `"training"` (written
     by `presets/package_trained_preset.py`)."""
     found = {}
-    for metadata_path in sorted(_REPOSITORY_PRESETS.glob("*/" + METADATA_FILE)):
+    for metadata_path in sorted(PRESETS_ROOT.glob("*/" + METADATA_FILE)):
         metadata = _training_metadata(metadata_path.parent)
         if metadata is not None:
             found[metadata_path.parent.name] = metadata
@@ -155,7 +99,7 @@ def resolve_preset(preset):
     if isinstance(preset, str):
         if preset in _registry():
             return str(preset_directory(preset))
-        folder = _REPOSITORY_PRESETS / preset
+        folder = PRESETS_ROOT / preset
         if "/" not in preset and _training_metadata(folder) is not None:
             return str(folder)
     return preset
@@ -163,13 +107,13 @@ def resolve_preset(preset):
 
 def register_brainformer_presets(backbone_cls):
     """Registers every zoo preset with keras-hub (names → folders): the
-    architecture presets and the trained ones found in `presets/`."""
+    architecture presets and the trained ones among the packaged folders."""
     entries = {
-        name: {"metadata": entry["metadata"], "kaggle_handle": str(_default_location(name))}
+        name: {"metadata": entry["metadata"], "kaggle_handle": str(PRESETS_ROOT / name)}
         for name, entry in _registry().items()
     }
     for name, metadata in trained_presets().items():
-        entries[name] = {"metadata": metadata, "kaggle_handle": str(_REPOSITORY_PRESETS / name)}
+        entries[name] = {"metadata": metadata, "kaggle_handle": str(PRESETS_ROOT / name)}
     register_presets(entries, backbone_cls)
 
 

@@ -1,0 +1,67 @@
+"""Writing the zoo's architecture presets as keras-hub preset folders.
+
+Used at build time by `presets/build_presets.py` (the folders are committed
+under `presets/` and ship inside the wheel) and by tests that check the
+committed folders still match the registry. Loading never writes: see
+`preset_loading.py`.
+"""
+
+import json
+import pathlib
+import shutil
+
+import keras
+
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+    BrainformerCausalLMPreprocessor,
+)
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+from keras_brainformer.models.brainformer.preset_loading import CONFIG_FILE
+from keras_brainformer.models.brainformer.preset_loading import METADATA_FILE
+from keras_brainformer.models.brainformer.preset_loading import TINY_PREPROCESSOR_SEQUENCE_LENGTH
+
+
+def backbone_config_json(config):
+    """The `config.json` dict keras-hub writes for a backbone with `config`."""
+    return {
+        "module": "keras_brainformer.models.brainformer.brainformer_backbone",
+        "class_name": "BrainformerBackbone",
+        "config": {"name": "brainformer_backbone", "trainable": True, **config},
+        "registered_name": "keras_brainformer>BrainformerBackbone",
+    }
+
+
+def write_preset_directory(name, directory):
+    """Writes preset `name`'s folder (config, metadata, tokenizer if the
+    preset uses the shipped vocabulary) into `directory`. Files are written to
+    a temporary folder first and moved in place, so a failure leaves nothing
+    half-written."""
+    if name not in backbone_presets:
+        raise ValueError(f"Unknown preset {name!r}. Available presets: {sorted(backbone_presets)}.")
+    entry = backbone_presets[name]
+    directory = pathlib.Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with open(staging / CONFIG_FILE, "w") as f:
+        json.dump(backbone_config_json(entry["config"]), f, indent=4)
+        f.write("\n")
+    metadata = {
+        "keras_brainformer_preset": name,
+        "keras_version": keras.version(),
+        **entry["metadata"],
+    }
+    tokenizer = BrainformerTokenizer()
+    if entry["config"]["vocabulary_size"] == tokenizer.vocabulary_size():
+        BrainformerCausalLMPreprocessor(
+            tokenizer=tokenizer, sequence_length=TINY_PREPROCESSOR_SEQUENCE_LENGTH
+        ).save_to_preset(str(staging))
+    with open(staging / METADATA_FILE, "w") as f:
+        json.dump(metadata, f, indent=4)
+        f.write("\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
