@@ -1,5 +1,7 @@
 """`keras-brainformer`: presets listing, bad input, a smoke `train`, generation
-from the written preset, resume after SIGKILL, and a tiny `compare`."""
+from the written preset, resume after SIGKILL, and a tiny `compare`.
+
+Trainings and subprocesses are the slow tier (`-m slow`)."""
 
 import csv
 import json
@@ -71,6 +73,7 @@ def test_empty_corpus_exits_2(tmp_path, capsys):
     assert not (tmp_path / "run" / "preset").exists()
 
 
+@pytest.mark.slow
 def test_smoke_train_writes_a_loadable_preset_and_refuses_other_runs(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--preset", "glam_ec_tiny", "--steps", "4", "--out", out] + SMOKE
@@ -119,6 +122,7 @@ def _weights(preset_dir):
     return values
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     """Killed after a checkpoint, and killed in the middle of one."""
     # Uninterrupted: 3 epochs of 2 steps.
@@ -152,6 +156,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
             np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=f"{run}: {name}")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # Epoch 1 = steps 1-2 (checkpointed); step 3's loss is NaN.
     out = tmp_path / "nan"
@@ -173,6 +178,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         assert values and all(np.all(np.isfinite(v)) for v in values), path
 
 
+@pytest.mark.slow
 def test_compare_writes_csv_plot_and_table(tmp_path):
     from keras_brainformer.training.compare import compare_families
 
@@ -201,6 +207,7 @@ def test_compare_writes_csv_plot_and_table(tmp_path):
     assert any(r["seconds_to_worst_final_loss"] is not None for r in results)
 
 
+@pytest.mark.slow
 def test_time_budget_and_mixed_bfloat16(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--preset", "primer_tiny", "--steps", "400", "--time-budget", "0.5"]

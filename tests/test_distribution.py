@@ -5,7 +5,9 @@ by all-to-all; a two-process (multi-host) run agrees with itself and with one
 device; tf.distribute.MirroredStrategy on two logical CPUs matches one device.
 
 The multi-device checks run in subprocesses: JAX fixes its device count when
-it starts (`JAX_NUM_CPU_DEVICES`), TensorFlow its logical devices.
+it starts (`JAX_NUM_CPU_DEVICES`), TensorFlow its logical devices. They are
+the slow tier (`-m slow`); the layout rules are checked in the fast tier from
+`weight_specs(config)`, without building models.
 """
 
 import json
@@ -27,6 +29,7 @@ from keras_brainformer.distribution.layout_map import match_rule
 from keras_brainformer.distribution.layout_map import resolve_axes
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
+from keras_brainformer.distribution.weight_shapes import weight_specs
 from keras_brainformer.layers import grouped_scatter
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
@@ -58,20 +61,35 @@ def _variants():
 
 @pytest.mark.parametrize("name,config", list(_variants()), ids=lambda v: str(v)[:24])
 def test_every_weight_matches_exactly_one_rule(name, config):
+    """Driven by `weight_specs(config)`, which lists every weight path of the
+    built backbone without building it (`test_memory_plan.py` checks the two
+    agree, path by path)."""
     config = dict(config, vocabulary_size=256)
-    backbone = BrainformerBackbone(**config)
-    for variable in backbone.weights:
-        assert len(match_rule(variable.path)) == 1, (variable.path, match_rule(variable.path))
-        assert not match_rule(variable.path, TENSOR_RULES), variable.path
+    paths = list(weight_specs(config))
+    for path in paths:
+        assert len(match_rule(path)) == 1, (path, match_rule(path))
+        assert not match_rule(path, TENSOR_RULES), path
     # Keras' own lookup (re.fullmatch, an error on two matches) agrees.
     mesh = keras.distribution.DeviceMesh((1, 1, 1), ("batch", "expert", "model"),
                                          keras.distribution.list_devices()[:1])
     layout_map = get_layout_map(mesh)
-    for variable in backbone.weights:
-        assert layout_map[variable.path] is not None, variable.path
-    for moe in backbone.moe_layers:
-        layout = layout_map[f"{moe.path}/dispatched"]
+    for path in paths:
+        assert layout_map[path] is not None, path
+    moe_paths = sorted({p.split("/router/")[0] for p in paths if "/router/" in p})
+    assert bool(moe_paths) == ("dense" not in name and "primer" not in name)
+    for moe_path in moe_paths:
+        layout = layout_map[f"{moe_path}/dispatched"]
         assert layout.axes == ("expert", "batch", None, None)
+
+
+def test_moe_layer_paths_are_the_weight_spec_prefixes():
+    """The `<moe layer path>/dispatched` key above uses the MoE layer's path,
+    derived from its weights' paths: check that on one built backbone."""
+    config = dict(get_preset_config("brainformer1_tiny"), vocabulary_size=256)
+    with keras.StatelessScope(initialize_variables=False):
+        backbone = BrainformerBackbone(**config)
+    derived = sorted({p.split("/router/")[0] for p in weight_specs(config) if "/router/" in p})
+    assert derived == sorted(moe.path for moe in backbone.moe_layers)
 
 
 def test_replicated_rules_are_exactly_the_small_weights():
@@ -84,9 +102,20 @@ def test_replicated_rules_are_exactly_the_small_weights():
 
 
 @pytest.mark.parametrize("preset", ["brainformer1_tiny", "primer_tiny"])
-@pytest.mark.parametrize("mode", ["lora", "int8", "int8+lora"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        # int8+lora has every variable of the other two modes (the same
+        # scale and adapter paths); they run in the slow tier.
+        pytest.param("lora", marks=pytest.mark.slow),
+        pytest.param("int8", marks=pytest.mark.slow),
+        "int8+lora",
+    ],
+)
 def test_lora_adapters_and_int8_scales_match_exactly_one_rule(preset, mode):
-    config = dict(get_preset_config(preset), vocabulary_size=256)
+    # One block has every sublayer kind of the preset (the rules match
+    # within a block; block indices are a wildcard).
+    config = dict(get_preset_config(preset), vocabulary_size=256, num_blocks=1)
     backbone = BrainformerBackbone(**config)
     if "int8" in mode:
         backbone.quantize("int8")
@@ -248,6 +277,7 @@ def mesh_runs():
     return get
 
 
+@pytest.mark.slow
 @jax_only
 @pytest.mark.parametrize("model", ["brainformer", "glam"])
 def test_meshes_train_like_one_device(model, mesh_runs):
@@ -261,6 +291,7 @@ def test_meshes_train_like_one_device(model, mesh_runs):
     assert result["batch=1,expert=8"]["weights"]["block_0/1_moe/experts/w_in"]["local"][0] == 1
 
 
+@pytest.mark.slow
 @jax_only
 def test_lora_under_expert_parallelism_trains_like_one_device():
     """LoRA adapters created under a `batch=2,expert=4` mesh: each expert's
@@ -277,6 +308,7 @@ def test_lora_under_expert_parallelism_trains_like_one_device():
     assert sharded["weights"]["block_0/1_moe/experts/w_in"]["local"][0] == 2
 
 
+@pytest.mark.slow
 @jax_only
 def test_gshard_layout_experts_on_the_batch_axis(mesh_runs):
     result = mesh_runs("glam")
@@ -312,6 +344,7 @@ print("RESULT " + json.dumps({"constrained": counts[True], "free": counts[False]
 """
 
 
+@pytest.mark.slow
 @jax_only
 def test_dispatched_tokens_move_by_all_to_all(tmp_path):
     script = tmp_path / "hlo.py"
@@ -362,6 +395,7 @@ def _run_two_processes(script, args, devices_per_process):
     return results
 
 
+@pytest.mark.slow
 @jax_only
 def test_two_processes_on_loopback_agree_with_one_device(mesh_runs):
     results = _run_two_processes(os.path.join(TESTS, "multihost_fit.py"), [], 2)
@@ -382,6 +416,7 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device():
     np.testing.assert_allclose(result["mirrored"], result["single"], rtol=RTOL)
 
 
+@pytest.mark.slow
 @jax_only
 def test_multihost_example_on_the_real_corpus_pipeline():
     example = os.path.join(os.path.dirname(TESTS), "examples", "train_multihost.py")
@@ -419,6 +454,7 @@ def test_train_mesh_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @jax_only
 def test_train_command_with_a_mesh(tmp_path):
     done = subprocess.run(

@@ -26,14 +26,15 @@ the block and sublayer indices:
 | `block_i/j_attention/conv_query|key|value`   | `[K, H, hd]` |
 | `block_i/j_ffn/w_in`, `w_gate` (gated)       | `[d, h]`     |
 | `block_i/j_ffn/w_out`                        | `[h, d]`     |
-| `block_i/j_moe/router/kernel` (float32)      | `[d, E]`     |
+| `block_i/j_moe/router/kernel`                | `[d, E]`     |
 | `block_i/j_moe/router/dropped_fraction`, `load_cv`, `router_entropy` | `[]` |
 | `block_i/j_moe/router/expert_load`           | `[E]`        |
 | `block_i/j_moe/experts/w_in`, `w_gate` (gated) | `[E, d, h]` |
 | `block_i/j_moe/experts/w_out`                | `[E, h, d]`  |
 | `final_norm/scale` (or `gamma`, `beta`)      | `[d]`        |
 
-The router weights are always float32 (`autocast=False`) and non-trainable.
+The router weights follow the policy's variable dtype like every weight (float32 under
+`mixed_bfloat16`; the router computes in float32 inside `call`); its statistics are non-trainable.
 """
 
 import collections
@@ -140,9 +141,9 @@ def _sublayer_specs(prefix, sub, d, dtype):
     if sub.kind == "ffn":
         return _ffn_specs(prefix, d, sub.hidden_dim, sub.activation, dtype)
     E = sub.num_experts
-    specs = [WeightSpec(f"{prefix}/router/kernel", (d, E), True, "float32")]
+    specs = [WeightSpec(f"{prefix}/router/kernel", (d, E), True, dtype)]
     specs += [
-        WeightSpec(f"{prefix}/router/{name}", (E,) if shape is None else shape, False, "float32")
+        WeightSpec(f"{prefix}/router/{name}", (E,) if shape is None else shape, False, dtype)
         for name, shape in _ROUTER_STATISTICS
     ]
     specs += _ffn_specs(
@@ -160,8 +161,7 @@ def weight_specs(config, dtype=None):
             preset's `config.json` `"config"` entry, or constructor kwargs).
         dtype: dtype policy name (`"float32"`, `"bfloat16"`,
             `"mixed_bfloat16"`) overriding the config's `dtype`; it sets the
-            variables' dtype (float32 under `mixed_bfloat16`; routers are
-            always float32).
+            variables' dtype (float32 under `mixed_bfloat16`).
 
     Returns:
         `OrderedDict` path -> `WeightSpec`.
