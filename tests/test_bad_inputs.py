@@ -75,7 +75,17 @@ BAD_INPUTS = [
         ["padding_mask", "(2, 9)"],
     ),
 ]
+# The table: every bad input through the backbone call, the one boundary
+# check every entry point shares.
 BAD_IDS = [pytest.param(*case[1:], id=case[0]) for case in BAD_INPUTS]
+# The wiring: each entry point (predict, generate, fit, the classifier's) is
+# shown to reach that check with a value error and a type error in the fast
+# tier; the rest of the cross product runs in the slow tier.
+WIRING = ("id_eq_vocab", "float_ids")
+ENTRY_POINT_IDS = [
+    pytest.param(*case[1:], id=case[0], marks=() if case[0] in WIRING else pytest.mark.slow)
+    for case in BAD_INPUTS
+]
 
 
 def assert_raises(error_type, words, fn):
@@ -98,12 +108,12 @@ def causal_lm(backbone):
     return BrainformerCausalLM(backbone)
 
 
-@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+@pytest.mark.parametrize("x, error_type, words", ENTRY_POINT_IDS)
 def test_causal_lm_predict_rejects(causal_lm, x, error_type, words):
     assert_raises(error_type, words, lambda: causal_lm.predict(x, verbose=0))
 
 
-@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+@pytest.mark.parametrize("x, error_type, words", ENTRY_POINT_IDS)
 def test_causal_lm_generate_rejects(causal_lm, x, error_type, words):
     assert_raises(error_type, words, lambda: causal_lm.generate(x, stop_token_ids=None))
 
@@ -122,7 +132,7 @@ def classifier(backbone):
     return BrainformerTextClassifier(backbone, num_classes=3)
 
 
-@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+@pytest.mark.parametrize("x, error_type, words", ENTRY_POINT_IDS)
 def test_text_classifier_predict_rejects(classifier, x, error_type, words):
     assert_raises(error_type, words, lambda: classifier.predict(x, verbose=0))
 
@@ -176,7 +186,7 @@ def next_token_labels(x):
     return np.ones(shape if len(shape) == 2 else (B, T), "int32")
 
 
-@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+@pytest.mark.parametrize("x, error_type, words", ENTRY_POINT_IDS)
 def test_causal_lm_fit_rejects_bad_ids(causal_lm, x, error_type, words):
     assert_rejected_without_training(
         causal_lm, error_type, words,
@@ -263,7 +273,7 @@ def test_text_classifier_fit_rejects_bad_labels(classifier, y, error_type, words
     )
 
 
-@pytest.mark.parametrize("x, error_type, words", BAD_IDS)
+@pytest.mark.parametrize("x, error_type, words", ENTRY_POINT_IDS)
 def test_text_classifier_fit_rejects_bad_ids(classifier, x, error_type, words):
     assert_rejected_without_training(
         classifier, error_type, words,

@@ -50,6 +50,7 @@ def straight(tmp_path_factory):
     return _weights(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", checkpointing.STAGES)
 def test_killed_during_a_checkpoint_resumes_from_a_complete_one(
     tmp_path, monkeypatch, straight, stage
@@ -74,6 +75,7 @@ def test_killed_during_a_checkpoint_resumes_from_a_complete_one(
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight):
     _fit(_model(), tmp_path, epochs=3)
     newest = complete_checkpoints(tmp_path)[0][1]

@@ -32,6 +32,7 @@ def test_pydoc_text_is_deterministic_and_large():
     assert len(text) > 100_000 and text == pydoc_text()
 
 
+@pytest.mark.slow
 def test_demo_trains_and_returns_a_finite_loss(capsys):
     loss = demo.main(
         ["--steps", "4", "--sequence-length", "32", "--hidden-dim", "16", "--num-blocks", "1"]

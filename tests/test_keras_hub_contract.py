@@ -56,6 +56,14 @@ BLOCK = BlockSpec(
         MoESpec(num_experts=4, hidden_dim=32, router="top_k", k=2, capacity_factor=1.25),
     ]
 )
+# Backbones and tasks use a two-sublayer block (compile time dominates the
+# harness's many builds); every sublayer kind is in `BLOCK` above.
+SMALL_BLOCK = BlockSpec(
+    [
+        AttentionSpec(num_heads=2),
+        MoESpec(num_experts=4, hidden_dim=32, router="expert_choice", capacity_factor=1.0),
+    ]
+)
 TEXTS = ["def f(x):\n    return x", "the quick brown fox"]
 
 
@@ -80,7 +88,7 @@ def _backbone_kwargs(vocabulary_size=64):
     return {
         "vocabulary_size": vocabulary_size,
         "hidden_dim": D,
-        "blocks": BLOCK,
+        "blocks": SMALL_BLOCK,
         "num_blocks": 1,
         "max_sequence_length": 32,
     }

@@ -259,7 +259,14 @@ def test_single_layer_config_round_trip_keeps_lora_and_saved_kernels_are_merged(
 # --- every family ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
+def _one_fast(presets, fast="brainformer1_tiny"):
+    """brainformer1_tiny has every sublayer kind (attention, dense FFN,
+    top-k and expert-choice MoE) in the fast tier; the other families run
+    in the slow tier."""
+    return [p if p == fast else pytest.param(p, marks=pytest.mark.slow) for p in presets]
+
+
+@pytest.mark.parametrize("preset", _one_fast(FAMILIES))
 def test_quantize_int8_every_family(preset, tmp_path):
     lm = _lm(preset)
     x = _ids()
@@ -304,7 +311,7 @@ def _kernels(backbone):
     }
 
 
-@pytest.mark.parametrize("preset", ["brainformer1_tiny", "glam_tiny", "dense_tiny"])
+@pytest.mark.parametrize("preset", _one_fast(["brainformer1_tiny", "glam_tiny", "dense_tiny"]))
 def test_backbone_enable_lora_trains_adapters_only_and_round_trips(preset, tmp_path):
     lm = _lm(preset)
     backbone = lm.backbone

@@ -30,6 +30,7 @@ def _data():
     return x, tokens[:, 1:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_bfloat16_family_trains_finite_with_float32_routers(family):
     config = dict(get_preset_config(family), vocabulary_size=VOCABULARY, dtype="mixed_bfloat16")

@@ -103,11 +103,9 @@ def test_vocabularies_and_lengths():
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_preset_builds_with_counted_size(name):
-    from keras_brainformer.models import BrainformerBackbone
-
+def test_tiny_preset_builds_with_counted_size(name, tiny_backbone):
     config = backbone_presets[name]["config"]
-    backbone = BrainformerBackbone(**config)
+    backbone = tiny_backbone(name)
     # Trainable weights: routers also keep non-trainable routing statistics
     # (a few scalars each), which `count_params()` includes.
     trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)

@@ -4,7 +4,6 @@ and causality of every family in the default (causal) inference routing."""
 import json
 import pathlib
 
-import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -57,8 +56,8 @@ def test_preset_folders_match_the_registry(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_preset_loads_by_name(name):
-    backbone = BrainformerBackbone.from_preset(name)
+def test_tiny_preset_loads_by_name(name, tiny_backbone):
+    backbone = tiny_backbone(name)
     # Trainable weights only: routers also keep statistics variables.
     trainable = sum(int(np.prod(w.shape)) for w in backbone.trainable_weights)
     assert trainable == backbone_presets[name]["metadata"]["params"]
@@ -117,9 +116,8 @@ def _causality_gap(lm, tokens, t):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_every_family_is_causal_in_causal_mode(name):
-    keras.utils.set_random_seed(0)
-    lm = BrainformerCausalLM.from_preset(name, preprocessor=None)
+def test_every_family_is_causal_in_causal_mode(name, tiny_backbone):
+    lm = BrainformerCausalLM(tiny_backbone(name))
     tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
     for t in (0, 7, 16):
         before, anywhere = _causality_gap(lm, tokens, t)
@@ -128,13 +126,15 @@ def test_every_family_is_causal_in_causal_mode(name):
 
 
 @pytest.mark.parametrize("name", [n for n in TINY if "brainformer" in n or "_ec" in n])
-def test_expert_choice_families_leak_in_as_trained_mode(name):
+def test_expert_choice_families_leak_in_as_trained_mode(name, tiny_backbone):
     # The same check fails without the causal routing: the test can fail.
-    keras.utils.set_random_seed(0)
-    lm = BrainformerCausalLM.from_preset(name, preprocessor=None)
+    lm = BrainformerCausalLM(tiny_backbone(name))
     lm.set_inference_routing("as_trained")
-    tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
-    assert max(_causality_gap(lm, tokens, t)[0] for t in (0, 7, 16)) > 0.0
+    try:
+        tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
+        assert max(_causality_gap(lm, tokens, t)[0] for t in (0, 7, 16)) > 0.0
+    finally:
+        lm.set_inference_routing("causal")
 
 
 def test_presets_resolve_inside_the_installed_package():

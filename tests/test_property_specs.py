@@ -14,6 +14,7 @@ import re
 
 import keras
 import numpy as np
+import pytest
 from conftest import to_numpy
 from hypothesis import HealthCheck
 from hypothesis import event
@@ -198,6 +199,7 @@ def backbone_cases(draw):
     return block, args, bad | bad_args
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,

@@ -243,6 +243,7 @@ def tiny_data():
     )
 
 
+@pytest.mark.slow
 def test_constraint_stops_early_with_reward_minus_one(tiny_data):
     space = SearchSpace(num_sublayers=2, scale=1 / 32, num_experts=2)
     genome = space.glam_genome()
@@ -272,6 +273,7 @@ def tiny_search(tmp_path_factory):
     return out, best, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_tiny_search_writes_every_output(tiny_search):
     out, best, _ = tiny_search
     rows = read_csv(out / "trials.csv")
@@ -294,6 +296,7 @@ def test_tiny_search_writes_every_output(tiny_search):
     assert "GLaM-style baseline" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_top_blocks_round_trip_and_build(tiny_search):
     from keras_brainformer.models import BrainformerBackbone
 
@@ -323,6 +326,7 @@ def test_top_blocks_round_trip_and_build(tiny_search):
     assert abs(activated - 145e6) <= activated / config["num_blocks"] * one_more
 
 
+@pytest.mark.slow
 def test_rerun_resumes_the_population(tiny_search):
     from keras_brainformer.search.driver import run_search
 
@@ -345,6 +349,7 @@ def test_rerun_resumes_the_population(tiny_search):
     assert baseline_file.stat().st_mtime == baseline_mtime  # measured once
 
 
+@pytest.mark.slow
 def test_remeasure_compares_best_glam_and_dense(tiny_search, tiny_data):
     from keras_brainformer.search.driver import remeasure_best
 
@@ -359,6 +364,7 @@ def test_remeasure_compares_best_glam_and_dense(tiny_search, tiny_data):
     assert "GLaM-style baseline" in table and "dense baseline" in table
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(tiny_search):
     from keras_brainformer.cli import main
 
@@ -396,6 +402,7 @@ def test_chief_refuses_a_public_address_without_the_flag(tmp_path, monkeypatch, 
 # === Chief and two workers on 127.0.0.1 ===
 
 
+@pytest.mark.slow
 def test_chief_and_two_workers_on_loopback(tmp_path):
     out = tmp_path / "distributed"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}

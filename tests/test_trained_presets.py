@@ -29,6 +29,7 @@ def test_trained_presets_ship_for_brainformer_glam_and_dense():
     assert set(TRAINED) <= set(BrainformerBackbone.presets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRAINED))
 def test_trained_preset_reproduces_its_recorded_heldout_loss(name):
     metadata = json.loads((ROOT / "presets" / name / "metadata.json").read_text())
