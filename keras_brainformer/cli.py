@@ -16,30 +16,13 @@ exits with code 3. `plan` exits with 1 when the plan does not fit.
 import argparse
 import sys
 
+from keras_brainformer.argument_types import positive_float
+from keras_brainformer.argument_types import positive_int
+from keras_brainformer.errors import NonFiniteLossError
+from keras_brainformer.errors import TrainingError
+
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
-
-
-def positive_int(text):
-    """argparse type: an int > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _add_train_arguments(parser):
@@ -202,7 +185,6 @@ def _run_generate(args):
     import keras
 
     from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.training.trainer import TrainingError
 
     keras.utils.set_random_seed(args.seed)
     lm = BrainformerCausalLM.from_preset(args.preset)
@@ -254,8 +236,6 @@ def _run_presets(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from keras_brainformer.training.trainer import NonFiniteLossError
-    from keras_brainformer.training.trainer import TrainingError
 
     handlers = {"train": _run_train, "generate": _run_generate, "presets": _run_presets}
     if args.command == "compare":

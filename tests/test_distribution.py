@@ -21,17 +21,17 @@ import keras
 import numpy as np
 import pytest
 
-from keras_brainformer.distribution.layout_map import TENSOR_RULES
-from keras_brainformer.distribution.layout_map import WEIGHT_RULES
-from keras_brainformer.distribution.layout_map import check_divisible
-from keras_brainformer.distribution.layout_map import get_layout_map
-from keras_brainformer.distribution.layout_map import match_rule
-from keras_brainformer.distribution.layout_map import resolve_axes
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.distribution.weight_shapes import weight_specs
 from keras_brainformer.layers import grouped_scatter
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
+from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
+from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
+from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
+from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
+from keras_brainformer.models.brainformer.brainformer_layout_map import resolve_axes
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -168,7 +168,7 @@ def test_check_divisible_names_the_weight():
 
 
 def test_train_refuses_a_mesh_that_does_not_divide_the_model_before_building_it():
-    from keras_brainformer.training.trainer import TrainingError
+    from keras_brainformer.errors import TrainingError
     from keras_brainformer.training.trainer import check_layout
 
     distribution = type("D", (), {"_layout_map": _FakeLayoutMap({"batch": 1, "model": 2})})()

@@ -214,7 +214,7 @@ _SHARDED_BUILD = textwrap.dedent(
     """
     import json, sys
     import keras
-    from keras_brainformer.distribution.layout_map import get_layout_map
+    from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
     from keras_brainformer.models import BrainformerBackbone
 
     config = json.loads(sys.argv[1])

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
+from keras_brainformer.errors import PresetError
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.preset_integrity import PresetError
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.models.brainformer.preset_integrity import verify_preset
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset

@@ -4,7 +4,7 @@ import re
 
 import keras
 
-from keras_brainformer.distribution.layout_map import get_layout_map
+from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 
 MESH_AXES = ("batch", "expert", "model")
 _AXIS = re.compile(r"^\s*([a-z_]+)\s*=\s*(\d+)\s*$")

@@ -20,6 +20,7 @@ from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import expert_axis
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.distribution.weight_shapes import DTYPE_POLICIES
+from keras_brainformer.errors import TrainingError
 
 EXIT_DOES_NOT_FIT = 1
 
@@ -73,7 +74,6 @@ def load_config(preset):
     """The backbone config of a zoo preset name or a preset folder."""
     from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
     from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-    from keras_brainformer.training.trainer import TrainingError
 
     if preset in backbone_presets:
         return get_preset_config(preset)
@@ -96,7 +96,6 @@ def load_config(preset):
 def plans(args):
     """The `MemoryPlan`s asked for by parsed `args` (bad input raises
     `TrainingError`)."""
-    from keras_brainformer.training.trainer import TrainingError
 
     config = load_config(args.preset)
     try:
@@ -120,7 +119,6 @@ def plans(args):
 
 def run(args):
     """Prints the plan table(s); exits with code 1 if a plan does not fit."""
-    from keras_brainformer.training.trainer import TrainingError
 
     device_memory = None
     if args.device_memory is not None:

@@ -11,8 +11,8 @@ its parser from it for every command.
 
 import argparse
 
-from keras_brainformer.cli import positive_float as _positive_float
-from keras_brainformer.cli import positive_int as _positive_int
+from keras_brainformer.argument_types import positive_float as _positive_float
+from keras_brainformer.argument_types import positive_int as _positive_int
 
 
 def _scale(text):

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from keras_brainformer.errors import TrainingError
+
 PROJECT_NAME = "search"
 SETTINGS_FILE = "search.json"
 LOOPBACK = "127.0.0.1"
@@ -38,7 +40,6 @@ _RESUMABLE_EXCEPT = ("trials", "workers", "overwrite", "verbose", "top_k",
 
 
 def _error(message):
-    from keras_brainformer.training.trainer import TrainingError
 
     return TrainingError(message)
 

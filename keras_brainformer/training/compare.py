@@ -21,6 +21,7 @@ import time
 import keras
 import numpy as np
 
+from keras_brainformer.errors import TrainingError
 from keras_brainformer.training.callbacks import StepClock
 
 DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
@@ -91,7 +92,6 @@ def compare_families(
     from keras_brainformer.models import BrainformerCausalLM
     from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
     from keras_brainformer.training.corpus import build_language_model_data
-    from keras_brainformer.training.trainer import TrainingError
     from keras_brainformer.training.trainer import compile_language_model
     from keras_brainformer.training.trainer import load_tokenizer
 

@@ -30,6 +30,9 @@ import time
 import keras
 import keras_hub
 
+from keras_brainformer.errors import NonFiniteLossError
+from keras_brainformer.errors import TrainingError
+
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 BACKUP_DIR = "backup"
@@ -38,14 +41,6 @@ PRESET_DIR = "preset"
 
 KILL_AT_EPOCH_VARIABLE = "KERAS_BRAINFORMER_KILL_AT_EPOCH"
 NAN_AT_STEP_VARIABLE = "KERAS_BRAINFORMER_NAN_AT_STEP"
-
-
-class TrainingError(ValueError):
-    """Bad input to a training run (reported with exit code 2 by the CLI)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The training loss became NaN or infinite (the message names the step)."""
 
 
 class KillAtEpoch(keras.callbacks.Callback):
@@ -441,8 +436,8 @@ def check_layout(model_config, distribution):
     layout_map = getattr(distribution, "_layout_map", None)
     if layout_map is None:
         return
-    from keras_brainformer.distribution.layout_map import check_divisible
     from keras_brainformer.distribution.weight_shapes import weight_shapes
+    from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
 
     try:
         check_divisible(weight_shapes(model_config), layout_map)

@@ -4,6 +4,7 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm import Brainform
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_text_classifier import (
     BrainformerTextClassifier,
 )
@@ -14,4 +15,4 @@ from keras_brainformer.models.brainformer.brainformer_tokenizer import Brainform
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
 
-register_brainformer_presets(BrainformerBackbone)
+register_brainformer_presets(BrainformerBackbone, backbone_presets)

@@ -3,7 +3,7 @@
 import keras
 from keras_hub.models import Backbone
 
-from keras_brainformer.distribution.layout_map import get_layout_map
+import keras_brainformer.models.brainformer.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.brainformer_block import BrainformerBlock
@@ -18,7 +18,7 @@ from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.layers.validation import check_token_ids
-from keras_brainformer.models.brainformer import lora_weights
+from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
@@ -317,7 +317,7 @@ class BrainformerBackbone(Backbone):
         `expert_dim_name` × `model_dim_name`, routers and norms replicated,
         and the dispatched `[E, G, C, d]` MoE tensors constrained to the
         expert axis; axes the mesh lacks are ignored. See
-        `keras_brainformer.distribution.layout_map` for the table, and
+        `keras_brainformer.models.brainformer.brainformer_layout_map` for the table, and
         `keras_brainformer.distribution.make_distribution` for a one-liner.
 
         Args:

@@ -17,13 +17,11 @@ import hashlib
 import json
 import pathlib
 
+from keras_brainformer.errors import PresetError
+
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
-
-
-class PresetError(ValueError):
-    """A preset folder is incomplete or corrupted (the message names the file)."""
 
 
 def _sha256(path):

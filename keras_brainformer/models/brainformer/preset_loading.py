@@ -29,7 +29,7 @@ import pathlib
 from absl import logging
 from keras_hub.src.utils.preset_utils import register_presets
 
-from keras_brainformer.models.brainformer.preset_integrity import PresetError
+from keras_brainformer.errors import PresetError
 from keras_brainformer.models.brainformer.preset_integrity import verify_preset
 
 CONFIG_FILE = "config.json"
@@ -43,10 +43,9 @@ TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
 PRESETS_ROOT = pathlib.Path(__file__).resolve().parents[2] / "presets"
 
 
-def _registry():
-    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-
-    return backbone_presets
+# Names registered by `register_brainformer_presets` (the package's
+# `__init__` passes the registry in, so this module never imports it).
+_REGISTERED = set()
 
 
 def preset_directory(name):
@@ -97,7 +96,7 @@ def trained_presets():
 def resolve_preset(preset):
     """Maps a zoo preset name to its folder; other handles pass through."""
     if isinstance(preset, str):
-        if preset in _registry():
+        if preset in _REGISTERED:
             return str(preset_directory(preset))
         folder = PRESETS_ROOT / preset
         if "/" not in preset and _training_metadata(folder) is not None:
@@ -105,15 +104,18 @@ def resolve_preset(preset):
     return preset
 
 
-def register_brainformer_presets(backbone_cls):
-    """Registers every zoo preset with keras-hub (names → folders): the
-    architecture presets and the trained ones among the packaged folders."""
+def register_brainformer_presets(backbone_cls, presets):
+    """Registers every zoo preset with keras-hub (names → packaged folders):
+    the architecture presets of `presets` (the registry,
+    `brainformer_presets.backbone_presets`) and the trained ones among the
+    packaged folders."""
     entries = {
         name: {"metadata": entry["metadata"], "kaggle_handle": str(PRESETS_ROOT / name)}
-        for name, entry in _registry().items()
+        for name, entry in presets.items()
     }
     for name, metadata in trained_presets().items():
         entries[name] = {"metadata": metadata, "kaggle_handle": str(PRESETS_ROOT / name)}
+    _REGISTERED.update(entries)
     register_presets(entries, backbone_cls)
 
 

@@ -1,0 +1,21 @@
+"""The package's error types, in one module that imports nothing of ours, so
+every layer (models, distribution, training, search, cli) can raise and catch
+them without importing upward.
+
+All are `ValueError`s: bad input named by field and value. The command line
+prints them as one `error:` line (exit 2; exit 3 for a non-finite loss).
+"""
+
+
+class TrainingError(ValueError):
+    """Bad input to a training run, a plan, a comparison or a search
+    (reported with exit code 2 by the CLI)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite (the message names the step)."""
+
+
+class PresetError(ValueError):
+    """A preset folder is incomplete or corrupted, or missing from this
+    installation (the message names the file or folder)."""
