@@ -1,0 +1,273 @@
+"""Dropless token-choice experts as block-sparse matmuls (every backend).
+
+Dropless top-k routing (`capacity_factor=None`, and the causal inference
+routing of every router) gives each expert `C = S` slots per group, so the
+slot path of `MoEFeedForward` computes `E·S` expert rows per group for `k·S`
+real choices: `E/k` times the useful work.
+
+This module computes the same thing on about `T·k` rows, in `keras.ops` with
+static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
+
+1. **block routing** (`block_routing`): the `T·k` kept (token, expert)
+   choices of all groups are laid out expert by expert, each expert's run
+   padded to a multiple of `b` rows; expert `e` with `n_e` choices gets
+   `ceil(n_e / b)` consecutive blocks of `b` rows. However the router
+   decides, that is at most `num_blocks = floor((T·k + E·(b - 1)) / b)`
+   blocks (and at most `T·k`): a static bound, so the layer compiles once.
+   The result is a slot table over all `T` tokens with `num_blocks` "experts"
+   of `b` slots (`routers.fill_slots`, the router's own scatter) plus the
+   expert of each block;
+2. **dispatch** (`dispatch.dispatch`): one gather of the `num_blocks · b`
+   rows (padding rows are zeros);
+3. **experts** (`ExpertBank.call_blocks`): each block's expert weights are
+   gathered per block and one batched matmul per weight runs over the blocks;
+4. **combine** (`dispatch.combine`): the gate-weighted rows are summed back
+   onto their tokens.
+
+A token meets only the experts it chose; padding tokens (`token_keep`
+False) take no row. Unused trailing blocks (the bound minus the blocks the
+routing needed) hold zero rows and are assigned to the last expert; their
+gradient contribution is zero. Outputs, losses, router statistics and
+gradients equal the slot path's (`tests/test_dropless_blocks.py`).
+
+Cost: `num_blocks · b ≈ T·k + E·b` expert rows, plus one gather of an
+expert's weights per block (`num_blocks ≈ T·k / b + E` of them, and the
+matching scatter-add of the weight gradients). Small blocks waste few rows,
+large blocks gather fewer weights; `block_size` picks `b` by the cost model
+`rows + BLOCK_COST_ROWS · blocks` measured in `benchmarks/dropless_blocks.py`,
+and `blocks_pay` decides `dropless_impl="auto"` by the same model against the
+slot path's `E·T` rows (see docs/moe_layers.md for the measured rule).
+"""
+
+import keras
+from keras import ops
+
+from keras_brainformer.layers.ragged_experts import bank_supports_ragged
+from keras_brainformer.layers.routers import fill_slots
+
+DROPLESS_IMPLS = ("auto", "blocks", "ragged", "slots")
+# Candidate block sizes (rows per block).
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# What gathering one block's expert weights (and scatter-adding their
+# gradient) costs, in expert rows of the same weights: measured on XLA CPU
+# and TensorFlow CPU in benchmarks/dropless_blocks.py (`--calibrate`).
+BLOCK_COST_ROWS = 16
+# "auto" takes the block path when its modelled cost is below this share of
+# the slot path's (the slot path's gathers and scatters are cheaper per row).
+AUTO_MAX_COST_RATIO = 0.8
+
+
+def num_blocks(num_choices, num_experts, block_size):
+    """The static bound on blocks: `floor((T·k + E·(b - 1)) / b)`, at most
+    `T·k` (a block holds at least one choice), at least 1.
+
+    Example:
+    >>> num_blocks(8192, 32, 64)  # 128 full blocks + up to 31 part-filled
+    159
+    """
+    bound = (num_choices + num_experts * (block_size - 1)) // block_size
+    return max(1, min(bound, num_choices))
+
+
+def modelled_cost(num_choices, num_experts, block_size):
+    """Cost of the block path in expert rows: `rows + BLOCK_COST_ROWS · blocks`."""
+    blocks = num_blocks(num_choices, num_experts, block_size)
+    return blocks * block_size + BLOCK_COST_ROWS * blocks
+
+
+def block_size(num_choices, num_experts):
+    """The `b` of `BLOCK_SIZES` with the least `modelled_cost` (the smallest
+    on ties).
+
+    Example:
+    >>> block_size(8192, 32), block_size(16, 8)
+    (64, 1)
+    """
+    return min(
+        BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
+    )
+
+
+def blocks_pay(num_tokens, k, num_experts, block_size_=None):
+    """Whether `dropless_impl="auto"` takes the block path: its modelled cost
+    is below `AUTO_MAX_COST_RATIO` times the slot path's `E·T` rows."""
+    b = block_size_ or block_size(num_tokens * k, num_experts)
+    cost = modelled_cost(num_tokens * k, num_experts, b)
+    return cost < AUTO_MAX_COST_RATIO * num_experts * num_tokens
+
+
+def block_routing(token_expert, token_position, token_gate, token_keep, num_experts, block_size_):
+    """Lays the kept token choices of all groups out in expert blocks.
+
+    Args:
+        token_expert: int `[G, S, k]`, each choice's expert.
+        token_position: int `[G, S, k]`, each kept choice's position in its
+            expert's queue within the group (as routers give it: distinct
+            per expert and group, below the group's count for that expert).
+        token_gate: float `[G, S, k]`, gates.
+        token_keep: bool `[G, S, k]`, whether each choice is served.
+        num_experts: int, `E`.
+        block_size_: int, `b`.
+
+    Returns:
+        `(slot_token, slot_gate, block_expert, blocks_per_expert)`: int32
+        `[1, n, b]` (the token, an index into the `T = G·S` tokens, in each
+        row of each of the `n = num_blocks(T·k, E, b)` blocks; `T` marks an
+        empty row), float `[1, n, b]` gates, int32 `[n]` the expert of each
+        block, and int32 `[E]` how many (consecutive) blocks each expert has;
+        the trailing blocks beyond their sum are unused.
+    """
+    G, S, k = ops.shape(token_expert)
+    E, b = num_experts, block_size_
+    n = num_blocks(G * S * k, E, b)
+    expert = ops.cast(token_expert, "int32")
+    keep = ops.cast(token_keep, "bool")
+    # Choices per (group, expert), [G, E], by an integer scatter.
+    group = ops.arange(G, dtype="int32")[:, None, None]
+    counts = ops.reshape(
+        ops.segment_sum(
+            ops.reshape(ops.cast(keep, "int32"), (-1,)),
+            ops.reshape(group * E + expert, (-1,)),
+            num_segments=G * E,
+        ),
+        (G, E),
+    )
+    blocks = ops.cast((ops.sum(counts, axis=0) + (b - 1)) // b, "int32")  # [E]
+    block_end = ops.cumsum(blocks)
+    # First row of each (group, expert): the expert's first block, then the
+    # earlier groups' choices of that expert.
+    first_row = (block_end - blocks)[None, :] * b + ops.cumsum(counts, axis=0) - counts
+    row = ops.take(ops.reshape(first_row, (-1,)), group * E + expert) + ops.cast(
+        token_position, "int32"
+    )
+    slot_token, slot_gate = fill_slots(
+        ops.reshape(row, (1, -1)),
+        ops.reshape(keep, (1, -1)),
+        ops.reshape(token_gate, (1, -1)),
+        n * b,
+        k,
+    )
+    block_index = ops.arange(n, dtype="int32")[:, None]
+    block_expert = ops.sum(ops.cast(block_end[None, :] <= block_index, "int32"), axis=1)
+    block_expert = ops.minimum(block_expert, E - 1)
+    return (
+        ops.reshape(slot_token, (1, n, b)),
+        ops.reshape(slot_gate, (1, n, b)),
+        block_expert,
+        blocks,
+    )
+
+
+def expert_blocks(bank, x, block_expert, blocks_per_expert):
+    """Applies expert `block_expert[i]` of `bank` to block `i` of `x`
+    (`[n, b, d]` -> `[n, b, d]`).
+
+    The portable path is `ExpertBank.call_blocks` (expert weights gathered
+    per block, one batched matmul per weight over all `n` blocks; LoRA and
+    int8 included). On JAX, a plain float bank
+    (`ragged_experts.bank_supports_ragged`) takes `jax_expert_blocks`
+    instead: same values and gradients (tests check they agree).
+    """
+    if keras.config.backend() == "jax" and bank_supports_ragged(bank):
+        return jax_expert_blocks(bank, x, blocks_per_expert)
+    return bank.call_blocks(x, block_expert)
+
+
+def jax_expert_blocks(bank, x, blocks_per_expert):
+    """The JAX fast path of `expert_blocks`: a grouped matmul written as
+    loops. For each expert, its weights are sliced once and its own blocks
+    (a data-dependent range, `blocks_per_expert`) are multiplied one by one,
+    written in place into the output; the unused trailing blocks are never
+    computed (zeros). A custom VJP runs the same loops backwards, summing
+    each expert's weight gradient over its blocks in a local float32
+    accumulator written once per expert. Nothing is differentiated through
+    a loop, so the dynamic trip counts are fine under `jit` and `grad`. On
+    XLA CPU this is several times faster than the batched matmul over
+    gathered weights (memory-bound weight gathers and gradient scatters,
+    `benchmarks/dropless_blocks.py`)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = bank.compute_dtype
+    activation, gated = bank._activation_fn, bank._gated
+    names = ("w_in", "w_gate", "w_out") if gated else ("w_in", "w_out")
+    weights = tuple(jnp.asarray(ops.cast(getattr(bank, name), dtype)) for name in names)
+    x = jnp.asarray(ops.convert_to_tensor(x, dtype=dtype))
+    counts = jnp.asarray(blocks_per_expert).astype("int32")
+
+    def take(w, i):
+        return jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
+
+    def put(buffer, value, i):
+        return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), i, 0)
+
+    def hidden(*pre):
+        # pre: (x·w_in,) or (x·w_in, x·w_gate) -> the activated hidden rows.
+        return activation(pre[1]) * pre[0] if gated else activation(pre[0])
+
+    def over_experts(weights, counts, expert_body, carry):
+        """`expert_body(ws, first, end, carry)` for every expert: its weights
+        `ws` and its blocks `[first, end)`."""
+        starts = jnp.cumsum(counts) - counts
+
+        def expert(e, carry):
+            ws = tuple(take(w, e) for w in weights)
+            return expert_body(e, ws, starts[e], starts[e] + counts[e], carry)
+
+        return jax.lax.fori_loop(0, counts.shape[0], expert, carry)
+
+    def forward(weights, x, counts):
+        n, b, _ = x.shape
+        h = weights[0].shape[-1]
+
+        def expert(e, ws, first, end, carry):
+            def block(i, carry):
+                y, pre = carry
+                rows = take(x, i)
+                p = tuple(rows @ w for w in ws[:-1])
+                y = put(y, hidden(*p) @ ws[-1], i)
+                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
+
+            return jax.lax.fori_loop(first, end, block, carry)
+
+        pre = tuple(jnp.zeros((n, b, h), dtype) for _ in weights[:-1])
+        return over_experts(weights, counts, expert, (jnp.zeros_like(x), pre))
+
+    @jax.custom_vjp
+    def ffn(weights, x, counts):
+        return forward(weights, x, counts)[0]
+
+    def ffn_fwd(weights, x, counts):
+        y, pre = forward(weights, x, counts)
+        return y, (weights, x, counts, pre)
+
+    def ffn_bwd(residuals, grad):
+        weights, x, counts, pre = residuals
+
+        def expert(e, ws, first, end, carry):
+            d_x, d_weights = carry
+
+            def block(i, inner):
+                d_x, acc = inner
+                rows, g = take(x, i), take(grad, i)
+                h, hidden_vjp = jax.vjp(hidden, *(take(p, i) for p in pre))
+                d_pre = hidden_vjp(g @ ws[-1].T)
+                acc = tuple(
+                    a + jnp.matmul(left.T, right, preferred_element_type="float32")
+                    for a, left, right in zip(acc, (rows,) * len(d_pre) + (h,), d_pre + (g,))
+                )
+                d_rows = sum(dp @ w.T for dp, w in zip(d_pre, ws[:-1]))
+                return put(d_x, d_rows, i), acc
+
+            zeros = tuple(jnp.zeros(w.shape, "float32") for w in ws)
+            d_x, acc = jax.lax.fori_loop(first, end, block, (d_x, zeros))
+            return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
+
+        d_weights = tuple(jnp.zeros(w.shape, w.dtype) for w in weights)
+        d_x, d_weights = over_experts(
+            weights, counts, expert, (jnp.zeros_like(x), d_weights)
+        )
+        return d_weights, d_x, None
+
+    ffn.defvjp(ffn_fwd, ffn_bwd)
+    return ffn(weights, x, counts)
