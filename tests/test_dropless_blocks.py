@@ -48,7 +48,7 @@ def _inputs(seed=0):
 def _step(layer, x, mask, training):
     """`(loss, y, aux losses, new non-trainables, weight grads, input grad)` of
     `sum(y²) + aux losses` through `stateless_call`, on the current backend
-    (jitted on JAX, a `tf.function` with XLA on TensorFlow)."""
+    (jitted on JAX, eager on TensorFlow)."""
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
@@ -72,23 +72,20 @@ def _step(layer, x, mask, training):
         return loss, y, losses, nt, g, gx
     import tensorflow as tf
 
-    @tf.function(jit_compile=True)
-    def fn(trainable, x):
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            tape.watch(x)
-            total, y, losses, nt = forward(trainable, x)
-        g, gx = tape.gradient(total, (trainable, x))
-        return total, y, losses, nt, g, gx
-
-    return fn(trainable, tf.constant(x))
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:  # eager: compiling costs more than it saves here
+        tape.watch(trainable)
+        tape.watch(x)
+        total, y, losses, nt = forward(trainable, x)
+    g, gx = tape.gradient(total, (trainable, x))
+    return total, y, losses, nt, g, gx
 
 
 def assert_same_step(slots, blocks, x, mask, training, rtol=1e-5):
     loss_s, y_s, losses_s, nt_s, g_s, gx_s = _step(slots, x, mask, training)
     loss_b, y_b, losses_b, nt_b, g_b, gx_b = _step(blocks, x, mask, training)
     y_s, y_b = to_numpy(y_s), to_numpy(y_b)
-    np.testing.assert_allclose(y_b, y_s, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(y_b, y_s, rtol=rtol, atol=1e-6 * max(1, np.abs(y_s).max()))
     assert np.abs(y_s).max() > 0
     if mask is not None:
         np.testing.assert_array_equal(y_b[1, 11:], 0.0)  # padding: no expert output
@@ -103,25 +100,25 @@ def assert_same_step(slots, blocks, x, mask, training, rtol=1e-5):
     names = [v.path for v in slots.trainable_variables]
     assert len(g_s) == len(g_b) == len(names)
     for name, a, b in zip(names, g_b, g_s):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-6,
+        a, b = to_numpy(a), to_numpy(b)
+        # Summation order differs: tolerances relative to the largest entry.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1, np.abs(b).max()),
                                    err_msg=name)
-        assert np.abs(to_numpy(b)).max() > 0, name
+        assert np.abs(b).max() > 0, name
     np.testing.assert_allclose(to_numpy(gx_b), to_numpy(gx_s), rtol=1e-4, atol=1e-6)
 
 
 CASES = [
-    # (E, router kwargs, activation, group_size, block size)
-    (2, {"k": 1, "capacity_factor": None}, "gelu", None, None),
-    (4, {"k": 1, "capacity_factor": None}, "gated_silu", 8, 3),
-    (4, {"k": 2, "capacity_factor": None}, "gelu", 8, 4),
-    (8, {"k": 2, "capacity_factor": None, "z_loss_weight": 1e-3}, "relu", 4, 1),
-    (8, {"k": 2, "capacity_factor": None, "normalize_gates": False}, "gated_gelu", None, 16),
-    (4, {"k": 4, "capacity_factor": None}, "squared_relu", None, 2),  # top-k = E
+    # (E, router kwargs, activation, group_size, block size, training)
+    (2, {"k": 1, "capacity_factor": None}, "gelu", None, None, True),
+    (4, {"k": 1, "capacity_factor": None}, "gated_silu", 8, 3, False),
+    (8, {"k": 2, "capacity_factor": None, "z_loss_weight": 1e-3}, "relu", 4, 1, True),
+    (4, {"k": 4, "capacity_factor": None}, "squared_relu", None, 2, True),  # top-k = E
 ]
 
 
-@pytest.mark.parametrize("num_experts,router_kwargs,activation,group_size,block_size", CASES)
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "num_experts,router_kwargs,activation,group_size,block_size,training", CASES)
 def test_blocks_equal_slots_outputs_losses_statistics_gradients(
     num_experts, router_kwargs, activation, group_size, block_size, training
 ):
@@ -209,32 +206,24 @@ def test_block_layout_is_a_static_bound_and_sparse():
                 if keep[g, s, j]:
                     position[g, s, j] = count[expert[g, s, j]]
                     count[expert[g, s, j]] += 1
-    gate = rng.random((G, S, k)).astype("float32")
-    slot_token, slot_gate, block_expert, blocks = (
-        to_numpy(t) for t in dropless_blocks.block_routing(
-            expert, position, gate, keep, E, b)
+    choice_row, row_choice, block_expert, blocks = (
+        to_numpy(t) for t in dropless_blocks.block_routing(expert, position, keep, E, b)
     )
     n = dropless_blocks.num_blocks(G * S * k, E, b)
-    assert slot_token.shape == (1, n, b) and block_expert.shape == (n,)
-    T = G * S
-    seen = {}
-    for i in range(n):
-        for r in range(b):
-            t = slot_token[0, i, r]
-            if t < T:
-                assert i < blocks.sum()
-                seen.setdefault(t, []).append((int(block_expert[i]), slot_gate[0, i, r]))
-            else:
-                assert slot_gate[0, i, r] == 0
-    for g in range(G):
-        for s in range(S):
-            t = g * S + s
-            want = sorted((int(expert[g, s, j]), gate[g, s, j]) for j in range(k)
-                          if keep[g, s, j])
-            assert sorted(seen.get(t, [])) == want
+    assert row_choice.shape == (n * b,) and block_expert.shape == (n,)
+    flat_expert, flat_keep = expert.reshape(-1), keep.reshape(-1)
+    np.testing.assert_array_equal(choice_row < 0, ~flat_keep)  # padding: no row
+    for c in np.flatnonzero(flat_keep):
+        row = choice_row[c]
+        assert row_choice[row] == c  # one row each, and back
+        assert block_expert[row // b] == flat_expert[c]  # in its expert's block
+        assert row // b < blocks.sum()
+    assert (row_choice >= 0).sum() == flat_keep.sum()
     assert np.all(np.diff(block_expert) >= 0)
     np.testing.assert_array_equal(
         np.bincount(block_expert[: blocks.sum()], minlength=E), blocks)
+    np.testing.assert_array_equal(blocks, -(-np.bincount(flat_expert[flat_keep], minlength=E)
+                                            // b))
 
 
 def test_num_blocks_and_block_size():
@@ -311,13 +300,12 @@ def test_jax_fast_path_equals_portable_path(activation):
     x, mask = _inputs(4)
     _, blocks = _pair(8, {"k": 2, "capacity_factor": None}, activation, block_size=4)
     routing = blocks.router(ops.reshape(x, (-1, 16, 8)), training=True)
-    slot_token, _, block_expert, counts = dropless_blocks.block_routing(
-        routing.token_expert, routing.token_position, routing.token_gate,
-        routing.token_keep, 8, 4)
+    choice_row, row_choice, block_expert, counts = dropless_blocks.block_routing(
+        routing.token_expert, routing.token_position, routing.token_keep, 8, 4)
+    row_token = to_numpy(row_choice) // 2
     rows = ops.reshape(
-        ops.take(ops.reshape(x, (-1, 8)), ops.minimum(slot_token[0], 31), axis=0),
-        (-1, 4, 8),
-    ) * ops.cast(slot_token[0] < 32, "float32")[..., None]
+        ops.take(ops.reshape(x, (-1, 8)), np.maximum(row_token, 0), axis=0), (-1, 4, 8)
+    ) * ops.reshape(ops.cast(row_choice >= 0, "float32"), (-1, 4, 1))
     names = ["w_in", "w_gate", "w_out"] if blocks.experts._gated else ["w_in", "w_out"]
     bank = blocks.experts
 

@@ -42,8 +42,9 @@ slot path's `E·T` rows (see docs/moe_layers.md for the measured rule).
 import keras
 from keras import ops
 
+from keras_brainformer.layers.dispatch import gather_rows
 from keras_brainformer.layers.ragged_experts import bank_supports_ragged
-from keras_brainformer.layers.routers import fill_slots
+from keras_brainformer.layers.routers import slot_choices
 
 DROPLESS_IMPLS = ("auto", "blocks", "ragged", "slots")
 # Candidate block sizes (rows per block).
@@ -96,7 +97,7 @@ def blocks_pay(num_tokens, k, num_experts, block_size_=None):
     return cost < AUTO_MAX_COST_RATIO * num_experts * num_tokens
 
 
-def block_routing(token_expert, token_position, token_gate, token_keep, num_experts, block_size_):
+def block_routing(token_expert, token_position, token_keep, num_experts, block_size_):
     """Lays the kept token choices of all groups out in expert blocks.
 
     Args:
@@ -104,18 +105,17 @@ def block_routing(token_expert, token_position, token_gate, token_keep, num_expe
         token_position: int `[G, S, k]`, each kept choice's position in its
             expert's queue within the group (as routers give it: distinct
             per expert and group, below the group's count for that expert).
-        token_gate: float `[G, S, k]`, gates.
         token_keep: bool `[G, S, k]`, whether each choice is served.
         num_experts: int, `E`.
         block_size_: int, `b`.
 
     Returns:
-        `(slot_token, slot_gate, block_expert, blocks_per_expert)`: int32
-        `[1, n, b]` (the token, an index into the `T = G·S` tokens, in each
-        row of each of the `n = num_blocks(T·k, E, b)` blocks; `T` marks an
-        empty row), float `[1, n, b]` gates, int32 `[n]` the expert of each
-        block, and int32 `[E]` how many (consecutive) blocks each expert has;
-        the trailing blocks beyond their sum are unused.
+        `(choice_row, row_choice, block_expert, blocks_per_expert)`: int32
+        `[G·S·k]` the row of each choice (-1 if not kept; choice `c` is token
+        `c // k`'s `(c % k)`-th), int32 `[n·b]` the choice in each row of the
+        `n = num_blocks(G·S·k, E, b)` blocks (-1 for an empty row), int32
+        `[n]` the expert of each block, and int32 `[E]` how many consecutive
+        blocks each expert has (the blocks beyond their sum are unused).
     """
     G, S, k = ops.shape(token_expert)
     E, b = num_experts, block_size_
@@ -140,22 +140,50 @@ def block_routing(token_expert, token_position, token_gate, token_keep, num_expe
     row = ops.take(ops.reshape(first_row, (-1,)), group * E + expert) + ops.cast(
         token_position, "int32"
     )
-    slot_token, slot_gate = fill_slots(
-        ops.reshape(row, (1, -1)),
-        ops.reshape(keep, (1, -1)),
-        ops.reshape(token_gate, (1, -1)),
-        n * b,
-        k,
-    )
+    choice_row = ops.reshape(ops.where(keep, row, -1), (-1,))
+    row_choice = slot_choices(
+        ops.reshape(row, (1, -1)), ops.reshape(keep, (1, -1)), n * b
+    )[0]
     block_index = ops.arange(n, dtype="int32")[:, None]
     block_expert = ops.sum(ops.cast(block_end[None, :] <= block_index, "int32"), axis=1)
     block_expert = ops.minimum(block_expert, E - 1)
-    return (
-        ops.reshape(slot_token, (1, n, b)),
-        ops.reshape(slot_gate, (1, n, b)),
-        block_expert,
-        blocks,
+    return choice_row, row_choice, block_expert, blocks
+
+
+def blocks_combine(groups, routing, bank, block_size_):
+    """The block-sparse dropless expert computation of `MoEFeedForward`.
+
+    Args:
+        groups: `[G, S, d]` tokens.
+        routing: the router's `RoutingInstructions` of a dropless token
+            choice (`token_expert`, `token_position`, `token_gate`,
+            `token_keep`, all `[G, S, k]`).
+        bank: the `ExpertBank`.
+        block_size_: int, `b`.
+
+    Returns:
+        float32 `[G, S, d]`: `Σ_j keep·gate[t, j] · expert_{e[t, j]}(x[t])`.
+    """
+    G, S, d = ops.shape(groups)
+    k = ops.shape(routing.token_expert)[-1]
+    T, b = G * S, block_size_
+    choice_row, row_choice, block_expert, blocks = block_routing(
+        routing.token_expert,
+        routing.token_position,
+        routing.token_keep,
+        bank.num_experts,
+        b,
     )
+    row_token = ops.where(row_choice >= 0, row_choice // k, -1)
+    rows = gather_rows(
+        ops.reshape(groups, (T, d)), row_token, ops.reshape(choice_row, (T, k))
+    )  # [n·b, d]
+    n = ops.shape(block_expert)[0]
+    out = expert_blocks(bank, ops.reshape(rows, (n, b, d)), block_expert, blocks)
+    out = gather_rows(ops.reshape(out, (n * b, d)), choice_row, row_choice[:, None])
+    gate = ops.where(routing.token_keep, ops.cast(routing.token_gate, "float32"), 0.0)
+    out = ops.reshape(ops.cast(out, "float32"), (G, S, k, d))
+    return ops.sum(out * gate[..., None], axis=2)
 
 
 def expert_blocks(bank, x, block_expert, blocks_per_expert):

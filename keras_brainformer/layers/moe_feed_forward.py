@@ -255,31 +255,6 @@ class MoEFeedForward(keras.layers.Layer):
         """Whether this call computes the experts with grouped matmuls."""
         return self._dropless_path(routing, group_size, None) == "ragged"
 
-    def _blocks_call(self, groups, routing):
-        """The block-sparse dropless path (`layers/dropless_blocks.py`):
-        float32 `[G, S, d]`."""
-        G, S, d = ops.shape(groups)
-        k = ops.shape(routing.token_expert)[-1]
-        b = self._block_size(G * S, k)
-        slot_token, slot_gate, block_expert, blocks = dropless_blocks.block_routing(
-            routing.token_expert,
-            routing.token_position,
-            routing.token_gate,
-            routing.token_keep,
-            self.num_experts,
-            b,
-        )
-        tokens = ops.reshape(groups, (1, G * S, d))
-        rows = dispatch_lib.dispatch(tokens, slot_token)  # [n, 1, b, d]
-        n = ops.shape(rows)[0]
-        out = dropless_blocks.expert_blocks(
-            self.experts, ops.reshape(rows, (n, b, d)), block_expert, blocks
-        )
-        out = dispatch_lib.combine(
-            ops.reshape(out, (n, 1, b, d)), slot_token, slot_gate, G * S
-        )
-        return ops.reshape(out, (G, S, d))
-
     def call(self, x, padding_mask=None, training=False, causal=None):
         shape = ops.shape(x)
         d = shape[-1]
@@ -293,7 +268,10 @@ class MoEFeedForward(keras.layers.Layer):
         num_tokens = num_groups * S if isinstance(num_groups, int) else None
         path = self._dropless_path(routing, S, num_tokens)
         if path == "blocks":
-            out = self._blocks_call(groups, routing)
+            k = ops.shape(routing.token_expert)[-1]
+            out = dropless_blocks.blocks_combine(
+                groups, routing, self.experts, self._block_size(num_tokens, k)
+            )
             return ops.reshape(ops.cast(out, self.compute_dtype), shape)
         if path == "ragged":
             k = ops.shape(routing.token_expert)[-1]

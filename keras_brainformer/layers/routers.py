@@ -337,6 +337,23 @@ class Router(keras.layers.Layer):
         return config
 
 
+def slot_choices(slot, keep, num_slots):
+    """The choice in each slot, int32 `[G, num_slots]` (-1 if empty), from the
+    slot each choice asks for (`slot`, `keep`: `[G, N]`, see `fill_slots`).
+
+    Built by an integer scatter: not-kept choices go to a scratch slot (index
+    `num_slots`) that is cut off afterwards; each slot sums its choice's index
+    plus 1, so 0 marks an empty slot.
+    """
+    N = ops.shape(slot)[1]
+    choice_index = ops.arange(N, dtype="int32")[None, :]
+    slot = ops.where(keep, ops.cast(slot, "int32"), num_slots)
+    slot_choice = segment_sum_per_group(
+        (choice_index + 1) * ops.cast(keep, "int32"), slot, num_slots + 1
+    )
+    return slot_choice[:, :num_slots] - 1
+
+
 def fill_slots(slot, keep, gates, num_slots, k):
     """The slot table of token choices: who sits in each slot, with what gate.
 
@@ -355,19 +372,12 @@ def fill_slots(slot, keep, gates, num_slots, k):
         in each slot (`N // k`, the group size, marks an empty slot) and its
         gate (0 if empty).
 
-    Built by an integer scatter: not-kept choices go to a scratch slot (index
-    `num_slots`) that is cut off afterwards. The table stores each slot's
-    choice (`n`, plus 1 so that 0 marks an empty slot); gates are then
-    *gathered* by choice, so the gradient flows through a gather, never
-    through a scatter.
+    The slots' choices come from `slot_choices` (an integer scatter); gates
+    are then *gathered* by choice, so the gradient flows through a gather,
+    never through a scatter.
     """
     N = ops.shape(slot)[1]
-    choice_index = ops.arange(N, dtype="int32")[None, :]
-    slot = ops.where(keep, ops.cast(slot, "int32"), num_slots)
-    slot_choice = segment_sum_per_group(
-        (choice_index + 1) * ops.cast(keep, "int32"), slot, num_slots + 1
-    )
-    slot_choice = slot_choice[:, :num_slots] - 1
+    slot_choice = slot_choices(slot, keep, num_slots)
     filled = slot_choice >= 0
     slot_token = ops.cast(ops.where(filled, slot_choice // k, N // k), "int32")
     # Empty slots read choice 0, masked to 0.
