@@ -25,11 +25,18 @@ Targets (issue 21), at E=32, k=2: blocks/dense <= 1.5, blocks/cf <= 1.1.
 E-scaling: (blocks/dense at E=64) / (blocks/dense at E=8), the same dense
 FFN in both, i.e. time(E=64)/time(E=8) at fixed activated FLOPs.
 
+Preset evaluation (`--preset glam_tiny`): the preset's architecture (random
+weights), a forward pass with `training=False` over `--batch` full-length
+sequences, in training routing (`inference_routing="as_trained"`), and in
+causal routing (dropless top-k) computed with `dropless_impl="auto"` and with
+`"slots"` (before issue 21). Target: causal (auto) / as_trained <= 1.2.
+
 Usage:
     python benchmarks/dropless_blocks.py --backend jax          # full grid
     python benchmarks/dropless_blocks.py --backend tensorflow
     python benchmarks/dropless_blocks.py --quick                 # smoke run
     python benchmarks/dropless_blocks.py --calibrate --experts 32 --k 2  # block sizes
+    python benchmarks/dropless_blocks.py --preset glam_tiny     # evaluation
 """
 
 import argparse
@@ -49,6 +56,12 @@ def parse_args(argv=None):
     parser.add_argument("--slots-max-rows", type=int, default=32 * 4096)
     parser.add_argument("--calibrate", action="store_true",
                         help="time the block path at every block size 8..256")
+    parser.add_argument("--preset", default=None,
+                        help="instead: time evaluation (forward, training=False) of "
+                             "this preset's architecture (e.g. glam_tiny) in causal "
+                             "routing (blocks, and slots) against its training routing")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences per evaluation batch (--preset)")
     return parser.parse_args(argv)
 
 
@@ -56,6 +69,8 @@ ARGS = parse_args() if __name__ == "__main__" else parse_args([])
 os.environ["KERAS_BACKEND"] = ARGS.backend
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import json  # noqa: E402
+import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -101,13 +116,94 @@ def make_step(layer, x):
             tape.watch(trainable)
             tape.watch(x)
             loss, updates = forward(trainable, x)
-        return loss, tape.gradient(loss, (trainable, x)), updates
+        grads = tape.gradient(loss, (trainable, x))
+        # Gathered weights get `IndexedSlices` gradients: densify, as an
+        # optimizer applying them would have to.
+        grads = tf.nest.map_structure(tf.convert_to_tensor, grads)
+        return loss, grads, updates
 
     def step():
         out = tf_step(trainable, x)
         return [t.numpy() for t in tf.nest.flatten(out) if t is not None]
 
     return step
+
+
+def make_forward(model, x):
+    """A no-argument compiled inference forward (`training=False`) of
+    `model`, traced now, with the MoE settings `model` has at this moment."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def forward(trainable, x):
+        y, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        return y
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        fn = jax.jit(forward)
+
+        def step():
+            return jax.block_until_ready(fn(trainable, x))
+    else:
+        import tensorflow as tf
+
+        fn = tf.function(forward, jit_compile=True)
+        x = tf.nest.map_structure(tf.constant, x)
+
+        def step():
+            return fn(trainable, x).numpy()
+
+    step()  # trace and compile with the current settings
+    return step
+
+
+def preset_evaluation(args):
+    """Causal-routing evaluation of a preset's architecture against its
+    training-routing evaluation (see the module docstring)."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "presets" / args.preset
+    config = json.loads((root / "config.json").read_text())
+    keras.utils.set_random_seed(0)
+    backbone = keras.saving.deserialize_keras_object(config)
+    length = backbone.max_sequence_length
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, backbone.vocabulary_size, (args.batch, length),
+                                  dtype="int32"),
+        "padding_mask": np.ones((args.batch, length), "int32"),
+    }
+    backbone(x)
+    moes = backbone.moe_layers
+    variants = {}
+    for name, routing, impl in [("as_trained", "as_trained", "auto"),
+                                ("causal_auto", "causal", "auto"),
+                                ("causal_slots", "causal", "slots")]:
+        backbone.set_inference_routing(routing)
+        for moe in moes:
+            moe.dropless_impl = impl
+        variants[name] = make_forward(backbone, x)
+    for moe in moes:
+        moe.dropless_impl = "auto"
+    S = length
+    for moe in moes:
+        k = moe.router.causal_k()
+        path = "blocks" if dropless_blocks.blocks_pay(
+            args.batch * S, k, moe.num_experts) else "slots"
+        print(f"  {moe.path}: E={moe.num_experts}, causal k={k}, auto -> {path} "
+              f"(block size {dropless_blocks.block_size(args.batch * S * k, moe.num_experts)})")
+    reps = args.reps or (3 if args.quick else 20)
+    times = run_round_robin(variants, reps)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"\n{args.preset}: batch {args.batch} x {length} tokens, {reps} rounds; "
+          "median ms " + ", ".join(f"{n} {m:.1f}" for n, m in med.items()))
+    auto = ratio(times, "causal_auto", "as_trained")
+    print(f"causal (slots, before) / as_trained = "
+          f"{ratio(times, 'causal_slots', 'as_trained'):.2f}")
+    print(f"causal (auto) / as_trained = {auto:.2f}  target <= 1.2: "
+          f"{'PASS' if auto <= 1.2 else 'MISS'}")
+    print(f"causal (slots) / causal (auto) = "
+          f"{ratio(times, 'causal_slots', 'causal_auto'):.2f}")
 
 
 def timed(step):
@@ -123,7 +219,7 @@ def run_round_robin(variants, reps):
         t0 = time.perf_counter()
         step()
         step()
-        print(f"    compiled + warm-up {name:<8s} {time.perf_counter() - t0:6.1f} s",
+        print(f"    compiled + warm-up {name:<12s} {time.perf_counter() - t0:6.1f} s",
               flush=True)
     names = list(variants)
     times = {name: [] for name in names}
@@ -140,6 +236,8 @@ def ratio(times, a, b):
 
 def main():
     args = ARGS
+    if args.preset:
+        return preset_evaluation(args)
     if args.quick:
         d, h, length = 64, 128, 64
         tokens, experts, ks = args.tokens or [256], args.experts or [8], args.k or [2]

@@ -14,29 +14,33 @@ static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
    `ceil(n_e / b)` consecutive blocks of `b` rows. However the router
    decides, that is at most `num_blocks = floor((T·k + E·(b - 1)) / b)`
    blocks (and at most `T·k`): a static bound, so the layer compiles once.
-   The result is a slot table over all `T` tokens with `num_blocks` "experts"
-   of `b` slots (`routers.fill_slots`, the router's own scatter) plus the
-   expert of each block;
-2. **dispatch** (`dispatch.dispatch`): one gather of the `num_blocks · b`
-   rows (padding rows are zeros);
-3. **experts** (`ExpertBank.call_blocks`): each block's expert weights are
-   gathered per block and one batched matmul per weight runs over the blocks;
-4. **combine** (`dispatch.combine`): the gate-weighted rows are summed back
-   onto their tokens.
+   Both maps are kept: the row of each choice and the choice in each row
+   (`routers.slot_choices`, the router's own integer scatter);
+2. **dispatch**: the token rows are gathered into the `num_blocks · b` rows
+   (empty rows are zeros) by `dispatch.gather_rows`, whose gradient is a
+   gather through the inverse map (no scatter-add);
+3. **experts** (`expert_blocks`): block `i` is multiplied by the weights of
+   its expert. Portable path: `ExpertBank.call_blocks`, the weights (and
+   LoRA adapters, int8 scales) gathered per block and one batched matmul
+   per weight. JAX fast path (`jax_expert_blocks`, plain float banks): a
+   grouped matmul as loops over each expert's own blocks, weights read in
+   place, the unused trailing blocks skipped, with a custom VJP;
+4. **combine**: each choice's row is gathered back (`gather_rows` again),
+   weighted by its gate and summed over the token's `k` choices.
 
 A token meets only the experts it chose; padding tokens (`token_keep`
-False) take no row. Unused trailing blocks (the bound minus the blocks the
-routing needed) hold zero rows and are assigned to the last expert; their
-gradient contribution is zero. Outputs, losses, router statistics and
-gradients equal the slot path's (`tests/test_dropless_blocks.py`).
+False) take no row. Unused trailing blocks hold zero rows and are assigned
+to the last expert; their gradient contribution is zero. Outputs, losses,
+router statistics and gradients equal the slot path's
+(`tests/test_dropless_blocks.py`).
 
-Cost: `num_blocks · b ≈ T·k + E·b` expert rows, plus one gather of an
-expert's weights per block (`num_blocks ≈ T·k / b + E` of them, and the
-matching scatter-add of the weight gradients). Small blocks waste few rows,
-large blocks gather fewer weights; `block_size` picks `b` by the cost model
-`rows + BLOCK_COST_ROWS · blocks` measured in `benchmarks/dropless_blocks.py`,
-and `blocks_pay` decides `dropless_impl="auto"` by the same model against the
-slot path's `E·T` rows (see docs/moe_layers.md for the measured rule).
+Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
+its expert's weights. Small blocks waste few rows, large blocks read weights
+less often; `block_size` picks `b` by the cost model `n · (b +
+BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
+--calibrate`, and `blocks_pay` decides `dropless_impl="auto"` by the same
+model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
+has the measurements).
 """
 
 import keras
@@ -49,12 +53,13 @@ from keras_brainformer.layers.routers import slot_choices
 DROPLESS_IMPLS = ("auto", "blocks", "ragged", "slots")
 # Candidate block sizes (rows per block).
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# What gathering one block's expert weights (and scatter-adding their
-# gradient) costs, in expert rows of the same weights: measured on XLA CPU
-# and TensorFlow CPU in benchmarks/dropless_blocks.py (`--calibrate`).
-BLOCK_COST_ROWS = 16
+# What one block costs beyond its rows (reading its expert's weights, the
+# loop step, and the same again backwards), in expert rows: fitted to the
+# block-size sweeps of `benchmarks/dropless_blocks.py --calibrate` on XLA CPU
+# (E = 8, 32, 64 at 4096 tokens, k = 2: the model picks the measured best).
+BLOCK_COST_ROWS = 32
 # "auto" takes the block path when its modelled cost is below this share of
-# the slot path's (the slot path's gathers and scatters are cheaper per row).
+# the slot path's: a margin for what the model leaves out.
 AUTO_MAX_COST_RATIO = 0.8
 
 
@@ -71,9 +76,15 @@ def num_blocks(num_choices, num_experts, block_size):
 
 
 def modelled_cost(num_choices, num_experts, block_size):
-    """Cost of the block path in expert rows: `rows + BLOCK_COST_ROWS · blocks`."""
-    blocks = num_blocks(num_choices, num_experts, block_size)
-    return blocks * block_size + BLOCK_COST_ROWS * blocks
+    """Cost of the block path in expert rows: `n · (b + BLOCK_COST_ROWS)` for
+    the static bound of `n` blocks of `b` rows."""
+    return num_blocks(num_choices, num_experts, block_size) * (block_size + BLOCK_COST_ROWS)
+
+
+def slots_cost(num_tokens, num_experts):
+    """Cost of the dropless slot path in the same units: `E` experts, each
+    reading its weights once for its `T` slot rows, `E · (T + BLOCK_COST_ROWS)`."""
+    return num_experts * (num_tokens + BLOCK_COST_ROWS)
 
 
 def block_size(num_choices, num_experts):
@@ -81,8 +92,8 @@ def block_size(num_choices, num_experts):
     on ties).
 
     Example:
-    >>> block_size(8192, 32), block_size(16, 8)
-    (64, 1)
+    >>> block_size(8192, 32), block_size(8192, 64), block_size(2, 8)
+    (128, 64, 1)
     """
     return min(
         BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
@@ -91,10 +102,15 @@ def block_size(num_choices, num_experts):
 
 def blocks_pay(num_tokens, k, num_experts, block_size_=None):
     """Whether `dropless_impl="auto"` takes the block path: its modelled cost
-    is below `AUTO_MAX_COST_RATIO` times the slot path's `E·T` rows."""
+    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+
+    Example:
+    >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
+    (True, False, True)
+    """
     b = block_size_ or block_size(num_tokens * k, num_experts)
     cost = modelled_cost(num_tokens * k, num_experts, b)
-    return cost < AUTO_MAX_COST_RATIO * num_experts * num_tokens
+    return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
 
 
 def block_routing(token_expert, token_position, token_keep, num_experts, block_size_):
