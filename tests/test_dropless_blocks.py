@@ -3,6 +3,11 @@ equals the slot path: outputs, auxiliary losses, router statistics and
 gradients, on every backend; its block layout; when "auto" selects it; LoRA
 and int8 banks; the JAX fast path against the portable one."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -356,3 +361,24 @@ def test_bad_block_size_is_rejected(value):
         MoEFeedForward(4, 8, dropless_block_size=value)
     assert repr(value) in str(error.value)
     assert "positive integer" in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,extra,expected",
+    [
+        ("jax", [], "| T | k | E | b |"),
+        ("tensorflow", [], "| T | k | E | b |"),
+        ("jax", ["--preset", "glam_tiny", "--batch", "2"], "causal (auto) / as_trained"),
+    ],
+)
+def test_benchmark_quick_mode_runs(backend, extra, expected):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "dropless_blocks.py"), "--quick",
+         "--backend", backend, *extra],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout
