@@ -250,15 +250,18 @@ def jax_expert_blocks(bank, x, blocks_per_expert):
         return activation(pre[1]) * pre[0] if gated else activation(pre[0])
 
     def over_experts(weights, counts, expert_body, carry):
-        """`expert_body(ws, first, end, carry)` for every expert: its weights
-        `ws` and its blocks `[first, end)`."""
+        """`expert_body(e, ws, first, end, carry)` for every expert `e` that
+        has blocks: its weights `ws` and its blocks `[first, end)`. Experts
+        without blocks are not visited (their weights are never read)."""
         starts = jnp.cumsum(counts) - counts
+        active = jnp.argsort(counts == 0, stable=True)  # experts with blocks first
 
-        def expert(e, carry):
+        def expert(j, carry):
+            e = active[j]
             ws = tuple(take(w, e) for w in weights)
             return expert_body(e, ws, starts[e], starts[e] + counts[e], carry)
 
-        return jax.lax.fori_loop(0, counts.shape[0], expert, carry)
+        return jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, carry)
 
     def forward(weights, x, counts):
         n, b, _ = x.shape
