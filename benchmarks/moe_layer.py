@@ -218,11 +218,12 @@ def main():
     gflops = matmul_gflops(mm_n, max(reps, 5))
     print(f"float32 matmul {mm_n}x{mm_n}x{mm_n}: {gflops:.1f} GFLOP/s")
 
-    def moe(E, router="top_k", router_kwargs=None, dispatch="index"):
+    def moe(E, router="top_k", router_kwargs=None, dispatch="index",
+            dropless_impl="auto"):
         return MoEFeedForward(
             num_experts=E, expert_hidden_dim=h, router=router,
             router_kwargs=router_kwargs or {"k": k, "capacity_factor": cf},
-            activation="gelu", dispatch=dispatch,
+            activation="gelu", dispatch=dispatch, dropless_impl=dropless_impl,
         )
 
     rows = []  # (E, label, num ms, den ms, ratio, min ratio, target, ok)
@@ -250,7 +251,10 @@ def main():
                 moe(E, router="expert_choice",
                     router_kwargs={"capacity_factor": ec_cf}), x),
             "dropless": make_step(
-                moe(E, router_kwargs={"k": k, "capacity_factor": None}), x),
+                # The slot path (C = S); dropless_blocks.py times the
+                # block path that "auto" now picks.
+                moe(E, router_kwargs={"k": k, "capacity_factor": None},
+                    dropless_impl="slots"), x),
         }
         if ec_hidden != dense_hidden:
             variants["dense_ec"] = make_step(

@@ -299,27 +299,40 @@ class AdaptableKernels:
 
     # --- computing ----------------------------------------------------------
 
-    def _project(self, name, x):
+    def _project(self, name, x, batch_index=None):
         """`x [..., *in_shape]` (or `[*batch, ..., *in_shape]` for batched
-        kernels) times kernel `name`, LoRA and int8 applied."""
+        kernels) times kernel `name`, LoRA and int8 applied.
+
+        `batch_index` (int `[n]`, kernels with one batch axis only): `x` is
+        `[n, ..., *in_shape]` and its row `i` is multiplied by batch entry
+        `batch_index[i]` of the kernel (and of its scale and adapters), which
+        are gathered along the batch axis; `MoEFeedForward`'s block-sparse
+        dropless path uses it (`layers/dropless_blocks.py`).
+        """
         shape, batch_dims, in_dims = self._kernel_specs[name]
         batch, n_in, n_out = self._flat_shape(name)
+
+        def per_row(tensor):
+            return tensor if batch_index is None else ops.take(tensor, batch_index, axis=0)
+
+        if batch_index is not None:
+            batch = (ops.shape(batch_index)[0],)
         x_shape = ops.shape(x)
         lead = x_shape[: len(x.shape) - in_dims]
         x2 = ops.reshape(x, (*batch, -1, n_in))
-        kernel = getattr(self, name)
+        kernel = per_row(getattr(self, name))
         if self.quantization_mode == "int8":
             y = int8_matmul(
                 x2,
                 ops.reshape(kernel, (*batch, n_in, n_out)),
-                getattr(self, f"{name}_scale"),
+                per_row(getattr(self, f"{name}_scale")),
                 self.compute_dtype,
             )
         else:
             y = ops.matmul(x2, ops.reshape(kernel, (*batch, n_in, n_out)))
         if self.lora_enabled:
-            a = ops.cast(getattr(self, f"{name}_lora_a"), x2.dtype)
-            b = ops.cast(getattr(self, f"{name}_lora_b"), x2.dtype)
+            a = ops.cast(per_row(getattr(self, f"{name}_lora_a")), x2.dtype)
+            b = ops.cast(per_row(getattr(self, f"{name}_lora_b")), x2.dtype)
             y = y + (self._lora_scale()) * ops.matmul(ops.matmul(x2, a), b)
         return ops.reshape(y, (*lead, *shape[batch_dims + in_dims :]))
 

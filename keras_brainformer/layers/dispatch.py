@@ -113,3 +113,47 @@ def one_hot_combine(expert_out, gates):
     return ops.einsum(
         "gsec,egcd->gsd", ops.cast(gates, "float32"), ops.cast(expert_out, "float32")
     )
+
+
+def gather_rows(values, index, inverse):
+    """`out[m] = values[index[m]]` (zeros where `index[m] < 0`), whose gradient
+    is a gather too: `d_values[n] = Σ_j upstream[inverse[n, j]]`.
+
+    Args:
+        values: `[N, d]`.
+        index: int `[M]`, a row of `values` per output row, or -1.
+        inverse: int `[N, J]`, every `m` with `index[m] == n` (each exactly
+            once), padded with -1.
+
+    Returns:
+        `[M, d]`.
+
+    The block-sparse dropless path (`layers/dropless_blocks.py`) moves rows
+    by permutations known both ways, so neither direction needs the
+    scatter-add that autodiff makes of a gather (slow on XLA CPU).
+
+    Example:
+    >>> import numpy as np
+    >>> out = gather_rows(np.array([[1.], [2.]]), np.array([1, -1, 0, 1]),
+    ...                   np.array([[2, -1], [0, 3]]))
+    >>> np.asarray(out)[:, 0].tolist()
+    [2.0, 0.0, 1.0, 2.0]
+    """
+
+    @ops.custom_gradient
+    def gather(values):
+        def grad_fn(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            parts = _masked_take(upstream, inverse)  # [N, J, d]
+            return ops.sum(parts, axis=1)
+
+        return _masked_take(values, index), grad_fn
+
+    return gather(values)
+
+
+def _masked_take(values, index):
+    valid = index >= 0
+    rows = ops.take(values, ops.where(valid, index, 0), axis=0)
+    return rows * ops.cast(valid, rows.dtype)[..., None]

@@ -80,12 +80,30 @@ class ExpertBank(AdaptableKernels, keras.layers.Layer):
         # x: [E, ..., d] -> [E, N, d]: one plain batched matmul per weight.
         shape = ops.shape(x)
         x = ops.reshape(x, (self.num_experts, -1, shape[-1]))
-        h = self._project("w_in", x)
+        return ops.reshape(self._ffn(x), shape)
+
+    def call_blocks(self, x, block_expert):
+        """Applies expert `block_expert[i]` to block `i` of `x`.
+
+        Args:
+            x: `[n, b, d]`, `n` blocks of `b` token rows.
+            block_expert: int `[n]`, the expert of each block.
+
+        Returns:
+            `[n, b, d]`. Each expert's weights (and LoRA adapters, int8
+            scales) are gathered per block, then one batched matmul per
+            weight runs over the blocks (the block-sparse dropless path,
+            `layers/dropless_blocks.py`).
+        """
+        return self._ffn(x, block_expert)
+
+    def _ffn(self, x, batch_index=None):
+        h = self._project("w_in", x, batch_index)
         if self._gated:
-            h = self._activation_fn(self._project("w_gate", x)) * h
+            h = self._activation_fn(self._project("w_gate", x, batch_index)) * h
         else:
             h = self._activation_fn(h)
-        return ops.reshape(self._project("w_out", h), shape)
+        return self._project("w_out", h, batch_index)
 
     def compute_output_shape(self, input_shape):
         return input_shape

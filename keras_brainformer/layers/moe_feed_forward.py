@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_brainformer.layers import dispatch as dispatch_lib
+from keras_brainformer.layers import dropless_blocks
 from keras_brainformer.layers import ragged_experts
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
@@ -43,16 +44,24 @@ class MoEFeedForward(keras.layers.Layer):
         dropless_impl: how dropless token-choice routing (top-k with
             `capacity_factor=None`, and the causal inference routing) is
             computed. `"slots"`: the slot path above, with `C = S` slots per
-            expert (`E/k` times the useful work). `"ragged"` (JAX only): the
-            `T·k` token choices sorted by expert and multiplied with grouped
-            matmuls (`jax.lax.ragged_dot`, see `layers/ragged_experts.py`),
-            no empty slots; same outputs, losses, statistics and gradients.
-            `"auto"` (default): `"ragged"` on JAX with a TPU default backend
-            and no active distribution, `"slots"` otherwise (XLA CPU, and
-            NVIDIA GPUs with upstream jaxlib 0.10, expand `ragged_dot` into
-            a dense masked matmul costing `k` times the slot path). Routing
-            that can drop tokens, `dispatch="one_hot"`, and int8 or LoRA
-            expert banks always use the slot path.
+            expert (`E/k` times the useful work). `"blocks"` (every backend):
+            the `T·k` token choices of all groups laid out expert by expert
+            in blocks of `b` rows and multiplied block by block
+            (`layers/dropless_blocks.py`), about `T·k + E·b` rows. `"ragged"`
+            (JAX only): the choices sorted by expert and multiplied with
+            grouped matmuls (`jax.lax.ragged_dot`, `layers/ragged_experts.py`).
+            All three give the same outputs, losses, statistics and
+            gradients. `"auto"` (default): `"ragged"` on JAX with a TPU
+            default backend, else `"blocks"` where its cost model
+            (`dropless_blocks.blocks_pay`, measured on CPU) beats the slot
+            path, else `"slots"`; always `"slots"` under an active
+            `keras.distribution` (the slot path carries its layouts). Routing
+            that can drop tokens, `dispatch="one_hot"`, and an expert-parallel
+            layout (the dispatched tensors split on an expert mesh axis)
+            always use the slot path; `"ragged"` also needs a plain float
+            expert bank (no int8, no LoRA), `"blocks"` does not.
+        dropless_block_size: rows per block of the `"blocks"` path, or None
+            (default) to pick it from the shapes (`dropless_blocks.block_size`).
 
     Call arguments:
         x: `[B, T, d]` tokens.
@@ -83,17 +92,21 @@ class MoEFeedForward(keras.layers.Layer):
         dispatch="index",
         kernel_initializer="glorot_uniform",
         dropless_impl="auto",
+        dropless_block_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.dropless_impl = check_choice(
-            "dropless_impl", dropless_impl, ragged_experts.DROPLESS_IMPLS
+            "dropless_impl", dropless_impl, dropless_blocks.DROPLESS_IMPLS
+        )
+        self.dropless_block_size = check_optional_positive_int(
+            "dropless_block_size", dropless_block_size
         )
         if self.dropless_impl == "ragged" and keras.config.backend() != "jax":
             raise ValueError(
                 "`dropless_impl`='ragged' needs the JAX backend (it uses "
                 f"jax.lax.ragged_dot); the backend is {keras.config.backend()!r}, "
-                "where the allowed values are ('auto', 'slots')."
+                "where the allowed values are ('auto', 'blocks', 'slots')."
             )
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.expert_hidden_dim = check_positive_int(
@@ -195,17 +208,52 @@ class MoEFeedForward(keras.layers.Layer):
             return tensor
         return keras.distribution.distribute_tensor(tensor, layout)
 
-    def _uses_ragged(self, routing, group_size):
-        """Whether this call computes the experts with grouped matmuls: dropless
-        token choice (every choice fits, `C = S`) with the index dispatch, a
-        plain float expert bank, and `dropless_impl` resolving to ragged."""
+    def _expert_parallel(self):
+        """Whether the active distribution splits the dispatched tensors on a
+        mesh axis along experts (an expert-parallel layout)."""
+        distribution = keras.distribution.distribution()
+        if distribution is None or self.path is None:
+            return False
+        layout = distribution.get_tensor_layout(f"{self.path}/dispatched")
+        return layout is not None and layout.axes[0] is not None
+
+    def _block_size(self, num_tokens, k):
+        if self.dropless_block_size is not None:
+            return self.dropless_block_size
+        return dropless_blocks.block_size(num_tokens * k, self.num_experts)
+
+    def _dropless_path(self, routing, group_size, num_tokens):
+        """`"slots"`, `"ragged"` or `"blocks"`: how this call computes its
+        experts. Anything but slots needs dropless token choice (every
+        choice fits, `C = S`), the index dispatch and no expert-parallel
+        layout; ragged also a plain float expert bank, blocks a static number
+        of tokens (`num_tokens` an int)."""
         if self.dropless_impl == "slots" or self.dispatch != "index":
-            return False
+            return "slots"
         if routing.token_expert is None or routing.capacity < group_size:
-            return False
-        if not ragged_experts.bank_supports_ragged(self.experts):
-            return False
-        return self.dropless_impl == "ragged" or ragged_experts.ragged_is_default()
+            return "slots"
+        if self._expert_parallel():
+            return "slots"
+        ragged = ragged_experts.bank_supports_ragged(self.experts)
+        blocks = isinstance(num_tokens, int)
+        if self.dropless_impl == "ragged":
+            return "ragged" if ragged else "slots"
+        if self.dropless_impl == "blocks":
+            return "blocks" if blocks else "slots"
+        if ragged and ragged_experts.ragged_is_default():
+            return "ragged"
+        if not blocks or keras.distribution.distribution() is not None:
+            return "slots"
+        k = ops.shape(routing.token_expert)[-1]
+        if dropless_blocks.blocks_pay(
+            num_tokens, k, self.num_experts, self._block_size(num_tokens, k)
+        ):
+            return "blocks"
+        return "slots"
+
+    def _uses_ragged(self, routing, group_size):
+        """Whether this call computes the experts with grouped matmuls."""
+        return self._dropless_path(routing, group_size, None) == "ragged"
 
     def call(self, x, padding_mask=None, training=False, causal=None):
         shape = ops.shape(x)
@@ -216,7 +264,16 @@ class MoEFeedForward(keras.layers.Layer):
         if padding_mask is not None:
             mask = ops.reshape(ops.cast(padding_mask, "float32"), (-1, S))
         routing = self.router(groups, token_mask=mask, training=training, causal=causal)
-        if self._uses_ragged(routing, S):
+        num_groups = ops.shape(groups)[0]
+        num_tokens = num_groups * S if isinstance(num_groups, int) else None
+        path = self._dropless_path(routing, S, num_tokens)
+        if path == "blocks":
+            k = ops.shape(routing.token_expert)[-1]
+            out = dropless_blocks.blocks_combine(
+                groups, routing, self.experts, self._block_size(num_tokens, k)
+            )
+            return ops.reshape(ops.cast(out, self.compute_dtype), shape)
+        if path == "ragged":
             k = ops.shape(routing.token_expert)[-1]
             out = ragged_experts.ragged_experts_combine(
                 ops.reshape(groups, (-1, d)),
@@ -257,6 +314,7 @@ class MoEFeedForward(keras.layers.Layer):
                 "group_size": self.group_size,
                 "dispatch": self.dispatch,
                 "dropless_impl": self.dropless_impl,
+                "dropless_block_size": self.dropless_block_size,
                 "kernel_initializer": keras.initializers.serialize(
                     self.experts.kernel_initializer
                 ),

@@ -31,7 +31,6 @@ from keras import ops
 
 from keras_brainformer.layers.activations import get_activation
 
-DROPLESS_IMPLS = ("auto", "ragged", "slots")
 # `jax.default_backend()` values on which "auto" picks the ragged path: those
 # where `ragged_dot` is known to lower to a grouped matmul (see above). Add
 # "gpu" once a GPU measurement shows the ragged step beating the slot step.

@@ -358,6 +358,54 @@ class Router(keras.layers.Layer):
         return config
 
 
+def slot_choices(slot, keep, num_slots):
+    """The choice in each slot, int32 `[G, num_slots]` (-1 if empty), from the
+    slot each choice asks for (`slot`, `keep`: `[G, N]`, see `fill_slots`).
+
+    Built by an integer scatter: not-kept choices go to a scratch slot (index
+    `num_slots`) that is cut off afterwards; each slot sums its choice's index
+    plus 1, so 0 marks an empty slot.
+    """
+    N = ops.shape(slot)[1]
+    choice_index = ops.arange(N, dtype="int32")[None, :]
+    slot = ops.where(keep, ops.cast(slot, "int32"), num_slots)
+    slot_choice = segment_sum_per_group(
+        (choice_index + 1) * ops.cast(keep, "int32"), slot, num_slots + 1
+    )
+    return slot_choice[:, :num_slots] - 1
+
+
+def fill_slots(slot, keep, gates, num_slots, k):
+    """The slot table of token choices: who sits in each slot, with what gate.
+
+    Args:
+        slot: int `[G, N]`, the slot each of the `N = S·k` choices of a group
+            asks for (choice `n` is token `n // k`'s `(n % k)`-th choice); any
+            value for a choice that is not kept.
+        keep: bool `[G, N]`, whether each choice gets its slot (kept choices
+            ask for distinct slots in `[0, num_slots)`).
+        gates: float `[G, N]`, each choice's gate.
+        num_slots: int, slots per group.
+        k: int, choices per token.
+
+    Returns:
+        `(slot_token, slot_gate)`, int32 and float `[G, num_slots]`: the token
+        in each slot (`N // k`, the group size, marks an empty slot) and its
+        gate (0 if empty).
+
+    The slots' choices come from `slot_choices` (an integer scatter); gates
+    are then *gathered* by choice, so the gradient flows through a gather,
+    never through a scatter.
+    """
+    N = ops.shape(slot)[1]
+    slot_choice = slot_choices(slot, keep, num_slots)
+    filled = slot_choice >= 0
+    slot_token = ops.cast(ops.where(filled, slot_choice // k, N // k), "int32")
+    # Empty slots read choice 0, masked to 0.
+    slot_gate = ops.take_along_axis(gates, ops.where(filled, slot_choice, 0), axis=1)
+    return slot_token, slot_gate * ops.cast(filled, slot_gate.dtype)
+
+
 def token_choice_route(
     probs, mask, k, capacity, normalize_gates=True, batch_prioritized=False
 ):
@@ -399,31 +447,16 @@ def token_choice_route(
         position = ops.take_along_axis(position, inverse[..., None], axis=1)
     keep = ops.logical_and(position < C, mask[..., None] > 0)  # [G, S, k]
 
-    # Slot table by an integer scatter: slot = e * C + position; overflow
-    # goes to a scratch slot (index E * C) that is cut off afterwards. The
-    # table stores each slot's choice (token * k + j, plus 1 so that 0
-    # marks an empty slot); gates are then *gathered* by choice, so the
-    # gradient flows through a gather, never through a scatter.
-    slots_per_group = E * C + 1
-    slot = ops.where(keep, experts * C + position, E * C)
-    choice_index = ops.reshape(ops.arange(S * k, dtype="int32"), (1, S, k))
-    keep_i = ops.cast(keep, "int32")
-    slot_choice = segment_sum_per_group(
-        ops.reshape((choice_index + 1) * keep_i, (G, S * k)),
-        ops.reshape(ops.cast(slot, "int32"), (G, S * k)),
-        slots_per_group,
+    slot_token, slot_gate = fill_slots(
+        ops.reshape(experts * C + position, (G, S * k)),
+        ops.reshape(keep, (G, S * k)),
+        ops.reshape(gates, (G, S * k)),
+        E * C,
+        k,
     )
-    slot_choice = slot_choice[:, : E * C] - 1
-    filled = slot_choice >= 0  # [G, E*C]
-    slot_token = ops.where(filled, slot_choice // k, S)
-    # Gather gates by choice; empty slots read choice 0, masked to 0.
-    slot_gate = ops.take_along_axis(
-        ops.reshape(gates, (G, S * k)), ops.where(filled, slot_choice, 0), axis=1
-    )
-    slot_gate = slot_gate * ops.cast(filled, slot_gate.dtype)
     keep_f = ops.cast(keep, "float32")
     instructions = RoutingInstructions(
-        slot_token=ops.reshape(ops.cast(slot_token, "int32"), (G, E, C)),
+        slot_token=ops.reshape(slot_token, (G, E, C)),
         slot_gate=ops.reshape(slot_gate, (G, E, C)),
         token_expert=experts,
         token_position=position,

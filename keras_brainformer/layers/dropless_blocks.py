@@ -1,0 +1,322 @@
+"""Dropless token-choice experts as block-sparse matmuls (every backend).
+
+Dropless top-k routing (`capacity_factor=None`, and the causal inference
+routing of every router) gives each expert `C = S` slots per group, so the
+slot path of `MoEFeedForward` computes `E·S` expert rows per group for `k·S`
+real choices: `E/k` times the useful work.
+
+This module computes the same thing on about `T·k` rows, in `keras.ops` with
+static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
+
+1. **block routing** (`block_routing`): the `T·k` kept (token, expert)
+   choices of all groups are laid out expert by expert, each expert's run
+   padded to a multiple of `b` rows; expert `e` with `n_e` choices gets
+   `ceil(n_e / b)` consecutive blocks of `b` rows. However the router
+   decides, that is at most `num_blocks = floor((T·k + E·(b - 1)) / b)`
+   blocks (and at most `T·k`): a static bound, so the layer compiles once.
+   Both maps are kept: the row of each choice and the choice in each row
+   (`routers.slot_choices`, the router's own integer scatter);
+2. **dispatch**: the token rows are gathered into the `num_blocks · b` rows
+   (empty rows are zeros) by `dispatch.gather_rows`, whose gradient is a
+   gather through the inverse map (no scatter-add);
+3. **experts** (`expert_blocks`): block `i` is multiplied by the weights of
+   its expert. Portable path: `ExpertBank.call_blocks`, the weights (and
+   LoRA adapters, int8 scales) gathered per block and one batched matmul
+   per weight. JAX fast path (`jax_expert_blocks`, plain float banks): a
+   grouped matmul as loops over each expert's own blocks, weights read in
+   place, the unused trailing blocks skipped, with a custom VJP;
+4. **combine**: each choice's row is gathered back (`gather_rows` again),
+   weighted by its gate and summed over the token's `k` choices.
+
+A token meets only the experts it chose; padding tokens (`token_keep`
+False) take no row. Unused trailing blocks hold zero rows and are assigned
+to the last expert; their gradient contribution is zero. Outputs, losses,
+router statistics and gradients equal the slot path's
+(`tests/test_dropless_blocks.py`).
+
+Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
+its expert's weights. Small blocks waste few rows, large blocks read weights
+less often; `block_size` picks `b` by the cost model `n · (b +
+BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
+--calibrate`, and `blocks_pay` decides `dropless_impl="auto"` by the same
+model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
+has the measurements).
+"""
+
+import keras
+from keras import ops
+
+from keras_brainformer.layers.dispatch import gather_rows
+from keras_brainformer.layers.ragged_experts import bank_supports_ragged
+from keras_brainformer.layers.routers import slot_choices
+
+DROPLESS_IMPLS = ("auto", "blocks", "ragged", "slots")
+# Candidate block sizes (rows per block).
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# What one block costs beyond its rows (reading its expert's weights, the
+# loop step, and the same again backwards), in expert rows: fitted to the
+# block-size sweeps of `benchmarks/dropless_blocks.py --calibrate` on XLA CPU
+# (E = 8, 32, 64 at 4096 tokens, k = 2: the model picks the measured best or
+# a tie; and E = 64, k = 1, where b = 32 measured 3.0x a dense FFN, b = 64
+# less, see benchmarks/README.md).
+BLOCK_COST_ROWS = 48
+# "auto" takes the block path when its modelled cost is below this share of
+# the slot path's: a margin for what the model leaves out.
+AUTO_MAX_COST_RATIO = 0.8
+
+
+def num_blocks(num_choices, num_experts, block_size):
+    """The static bound on blocks: `floor((T·k + E·(b - 1)) / b)`, at most
+    `T·k` (a block holds at least one choice), at least 1.
+
+    Example:
+    >>> num_blocks(8192, 32, 64)  # 128 full blocks + up to 31 part-filled
+    159
+    """
+    bound = (num_choices + num_experts * (block_size - 1)) // block_size
+    return max(1, min(bound, num_choices))
+
+
+def modelled_cost(num_choices, num_experts, block_size):
+    """Cost of the block path in expert rows: `n · (b + BLOCK_COST_ROWS)` for
+    the static bound of `n` blocks of `b` rows."""
+    return num_blocks(num_choices, num_experts, block_size) * (block_size + BLOCK_COST_ROWS)
+
+
+def slots_cost(num_tokens, num_experts):
+    """Cost of the dropless slot path in the same units: `E` experts, each
+    reading its weights once for its `T` slot rows, `E · (T + BLOCK_COST_ROWS)`."""
+    return num_experts * (num_tokens + BLOCK_COST_ROWS)
+
+
+def block_size(num_choices, num_experts):
+    """The `b` of `BLOCK_SIZES` with the least `modelled_cost` (the smallest
+    on ties).
+
+    Example:
+    >>> block_size(8192, 32), block_size(8192, 64), block_size(2, 8)
+    (128, 64, 1)
+    """
+    return min(
+        BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
+    )
+
+
+def blocks_pay(num_tokens, k, num_experts, block_size_=None):
+    """Whether `dropless_impl="auto"` takes the block path: its modelled cost
+    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+
+    Example:
+    >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
+    (True, False, True)
+    """
+    b = block_size_ or block_size(num_tokens * k, num_experts)
+    cost = modelled_cost(num_tokens * k, num_experts, b)
+    return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
+
+
+def block_routing(token_expert, token_position, token_keep, num_experts, block_size_):
+    """Lays the kept token choices of all groups out in expert blocks.
+
+    Args:
+        token_expert: int `[G, S, k]`, each choice's expert.
+        token_position: int `[G, S, k]`, each kept choice's position in its
+            expert's queue within the group (as routers give it: distinct
+            per expert and group, below the group's count for that expert).
+        token_keep: bool `[G, S, k]`, whether each choice is served.
+        num_experts: int, `E`.
+        block_size_: int, `b`.
+
+    Returns:
+        `(choice_row, row_choice, block_expert, blocks_per_expert)`: int32
+        `[G·S·k]` the row of each choice (-1 if not kept; choice `c` is token
+        `c // k`'s `(c % k)`-th), int32 `[n·b]` the choice in each row of the
+        `n = num_blocks(G·S·k, E, b)` blocks (-1 for an empty row), int32
+        `[n]` the expert of each block, and int32 `[E]` how many consecutive
+        blocks each expert has (the blocks beyond their sum are unused).
+    """
+    G, S, k = ops.shape(token_expert)
+    E, b = num_experts, block_size_
+    n = num_blocks(G * S * k, E, b)
+    expert = ops.cast(token_expert, "int32")
+    keep = ops.cast(token_keep, "bool")
+    # Choices per (group, expert), [G, E], by an integer scatter.
+    group = ops.arange(G, dtype="int32")[:, None, None]
+    counts = ops.reshape(
+        ops.segment_sum(
+            ops.reshape(ops.cast(keep, "int32"), (-1,)),
+            ops.reshape(group * E + expert, (-1,)),
+            num_segments=G * E,
+        ),
+        (G, E),
+    )
+    blocks = ops.cast((ops.sum(counts, axis=0) + (b - 1)) // b, "int32")  # [E]
+    block_end = ops.cumsum(blocks)
+    # First row of each (group, expert): the expert's first block, then the
+    # earlier groups' choices of that expert.
+    first_row = (block_end - blocks)[None, :] * b + ops.cumsum(counts, axis=0) - counts
+    row = ops.take(ops.reshape(first_row, (-1,)), group * E + expert) + ops.cast(
+        token_position, "int32"
+    )
+    choice_row = ops.reshape(ops.where(keep, row, -1), (-1,))
+    row_choice = slot_choices(
+        ops.reshape(row, (1, -1)), ops.reshape(keep, (1, -1)), n * b
+    )[0]
+    block_index = ops.arange(n, dtype="int32")[:, None]
+    block_expert = ops.sum(ops.cast(block_end[None, :] <= block_index, "int32"), axis=1)
+    block_expert = ops.minimum(block_expert, E - 1)
+    return choice_row, row_choice, block_expert, blocks
+
+
+def blocks_combine(groups, routing, bank, block_size_):
+    """The block-sparse dropless expert computation of `MoEFeedForward`.
+
+    Args:
+        groups: `[G, S, d]` tokens.
+        routing: the router's `RoutingInstructions` of a dropless token
+            choice (`token_expert`, `token_position`, `token_gate`,
+            `token_keep`, all `[G, S, k]`).
+        bank: the `ExpertBank`.
+        block_size_: int, `b`.
+
+    Returns:
+        float32 `[G, S, d]`: `Σ_j keep·gate[t, j] · expert_{e[t, j]}(x[t])`.
+    """
+    G, S, d = ops.shape(groups)
+    k = ops.shape(routing.token_expert)[-1]
+    T, b = G * S, block_size_
+    choice_row, row_choice, block_expert, blocks = block_routing(
+        routing.token_expert,
+        routing.token_position,
+        routing.token_keep,
+        bank.num_experts,
+        b,
+    )
+    row_token = ops.where(row_choice >= 0, row_choice // k, -1)
+    rows = gather_rows(
+        ops.reshape(groups, (T, d)), row_token, ops.reshape(choice_row, (T, k))
+    )  # [n·b, d]
+    n = ops.shape(block_expert)[0]
+    out = expert_blocks(bank, ops.reshape(rows, (n, b, d)), block_expert, blocks)
+    out = gather_rows(ops.reshape(out, (n * b, d)), choice_row, row_choice[:, None])
+    gate = ops.where(routing.token_keep, ops.cast(routing.token_gate, "float32"), 0.0)
+    out = ops.reshape(ops.cast(out, "float32"), (G, S, k, d))
+    return ops.sum(out * gate[..., None], axis=2)
+
+
+def expert_blocks(bank, x, block_expert, blocks_per_expert):
+    """Applies expert `block_expert[i]` of `bank` to block `i` of `x`
+    (`[n, b, d]` -> `[n, b, d]`).
+
+    The portable path is `ExpertBank.call_blocks` (expert weights gathered
+    per block, one batched matmul per weight over all `n` blocks; LoRA and
+    int8 included). On JAX, a plain float bank
+    (`ragged_experts.bank_supports_ragged`) takes `jax_expert_blocks`
+    instead: same values and gradients (tests check they agree).
+    """
+    if keras.config.backend() == "jax" and bank_supports_ragged(bank):
+        return jax_expert_blocks(bank, x, blocks_per_expert)
+    return bank.call_blocks(x, block_expert)
+
+
+def jax_expert_blocks(bank, x, blocks_per_expert):
+    """The JAX fast path of `expert_blocks`: a grouped matmul written as
+    loops. For each expert, its weights are sliced once and its own blocks
+    (a data-dependent range, `blocks_per_expert`) are multiplied one by one,
+    written in place into the output; the unused trailing blocks are never
+    computed (zeros). A custom VJP runs the same loops backwards, summing
+    each expert's weight gradient over its blocks in a local float32
+    accumulator written once per expert. Nothing is differentiated through
+    a loop, so the dynamic trip counts are fine under `jit` and `grad`. On
+    XLA CPU this is several times faster than the batched matmul over
+    gathered weights (memory-bound weight gathers and gradient scatters,
+    `benchmarks/dropless_blocks.py`)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = bank.compute_dtype
+    activation, gated = bank._activation_fn, bank._gated
+    names = ("w_in", "w_gate", "w_out") if gated else ("w_in", "w_out")
+    weights = tuple(jnp.asarray(ops.cast(getattr(bank, name), dtype)) for name in names)
+    x = jnp.asarray(ops.convert_to_tensor(x, dtype=dtype))
+    counts = jnp.asarray(blocks_per_expert).astype("int32")
+
+    def take(w, i):
+        return jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
+
+    def put(buffer, value, i):
+        return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), i, 0)
+
+    def hidden(*pre):
+        # pre: (x·w_in,) or (x·w_in, x·w_gate) -> the activated hidden rows.
+        return activation(pre[1]) * pre[0] if gated else activation(pre[0])
+
+    def over_experts(weights, counts, expert_body, carry):
+        """`expert_body(e, ws, first, end, carry)` for every expert `e` that
+        has blocks: its weights `ws` and its blocks `[first, end)`. Experts
+        without blocks are not visited (their weights are never read)."""
+        starts = jnp.cumsum(counts) - counts
+        active = jnp.argsort(counts == 0, stable=True)  # experts with blocks first
+
+        def expert(j, carry):
+            e = active[j]
+            ws = tuple(take(w, e) for w in weights)
+            return expert_body(e, ws, starts[e], starts[e] + counts[e], carry)
+
+        return jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, carry)
+
+    def forward(weights, x, counts):
+        n, b, _ = x.shape
+        h = weights[0].shape[-1]
+
+        def expert(e, ws, first, end, carry):
+            def block(i, carry):
+                y, pre = carry
+                rows = take(x, i)
+                p = tuple(rows @ w for w in ws[:-1])
+                y = put(y, hidden(*p) @ ws[-1], i)
+                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
+
+            return jax.lax.fori_loop(first, end, block, carry)
+
+        pre = tuple(jnp.zeros((n, b, h), dtype) for _ in weights[:-1])
+        return over_experts(weights, counts, expert, (jnp.zeros_like(x), pre))
+
+    @jax.custom_vjp
+    def ffn(weights, x, counts):
+        return forward(weights, x, counts)[0]
+
+    def ffn_fwd(weights, x, counts):
+        y, pre = forward(weights, x, counts)
+        return y, (weights, x, counts, pre)
+
+    def ffn_bwd(residuals, grad):
+        weights, x, counts, pre = residuals
+
+        def expert(e, ws, first, end, carry):
+            d_x, d_weights = carry
+
+            def block(i, inner):
+                d_x, acc = inner
+                rows, g = take(x, i), take(grad, i)
+                h, hidden_vjp = jax.vjp(hidden, *(take(p, i) for p in pre))
+                d_pre = hidden_vjp(g @ ws[-1].T)
+                acc = tuple(
+                    a + jnp.matmul(left.T, right, preferred_element_type="float32")
+                    for a, left, right in zip(acc, (rows,) * len(d_pre) + (h,), d_pre + (g,))
+                )
+                d_rows = sum(dp @ w.T for dp, w in zip(d_pre, ws[:-1]))
+                return put(d_x, d_rows, i), acc
+
+            zeros = tuple(jnp.zeros(w.shape, "float32") for w in ws)
+            d_x, acc = jax.lax.fori_loop(first, end, block, (d_x, zeros))
+            return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
+
+        d_weights = tuple(jnp.zeros(w.shape, w.dtype) for w in weights)
+        d_x, d_weights = over_experts(
+            weights, counts, expert, (jnp.zeros_like(x), d_weights)
+        )
+        return d_weights, d_x, None
+
+    ffn.defvjp(ffn_fwd, ffn_bwd)
+    return ffn(weights, x, counts)
