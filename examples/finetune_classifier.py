@@ -3,7 +3,7 @@ module does a docstring come from?
 
 The data set needs no download: docstrings read (with `ast`) from the source
 files of eight standard-library modules, labelled by module, deduplicated,
-split 80 / 20 by a hash of the text (`keras_brainformer/classification_data.py`).
+split 80 / 20 by a hash of the text (`keras_brainformer/training/classification_data.py`).
 The model is a `BrainformerTextClassifier`: a Brainformer decoder pooled at
 its last real token (the appended `</s>`), then a dense layer.
 
@@ -38,12 +38,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_brainformer.classification_data import DEFAULT_MODULES  # noqa: E402
-from keras_brainformer.classification_data import stdlib_docstring_dataset  # noqa: E402
 from keras_brainformer.models import BrainformerBackbone  # noqa: E402
 from keras_brainformer.models import BrainformerTextClassifier  # noqa: E402
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor  # noqa: E402
 from keras_brainformer.models import BrainformerTokenizer  # noqa: E402
+from keras_brainformer.training.classification_data import DEFAULT_MODULES  # noqa: E402
+from keras_brainformer.training.classification_data import stdlib_docstring_dataset  # noqa: E402
 
 DEFAULT_ARCHITECTURE = "brainformer1_tiny"
 

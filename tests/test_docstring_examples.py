@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 
-from keras_brainformer import classification_data
 from keras_brainformer.models.brainformer import brainformer_backbone
 from keras_brainformer.models.brainformer import brainformer_byte_tokenizer
 from keras_brainformer.models.brainformer import brainformer_causal_lm
@@ -16,6 +15,7 @@ from keras_brainformer.models.brainformer import brainformer_text_classifier
 from keras_brainformer.models.brainformer import brainformer_text_classifier_preprocessor
 from keras_brainformer.models.brainformer import brainformer_tokenizer
 from keras_brainformer.training import callbacks
+from keras_brainformer.training import classification_data
 
 MODULES = [
     brainformer_backbone,

@@ -741,6 +741,54 @@ def test_load_balance_loss_is_one_under_perfect_balance():
     assert float(to_np(load_balance_loss(peaked, collapsed, mask))) == pytest.approx(E)
 
 
+def test_load_balance_loss_per_group_sees_what_pooling_hides():
+    """E=2, top-1, two groups of 4 tokens: group 0 routed entirely to expert
+    0 (p=0.88), group 1 entirely to expert 1. Pooled over the batch, f and P
+    are balanced (loss 1.0, the balanced value) although every group is
+    collapsed; per group (GShard's Algorithm 1, the default) each group's
+    loss is E·1·0.88 = 1.76."""
+    probs = np.array([[[0.88, 0.12]] * 4, [[0.12, 0.88]] * 4], "float32")
+    first = probs.argmax(-1).astype("int32")
+    mask = np.ones((2, 4), "float32")
+    pooled = float(to_np(load_balance_loss(probs, first, mask, mode="pooled")))
+    per_group = float(to_np(load_balance_loss(probs, first, mask)))
+    assert pooled == pytest.approx(1.0, rel=1e-6)
+    assert per_group == pytest.approx(1.76, rel=1e-6)
+    assert pooled == pytest.approx(np_load_balance_loss(probs, first, mask), rel=1e-6)
+    # An all-padding group is left out of the mean (not counted as 0).
+    probs3 = np.concatenate([probs, np.full((1, 4, 2), 0.5, "float32")])
+    first3 = np.concatenate([first, np.zeros((1, 4), "int32")])
+    mask3 = np.concatenate([mask, np.zeros((1, 4), "float32")])
+    assert float(to_np(load_balance_loss(probs3, first3, mask3))) == pytest.approx(1.76, rel=1e-6)
+    # One group: both forms agree.
+    one = float(to_np(load_balance_loss(probs[:1], first[:1], mask[:1])))
+    assert one == pytest.approx(float(to_np(load_balance_loss(probs[:1], first[:1], mask[:1],
+                                                                mode="pooled"))), rel=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        load_balance_loss(probs, first, mask, mode="mean")
+
+
+def test_router_load_balance_loss_mode_is_configurable_and_serialized():
+    router = TopKRouter(num_experts=2, k=1, load_balance_loss_weight=1.0, capacity_factor=None)
+    assert router.load_balance_loss_mode == "per_group"
+    pooled = TopKRouter(num_experts=2, k=1, load_balance_loss_weight=1.0, capacity_factor=None,
+                        load_balance_loss_mode="pooled")
+    assert TopKRouter.from_config(pooled.get_config()).load_balance_loss_mode == "pooled"
+    with pytest.raises(ValueError, match="load_balance_loss_mode.*'mean'"):
+        TopKRouter(num_experts=2, load_balance_loss_mode="mean")
+    # The added loss uses the mode: the collapsed-groups batch above.
+    x = np.array([[[2.0, 0.0]] * 4, [[0.0, 2.0]] * 4], "float32")
+    for r, expected in ((router, "per_group"), (pooled, "pooled")):
+        r.build((None, None, 2))
+        r.kernel.assign(np.eye(2, dtype="float32"))
+        r(x, training=True)
+        probs = np_softmax(x)
+        want = float(to_np(load_balance_loss(probs.astype("float32"),
+                                             probs.argmax(-1).astype("int32"),
+                                             np.ones((2, 4), "float32"), mode=expected)))
+        assert float(to_np(r.losses[0])) == pytest.approx(want, rel=1e-5)
+
+
 def test_router_z_loss_hand_computed():
     logits = np.zeros((1, 2, 4), "float32")
     got = float(to_np(router_z_loss(logits, np.ones((1, 2), "float32"))))

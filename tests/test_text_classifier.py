@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer.classification_data import stdlib_docstring_dataset
 from keras_brainformer.layers import AttentionSpec
 from keras_brainformer.layers import BlockSpec
 from keras_brainformer.layers import FeedForwardSpec
@@ -20,6 +19,7 @@ from keras_brainformer.models import BrainformerTextClassifier
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_text_classifier import last_token_selection
+from keras_brainformer.training.classification_data import stdlib_docstring_dataset
 
 D = 16
 SPEC = BlockSpec(

@@ -3,9 +3,9 @@
 import keras
 from keras import ops
 
-from keras_brainformer.layers import dispatch as dispatch_lib
-from keras_brainformer.layers import dropless_blocks
-from keras_brainformer.layers import ragged_experts
+import keras_brainformer.layers.dispatch as dispatch_lib
+import keras_brainformer.layers.dropless_blocks as dropless_blocks
+import keras_brainformer.layers.ragged_experts as ragged_experts
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import ROUTERS

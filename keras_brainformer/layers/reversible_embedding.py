@@ -1,20 +1,19 @@
-"""The token embedding: keras-hub's `ReversibleEmbedding`, quantizable and
-trainable through its int8 output projection.
+"""The token embedding: Keras' `ReversibleEmbedding` (keras-hub's is a bare
+subclass of it), quantizable and trainable through its int8 output projection.
 
-The class keeps keras-hub's name on purpose: Keras weight files key a
+The class keeps the name `ReversibleEmbedding` on purpose: Keras weight files key a
 model's layers by their class name (`layers/reversible_embedding/...`), so
 the shipped trained presets and saved models load unchanged."""
 
 import keras
 from keras import ops
-from keras_hub.layers import ReversibleEmbedding as KerasHubReversibleEmbedding
 
 from keras_brainformer.layers.adaptable_kernels import int8_matmul
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-class ReversibleEmbedding(KerasHubReversibleEmbedding):
-    """keras-hub's `ReversibleEmbedding` (the input embedding, optionally
+class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
+    """Keras' `ReversibleEmbedding` (the input embedding, optionally
     tied to the output projection) that `Model.quantize("int8")` reaches.
 
     Two differences, both about int8, none in float:

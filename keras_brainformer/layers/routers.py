@@ -112,23 +112,39 @@ def compute_capacity(num_tokens, group_size, capacity_factor, num_experts):
     return int(min(max(capacity, 1), group_size))
 
 
-def load_balance_loss(probs, first_choice, mask):
+LOAD_BALANCE_MODES = ("per_group", "pooled")
+
+
+def load_balance_loss(probs, first_choice, mask, mode="per_group"):
     """Switch/GShard load-balance loss `E · Σ_e f_e · P_e`.
 
     Args:
         probs: float32 `[G, S, E]` router probabilities.
         first_choice: int `[G, S]` each token's top-1 expert.
         mask: float32 `[G, S]`, 1 for real tokens, 0 for padding.
+        mode: `"per_group"` (default; GShard's Algorithm 1): `f_e`, `P_e` and
+            the loss per routing group, then the mean over groups that hold
+            at least one real token. `"pooled"`: `f_e` and `P_e` over all
+            tokens of all groups at once (what this package used before),
+            which can call an imbalanced batch balanced: two groups each
+            routed entirely to a different expert pool to a balanced `f`.
 
     `f_e` is the fraction of (real) tokens whose first choice is `e`; `P_e` the
     mean router probability of `e`. Equals 1 under perfect balance.
     """
+    check_choice("mode", mode, LOAD_BALANCE_MODES)
     num_experts = ops.shape(probs)[-1]
-    count = ops.maximum(ops.sum(mask), 1.0)
     one_hot = ops.one_hot(first_choice, num_experts, dtype="float32")
-    fraction = ops.sum(one_hot * mask[..., None], axis=(0, 1)) / count
-    mean_prob = ops.sum(probs * mask[..., None], axis=(0, 1)) / count
-    return ops.cast(num_experts, "float32") * ops.sum(fraction * mean_prob)
+    axes = (0, 1) if mode == "pooled" else (1,)
+    count = ops.sum(mask, axis=axes)  # [] or [G]
+    safe = ops.maximum(count, 1.0)[..., None]
+    fraction = ops.sum(one_hot * mask[..., None], axis=axes) / safe
+    mean_prob = ops.sum(probs * mask[..., None], axis=axes) / safe
+    loss = ops.cast(num_experts, "float32") * ops.sum(fraction * mean_prob, axis=-1)
+    if mode == "pooled":
+        return loss
+    real_groups = ops.cast(count > 0, "float32")
+    return ops.sum(loss * real_groups) / ops.maximum(ops.sum(real_groups), 1.0)
 
 
 def router_z_loss(logits, mask):
@@ -173,10 +189,14 @@ class Router(keras.layers.Layer):
         seed=None,
         kernel_initializer=None,
         inference_routing="causal",
+        load_balance_loss_mode="per_group",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = check_positive_int("num_experts", num_experts)
+        self.load_balance_loss_mode = check_choice(
+            "load_balance_loss_mode", load_balance_loss_mode, LOAD_BALANCE_MODES
+        )
         self.inference_routing = check_choice(
             "inference_routing", inference_routing, INFERENCE_ROUTING
         )
@@ -302,7 +322,9 @@ class Router(keras.layers.Layer):
                 first_choice = ops.argmax(probs, axis=-1)
                 self.add_loss(
                     self.load_balance_loss_weight
-                    * load_balance_loss(probs, first_choice, mask)
+                    * load_balance_loss(
+                        probs, first_choice, mask, self.load_balance_loss_mode
+                    )
                 )
             if self.z_loss_weight > 0:
                 self.add_loss(self.z_loss_weight * router_z_loss(logits, mask))
@@ -346,6 +368,7 @@ class Router(keras.layers.Layer):
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "load_balance_loss_weight": self.load_balance_loss_weight,
+                "load_balance_loss_mode": self.load_balance_loss_mode,
                 "z_loss_weight": self.z_loss_weight,
                 "jitter": self.jitter,
                 "seed": self.seed,

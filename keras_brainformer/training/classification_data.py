@@ -15,7 +15,7 @@ default, stable across runs, machines and module orders).
 
 Example:
 ```python
-from keras_brainformer.classification_data import stdlib_docstring_dataset
+from keras_brainformer.training.classification_data import stdlib_docstring_dataset
 
 data = stdlib_docstring_dataset(modules=("json", "tarfile"))
 assert data.label_names == ("json", "tarfile")
