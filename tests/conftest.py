@@ -35,3 +35,53 @@ def tiny_backbone():
         return built[name]
 
     return get
+
+
+def assert_path_taken_and_equal_to_slots(monkeypatch, module, function, layer, slots, x, mask):
+    """Calls `layer` with `module.function` spied on: asserts that path ran,
+    and that outputs and router statistics equal the slot-path `slots`
+    layer's on the same input (the shared check of the dropless fast paths)."""
+    calls = []
+    original = getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *a: calls.append(1) or original(*a))
+    y = to_numpy(layer(x, padding_mask=mask))
+    assert calls, f"{module.__name__}.{function} did not run"
+    np.testing.assert_allclose(y, to_numpy(slots(x, padding_mask=mask)), rtol=1e-5, atol=1e-6)
+    stats, expected = layer.router.routing_statistics(), slots.router.routing_statistics()
+    for name in expected:
+        np.testing.assert_allclose(stats[name], expected[name], rtol=1e-6, err_msg=name)
+
+
+MOE_PAIR_SHAPE = (2, 16, 8)
+
+
+def moe_pair(impl, num_experts, router_kwargs, activation="gelu", group_size=None,
+             router="top_k", **extra):
+    """A slot-path `MoEFeedForward` and one with `dropless_impl=impl` (and
+    `extra` config, e.g. `dropless_block_size`) holding the same weights."""
+    from keras_brainformer.layers import MoEFeedForward
+
+    slots = MoEFeedForward(
+        num_experts=num_experts,
+        expert_hidden_dim=12,
+        router=router,
+        router_kwargs=router_kwargs,
+        activation=activation,
+        group_size=group_size,
+        dropless_impl="slots",
+    )
+    slots.build(MOE_PAIR_SHAPE)
+    other = MoEFeedForward.from_config({**slots.get_config(), "dropless_impl": impl, **extra})
+    other.build(MOE_PAIR_SHAPE)
+    other.set_weights(slots.get_weights())
+    return slots, other
+
+
+def moe_pair_inputs(seed=0):
+    """`(x, padding_mask)` for `moe_pair` layers; the second row is padded
+    after 11 tokens."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=MOE_PAIR_SHAPE).astype("float32")
+    mask = np.ones(MOE_PAIR_SHAPE[:2], "int32")
+    mask[1, 11:] = 0
+    return x, mask

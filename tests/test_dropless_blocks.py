@@ -11,43 +11,27 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import MOE_PAIR_SHAPE
+from conftest import assert_path_taken_and_equal_to_slots
+from conftest import moe_pair
+from conftest import moe_pair_inputs
 from conftest import to_numpy
 from keras import ops
 
 from keras_brainformer.layers import MoEFeedForward
 from keras_brainformer.layers import dropless_blocks
 
-SHAPE = (2, 16, 8)
+SHAPE = MOE_PAIR_SHAPE
 
 
 def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
           router="top_k", block_size=None):
     """A slot-path layer and a block-path layer with the same weights."""
-    slots = MoEFeedForward(
-        num_experts=num_experts,
-        expert_hidden_dim=12,
-        router=router,
-        router_kwargs=router_kwargs,
-        activation=activation,
-        group_size=group_size,
-        dropless_impl="slots",
-    )
-    slots.build(SHAPE)
-    blocks = MoEFeedForward.from_config(
-        {**slots.get_config(), "dropless_impl": "blocks",
-         "dropless_block_size": block_size}
-    )
-    blocks.build(SHAPE)
-    blocks.set_weights(slots.get_weights())
-    return slots, blocks
+    return moe_pair("blocks", num_experts, router_kwargs, activation, group_size, router,
+                    dropless_block_size=block_size)
 
 
-def _inputs(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=SHAPE).astype("float32")
-    mask = np.ones(SHAPE[:2], "int32")
-    mask[1, 11:] = 0
-    return x, mask
+_inputs = moe_pair_inputs
 
 
 def _step(layer, x, mask, training):
@@ -145,19 +129,9 @@ def test_blocks_serve_causal_inference_routing(router, router_kwargs, monkeypatc
     block path (also for routers that drop in training) and matches."""
     x, mask = _inputs(1)
     slots, blocks = _pair(4, router_kwargs, "gated_relu", router=router, block_size=4)
-    calls = []
-    original = dropless_blocks.block_routing
-    monkeypatch.setattr(
-        dropless_blocks, "block_routing", lambda *a: calls.append(1) or original(*a)
+    assert_path_taken_and_equal_to_slots(
+        monkeypatch, dropless_blocks, "block_routing", blocks, slots, x, mask
     )
-    y_b = to_numpy(blocks(x, padding_mask=mask))
-    assert calls
-    y_s = to_numpy(slots(x, padding_mask=mask))
-    np.testing.assert_allclose(y_b, y_s, rtol=1e-5, atol=1e-6)
-    stats_b = blocks.router.routing_statistics()
-    stats_s = slots.router.routing_statistics()
-    for name in stats_s:
-        np.testing.assert_allclose(stats_b[name], stats_s[name], rtol=1e-6, err_msg=name)
 
 
 def _forbid_blocks(monkeypatch):
@@ -275,7 +249,7 @@ def test_distribution_falls_back_to_slots(monkeypatch):
     makes even "blocks" use it."""
     import jax
 
-    from keras_brainformer.distribution.layout_map import get_layout_map
+    from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 
     x, _ = _inputs()
     slots, blocks = _pair(4, {"k": 2, "capacity_factor": None})

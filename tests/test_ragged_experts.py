@@ -7,6 +7,10 @@ import types
 import keras
 import numpy as np
 import pytest
+from conftest import MOE_PAIR_SHAPE
+from conftest import assert_path_taken_and_equal_to_slots
+from conftest import moe_pair
+from conftest import moe_pair_inputs
 from conftest import to_numpy
 
 from keras_brainformer.layers import MoEFeedForward
@@ -16,36 +20,16 @@ jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="the ragged path is JAX only"
 )
 
-SHAPE = (2, 16, 8)
+SHAPE = MOE_PAIR_SHAPE
 
 
 def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
           router="top_k"):
     """A slot-path layer and a ragged-path layer with the same weights."""
-    slots = MoEFeedForward(
-        num_experts=num_experts,
-        expert_hidden_dim=12,
-        router=router,
-        router_kwargs=router_kwargs,
-        activation=activation,
-        group_size=group_size,
-        dropless_impl="slots",
-    )
-    slots.build(SHAPE)
-    ragged = MoEFeedForward.from_config(
-        {**slots.get_config(), "dropless_impl": "ragged"}
-    )
-    ragged.build(SHAPE)
-    ragged.set_weights(slots.get_weights())
-    return slots, ragged
+    return moe_pair("ragged", num_experts, router_kwargs, activation, group_size, router)
 
 
-def _inputs(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=SHAPE).astype("float32")
-    mask = np.ones(SHAPE[:2], "int32")
-    mask[1, 11:] = 0
-    return x, mask
+_inputs = moe_pair_inputs
 
 
 def _step(layer, x, mask, training):
@@ -127,21 +111,9 @@ def test_ragged_serves_causal_inference_routing(router, router_kwargs, monkeypat
     ragged path (even for routers that drop in training) and matches."""
     x, mask = _inputs(1)
     slots, ragged = _pair(4, router_kwargs, "gated_relu", router=router)
-    calls = []
-    original = ragged_experts.ragged_experts_combine
-    monkeypatch.setattr(
-        ragged_experts,
-        "ragged_experts_combine",
-        lambda *a: calls.append(1) or original(*a),
+    assert_path_taken_and_equal_to_slots(
+        monkeypatch, ragged_experts, "ragged_experts_combine", ragged, slots, x, mask
     )
-    y_r = to_numpy(ragged(x, padding_mask=mask))
-    assert calls
-    y_s = to_numpy(slots(x, padding_mask=mask))
-    np.testing.assert_allclose(y_r, y_s, rtol=1e-5, atol=1e-6)
-    stats_r = ragged.router.routing_statistics()
-    stats_s = slots.router.routing_statistics()
-    for name in stats_s:
-        np.testing.assert_allclose(stats_r[name], stats_s[name], rtol=1e-6, err_msg=name)
 
 
 def _forbid_ragged(monkeypatch):
