@@ -17,8 +17,8 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
 )
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.preset_loading import CONFIG_FILE
-from keras_brainformer.models.brainformer.preset_loading import METADATA_FILE
+from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
+from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
 from keras_brainformer.models.brainformer.preset_loading import TINY_PREPROCESSOR_SEQUENCE_LENGTH
 
 

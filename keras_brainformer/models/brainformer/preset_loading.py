@@ -30,12 +30,12 @@ from absl import logging
 from keras_hub.src.utils.preset_utils import register_presets
 
 from keras_brainformer.errors import PresetError
+from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
+from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
+from keras_brainformer.models.brainformer.preset_integrity import WEIGHTS_FILES
 from keras_brainformer.models.brainformer.preset_integrity import verify_preset
 
-CONFIG_FILE = "config.json"
-METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
 TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
 
 # The package's own preset folders: `keras_brainformer/presets/` (in a
@@ -82,7 +82,7 @@ def _training_metadata(folder):
 
 
 def trained_presets():
-    """Name → metadata of the trained presets in the repository's `presets/`:
+    """Name → metadata of the trained presets among the packaged folders:
     folders with weights whose `metadata.json` records a `"training"` (written
     by `presets/package_trained_preset.py`)."""
     found = {}
@@ -94,13 +94,10 @@ def trained_presets():
 
 
 def resolve_preset(preset):
-    """Maps a zoo preset name to its folder; other handles pass through."""
-    if isinstance(preset, str):
-        if preset in _REGISTERED:
-            return str(preset_directory(preset))
-        folder = PRESETS_ROOT / preset
-        if "/" not in preset and _training_metadata(folder) is not None:
-            return str(folder)
+    """Maps a registered zoo preset name (architecture or trained) to its
+    packaged folder; other handles pass through."""
+    if isinstance(preset, str) and preset in _REGISTERED:
+        return str(preset_directory(preset))
     return preset
 
 
