@@ -9,7 +9,7 @@ sparsity), in FLOP/s and bytes/s (10^9 bytes = 1 GB). Sources:
   chip, used as its link bandwidth).
 - `tpu-v5e`: cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB at
   819 GB/s, 1600 Gbps ICI (200 GB/s; also 51.2 TB/s all-reduce / 256 chips).
-- `tpu-v5p`: cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GB at
+- `tpu-v5p`: cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB at
   2765 GB/s, 4800 Gbps ICI (600 GB/s).
 - `a100`: NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s bf16, 156 TF32,
   2039 GB/s, NVLink 600 GB/s both directions (300 one way); DGX A100: 8 GPUs
@@ -84,10 +84,10 @@ HARDWARE = {
         "1600 Gbps ICI, 51.2 TB/s all-reduce per 256-chip pod)",
     ),
     "tpu-v5p": Hardware(
-        "tpu-v5p", {"bfloat16": 459 * TERA, "float32": 459 * TERA}, 2765 * GB, 95 * GB,
+        "tpu-v5p", {"bfloat16": 459 * TERA, "float32": 459 * TERA}, 2765 * GB, 95 * GIB,
         link_bandwidth=600 * GB, collective_latency_s=2e-6,
-        source="cloud.google.com/tpu/docs/v5p (459 TFLOPs bf16, 95 GB at 2765 GBps, "
-        "4800 Gbps ICI)",
+        source="cloud.google.com/tpu/docs/v5p (459 TFLOPs bf16, 95 GiB at 2765 GBps, "
+        "4800 Gbps ICI: 1200 GBps both directions)",
     ),
     "a100": Hardware(
         "a100", {"bfloat16": 312 * TERA, "float32": 156 * TERA}, 2039 * GB, 80 * GB,

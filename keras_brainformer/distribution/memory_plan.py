@@ -207,7 +207,9 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _axis_sizes(mesh):
+def axis_sizes(mesh):
+    """Mesh axis sizes from a dict or a spec string (`"batch=2,expert=4"`),
+    checked: a non-empty dict of positive ints."""
     if isinstance(mesh, str):
         mesh = parse_mesh_spec(mesh)
     if not isinstance(mesh, dict) or not mesh:
@@ -264,7 +266,7 @@ def shard_weights(config, mesh, fsdp=False, dtype=None, batch_dim_name="batch",
     >>> shards["block_0/1_moe/experts/w_in"].local_shape
     (4, 4096, 16384)
     """
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     names = tuple(sizes)
     shards = collections.OrderedDict()
     for path, spec in weight_specs(config, dtype=dtype).items():
@@ -427,7 +429,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     """
     from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
 
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     names = tuple(sizes)
     shards = shards or shard_weights(
         config, sizes, fsdp, dtype, batch_dim_name, model_dim_name, expert_dim_name
@@ -548,7 +550,7 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
         raise ValueError(f"Unknown `optimizer`={optimizer!r}. Allowed values: {OPTIMIZERS}.")
     if not isinstance(fsdp, bool):
         raise TypeError(f"`fsdp` must be a bool. Received: fsdp={fsdp!r}")
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     if batch_dim_name not in sizes:
         raise ValueError(
             f"The mesh {sizes} has no batch axis {batch_dim_name!r} (the input "

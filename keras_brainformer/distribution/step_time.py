@@ -70,7 +70,7 @@ import math
 
 from keras_brainformer.distribution.hardware import Hardware
 from keras_brainformer.distribution.hardware import get_hardware
-from keras_brainformer.distribution.memory_plan import _axis_sizes
+from keras_brainformer.distribution.memory_plan import axis_sizes
 from keras_brainformer.distribution.memory_plan import dispatched_tensor_axes
 from keras_brainformer.distribution.memory_plan import moe_dispatch_geometry
 from keras_brainformer.distribution.memory_plan import shard_weights
@@ -210,7 +210,7 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
     """Every `Term` of one training step on one device (see the module
     docstring). `expert_dim_name` is the axis the expert banks are split
     along (`mesh.expert_axis`), None to replicate them."""
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     names = tuple(sizes)
     nb = sizes["batch"]
     nm = sizes.get("model", 1)
@@ -507,7 +507,7 @@ def predict_step_time(config, mesh, batch_size, sequence_length, hardware,
         )
     if not isinstance(hardware, Hardware):
         hardware = get_hardware(hardware)
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     unknown = set(sizes) - set(MESH_AXES)
     if unknown or "batch" not in sizes:
         raise ValueError(f"The mesh {sizes} must have a batch axis and only axes {MESH_AXES}.")
