@@ -190,16 +190,31 @@ def test_cli_table_and_json(capsys):
     assert data["fits"] is True and data["device_memory"] == HARDWARE["a100"].memory_bytes
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the suite runs on JAX")
-def test_device_suite_cpu_mode_runs():
+def _run_benchmark(*argv):
+    # The repository root first on the path: the scripts import this checkout.
     env = dict(os.environ, KERAS_BACKEND="jax",
                PYTHONPATH=str(BENCHMARKS.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "device_suite.py"), "--cpu"],
+        [sys.executable, str(BENCHMARKS / argv[0]), *argv[1:]],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the suite runs on JAX")
+def test_device_suite_cpu_mode_runs():
+    out = _run_benchmark("device_suite.py", "--cpu")
     for expected in ("## 1. matmul peak", "| slots cf1.25 |", "| brainformer1 |",
                      "brainformer1 / glam step time: measured", "| 1 |"):
-        assert expected in result.stdout
+        assert expected in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the scripts run on JAX")
+def test_step_time_checks_run():
+    out = _run_benchmark("step_time_check.py", "--quick")
+    assert "| brainformer1 |" in out and "measured / predicted" in out
+    out = _run_benchmark("paper_step_time.py", "--batch-sizes", "64")
+    assert "| 8B/64E | 512 | 64 | `batch=64,model=8` | on |" in out
