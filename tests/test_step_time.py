@@ -166,6 +166,8 @@ def test_cli_bad_hardware_is_one_error_line(capsys):
     code, _, err = _cli(capsys, "--preset", "glam_tiny", "--mesh", "batch=2", "--hardware",
                         "h100", "--chips", "3")
     assert code == 2 and err.startswith("error: --chips 3 does not match the mesh batch=2")
+    code, _, err = _cli(capsys, "--preset", "glam_tiny", "--chips", "1")
+    assert code == 2 and err.startswith("error: --chips needs --hardware")
 
 
 def test_cli_table_and_json(capsys):
