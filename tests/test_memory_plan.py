@@ -240,6 +240,7 @@ _SHARDED_BUILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with 8 simulated devices
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="simulated devices need JAX")
 def test_shards_match_model_parallel_build():
     """A model built under `ModelParallel` on 8 simulated CPU devices (mesh
