@@ -130,3 +130,32 @@ def moe_pair_inputs(seed=0):
     mask = np.ones(MOE_PAIR_SHAPE[:2], "int32")
     mask[1, 11:] = 0
     return x, mask
+
+
+def inference_call(layer):
+    """`layer(*args, **kwargs)` at inference, compiled on JAX: one XLA
+    program per input structure instead of op-by-op eager dispatch, which on
+    JAX compiles each primitive on first use (~25 ms each, hundreds per
+    block call). Runs `stateless_call`, so router statistics stay put.
+    TensorFlow calls the layer eagerly as it is. Eager JAX decoding keeps
+    its own tests (`test_cached_decoding_matches_full_forward`, the
+    `compiled=False` depthwise cases)."""
+    if keras.backend.backend() != "jax":
+        return layer
+    import jax
+
+    @jax.jit
+    def run(trainable, non_trainable, args, kwargs):
+        return layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
+
+    def call(*args, **kwargs):
+        if not layer.built:
+            layer.build(np.shape(args[0]))
+        return run(
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
+            args,
+            kwargs,
+        )
+
+    return call
