@@ -9,7 +9,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
 # XLA compilation is most of the fast tier's time on JAX (tiny models, a few
 # steps each: measured 235 s of 2-core CPU time for two test files, 65 s of it
 # once every graph was compiled). Fast tests therefore compile with XLA's

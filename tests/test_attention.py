@@ -6,12 +6,12 @@ from conftest import inference_call
 from conftest import to_numpy
 from keras import ops
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import BrainformerBlock
 from keras_brainformer.layers import CausalSelfAttention
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
+from keras_brainformer.models import BrainformerBlock
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 
 def test_attention_is_causal():

@@ -6,12 +6,12 @@ import pytest
 from conftest import inference_call
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
 from keras_brainformer.layers import MoEFeedForward
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 T, D = 16, 8
 

@@ -22,7 +22,7 @@ from keras_brainformer.distribution.step_time import matmul_term
 from keras_brainformer.distribution.step_time import predict_step_time
 from keras_brainformer.distribution.step_time import step_terms
 from keras_brainformer.distribution.step_time import term_seconds
-from keras_brainformer.layers import dense_transformer_layer
+from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 
