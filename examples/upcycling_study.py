@@ -228,12 +228,43 @@ def stage_train(args):
             lm.save_to_preset(str(args.out / "models" / f"{arm}_seed{args.seed}"))
 
 
+def paired_step_times(out):
+    """Each arm's step time from every `bench*.json` in `out`, pooled: the
+    dense arm's median step time times the median over rounds of the arm's
+    time / the dense arm's time in the same round (paired, so a round slowed
+    by other jobs on the machine cancels out)."""
+    rounds = {}
+    params = {}
+    for path in sorted(out.glob("bench*.json")):
+        for arm, result in json.loads(path.read_text()).items():
+            rounds.setdefault(arm, []).extend(result["rounds"])
+            params[arm] = result["params"]
+    dense = rounds["dense"]
+    return {
+        arm: {
+            "median_step_seconds": statistics.median(dense)
+            * statistics.median(a / b for a, b in zip(times, dense)),
+            "ratio_to_dense": statistics.median(a / b for a, b in zip(times, dense)),
+            "rounds": len(times),
+            "params": params[arm],
+        }
+        for arm, times in rounds.items()
+    }
+
+
 def stage_report(args):
-    bench = json.loads((args.out / "bench.json").read_text())
+    bench = paired_step_times(args.out)
+    (args.out / "step_times.json").write_text(json.dumps(bench, indent=2))
     rows = []
     for path in sorted(args.out.glob("curves_seed*.csv")):
         with open(path) as f:
             rows += list(csv.DictReader(f))
+    # Only seeds every arm finished: the means compare the same seeds.
+    finished = {}
+    for row in rows:
+        finished.setdefault(row["seed"], set()).add(row["arm"])
+    seeds = {seed for seed, arms in finished.items() if set(ARMS) <= arms}
+    rows = [row for row in rows if row["seed"] in seeds]
     curves = {}
     for row in rows:
         curves.setdefault(row["arm"], {}).setdefault(int(row["step"]), []).append(
@@ -263,11 +294,21 @@ def stage_report(args):
         by_time.plot([s * step_time for s in steps], means, marker=".", label=arm)
     by_step.set_xlabel("training steps (16 x 128 tokens)")
     by_time.set_xlabel("converted seconds (steps x paired median step time)")
+    # Zoom on the arms that start from the dense model; the scratch arm
+    # (losses of 6-9) is named in the title instead.
+    warm = [np.mean(v) for arm, p in curves.items() if arm != "glam_scratch" for v in p.values()]
     for axis in (by_step, by_time):
         axis.set_ylabel("validation loss, causal (nats/token)")
+        axis.set_ylim(min(warm) - 0.01, max(warm) + 0.01)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(f"Upcycling {SOURCE}: mean over seeds")
+    scratch = ""
+    if "glam_scratch" in curves:
+        points = curves["glam_scratch"]
+        scratch = (f"; glam_scratch off the chart: {np.mean(points[0]):.2f} -> "
+                   f"{np.mean(points[max(points)]):.2f}")
+    seeds_text = f"mean over seeds {sorted(seeds)}"
+    figure.suptitle(f"Upcycling {SOURCE}: {seeds_text}{scratch}")
     figure.tight_layout()
     figure.savefig(args.out / "curves.png", dpi=110)
 
@@ -275,7 +316,7 @@ def stage_report(args):
     # converted end time (equal extra compute), interpolated.
     dense_end = max(curves["dense"]) * bench["dense"]["median_step_seconds"]
     lines = [
-        "| arm | params | step time (s, paired median) | seeds | loss at step 0 | "
+        "| arm | params | step time (s, paired) / ratio to dense | seeds | loss at step 0 | "
         f"loss at step {max(curves['dense'])} (per seed) | mean | loss at {dense_end:.0f} "
         "converted s (mean) |",
         "|---|---|---|---|---|---|---|---|",
@@ -290,7 +331,8 @@ def stage_report(args):
         at_equal = np.interp(dense_end, [s * step_time for s in steps], means)
         last = points[steps[-1]]
         lines.append(
-            f"| `{arm}` | {bench[arm]['params'] / 1e6:.2f}M | {step_time:.3f} | {len(last)} | "
+            f"| `{arm}` | {bench[arm]['params'] / 1e6:.2f}M | {step_time:.3f} / "
+            f"{bench[arm]['ratio_to_dense']:.2f} | {len(last)} | "
             f"{np.mean(points[0]):.4f} | {', '.join(f'{v:.4f}' for v in last)} | "
             f"{np.mean(last):.4f} | {at_equal:.4f} |"
         )
