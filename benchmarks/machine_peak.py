@@ -9,6 +9,7 @@ is relative to what this machine delivers under its current load.
 
     python benchmarks/machine_peak.py            # n = 1024, 2048, 4096
     python benchmarks/machine_peak.py --quick    # n = 512, 1024
+    python benchmarks/machine_peak.py --bandwidth  # also the memory copy bandwidth
 """
 
 import os
@@ -55,11 +56,38 @@ def matmul_gflops(n=2048, reps=5, dtype="float32"):
     return 2 * n**3 / statistics.median(matmul_times(n, reps, dtype)) / 1e9
 
 
+def copy_times(mib=256, reps=5):
+    """Seconds per jitted `x + 1` over a float32 array of `mib` MiB (reads and
+    writes it once: `2 · mib` MiB moved), one entry per repetition. The input
+    is donated, so the output reuses its buffer, as a donated train step does:
+    without donation each call maps fresh pages and on this machine reads
+    about 2 GB/s instead of 9-25."""
+    key = ("copy", mib)
+    if key not in _CACHE:
+        f = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+        _CACHE[key] = [f, f(jnp.ones((mib * 2**20 // 4,), "float32")).block_until_ready()]
+    entry = _CACHE[key]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        entry[1] = entry[0](entry[1]).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_gbps(mib=256, reps=5):
+    """Median memory bandwidth in GB/s (10^9 bytes/s) of `copy_times`: the
+    bandwidth term of the step-time model's `cpu-here` entry."""
+    return 2 * mib * 2**20 / statistics.median(copy_times(mib, reps)) / 1e9
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="also the copy bandwidth of a 256 MiB float32 array")
     args = parser.parse_args()
     sizes = args.sizes or ([512, 1024] if args.quick else [1024, 2048, 4096])
     reps = args.reps or (3 if args.quick else 7)
@@ -73,6 +101,13 @@ def main():
         print(f"| {n} | {statistics.median(times) * 1e3:.1f} | {min(times) * 1e3:.1f} | "
               f"{flop / statistics.median(times) / 1e9:.1f} | "
               f"{flop / min(times) / 1e9:.1f} |", flush=True)
+    if args.bandwidth:
+        mib = 64 if args.quick else 256
+        times = copy_times(mib, reps)
+        moved = 2 * mib * 2**20
+        print(f"\ncopy bandwidth ({mib} MiB float32, read + write): median "
+              f"{moved / statistics.median(times) / 1e9:.1f} GB/s, best "
+              f"{moved / min(times) / 1e9:.1f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 from keras_brainformer.data import BYTE_VOCABULARY_SIZE
 from keras_brainformer.data import byte_lm_arrays
 from keras_brainformer.data import pydoc_text
-from keras_brainformer.layers import BlockSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import count_parameters

@@ -50,10 +50,10 @@ DEFAULT_ARCHITECTURE = "brainformer1_tiny"
 
 def fallback_config(vocabulary_size):
     """A tiny expert-choice Brainformer, used if the zoo's presets are absent."""
-    from keras_brainformer.layers import AttentionSpec
-    from keras_brainformer.layers import BlockSpec
-    from keras_brainformer.layers import FeedForwardSpec
-    from keras_brainformer.layers import MoESpec
+    from keras_brainformer.models import AttentionSpec
+    from keras_brainformer.models import BlockSpec
+    from keras_brainformer.models import FeedForwardSpec
+    from keras_brainformer.models import MoESpec
 
     block = BlockSpec(
         [

@@ -15,12 +15,12 @@ import numpy as np
 from keras_brainformer.data import BYTE_VOCABULARY_SIZE
 from keras_brainformer.data import byte_lm_arrays
 from keras_brainformer.data import pydoc_text
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 from keras_brainformer.models import count_parameters
 
 

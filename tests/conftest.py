@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -6,6 +8,48 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# XLA compilation is most of the fast tier's time on JAX (tiny models, a few
+# steps each: measured 235 s of 2-core CPU time for two test files, 65 s of it
+# once every graph was compiled). Fast tests therefore compile with XLA's
+# optimisation passes off (`jax_disable_most_optimizations`: same results,
+# 40 % less CPU time on those files), and the processes of one run share a
+# compilation cache so an identical graph compiles once. Tests marked `slow`
+# (the full trainings, every subprocess) compile with the full optimiser, as
+# users and benchmarks do.
+_XLA_CACHE_ENV = "KERAS_BRAINFORMER_TEST_XLA_CACHE"
+
+
+def pytest_configure(config):
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    if _XLA_CACHE_ENV not in os.environ:
+        # The controller (or a lone process): one folder per run, inherited
+        # by pytest-xdist workers, removed when the run ends.
+        os.environ[_XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="kb-xla-cache-")
+        config._kb_xla_cache_owner = True
+    jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_kb_xla_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_XLA_CACHE_ENV), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimisation_for_the_tier(request):
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    slow = request.node.get_closest_marker("slow") is not None
+    jax.config.update("jax_disable_most_optimizations", not slow)
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +129,32 @@ def moe_pair_inputs(seed=0):
     mask = np.ones(MOE_PAIR_SHAPE[:2], "int32")
     mask[1, 11:] = 0
     return x, mask
+
+
+def inference_call(layer):
+    """`layer(*args, **kwargs)` at inference, compiled on JAX: one XLA
+    program per input structure instead of op-by-op eager dispatch, which on
+    JAX compiles each primitive on first use (~25 ms each, hundreds per
+    block call). Runs `stateless_call`, so router statistics stay put.
+    TensorFlow calls the layer eagerly as it is. Eager JAX decoding keeps
+    its own tests (`test_cached_decoding_matches_full_forward`, the
+    `compiled=False` depthwise cases)."""
+    if keras.backend.backend() != "jax":
+        return layer
+    import jax
+
+    @jax.jit
+    def run(trainable, non_trainable, args, kwargs):
+        return layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
+
+    def call(*args, **kwargs):
+        if not layer.built:
+            layer.build(np.shape(args[0]))
+        return run(
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
+            args,
+            kwargs,
+        )
+
+    return call

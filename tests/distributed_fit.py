@@ -21,8 +21,8 @@ import keras
 import numpy as np
 
 from keras_brainformer.distribution.mesh import make_distribution
-from keras_brainformer.layers import glam_layer_pair
 from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models import glam_layer_pair
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 
 

@@ -2,15 +2,16 @@
 
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 from keras import ops
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import BrainformerBlock
 from keras_brainformer.layers import CausalSelfAttention
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
+from keras_brainformer.models import BrainformerBlock
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 
 def test_attention_is_causal():
@@ -71,15 +72,16 @@ def test_block_cache_path_matches_full_forward():
         ]
     )
     block = BrainformerBlock(spec)
+    run = inference_call(block)
     x = np.random.default_rng(4).normal(size=(2, 6, 8)).astype("float32")
-    full = to_numpy(block(x))
+    full = to_numpy(run(x))
     cache = [
         ops.zeros((2, 2, 6, 2, 4)),
         ops.zeros((2, 2, 6, 3, 6)),
     ]
     outs = []
     for t in range(6):
-        out, cache = block(x[:, t : t + 1], cache=cache, cache_update_index=t)
+        out, cache = run(x[:, t : t + 1], cache=cache, cache_update_index=t)
         outs.append(to_numpy(out))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
 
@@ -102,15 +104,16 @@ def test_bad_arguments():
 def test_block_cache_path_with_padding_mask_over_the_cache():
     spec = BlockSpec([AttentionSpec(num_heads=2), MoESpec(4, 16, capacity_factor=None)])
     block = BrainformerBlock(spec)
+    run = inference_call(block)
     x = np.random.default_rng(5).normal(size=(2, 6, 8)).astype("float32")
     mask = np.ones((2, 6), "int32")
     mask[1, 4:] = 0
-    full = to_numpy(block(x, padding_mask=mask))
+    full = to_numpy(run(x, padding_mask=mask))
     cache = [ops.zeros((2, 2, 6, 2, 4))]
-    out, cache = block(x[:, :4], padding_mask=mask, cache=cache, cache_update_index=0)
+    out, cache = run(x[:, :4], padding_mask=mask, cache=cache, cache_update_index=0)
     outs = [to_numpy(out)]
     for t in range(4, 6):
-        out, cache = block(x[:, t : t + 1], padding_mask=mask, cache=cache, cache_update_index=t)
+        out, cache = run(x[:, t : t + 1], padding_mask=mask, cache=cache, cache_update_index=t)
         outs.append(to_numpy(out))
     cached = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(cached[0], full[0], rtol=1e-5, atol=1e-5)
@@ -124,17 +127,18 @@ def test_cached_decoding_of_expert_choice_equals_the_causal_full_pass():
     does not."""
     spec = BlockSpec([AttentionSpec(num_heads=2), MoESpec(4, 16, router="expert_choice")])
     block = BrainformerBlock(spec)
+    run = inference_call(block)
     x = np.random.default_rng(6).normal(size=(1, 8, 8)).astype("float32")
-    full = to_numpy(block(x))
+    full = to_numpy(run(x))
     cache = [ops.zeros((1, 2, 8, 2, 4))]
     outs = []
     for t in range(8):
-        out, cache = block(x[:, t : t + 1], cache=cache, cache_update_index=t)
+        out, cache = run(x[:, t : t + 1], cache=cache, cache_update_index=t)
         outs.append(to_numpy(out))
     cached = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
     block.moe_layers[0].inference_routing = "as_trained"
-    assert np.abs(cached - to_numpy(block(x))).max() > 1e-3
+    assert np.abs(cached - to_numpy(inference_call(block)(x))).max() > 1e-3
 
 
 # --- Primer's multi-dconv-head attention (depthwise_conv_kernel) -------------
@@ -337,13 +341,14 @@ def test_block_cache_path_with_depthwise_conv():
     attn = block.attention_layers
     assert attn[0].depthwise_conv_kernel == 3 and attn[1].depthwise_conv_kernel == 0
     _randomize_conv(attn[0], seed=21)
-    full = to_numpy(block(x))
+    run = inference_call(block)
+    full = to_numpy(run(x))
     cache = [ops.zeros(layer.cache_shape(2, 6)) for layer in attn]
     assert [tuple(c.shape) for c in cache] == [(2, 5, 8, 2, 4), (2, 2, 6, 2, 4)]
-    out, cache = block(x[:, :2], cache=cache, cache_update_index=0)
+    out, cache = run(x[:, :2], cache=cache, cache_update_index=0)
     outs = [to_numpy(out)]
     for t in range(2, 6):
-        out, cache = block(x[:, t : t + 1], cache=cache, cache_update_index=t)
+        out, cache = run(x[:, t : t + 1], cache=cache, cache_update_index=t)
         outs.append(to_numpy(out))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
-from keras_brainformer.layers import dense_transformer_layer
-from keras_brainformer.layers import glam_layer_pair
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 from keras_brainformer.models import count_parameters
+from keras_brainformer.models import dense_transformer_layer
+from keras_brainformer.models import glam_layer_pair
 
 
 def tiny_brainformer_spec():

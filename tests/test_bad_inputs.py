@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTextClassifier
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 VOCAB, D, MAX_LEN, B, T = 64, 16, 16, 2, 8
 

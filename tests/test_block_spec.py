@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import BrainformerBlock
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
-from keras_brainformer.layers import dense_transformer_layer
-from keras_brainformer.layers import glam_layer_pair
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import BrainformerBlock
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
+from keras_brainformer.models import dense_transformer_layer
+from keras_brainformer.models import glam_layer_pair
 
 
 def brainformer_like_spec():
@@ -53,6 +53,56 @@ def test_experts_per_token():
     assert MoESpec(8, 4, router="expert_choice", capacity_factor=1.5).experts_per_token == 1.5
 
 
+def test_spec_defaults_are_the_layers_defaults():
+    """One source of truth: a spec left at its defaults builds exactly the
+    layer (and router) built directly with theirs."""
+    from keras_brainformer.layers import ExpertChoiceRouter
+    from keras_brainformer.layers import MoEFeedForward
+    from keras_brainformer.layers import TopKRouter
+
+    assert MoESpec(4, 8).capacity_factor == TopKRouter(4).capacity_factor == 1.25
+    assert (
+        MoESpec(4, 8, router="expert_choice").capacity_factor
+        == ExpertChoiceRouter(4).capacity_factor
+        == 2.0
+    )
+    for router in ("top_k", "expert_choice"):
+        block = BrainformerBlock(BlockSpec([MoESpec(4, 8, router=router)]))
+        direct = MoEFeedForward(4, 8, router=router)
+        built = block.moe_layers[0]
+        ignore = {"name", "router"}
+        assert {k: v for k, v in built.get_config().items() if k not in ignore} == {
+            k: v for k, v in direct.get_config().items() if k not in ignore
+        }
+        ignore = {"name"}
+        assert {k: v for k, v in built.router.get_config().items() if k not in ignore} == {
+            k: v for k, v in direct.router.get_config().items() if k not in ignore
+        }
+
+
+def test_every_moe_and_router_option_is_reachable_from_a_spec():
+    spec = MoESpec(
+        4, 8, k=1, normalize_gates=True, inference_routing="as_trained",
+        load_balance_loss_mode="pooled", dispatch="one_hot", dropless_impl="slots",
+        dropless_block_size=16, capacity_factor=None,
+    )
+    layer = BrainformerBlock(BlockSpec([spec])).moe_layers[0]
+    assert (layer.dispatch, layer.dropless_impl, layer.dropless_block_size) == (
+        "one_hot", "slots", 16
+    )
+    router = layer.router
+    assert router.normalize_gates is True and router.k == 1
+    assert router.inference_routing == "as_trained"
+    assert router.load_balance_loss_mode == "pooled"
+    assert router.capacity_factor is None
+    # A spec dict written before these fields existed loads with the defaults.
+    old = {"kind": "moe", "num_experts": 4, "hidden_dim": 8, "router": "expert_choice",
+           "capacity_factor": 1.0}
+    loaded = BlockSpec([old]).sublayers[0]
+    assert loaded == MoESpec(4, 8, router="expert_choice", capacity_factor=1.0)
+    assert BlockSpec.from_json(BlockSpec([spec]).to_json()).sublayers[0] == spec
+
+
 def test_block_config_round_trip():
     block = BrainformerBlock(brainformer_like_spec(), norm="layer")
     clone = BrainformerBlock.from_config(block.get_config())
@@ -86,6 +136,13 @@ def test_block_config_round_trip():
             "batch_prioritized",
         ),
         (lambda: BlockSpec.from_dict({"layers": []}), "sublayers"),
+        (lambda: MoESpec(4, 8, router="expert_choice", normalize_gates=True), "normalize_gates"),
+        (lambda: MoESpec(4, 8, normalize_gates="yes"), "normalize_gates"),
+        (lambda: MoESpec(4, 8, inference_routing="leaky"), "inference_routing"),
+        (lambda: MoESpec(4, 8, load_balance_loss_mode="sum"), "load_balance_loss_mode"),
+        (lambda: MoESpec(4, 8, dispatch="dense"), "dispatch"),
+        (lambda: MoESpec(4, 8, dropless_impl="megablocks"), "dropless_impl"),
+        (lambda: MoESpec(4, 8, dropless_block_size=0), "dropless_block_size"),
     ],
 )
 def test_invalid_specs_raise_naming_the_field(build, field):

@@ -3,20 +3,22 @@ positions <= t unchanged. See the module docstring of layers/routers.py."""
 
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
 from keras_brainformer.layers import MoEFeedForward
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 T, D = 16, 8
 
 
 def _max_leak(layer, x, t):
-    """Largest change at positions <= t when every token after t changes."""
+    """Largest change at positions <= t when every token after t changes
+    (`layer` a callable: these tests pass `inference_call(layer)`)."""
     y = to_numpy(layer(x))
     x2 = x.copy()
     x2[:, t + 1 :] = np.random.default_rng(99).normal(size=x2[:, t + 1 :].shape)
@@ -39,6 +41,7 @@ AS_TRAINED = {"inference_routing": "as_trained"}
 @pytest.mark.parametrize("router,kwargs", CAUSAL)
 def test_causal_router_settings(router, kwargs):
     layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
+    layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
         assert _max_leak(layer, x, t) == 0.0, t
@@ -47,6 +50,7 @@ def test_causal_router_settings(router, kwargs):
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL)
 def test_non_causal_router_settings_leak(router, kwargs):
     layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
+    layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     assert max(_max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
 
@@ -55,6 +59,7 @@ def test_non_causal_router_settings_leak(router, kwargs):
 def test_causal_inference_routing_is_exactly_causal(router, kwargs):
     # The default inference routing: every setting becomes causal.
     layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
         assert _max_leak(layer, x, t) == 0.0, t

@@ -4,13 +4,13 @@ object reused for two same-shaped weights would give them equal values)."""
 import numpy as np
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
 from keras_brainformer.layers import CausalSelfAttention
 from keras_brainformer.layers import FeedForward
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 
 def _distinct(*weights):

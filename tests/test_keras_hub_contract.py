@@ -20,27 +20,27 @@ import numpy as np
 import pytest
 from keras_hub.src.tests.test_case import TestCase
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import BrainformerBlock
 from keras_brainformer.layers import CausalSelfAttention
 from keras_brainformer.layers import ExpertBank
 from keras_brainformer.layers import ExpertChoiceRouter
 from keras_brainformer.layers import FeedForward
-from keras_brainformer.layers import FeedForwardSpec
 from keras_brainformer.layers import MoEFeedForward
-from keras_brainformer.layers import MoESpec
 from keras_brainformer.layers import RMSNormalization
 from keras_brainformer.layers import RoutingInstructions
 from keras_brainformer.layers import SlotRoutingInstructions
 from keras_brainformer.layers import TopKRouter
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import BrainformerBlock
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTextClassifier
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 
 D = 16
 # Backend tensors, as keras-hub's layer tests use (Keras derives a layer's

@@ -19,11 +19,11 @@ from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.memory_plan import shard_weights
 from keras_brainformer.distribution.weight_shapes import weight_shapes
 from keras_brainformer.distribution.weight_shapes import weight_specs
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
 from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models.brainformer.block_spec import AttentionSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
+from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 
@@ -240,6 +240,7 @@ _SHARDED_BUILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with 8 simulated devices
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="simulated devices need JAX")
 def test_shards_match_model_parallel_build():
     """A model built under `ModelParallel` on 8 simulated CPU devices (mesh

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_presets import PAPER_VOCABULARY_SIZE
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import markdown_table

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from keras_brainformer.layers import BlockSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 
 ABSENT = object()  # the key is left out of the dict

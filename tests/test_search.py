@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from keras_tuner.engine import trial as trial_module
 
-from keras_brainformer.layers.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.search.fitness import Baseline
 from keras_brainformer.search.fitness import constraint_violations
 from keras_brainformer.search.fitness import evaluate_block

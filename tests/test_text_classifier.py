@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerTextClassifier
 from keras_brainformer.models import BrainformerTextClassifierPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 from keras_brainformer.models.brainformer.brainformer_text_classifier import last_token_selection
 from keras_brainformer.training.classification_data import stdlib_docstring_dataset
 

@@ -13,11 +13,11 @@ import tensorflow as tf
 from conftest import to_numpy
 
 from keras_brainformer.data import stdlib_source_files
-from keras_brainformer.layers import dense_transformer_layer
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BRAINFORMER_VOCABULARY_FILE
 from keras_brainformer.models.brainformer.brainformer_tokenizer import SPECIAL_TOKEN_TRAINER_OPTIONS
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import to_numpy
 
-from keras_brainformer.layers import AttentionSpec
-from keras_brainformer.layers import BlockSpec
-from keras_brainformer.layers import FeedForwardSpec
-from keras_brainformer.layers import MoESpec
+from keras_brainformer.models import AttentionSpec
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models import FeedForwardSpec
+from keras_brainformer.models import MoESpec
 from keras_brainformer.training.callbacks import RouterStatisticsLogger
 from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
 from keras_brainformer.training.callbacks import ThroughputLogger

@@ -207,7 +207,9 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _axis_sizes(mesh):
+def axis_sizes(mesh):
+    """Mesh axis sizes from a dict or a spec string (`"batch=2,expert=4"`),
+    checked: a non-empty dict of positive ints."""
     if isinstance(mesh, str):
         mesh = parse_mesh_spec(mesh)
     if not isinstance(mesh, dict) or not mesh:
@@ -264,7 +266,7 @@ def shard_weights(config, mesh, fsdp=False, dtype=None, batch_dim_name="batch",
     >>> shards["block_0/1_moe/experts/w_in"].local_shape
     (4, 4096, 16384)
     """
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     names = tuple(sizes)
     shards = collections.OrderedDict()
     for path, spec in weight_specs(config, dtype=dtype).items():
@@ -327,6 +329,62 @@ def _split(dim, axis, sizes):
     return dim if axis is None else dim // sizes[axis]
 
 
+MoEGeometry = collections.namedtuple(
+    "MoEGeometry", "experts experts_local groups groups_local group_size capacity"
+)
+
+
+def dispatched_tensor_axes(mesh_axes, batch_dim_name="batch", model_dim_name="model",
+                           expert_dim_name="expert", fsdp=False):
+    """Mesh axes of the dispatched `[E, G, C, d]` MoE tensor (the
+    `moe_dispatched` tensor rule of the layout map) on a mesh with axes
+    `mesh_axes`: `(expert, batch, None, None)`, or `(batch, None, None,
+    None)` when the experts live on the batch axis (GShard).
+
+    Example:
+    >>> dispatched_tensor_axes(("batch", "expert"))
+    ('expert', 'batch', None, None)
+    >>> dispatched_tensor_axes(("batch",), expert_dim_name="batch")
+    ('batch', None, None, None)
+    """
+    return resolve_axes(
+        _TENSOR_TEMPLATES["moe_dispatched"], tuple(mesh_axes), batch_dim_name,
+        model_dim_name, expert_dim_name, fsdp,
+    )
+
+
+def moe_dispatch_geometry(sub, batch_size, sequence_length, sizes, tensor_axes):
+    """The dispatched `[E, G, C, d]` tensor of MoE sublayer `sub` in training:
+    `E` experts, `G = B·T / S` routing groups of `S` tokens (`group_size`,
+    default one sequence), `C` slots per expert and group (the router's
+    training capacity), and the per-device `E_local`, `G_local` under the
+    `moe_dispatched` tensor layout `tensor_axes` (resolved for the mesh).
+
+    Returns:
+        `MoEGeometry(experts, experts_local, groups, groups_local,
+        group_size, capacity)`. Raises a `ValueError` when the groups do not
+        divide the tokens or cannot be split along the mesh.
+    """
+    B, T, E = batch_size, sequence_length, sub.num_experts
+    S = sub.group_size or T
+    if (B * T) % S:
+        raise ValueError(
+            f"batch_size * sequence_length = {B} * {T} is not divisible "
+            f"by the MoE `group_size`={S}."
+        )
+    G = B * T // S
+    slots = sub.k if sub.router == "top_k" else 1
+    C = compute_capacity(slots * S, S, sub.capacity_factor, E)
+    if tensor_axes[1] is not None and G % sizes[tensor_axes[1]]:
+        raise ValueError(
+            f"The {G} MoE routing groups (batch_size * sequence_length / "
+            f"group_size) cannot be split evenly along mesh axis "
+            f"{tensor_axes[1]!r} of size {sizes[tensor_axes[1]]}."
+        )
+    E_local = _split(E, tensor_axes[0], sizes)
+    return MoEGeometry(E, E_local, G, _split(G, tensor_axes[1], sizes), S, C)
+
+
 def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                      fsdp=False, batch_dim_name="batch", model_dim_name="model",
                      expert_dim_name="expert", shards=None):
@@ -371,7 +429,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     """
     from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
 
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     names = tuple(sizes)
     shards = shards or shard_weights(
         config, sizes, fsdp, dtype, batch_dim_name, model_dim_name, expert_dim_name
@@ -397,9 +455,8 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     heads_axis = axes("attention_qkv")[1]
     ffn_axis = axes("ffn_in")[1]
     expert_axes = axes("expert_in")
-    tensor_axes = resolve_axes(
-        _TENSOR_TEMPLATES["moe_dispatched"], names, batch_dim_name, model_dim_name,
-        expert_dim_name, fsdp,
+    tensor_axes = dispatched_tensor_axes(
+        names, batch_dim_name, model_dim_name, expert_dim_name, fsdp
     )
     for spec in resolve_block_specs(config["blocks"], config.get("num_blocks")):
         for sub in spec.sublayers:
@@ -415,23 +472,9 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 groups["dense ffn"] += (4 if is_gated(sub.activation) else 2) * N * h * a
             else:
                 E = sub.num_experts
-                S = sub.group_size or T
-                if (B * T) % S:
-                    raise ValueError(
-                        f"batch_size * sequence_length = {B} * {T} is not divisible "
-                        f"by the MoE `group_size`={S}."
-                    )
-                G = B * T // S
-                slots = sub.k if sub.router == "top_k" else 1
-                C = compute_capacity(slots * S, S, sub.capacity_factor, E)
-                E_local = _split(E, tensor_axes[0], sizes)
-                if tensor_axes[1] is not None and G % sizes[tensor_axes[1]]:
-                    raise ValueError(
-                        f"The {G} MoE routing groups (batch_size * sequence_length / "
-                        f"group_size) cannot be split evenly along mesh axis "
-                        f"{tensor_axes[1]!r} of size {sizes[tensor_axes[1]]}."
-                    )
-                G_local = _split(G, tensor_axes[1], sizes)
+                _, E_local, _, G_local, _, C = moe_dispatch_geometry(
+                    sub, B, T, sizes, tensor_axes
+                )
                 slots_local = E_local * G_local * C
                 h = _split(sub.hidden_dim, expert_axes[2], sizes)
                 router = 3 * N * E * f + (N * d * f if a < f else 0)
@@ -507,7 +550,7 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
         raise ValueError(f"Unknown `optimizer`={optimizer!r}. Allowed values: {OPTIMIZERS}.")
     if not isinstance(fsdp, bool):
         raise TypeError(f"`fsdp` must be a bool. Received: fsdp={fsdp!r}")
-    sizes = _axis_sizes(mesh)
+    sizes = axis_sizes(mesh)
     if batch_dim_name not in sizes:
         raise ValueError(
             f"The mesh {sizes} has no batch axis {batch_dim_name!r} (the input "

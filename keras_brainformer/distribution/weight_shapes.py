@@ -167,7 +167,7 @@ def weight_specs(config, dtype=None):
         `OrderedDict` path -> `WeightSpec`.
 
     Example:
-    >>> from keras_brainformer.layers import dense_transformer_layer
+    >>> from keras_brainformer.models import dense_transformer_layer
     >>> specs = weight_specs({"vocabulary_size": 100, "hidden_dim": 8,
     ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 1})
     >>> specs["block_0/0_attention/w_query"].shape

@@ -1,14 +1,8 @@
-"""Layers: routers, MoE and dense FFNs, attention, norms and the Brainformer block."""
+"""Generic layers: routers, MoE and dense FFNs, attention, norms (plain Keras;
+the Brainformer block and its spec live in `keras_brainformer.models`)."""
 
 from keras_brainformer.layers.activations import ACTIVATIONS
 from keras_brainformer.layers.activations import get_activation
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
-from keras_brainformer.layers.block_spec import dense_transformer_layer
-from keras_brainformer.layers.block_spec import glam_layer_pair
-from keras_brainformer.layers.brainformer_block import BrainformerBlock
 from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.feed_forward import FeedForward

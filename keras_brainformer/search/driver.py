@@ -30,6 +30,7 @@ import sys
 import time
 
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.upstream_private import keras_tuner_distribution
 
 PROJECT_NAME = "search"
 SETTINGS_FILE = "search.json"
@@ -50,8 +51,7 @@ def is_loopback(address):
 
 def role():
     """`"local"`, `"chief"` or `"worker"` from KerasTuner's environment variables."""
-    from keras_tuner.src.distribute import utils as dist_utils
-
+    dist_utils, _, _ = keras_tuner_distribution()
     try:
         if not dist_utils.has_chief_oracle():
             return "local"
@@ -74,8 +74,8 @@ def serve_oracle(oracle, address, port, poll_seconds=0.2):
     from concurrent import futures
 
     import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
+
+    _, protos, oracle_chief = keras_tuner_distribution()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     servicer = oracle_chief.OracleServicer(oracle)

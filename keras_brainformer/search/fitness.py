@@ -154,7 +154,7 @@ def evaluate_block(
     print(result["reward"], result["val_loss"], result["step_ms"])
     ```
     """
-    from keras_brainformer.layers.block_spec import BlockSpec
+    from keras_brainformer.models.brainformer.block_spec import BlockSpec
     from keras_brainformer.models.brainformer.parameter_count import count_parameters
     from keras_brainformer.training.trainer import compile_language_model
 

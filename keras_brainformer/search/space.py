@@ -31,10 +31,10 @@ so every mutation changes the block.
 
 import random
 
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
+from keras_brainformer.models.brainformer.block_spec import AttentionSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
+from keras_brainformer.models.brainformer.block_spec import MoESpec
 
 # === The paper's Table 1 (100M scale) ===
 LAYER_TYPES = ("attention", "moe", "ffn")

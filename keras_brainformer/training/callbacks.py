@@ -63,7 +63,7 @@ class ThroughputLogger(keras.callbacks.Callback):
     ```python
     import keras
     import numpy as np
-    from keras_brainformer.layers import dense_transformer_layer
+    from keras_brainformer.models import dense_transformer_layer
     from keras_brainformer.models import BrainformerBackbone, BrainformerCausalLM
     from keras_brainformer.training.callbacks import ThroughputLogger
 
@@ -164,7 +164,7 @@ class RouterStatisticsLogger(keras.callbacks.Callback):
     ```python
     import tempfile
     import numpy as np
-    from keras_brainformer.layers import AttentionSpec, BlockSpec, MoESpec
+    from keras_brainformer.models import AttentionSpec, BlockSpec, MoESpec
     from keras_brainformer.models import BrainformerBackbone, BrainformerCausalLM
     from keras_brainformer.training.callbacks import RouterStatisticsLogger
 

@@ -5,8 +5,6 @@ from keras_hub.models import Backbone
 
 import keras_brainformer.models.brainformer.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.brainformer_block import BrainformerBlock
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.reversible_embedding import ReversibleEmbedding
 from keras_brainformer.layers.rms_normalization import NORMS
@@ -18,6 +16,8 @@ from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.layers.validation import check_token_ids
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.brainformer_block import BrainformerBlock
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
@@ -90,7 +90,7 @@ class BrainformerBackbone(Backbone):
     Example:
     ```python
     import numpy as np
-    from keras_brainformer.layers import AttentionSpec, BlockSpec, MoESpec
+    from keras_brainformer.models import AttentionSpec, BlockSpec, MoESpec
     from keras_brainformer.models import BrainformerBackbone
 
     spec = BlockSpec([

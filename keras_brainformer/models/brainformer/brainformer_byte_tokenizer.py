@@ -1,16 +1,16 @@
 """Brainformer byte-level tokenizer: UTF-8 bytes, no vocabulary file."""
 
 import keras
-
-# The helpers keras-hub's own `ByteTokenizer` is written with (`tf` is None
-# when TensorFlow is not installed; the Python path does not need it).
-from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
-from keras_hub.src.utils.tensor_utils import convert_to_ragged_batch
-from keras_hub.src.utils.tensor_utils import preprocessing_function
-from keras_hub.src.utils.tensor_utils import tf
 from keras_hub.tokenizers import ByteTokenizer
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+
+# The helpers keras-hub's own `ByteTokenizer` is written with (`tf` is None
+# when TensorFlow is not installed; the Python path does not need it).
+from keras_brainformer.upstream_private import canonicalize_python_token_inputs
+from keras_brainformer.upstream_private import convert_to_ragged_batch
+from keras_brainformer.upstream_private import preprocessing_function
+from keras_brainformer.upstream_private import tf
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

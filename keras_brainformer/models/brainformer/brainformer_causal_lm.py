@@ -54,7 +54,7 @@ class BrainformerCausalLM(CausalLM):
     Example:
     ```python
     import numpy as np
-    from keras_brainformer.layers import dense_transformer_layer
+    from keras_brainformer.models import dense_transformer_layer
     from keras_brainformer.models import BrainformerBackbone, BrainformerCausalLM
 
     backbone = BrainformerBackbone(

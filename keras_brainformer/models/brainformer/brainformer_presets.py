@@ -21,10 +21,10 @@ Print the zoo's table (the one in `docs/presets.md`) with
 
 import copy
 
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
+from keras_brainformer.models.brainformer.block_spec import AttentionSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
+from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 
 # The paper's training vocabulary (SentencePiece 256K) and sequence length.

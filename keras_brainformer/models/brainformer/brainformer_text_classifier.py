@@ -114,7 +114,7 @@ class BrainformerTextClassifier(TextClassifier):
     Example:
     ```python
     import keras
-    from keras_brainformer.layers import AttentionSpec, BlockSpec, MoESpec
+    from keras_brainformer.models import AttentionSpec, BlockSpec, MoESpec
     from keras_brainformer.models import BrainformerBackbone
     from keras_brainformer.models import BrainformerTextClassifier
     from keras_brainformer.models import BrainformerTextClassifierPreprocessor

@@ -4,7 +4,6 @@ import keras
 import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import TextClassifierPreprocessor
-from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from keras_brainformer.layers.validation import check_class_labels
 from keras_brainformer.layers.validation import check_optional_positive_int
@@ -14,6 +13,7 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.upstream_private import preprocessing_function
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

@@ -50,7 +50,7 @@ def count_parameters(config):
         fractional capacity factor and is rounded).
 
     Example:
-    >>> from keras_brainformer.layers import dense_transformer_layer
+    >>> from keras_brainformer.models import dense_transformer_layer
     >>> counts = count_parameters({"vocabulary_size": 100, "hidden_dim": 8,
     ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 2})
     >>> counts["total"]  # 100*8 + 8 + 2 * (4*8*8 + 2*8*16 + 2*8)

@@ -27,13 +27,13 @@ import os
 import pathlib
 
 from absl import logging
-from keras_hub.src.utils.preset_utils import register_presets
 
 from keras_brainformer.errors import PresetError
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
 from keras_brainformer.models.brainformer.preset_integrity import WEIGHTS_FILES
 from keras_brainformer.models.brainformer.preset_integrity import verify_preset
+from keras_brainformer.upstream_private import register_presets
 
 TOKENIZER_FILE = "tokenizer.json"
 TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256

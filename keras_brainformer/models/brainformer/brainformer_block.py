@@ -3,7 +3,6 @@
 import keras
 from keras import ops
 
-from keras_brainformer.layers.block_spec import BlockSpec
 from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
@@ -14,6 +13,7 @@ from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -45,7 +45,7 @@ class BrainformerBlock(keras.layers.Layer):
 
     Example:
     >>> import numpy as np
-    >>> from keras_brainformer.layers.block_spec import (
+    >>> from keras_brainformer.models.brainformer.block_spec import (
     ...     AttentionSpec, BlockSpec, MoESpec)
     >>> spec = BlockSpec([AttentionSpec(num_heads=2),
     ...                   MoESpec(num_experts=4, hidden_dim=32)])
@@ -97,15 +97,7 @@ class BrainformerBlock(keras.layers.Layer):
             )
         if sub.kind == "ffn":
             return FeedForward(sub.hidden_dim, activation=sub.activation, **common)
-        return MoEFeedForward(
-            num_experts=sub.num_experts,
-            expert_hidden_dim=sub.hidden_dim,
-            router=sub.router,
-            router_kwargs=sub.router_kwargs(),
-            activation=sub.activation,
-            group_size=sub.group_size,
-            **common,
-        )
+        return MoEFeedForward(**sub.layer_kwargs(), **common)
 
     def build(self, input_shape):
         for norm, sublayer in zip(self.norms, self.sublayers):

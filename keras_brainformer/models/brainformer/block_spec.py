@@ -16,6 +16,7 @@ True
 """
 
 import dataclasses
+import inspect
 import json
 from typing import ClassVar
 from typing import Optional
@@ -23,7 +24,14 @@ from typing import Union
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.causal_self_attention import check_depthwise_conv_kernel
+from keras_brainformer.layers.dropless_blocks import DROPLESS_IMPLS
+from keras_brainformer.layers.moe_feed_forward import DISPATCH_MODES
+from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
+from keras_brainformer.layers.routers import INFERENCE_ROUTING
+from keras_brainformer.layers.routers import LOAD_BALANCE_MODES
 from keras_brainformer.layers.routers import ROUTERS
+from keras_brainformer.layers.routers import Router
+from keras_brainformer.layers.routers import TopKRouter
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -32,6 +40,20 @@ from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 
 ROUTER_KINDS = tuple(ROUTERS)
+
+# A `MoESpec` field left at this value takes the chosen router's own default
+# (the capacity factor: 1.25 for top-k, 2.0 for expert choice).
+ROUTER_DEFAULT = "router_default"
+
+
+def layer_default(cls, name):
+    """The default of `cls(...)`'s argument `name`: the layers' signatures are
+    the one source of the MoE defaults, which `MoESpec` reads."""
+    for klass in cls.__mro__:
+        parameter = inspect.signature(klass.__init__).parameters.get(name)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    raise KeyError(f"{cls.__name__} has no default for {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +109,9 @@ class FeedForwardSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
-    """Mixture-of-Experts FFN sublayer.
+    """Mixture-of-Experts FFN sublayer: every option of `MoEFeedForward` and
+    of its router, with the layers' own defaults (read from their
+    signatures, so a spec and a directly built layer never disagree).
 
     Args:
         num_experts: number of experts.
@@ -95,29 +119,47 @@ class MoESpec:
         activation: expert activation.
         router: `"top_k"` (token choice) or `"expert_choice"`.
         k: experts per token (top-k only).
-        capacity_factor: training capacity factor; None = dropless (top-k only).
+        capacity_factor: training capacity factor; None = dropless (top-k
+            only). Left unset, the router's default: 1.25 for top-k
+            (`TopKRouter`), 2.0 for expert choice (`ExpertChoiceRouter`).
         eval_capacity_factor: inference capacity factor; `"same"` copies
             `capacity_factor`.
         load_balance_loss_weight: None for the router's default (0.01 for
             top-k, 0 for expert choice).
+        load_balance_loss_mode: `"per_group"` (GShard) or `"pooled"`.
         z_loss_weight: router z-loss coefficient.
         group_size: routing group size; None = one group per sequence.
         jitter: multiplicative router input noise in training.
         batch_prioritized: top-k only, rank tokens by router confidence.
+        normalize_gates: top-k only, renormalise the k gates (None: for
+            k > 1).
+        inference_routing: `"causal"` or `"as_trained"` (see
+            `keras_brainformer.layers.routers`).
+        dispatch: `"index"` (sparse) or `"one_hot"` (the test reference).
+        dropless_impl: dropless expert computation, `"auto"`, `"blocks"`,
+            `"ragged"` (JAX) or `"slots"`.
+        dropless_block_size: rows per block of the blocks path; None = by
+            the measured rule.
     """
 
     num_experts: int
     hidden_dim: int
-    activation: str = "gelu"
-    router: str = "top_k"
-    k: int = 2
-    capacity_factor: Optional[float] = 1.25
-    eval_capacity_factor: Union[float, str, None] = "same"
+    activation: str = layer_default(MoEFeedForward, "activation")
+    router: str = layer_default(MoEFeedForward, "router")
+    k: int = layer_default(TopKRouter, "k")
+    capacity_factor: Union[float, str, None] = ROUTER_DEFAULT
+    eval_capacity_factor: Union[float, str, None] = layer_default(Router, "eval_capacity_factor")
     load_balance_loss_weight: Optional[float] = None
-    z_loss_weight: float = 0.0
-    group_size: Optional[int] = None
-    jitter: float = 0.0
-    batch_prioritized: bool = False
+    z_loss_weight: float = layer_default(Router, "z_loss_weight")
+    group_size: Optional[int] = layer_default(MoEFeedForward, "group_size")
+    jitter: float = layer_default(Router, "jitter")
+    batch_prioritized: bool = layer_default(TopKRouter, "batch_prioritized")
+    normalize_gates: Optional[bool] = layer_default(TopKRouter, "normalize_gates")
+    inference_routing: str = layer_default(Router, "inference_routing")
+    load_balance_loss_mode: str = layer_default(Router, "load_balance_loss_mode")
+    dispatch: str = layer_default(MoEFeedForward, "dispatch")
+    dropless_impl: str = layer_default(MoEFeedForward, "dropless_impl")
+    dropless_block_size: Optional[int] = layer_default(MoEFeedForward, "dropless_block_size")
     kind: ClassVar[str] = "moe"
 
     def __post_init__(self):
@@ -130,6 +172,11 @@ class MoESpec:
             raise ValueError(
                 f"`k` must be <= num_experts={self.num_experts}. Received: k={self.k}"
             )
+        if self.capacity_factor == ROUTER_DEFAULT:
+            object.__setattr__(
+                self, "capacity_factor",
+                layer_default(ROUTERS[self.router], "capacity_factor"),
+            )
         dropless_ok = self.router == "top_k"
         check_capacity_factor("capacity_factor", self.capacity_factor, dropless_ok)
         if self.eval_capacity_factor != "same":
@@ -140,19 +187,25 @@ class MoESpec:
             check_non_negative_float(
                 "load_balance_loss_weight", self.load_balance_loss_weight
             )
+        check_choice("load_balance_loss_mode", self.load_balance_loss_mode, LOAD_BALANCE_MODES)
         check_non_negative_float("z_loss_weight", self.z_loss_weight)
         check_optional_positive_int("group_size", self.group_size)
         check_rate("jitter", self.jitter)
-        if not isinstance(self.batch_prioritized, bool):
-            raise TypeError(
-                "`batch_prioritized` must be a bool. "
-                f"Received: batch_prioritized={self.batch_prioritized!r}"
-            )
-        if self.batch_prioritized and self.router != "top_k":
-            raise ValueError(
-                "`batch_prioritized=True` applies only to router='top_k'. "
-                f"Received: router={self.router!r}"
-            )
+        for field in ("batch_prioritized", "normalize_gates"):
+            value = getattr(self, field)
+            if not isinstance(value, bool) and not (field == "normalize_gates" and value is None):
+                allowed = "a bool" if field == "batch_prioritized" else "a bool or None"
+                raise TypeError(f"`{field}` must be {allowed}. Received: {field}={value!r}")
+        for field, unset in (("batch_prioritized", False), ("normalize_gates", None)):
+            if getattr(self, field) is not unset and self.router != "top_k":
+                raise ValueError(
+                    f"`{field}={getattr(self, field)!r}` applies only to router='top_k'. "
+                    f"Received: router={self.router!r}"
+                )
+        check_choice("inference_routing", self.inference_routing, INFERENCE_ROUTING)
+        check_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        check_choice("dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
+        check_optional_positive_int("dropless_block_size", self.dropless_block_size)
 
     @property
     def experts_per_token(self):
@@ -167,13 +220,30 @@ class MoESpec:
             "eval_capacity_factor": self.eval_capacity_factor,
             "z_loss_weight": self.z_loss_weight,
             "jitter": self.jitter,
+            "inference_routing": self.inference_routing,
+            "load_balance_loss_mode": self.load_balance_loss_mode,
         }
         if self.load_balance_loss_weight is not None:
             kwargs["load_balance_loss_weight"] = self.load_balance_loss_weight
         if self.router == "top_k":
             kwargs["k"] = self.k
             kwargs["batch_prioritized"] = self.batch_prioritized
+            kwargs["normalize_gates"] = self.normalize_gates
         return kwargs
+
+    def layer_kwargs(self):
+        """Arguments for `MoEFeedForward` (its router's included)."""
+        return {
+            "num_experts": self.num_experts,
+            "expert_hidden_dim": self.hidden_dim,
+            "router": self.router,
+            "router_kwargs": self.router_kwargs(),
+            "activation": self.activation,
+            "group_size": self.group_size,
+            "dispatch": self.dispatch,
+            "dropless_impl": self.dropless_impl,
+            "dropless_block_size": self.dropless_block_size,
+        }
 
 
 SUBLAYER_SPECS = {cls.kind: cls for cls in (AttentionSpec, FeedForwardSpec, MoESpec)}

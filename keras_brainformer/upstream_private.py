@@ -1,0 +1,54 @@
+"""Every private keras-hub and KerasTuner API this package uses, in one place.
+
+keras-hub and KerasTuner export no public form of these helpers; their
+modules under `*.src` may change in any release. Importing them only here
+keeps the rest of the package on public APIs, and
+`tests/test_upstream_private.py` checks each one's signature and behaviour,
+so an upstream change fails that test by name instead of deep inside a
+tokenizer or the distributed search.
+
+keras-hub (imported with the package):
+    register_presets: adds preset folders to a class's `presets` registry, so
+        keras-hub's generic `from_preset` finds them by name.
+    canonicalize_python_token_inputs, convert_to_ragged_batch,
+    preprocessing_function: the input conversion keras-hub's own tokenizers
+        apply (Python lists, tensors of any backend, `tf.data` tracing).
+    tf: keras-hub's handle on TensorFlow (the module, or None without it).
+
+KerasTuner's distributed oracle (`keras_tuner_distribution()`): imported on
+first use only, since it pulls in gRPC, which nothing but a distributed
+search needs.
+"""
+
+from keras_hub.src.utils.preset_utils import register_presets
+from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
+from keras_hub.src.utils.tensor_utils import convert_to_ragged_batch
+from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_hub.src.utils.tensor_utils import tf
+
+__all__ = [
+    "canonicalize_python_token_inputs",
+    "convert_to_ragged_batch",
+    "keras_tuner_distribution",
+    "preprocessing_function",
+    "register_presets",
+    "tf",
+]
+
+
+def keras_tuner_distribution():
+    """KerasTuner's distributed-oracle modules, imported on first use (gRPC is
+    heavy and only a distributed search needs it).
+
+    Returns:
+        `(dist_utils, protos, oracle_chief)`: the role helpers
+        (`has_chief_oracle`, `is_chief_oracle`), the gRPC service protos
+        (`get_service_grpc`) and the chief's servicer (`OracleServicer`,
+        `exit_chief`).
+    """
+    # Optional heavy dependency (gRPC): imported here, not at module level.
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+    from keras_tuner.src.distribute import utils as dist_utils
+
+    return dist_utils, protos, oracle_chief

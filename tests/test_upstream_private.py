@@ -1,0 +1,59 @@
+"""The private keras-hub / KerasTuner helpers this package uses
+(`keras_brainformer/upstream_private.py`): each still exists and behaves as we
+rely on it. A failure here names the upstream change to adapt to."""
+
+import inspect
+import pathlib
+
+import numpy as np
+
+from keras_brainformer import upstream_private
+
+PACKAGE = pathlib.Path(upstream_private.__file__).parent
+
+
+def test_no_module_but_the_adapter_imports_a_private_upstream_module():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "upstream_private.py" or "presets" in path.relative_to(PACKAGE).parts:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "keras_hub.src" in text or "keras_tuner.src" in text:
+            offenders.append(str(path.relative_to(PACKAGE)))
+    assert offenders == []
+
+
+def test_register_presets_makes_our_presets_visible_to_keras_hub():
+    from keras_hub.models import Backbone
+
+    from keras_brainformer.models import BrainformerBackbone
+
+    params = list(inspect.signature(upstream_private.register_presets).parameters)
+    assert params == ["presets", "backbone_cls"]
+    assert "brainformer1_tiny" in BrainformerBackbone.presets
+    assert "brainformer1_tiny" in Backbone.presets  # the generic loader sees it
+
+
+def test_token_input_helpers_canonicalise_and_batch():
+    inputs, batched = upstream_private.canonicalize_python_token_inputs([1, 2, 3])
+    assert not batched
+    ragged, unbatched, rectangular = upstream_private.convert_to_ragged_batch(
+        upstream_private.tf.constant([[1, 2], [3, 4]])
+    )
+    assert not unbatched and rectangular
+    np.testing.assert_array_equal(ragged.to_tensor().numpy(), [[1, 2], [3, 4]])
+    assert callable(upstream_private.preprocessing_function(lambda self, x: x))
+
+
+def test_keras_tuner_distribution_has_the_oracle_pieces():
+    dist_utils, protos, oracle_chief = upstream_private.keras_tuner_distribution()
+    for name in ("has_chief_oracle", "is_chief_oracle"):
+        assert callable(getattr(dist_utils, name)), name
+    assert hasattr(protos.get_service_grpc(), "add_OracleServicer_to_server")
+    assert callable(oracle_chief.OracleServicer)
+    class FakeOracle:  # hashable: KerasTuner locks per oracle object
+        def __init__(self, trials, tuners):
+            self.ongoing_trials, self.tuner_ids = trials, tuners
+
+    idle, busy = FakeOracle({}, set()), FakeOracle({"w0": object()}, {"w0"})
+    assert oracle_chief.exit_chief(idle) and not oracle_chief.exit_chief(busy)
