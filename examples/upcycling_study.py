@@ -43,12 +43,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_brainformer.layers.block_spec import AttentionSpec  # noqa: E402
-from keras_brainformer.layers.block_spec import BlockSpec  # noqa: E402
-from keras_brainformer.layers.block_spec import MoESpec  # noqa: E402
 from keras_brainformer.models import BrainformerBackbone  # noqa: E402
 from keras_brainformer.models import BrainformerCausalLM  # noqa: E402
 from keras_brainformer.models import BrainformerTokenizer  # noqa: E402
+from keras_brainformer.models.brainformer.block_spec import AttentionSpec  # noqa: E402
+from keras_brainformer.models.brainformer.block_spec import BlockSpec  # noqa: E402
+from keras_brainformer.models.brainformer.block_spec import MoESpec  # noqa: E402
 from keras_brainformer.models.brainformer.upcycling import glam_target  # noqa: E402
 from keras_brainformer.models.brainformer.upcycling import upcycle  # noqa: E402
 from keras_brainformer.training.corpus import LanguageModelData  # noqa: E402

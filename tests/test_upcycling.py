@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from keras_brainformer import cli
-from keras_brainformer.layers.block_spec import AttentionSpec
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import FeedForwardSpec
-from keras_brainformer.layers.block_spec import MoESpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models.brainformer.block_spec import AttentionSpec
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
+from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.upcycling import every_nth_ffn_target
 from keras_brainformer.models.brainformer.upcycling import glam_target
 from keras_brainformer.models.brainformer.upcycling import save_upcycled_preset

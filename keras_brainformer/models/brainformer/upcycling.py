@@ -54,9 +54,9 @@ import keras
 import numpy as np
 
 from keras_brainformer.errors import PresetError
-from keras_brainformer.layers.block_spec import BlockSpec
-from keras_brainformer.layers.block_spec import MoESpec
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
@@ -303,7 +303,7 @@ def upcycle(
 
     Example:
     >>> import numpy as np
-    >>> from keras_brainformer.layers.block_spec import (
+    >>> from keras_brainformer.models.brainformer.block_spec import (
     ...     AttentionSpec, BlockSpec, FeedForwardSpec, MoESpec)
     >>> from keras_brainformer.models import BrainformerBackbone
     >>> dense = BrainformerBackbone(
