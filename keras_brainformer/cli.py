@@ -6,6 +6,7 @@
     keras-brainformer compare --budget 60
     keras-brainformer plan --preset brainformer1_8b --mesh batch=16,expert=16
     keras-brainformer search --budget-per-trial 60 --trials 40 --out runs/search
+    keras-brainformer upcycle --preset dense_tiny_stdlib --to target.json --out runs/glam_up
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
 another model) prints one `error:` line and exits with code 2. A training
@@ -134,6 +135,34 @@ def build_parser():
     compare.add_argument("--max-corpus-bytes", type=positive_int, default=2_000_000)
     compare.add_argument("--validation-batches", type=positive_int, default=8)
 
+    upcycle = commands.add_parser(
+        "upcycle",
+        help="turn a trained dense preset into an MoE preset that keeps its weights",
+        description="Sparse upcycling (docs/upcycling.md): every weight with a counterpart "
+        "is copied, each MoE sublayer's experts start from the dense FFN it replaces. "
+        "Writes an ordinary preset folder (tokenizer carried over).",
+    )
+    upcycle.add_argument("--preset", required=True, help="the dense preset (name or folder)")
+    upcycle.add_argument(
+        "--to",
+        required=True,
+        metavar="SPEC|PRESET",
+        help="target layout: a block spec or list of block specs as JSON (inline or a "
+        ".json file), or a preset name or folder with the same widths",
+    )
+    upcycle.add_argument("--out", required=True, help="the preset folder to write")
+    upcycle.add_argument(
+        "--expert-noise", type=float, default=0.0, help="multiplicative noise on the copies"
+    )
+    upcycle.add_argument(
+        "--router-init", choices=("small_random", "zeros"), default="small_random"
+    )
+    upcycle.add_argument(
+        "--expert-choice-scale", choices=("compensate", "none"), default="compensate"
+    )
+    upcycle.add_argument("--seed", type=int, default=0)
+    upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     from keras_brainformer.distribution import plan_command
     from keras_brainformer.search import command as search_command
 
@@ -200,6 +229,52 @@ def _run_generate(args):
         print("-" * 40)
 
 
+def _run_upcycle(args):
+    import os
+
+    from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models.brainformer import upcycling
+
+    out = args.out
+    if os.path.exists(out) and not args.overwrite:
+        if not os.path.isdir(out) or os.listdir(out):
+            raise TrainingError(
+                f"Output folder {out!r} exists and is not empty; use another --out "
+                "or --overwrite."
+            )
+    if args.expert_noise < 0:
+        raise TrainingError(f"--expert-noise must be >= 0. Received: {args.expert_noise}")
+    try:
+        lm = BrainformerCausalLM.from_preset(args.preset)
+        target = upcycling.target_block_specs(args.to, lm.backbone.get_config())
+        upcycled = upcycling.upcycle(
+            lm,
+            target,
+            expert_noise=args.expert_noise,
+            router_init=args.router_init,
+            expert_choice_scale=args.expert_choice_scale,
+            seed=args.seed,
+        )
+        settings = {
+            "to": args.to,
+            "expert_noise": args.expert_noise,
+            "router_init": args.router_init,
+            "expert_choice_scale": args.expert_choice_scale,
+            "seed": args.seed,
+        }
+        upcycling.save_upcycled_preset(
+            upcycled, out, args.preset, target, settings, overwrite=args.overwrite
+        )
+    except (ValueError, TypeError) as error:
+        raise TrainingError(str(error)) from None
+    summary = upcycled.backbone.get_config()
+    moe = sum(len(b.moe_layers) for b in upcycled.backbone.transformer_blocks)
+    print(
+        f"Upcycled {args.preset} into {out}: {summary['num_blocks'] or len(summary['blocks'])} "
+        f"blocks, {moe} MoE sublayers, {upcycled.backbone.count_params():,} parameters."
+    )
+
+
 def _run_presets(args):
     from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
     from keras_brainformer.models.brainformer.preset_loading import trained_presets
@@ -237,7 +312,12 @@ def _run_presets(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
-    handlers = {"train": _run_train, "generate": _run_generate, "presets": _run_presets}
+    handlers = {
+        "train": _run_train,
+        "generate": _run_generate,
+        "presets": _run_presets,
+        "upcycle": _run_upcycle,
+    }
     if args.command == "compare":
         from keras_brainformer.training.compare import run_compare
 

@@ -21,5 +21,6 @@ from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocess
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
+from keras_brainformer.models.brainformer.upcycling import upcycle
 
 register_brainformer_presets(BrainformerBackbone, backbone_presets)
