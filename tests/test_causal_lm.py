@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 
 from keras_brainformer.models import AttentionSpec
@@ -61,9 +62,10 @@ def uncached_greedy(lm, prompt):
     token_ids = prompt["token_ids"].copy()
     mask = prompt["padding_mask"].astype(bool)
     lengths = mask.sum(1)
+    forward = inference_call(lm)
     for index in range(lengths.min(), token_ids.shape[1]):
         logits = to_numpy(
-            lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+            forward({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
         )
         best = logits[:, index - 1].argmax(-1)
         token_ids[:, index] = np.where(mask[:, index], token_ids[:, index], best)

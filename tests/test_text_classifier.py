@@ -7,6 +7,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 
 from keras_brainformer.models import AttentionSpec
@@ -276,9 +277,9 @@ def test_config_round_trip_and_softmax_activation():
     restored.set_weights(classifier.get_weights())
     assert restored.get_config() == config
     x = restored.preprocessor(TEXTS)
-    probabilities = to_numpy(restored(x, training=False))
+    probabilities = to_numpy(inference_call(restored)(x))
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(probabilities, to_numpy(classifier(x, training=False)))
+    np.testing.assert_array_equal(probabilities, to_numpy(inference_call(classifier)(x)))
     # The default compile sees the activation: probabilities, not logits.
     assert restored.loss.get_config()["from_logits"] is False
     assert classifier.loss.get_config()["from_logits"] is False
