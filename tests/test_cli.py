@@ -16,9 +16,6 @@ import pytest
 
 from keras_brainformer import cli
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.training.checkpointing import KILL_IN_CHECKPOINT_VARIABLE
-from keras_brainformer.training.trainer import KILL_AT_EPOCH_VARIABLE
-from keras_brainformer.training.trainer import NAN_AT_STEP_VARIABLE
 
 # Seconds-scale settings: tiny model, short sequences, a small corpus slice.
 SMOKE = [
@@ -102,13 +99,19 @@ def test_smoke_train_writes_a_loadable_preset_and_refuses_other_runs(tmp_path, c
     assert json.loads((out / "run.json").read_text())["preset"] == "dense_tiny"
 
 
-def _train_subprocess(out, env_extra=None):
-    argv = [
-        sys.executable, "-m", "keras_brainformer", "train", "--preset", "brainformer1_tiny",
+def _train_subprocess(out, faults=None):
+    """`keras-brainformer train` in a subprocess; `faults` (a dict) runs it
+    through `tests/faulty_train.py`, which injects them."""
+    command = [sys.executable, "-m", "keras_brainformer"]
+    if faults:
+        command = [sys.executable, str(pathlib.Path(__file__).parent / "faulty_train.py"),
+                   json.dumps(faults)]
+    argv = command + [
+        "train", "--preset", "brainformer1_tiny",
         "--steps", "6", "--out", str(out), "--seed", "3",
     ] + SMOKE  # fmt: skip
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
 
 
 def _weights(preset_dir):
@@ -129,7 +132,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     done = _train_subprocess(tmp_path / "straight")
     assert done.returncode == 0, done.stderr[-2000:]
     # Killed (SIGKILL) right after epoch 1's checkpoint, then the same command again.
-    killed = _train_subprocess(tmp_path / "resumed", {KILL_AT_EPOCH_VARIABLE: "1"})
+    killed = _train_subprocess(tmp_path / "resumed", {"kill_at_epoch": 1})
     assert killed.returncode == -9
     assert not (tmp_path / "resumed" / "summary.json").exists()
     resumed = _train_subprocess(tmp_path / "resumed")
@@ -137,7 +140,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     assert "Resuming" in resumed.stdout
     # Killed in the middle of epoch 2's checkpoint (its weights written, its
     # epoch not yet): the half-written checkpoint must not be used.
-    torn = _train_subprocess(tmp_path / "torn", {KILL_IN_CHECKPOINT_VARIABLE: "2:weights"})
+    torn = _train_subprocess(tmp_path / "torn", {"kill_in_checkpoint": "2:weights"})
     assert torn.returncode == -9
     assert list((tmp_path / "torn" / "backup").glob("epoch-000002.partial"))
     again_torn = _train_subprocess(tmp_path / "torn")
@@ -160,7 +163,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # Epoch 1 = steps 1-2 (checkpointed); step 3's loss is NaN.
     out = tmp_path / "nan"
-    done = _train_subprocess(out, {NAN_AT_STEP_VARIABLE: "3"})
+    done = _train_subprocess(out, {"nan_at_step": 3})
     assert done.returncode == 3, done.stderr[-2000:]
     assert "the training loss is nan" in done.stderr
     assert "at epoch 2, batch 1 (optimizer step 3)" in done.stderr

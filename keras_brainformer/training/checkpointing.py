@@ -24,7 +24,6 @@ from absl import logging
 WEIGHTS_FILE = "checkpoint.weights.h5"
 STATE_FILE = "state.json"
 _COMPLETE = re.compile(r"^epoch-(\d{6})$")
-KILL_IN_CHECKPOINT_VARIABLE = "KERAS_BRAINFORMER_KILL_IN_CHECKPOINT"
 STAGES = ("weights", "state", "rename")
 
 
@@ -55,16 +54,6 @@ def _fsync_tree(folder):
                 os.fsync(f.fileno())
 
 
-def _maybe_kill(epoch, stage):
-    """Fault injection for tests: SIGKILL at `stage` of epoch `epoch`'s
-    checkpoint when `KERAS_BRAINFORMER_KILL_IN_CHECKPOINT=<epoch>:<stage>`."""
-    wanted = os.environ.get(KILL_IN_CHECKPOINT_VARIABLE)
-    if wanted and wanted == f"{epoch}:{stage}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class AtomicBackupAndRestore(keras.callbacks.Callback):
     """Backs up weights, optimizer state and epoch at every epoch's end, and
     restores the newest complete backup when training starts.
@@ -75,6 +64,11 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     Args:
         backup_dir: folder of the checkpoints.
         keep: complete checkpoints kept (at least 1; default 2).
+        on_stage: optional `on_stage(epoch, stage)`, called after each stage
+            of writing epoch `epoch`'s (1-based) checkpoint, `stage` in
+            `STAGES` (`"weights"` written, `"state"` written, `"rename"`
+            done): a hook for progress reporting, and for tests that kill
+            the process part way through a checkpoint.
 
     Example:
     ```python
@@ -83,12 +77,15 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, backup_dir, keep=2):
+    def __init__(self, backup_dir, keep=2, on_stage=None):
         super().__init__()
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"`keep` must be an int >= 1. Received: keep={keep!r}")
+        if on_stage is not None and not callable(on_stage):
+            raise TypeError(f"`on_stage` must be callable or None. Received: {on_stage!r}")
         self.backup_dir = pathlib.Path(backup_dir)
         self.keep = keep
+        self.on_stage = on_stage or (lambda epoch, stage: None)
         self.restored_epoch = 0
 
     def on_train_begin(self, logs=None):
@@ -117,15 +114,15 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             shutil.rmtree(partial)
         partial.mkdir()
         self.model.save_weights(str(partial / WEIGHTS_FILE))
-        _maybe_kill(done, "weights")
+        self.on_stage(done, "weights")
         with open(partial / STATE_FILE, "w") as f:
             json.dump({"epoch": done}, f)
-        _maybe_kill(done, "state")
+        self.on_stage(done, "state")
         _fsync_tree(partial)
         if final.exists():  # a rerun of an epoch already saved
             shutil.rmtree(final)
         os.rename(partial, final)
-        _maybe_kill(done, "rename")
+        self.on_stage(done, "rename")
         for _, old in complete_checkpoints(self.backup_dir)[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.backup_dir.glob("epoch-*.partial"):

@@ -39,43 +39,6 @@ BACKUP_DIR = "backup"
 PRESET_DIR = "preset"
 
 
-KILL_AT_EPOCH_VARIABLE = "KERAS_BRAINFORMER_KILL_AT_EPOCH"
-NAN_AT_STEP_VARIABLE = "KERAS_BRAINFORMER_NAN_AT_STEP"
-
-
-class KillAtEpoch(keras.callbacks.Callback):
-    """Fault injection for tests: SIGKILLs this process at the end of epoch
-    `epoch` (1-based), after the checkpoint of that epoch was written. Enabled
-    only by the `KERAS_BRAINFORMER_KILL_AT_EPOCH` environment variable."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class PoisonAtStep(keras.callbacks.Callback):
-    """Fault injection for tests: before optimizer step `step` (1-based),
-    fills the first trainable weight with NaN, so that step's loss is NaN.
-    Enabled only by the `KERAS_BRAINFORMER_NAN_AT_STEP` environment
-    variable."""
-
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_begin(self, batch, logs=None):
-        done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if done + 1 == self.step:
-            weight = self.model.trainable_weights[0]
-            weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
-
-
 class TimeBudget(keras.callbacks.Callback):
     """Stops training once `seconds` of wall-clock time have passed (checked
     after every batch; the batch in flight finishes)."""
@@ -144,6 +107,7 @@ def train_language_model(
     mesh=None,
     experts_on=None,
     fsdp=False,
+    extra_callbacks=(),
 ):
     """Trains a causal LM from a preset on a corpus and writes a run folder.
 
@@ -178,6 +142,8 @@ def train_language_model(
         experts_on: `"expert"` or `"batch"`, the mesh axis of the expert banks
             (see `make_distribution`).
         fsdp: also split weights along the batch axis.
+        extra_callbacks: more Keras callbacks, run after the built-in ones
+            (after the epoch's checkpoint is written).
 
     Returns:
         The summary dict (also written to `summary.json`).
@@ -338,10 +304,7 @@ def train_language_model(
         ]
         if time_budget is not None:
             callbacks.append(TimeBudget(time_budget))
-        if os.environ.get(KILL_AT_EPOCH_VARIABLE):
-            callbacks.append(KillAtEpoch(int(os.environ[KILL_AT_EPOCH_VARIABLE])))
-        if os.environ.get(NAN_AT_STEP_VARIABLE):
-            callbacks.insert(0, PoisonAtStep(int(os.environ[NAN_AT_STEP_VARIABLE])))
+        callbacks.extend(extra_callbacks)
 
         start = time.perf_counter()
         try:
