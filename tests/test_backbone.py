@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 
 from keras_brainformer.models import AttentionSpec
@@ -55,7 +56,7 @@ def inputs(batch=2, length=16, vocab=32, seed=1):
 
 def test_output_shape_and_counts_match_built_model():
     backbone = tiny_backbone()
-    out = backbone(inputs())
+    out = inference_call(backbone)(inputs())
     assert tuple(out.shape) == (2, 16, 16)
     counts = count_parameters(backbone.get_config())
     trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_variables)
@@ -168,7 +169,7 @@ def test_mixed_bfloat16_training_is_finite_and_router_stays_float32():
     x, y = lm_data(n=32)
     history = lm.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert np.isfinite(history["loss"]).all()
-    hidden = backbone(inputs())
+    hidden = inference_call(backbone)(inputs())
     assert keras.backend.standardize_dtype(hidden.dtype) == "bfloat16"
 
 
@@ -176,7 +177,8 @@ def test_padding_does_not_change_real_positions():
     backbone = tiny_backbone()
     x = inputs(batch=1)
     x["padding_mask"][:, 12:] = 0
-    y = to_numpy(backbone(x))
+    forward = inference_call(backbone)
+    y = to_numpy(forward(x))
     x2 = {k: v.copy() for k, v in x.items()}
     x2["token_ids"][:, 12:] = (x2["token_ids"][:, 12:] + 5) % 32
-    np.testing.assert_allclose(to_numpy(backbone(x2))[:, :12], y[:, :12], atol=1e-6)
+    np.testing.assert_allclose(to_numpy(forward(x2))[:, :12], y[:, :12], atol=1e-6)

@@ -7,6 +7,7 @@ import pathlib
 import keras_hub
 import numpy as np
 import pytest
+from conftest import inference_call
 from conftest import to_numpy
 
 from keras_brainformer.models import BrainformerBackbone
@@ -104,23 +105,24 @@ def test_save_to_preset_round_trip_through_generic_keras_hub_loader(tmp_path):
     )
 
 
-def _causality_gap(lm, tokens, t):
-    """Largest logit change at positions <= t when every token after t changes."""
+def _causality_gap(forward, tokens, t):
+    """Largest logit change at positions <= t when every token after t changes
+    (`forward`: `inference_call(lm)`, one compiled program on JAX)."""
     mask = np.ones_like(tokens)
-    y = to_numpy(lm({"token_ids": tokens, "padding_mask": mask}))
+    y = to_numpy(forward({"token_ids": tokens, "padding_mask": mask}))
     changed = tokens.copy()
     rng = np.random.default_rng(t)
     changed[:, t + 1 :] = rng.integers(4, 8192, changed[:, t + 1 :].shape)
-    y2 = to_numpy(lm({"token_ids": changed, "padding_mask": mask}))
+    y2 = to_numpy(forward({"token_ids": changed, "padding_mask": mask}))
     return np.abs(y2[:, : t + 1] - y[:, : t + 1]).max(), np.abs(y2 - y).max()
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_every_family_is_causal_in_causal_mode(name, tiny_backbone):
-    lm = BrainformerCausalLM(tiny_backbone(name))
+    forward = inference_call(BrainformerCausalLM(tiny_backbone(name)))
     tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
     for t in (0, 7, 16):
-        before, anywhere = _causality_gap(lm, tokens, t)
+        before, anywhere = _causality_gap(forward, tokens, t)
         assert before == 0.0, (name, t)
         assert anywhere > 0.0  # the change is visible after t
 
@@ -132,7 +134,8 @@ def test_expert_choice_families_leak_in_as_trained_mode(name, tiny_backbone):
     lm.set_inference_routing("as_trained")
     try:
         tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
-        assert max(_causality_gap(lm, tokens, t)[0] for t in (0, 7, 16)) > 0.0
+        forward = inference_call(lm)
+        assert max(_causality_gap(forward, tokens, t)[0] for t in (0, 7, 16)) > 0.0
     finally:
         lm.set_inference_routing("causal")
 
