@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from keras_brainformer import demo
-from keras_brainformer.data import byte_lm_arrays
-from keras_brainformer.data import pydoc_text
+from keras_brainformer.cli import demo
+from keras_brainformer.training.builtin_text import byte_lm_arrays
+from keras_brainformer.training.builtin_text import pydoc_text
 
 
 def test_byte_arrays_are_shifted_windows_with_a_held_out_tail():

@@ -23,7 +23,6 @@ import pytest
 
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
-from keras_brainformer.distribution.weight_shapes import weight_specs
 from keras_brainformer.layers import grouped_scatter
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
@@ -33,6 +32,7 @@ from keras_brainformer.models.brainformer.brainformer_layout_map import get_layo
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
 from keras_brainformer.models.brainformer.brainformer_layout_map import resolve_axes
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TINY = (

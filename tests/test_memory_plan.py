@@ -17,8 +17,6 @@ from keras_brainformer.cli import main
 from keras_brainformer.distribution.memory_plan import parse_bytes
 from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.memory_plan import shard_weights
-from keras_brainformer.distribution.weight_shapes import weight_shapes
-from keras_brainformer.distribution.weight_shapes import weight_specs
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
@@ -26,6 +24,8 @@ from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.models.brainformer.weight_specs import weight_shapes
+from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 TINY_PRESETS = (
     "brainformer1_tiny",

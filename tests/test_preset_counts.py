@@ -11,10 +11,10 @@ import pytest
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_presets import PAPER_VOCABULARY_SIZE
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.brainformer_presets import markdown_table
 from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
 from keras_brainformer.models.brainformer.brainformer_presets import tiny_activated_non_embedding
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.models.brainformer.preset_table import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGULAR = [

@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 from conftest import to_numpy
 
-from keras_brainformer.data import stdlib_source_files
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
@@ -20,6 +19,7 @@ from keras_brainformer.models import BrainformerTokenizer
 from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BRAINFORMER_VOCABULARY_FILE
 from keras_brainformer.models.brainformer.brainformer_tokenizer import SPECIAL_TOKEN_TRAINER_OPTIONS
+from keras_brainformer.training.builtin_text import stdlib_source_files
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPOSITORY_ROOT, "presets", "tokenizer", "train_vocabulary.py")

@@ -51,10 +51,6 @@ import math
 import re
 
 from keras_brainformer.distribution.mesh import parse_mesh_spec
-from keras_brainformer.distribution.weight_shapes import DTYPE_BYTES
-from keras_brainformer.distribution.weight_shapes import DTYPE_POLICIES
-from keras_brainformer.distribution.weight_shapes import compute_dtype
-from keras_brainformer.distribution.weight_shapes import weight_specs
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
@@ -62,6 +58,10 @@ from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_R
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
 from keras_brainformer.models.brainformer.brainformer_layout_map import resolve_axes
+from keras_brainformer.models.brainformer.weight_specs import DTYPE_BYTES
+from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
+from keras_brainformer.models.brainformer.weight_specs import compute_dtype
+from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 OPTIMIZERS = ("adafactor", "adamw")
 _TEMPLATES = {name: template for name, _, template in WEIGHT_RULES}

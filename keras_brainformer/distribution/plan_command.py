@@ -28,8 +28,8 @@ from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import expert_axis
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.distribution.step_time import predict_step_time
-from keras_brainformer.distribution.weight_shapes import DTYPE_POLICIES
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
 
 EXIT_DOES_NOT_FIT = 1
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_brainformer.data import stdlib_source_files
+from keras_brainformer.training.builtin_text import stdlib_source_files
 
 DEFAULT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 

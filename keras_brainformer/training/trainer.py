@@ -399,8 +399,8 @@ def check_layout(model_config, distribution):
     layout_map = getattr(distribution, "_layout_map", None)
     if layout_map is None:
         return
-    from keras_brainformer.distribution.weight_shapes import weight_shapes
     from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
+    from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 
     try:
         check_divisible(weight_shapes(model_config), layout_map)

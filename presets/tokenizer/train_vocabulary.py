@@ -100,8 +100,8 @@ def train(vocabulary_size=VOCABULARY_SIZE, max_source_bytes=MAX_SOURCE_BYTES, ve
     """Returns `(proto_bytes, stats)` for the vocabulary trained on the corpus."""
     import sentencepiece
 
-    from keras_brainformer.data import pydoc_text
-    from keras_brainformer.data import stdlib_source_files
+    from keras_brainformer.training.builtin_text import pydoc_text
+    from keras_brainformer.training.builtin_text import stdlib_source_files
 
     files = stdlib_source_files(max_bytes=max_source_bytes)
     prose = pydoc_text()
@@ -164,7 +164,7 @@ def evaluate(proto, max_held_out_bytes=MAX_HELD_OUT_BYTES):
     """Characters per token and exact round trips on held-out stdlib files."""
     import sentencepiece
 
-    from keras_brainformer.data import stdlib_source_files
+    from keras_brainformer.training.builtin_text import stdlib_source_files
 
     processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
     files = stdlib_source_files(max_bytes=max_held_out_bytes, held_out=True)

@@ -15,8 +15,7 @@ The Brainformer blocks are a reconstruction (the paper's exact blocks are
 only in its Figures 8 and 9): their widths come from
 `presets/reconstruct_brainformer.py`.
 
-Print the zoo's table (the one in `docs/presets.md`) with
-`python -m keras_brainformer.models.brainformer.brainformer_presets`.
+The zoo's table (the one in `docs/presets.md`) is `preset_table.py`.
 """
 
 import copy
@@ -354,86 +353,6 @@ def tiny_activated_non_embedding():
     return out
 
 
-# === The zoo's table ===
-
-
-def _layout(config):
-    letters = {"attention": "A", "ffn": "F", "moe": "M"}
-    spec = BlockSpec.from_dict(config["blocks"])
-    return f"{config['num_blocks']} x [{' '.join(letters[s.kind] for s in spec.sublayers)}]"
-
-
-def _experts(config):
-    spec = BlockSpec.from_dict(config["blocks"])
-    experts = sorted({s.num_experts for s in spec.sublayers if s.kind == "moe"})
-    return "/".join(map(str, experts)) or "-"
-
-
-def _human(n):
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
-
-
-def table_rows(presets=None):
-    """One dict per preset: counts (ours and paper convention), paper figures,
-    relative errors of the paper-convention counts."""
-    rows = []
-    for name, preset in (presets or backbone_presets).items():
-        config, meta = preset["config"], preset["metadata"]
-        paper_counts = paper_convention_counts(config)
-        row = {
-            "name": name,
-            "family": meta["family"],
-            "layout": _layout(config),
-            "d": config["hidden_dim"],
-            "experts": _experts(config),
-            "total": meta["params"],
-            "activated": meta["activated_params"],
-            "paper_convention_total": paper_counts["total"],
-            "paper_convention_activated": paper_counts["activated"],
-            "paper": meta["paper"],
-            "total_error": None,
-            "activated_error": None,
-        }
-        if meta["paper"]:
-            row["total_error"] = paper_counts["total"] / meta["paper"]["total"] - 1
-            row["activated_error"] = (
-                paper_counts["activated"] / meta["paper"]["activated"] - 1
-            )
-        rows.append(row)
-    return rows
-
-
-def markdown_table(presets=None):
-    """The presets as a markdown table (the one in `docs/presets.md`)."""
-    lines = [
-        "| preset | family | blocks x layout | d | E | total / activated (ours, vocab) "
-        "| paper convention (32K vocab) | paper | error (total / activated) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table_rows(presets):
-        vocab = (presets or backbone_presets)[r["name"]]["config"]["vocabulary_size"]
-        ours = f"{_human(r['total'])} / {_human(r['activated'])} ({vocab})"
-        conv = f"{_human(r['paper_convention_total'])} / {_human(r['paper_convention_activated'])}"
-        if r["name"].endswith("_tiny"):
-            conv = "-"
-        if r["paper"]:
-            paper = (
-                f"{_human(r['paper']['total'])} / {_human(r['paper']['activated'])} "
-                f"({r['paper']['source']})"
-            )
-            error = f"{r['total_error']:+.1%} / {r['activated_error']:+.1%}"
-        else:
-            paper, error = "-", "-"
-        lines.append(
-            f"| `{r['name']}` | {r['family']} | {r['layout']} | {r['d']} | {r['experts']} "
-            f"| {ours} | {conv} | {paper} | {error} |"
-        )
-    return "\n".join(lines)
-
-
 def get_preset_config(name):
     """A deep copy of a preset's constructor kwargs."""
     if name not in backbone_presets:
@@ -441,12 +360,3 @@ def get_preset_config(name):
             f"Unknown preset {name!r}. Available: {sorted(backbone_presets)}."
         )
     return copy.deepcopy(backbone_presets[name]["config"])
-
-
-if __name__ == "__main__":
-    print(markdown_table())
-    print()
-    print("Tiny presets, activated non-embedding parameters:")
-    for name, n in tiny_activated_non_embedding().items():
-        total = backbone_presets[name]["metadata"]["params"]
-        print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")

@@ -10,31 +10,40 @@ dense FFN is `2 · d · h`, or `3 · d · h` with a gated activation; an MoE lay
 is its router `d · E` plus `E` experts of the FFN size. *Activated* counts the
 router and the experts one token uses on average: `k` for top-k routing, the
 capacity factor for expert choice.
+
+The counts are sums over `weight_specs` (the family's one analytic weight
+model, checked against built backbones): trainable weights only, so the
+routers' statistics are not parameters.
 """
 
-from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
+from keras_brainformer.models.brainformer.weight_specs import sublayer_weight_specs
+from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 
-def _ffn_params(d, hidden_dim, activation):
-    return (3 if is_gated(activation) else 2) * d * hidden_dim
+def _inactive_expert_share(sub, bank_size):
+    """Parameters of an MoE sublayer's bank that a token does not use on
+    average: all but `experts_per_token` of its `num_experts` experts."""
+    return bank_size * (1 - sub.experts_per_token / sub.num_experts)
+
+
+def _bank_sizes(specs):
+    """`{sublayer prefix: size of its expert bank}` over trainable `specs`."""
+    sizes = {}
+    for spec in specs:
+        prefix, found, _ = spec.path.partition("/experts/")
+        if found and spec.trainable:
+            sizes[prefix] = sizes.get(prefix, 0) + spec.size
+    return sizes
 
 
 def sublayer_parameters(sub, d):
     """`(total, activated)` parameters of one sublayer, norm excluded."""
-    if sub.kind == "attention":
-        head_dim = sub.head_dim or d // sub.num_heads
-        n = 4 * d * sub.num_heads * head_dim
-        n += 3 * sub.depthwise_conv_kernel * sub.num_heads * head_dim
-        return n, n
-    if sub.kind == "ffn":
-        n = _ffn_params(d, sub.hidden_dim, sub.activation)
-        return n, n
-    expert = _ffn_params(d, sub.hidden_dim, sub.activation)
-    router = d * sub.num_experts
-    total = router + sub.num_experts * expert
-    activated = router + sub.experts_per_token * expert
-    return total, activated
+    specs = sublayer_weight_specs("sublayer", sub, d)
+    total = sum(s.size for s in specs if s.trainable)
+    if sub.kind != "moe":
+        return total, total
+    return total, total - _inactive_expert_share(sub, _bank_sizes(specs)["sublayer"])
 
 
 def count_parameters(config):
@@ -56,17 +65,16 @@ def count_parameters(config):
     >>> counts["total"]  # 100*8 + 8 + 2 * (4*8*8 + 2*8*16 + 2*8)
     1864
     """
-    d = config["hidden_dim"]
-    specs = resolve_block_specs(config["blocks"], config.get("num_blocks"))
-    norm_size = d if config.get("norm", "rms") == "rms" else 2 * d
-    tied = config.get("tie_embeddings", True)
-    embedding = config["vocabulary_size"] * d * (1 if tied else 2)
-    total = activated = embedding + norm_size  # final norm
-    for spec in specs:
-        for sub in spec.sublayers:
-            t, a = sublayer_parameters(sub, d)
-            total += t + norm_size
-            activated += a + norm_size
+    specs = [s for s in weight_specs(config, dtype="float32").values() if s.trainable]
+    total = sum(s.size for s in specs)
+    embedding = sum(s.size for s in specs if s.path.startswith("token_embedding/"))
+    activated = total
+    banks = _bank_sizes(specs)
+    blocks = resolve_block_specs(config["blocks"], config.get("num_blocks"))
+    for i, spec in enumerate(blocks):
+        for j, sub in enumerate(spec.sublayers):
+            if sub.kind == "moe":
+                activated -= _inactive_expert_share(sub, banks[f"block_{i}/{j}_moe"])
     return {
         "total": int(total),
         "activated": int(round(activated)),

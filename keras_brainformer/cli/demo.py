@@ -1,6 +1,6 @@
 """Train a tiny Brainformer for a few hundred steps on the Python reference text.
 
-Run: `keras-brainformer-demo` (or `python -m keras_brainformer.demo`). Prints
+Run: `keras-brainformer-demo` (or `python -m keras_brainformer.cli.demo`). Prints
 parameter counts, a Keras progress bar with loss and routing statistics, and
 the validation loss before and after training.
 """
@@ -12,9 +12,6 @@ import time
 import keras
 import numpy as np
 
-from keras_brainformer.data import BYTE_VOCABULARY_SIZE
-from keras_brainformer.data import byte_lm_arrays
-from keras_brainformer.data import pydoc_text
 from keras_brainformer.models import AttentionSpec
 from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
@@ -22,6 +19,9 @@ from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import FeedForwardSpec
 from keras_brainformer.models import MoESpec
 from keras_brainformer.models import count_parameters
+from keras_brainformer.training.builtin_text import BYTE_VOCABULARY_SIZE
+from keras_brainformer.training.builtin_text import byte_lm_arrays
+from keras_brainformer.training.builtin_text import pydoc_text
 
 
 def tiny_brainformer_block(hidden_dim=64, num_experts=8):

@@ -1,12 +1,16 @@
-"""Every variable of a `BrainformerBackbone`, computed from its config alone.
+"""Every variable of a `BrainformerBackbone`, computed from its config alone:
+the family's one analytic weight model.
 
 `weight_specs(config)` lists the backbone's weights (`backbone.weights`: the
 trainable projections, embeddings and norms, and the routers' non-trainable
 statistics) with their exact Keras paths, shapes, trainability and variable
 dtypes, without building the model or allocating anything, so it works for
 an 8B preset as fast as for a tiny one. `weight_shapes(config)` is the
-`{path: shape}` view of it. The memory planner (`memory_plan.py`) shards these
-shapes with the layout rules of `layout_map.py`.
+`{path: shape}` view of it. `count_parameters` (`parameter_count.py`) sums it,
+the memory planner (`distribution/memory_plan.py`) and the step-time model
+(`distribution/step_time.py`) shard it with the layout rules of
+`brainformer_layout_map.py`, and a test checks it against a built backbone's
+`weights`, so a change to a layer's `build()` fails there first.
 
 Not listed (they are variables but not weights): the dropout / router jitter
 `SeedGenerator` states, two `uint32` numbers each.
@@ -43,6 +47,7 @@ import math
 
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
+from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
 
 DTYPE_POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
@@ -122,7 +127,9 @@ def _ffn_specs(prefix, d, hidden, activation, dtype, experts=None):
     return specs
 
 
-def _sublayer_specs(prefix, sub, d, dtype):
+def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
+    """The weights of one sublayer (its norm excluded) under `prefix`, as
+    `WeightSpec`s in build order."""
     if sub.kind == "attention":
         H, hd = sub.num_heads, resolve_head_dim(d, sub.num_heads, sub.head_dim)
         specs = [
@@ -172,11 +179,9 @@ def weight_specs(config, dtype=None):
     ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 1})
     >>> specs["block_0/0_attention/w_query"].shape
     (8, 2, 4)
-    >>> sum(s.size for s in specs.values() if s.trainable)  # count_parameters
+    >>> sum(s.size for s in specs.values() if s.trainable)  # count_parameters' total
     1336
     """
-    from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
-
     d = config["hidden_dim"]
     vocabulary = config["vocabulary_size"]
     norm = config.get("norm", "rms")
@@ -192,7 +197,7 @@ def weight_specs(config, dtype=None):
         for j, sub in enumerate(spec.sublayers):
             name = f"block_{i}/{j}_{sub.kind}"
             specs += _norm_specs(f"{name}_norm", norm, d, var_dtype)
-            specs += _sublayer_specs(name, sub, d, var_dtype)
+            specs += sublayer_weight_specs(name, sub, d, var_dtype)
     specs += _norm_specs("final_norm", norm, d, var_dtype)
     return collections.OrderedDict((s.path, s) for s in specs)
 

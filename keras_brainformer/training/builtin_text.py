@@ -5,6 +5,9 @@
 which needs no trained tokenizer and no download.
 """
 
+import os
+import zlib
+
 import numpy as np
 
 BYTE_VOCABULARY_SIZE = 256
@@ -12,7 +15,7 @@ BYTE_VOCABULARY_SIZE = 256
 
 def pydoc_text():
     """The Python reference topics as one string, in a fixed order."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # 0.5 MB of text: imported when asked for
 
     return "\n\n".join(topics[name] for name in sorted(topics))
 
@@ -85,9 +88,6 @@ def stdlib_source_files(max_bytes=4_000_000, held_out=False, held_out_modulus=16
     Returns:
         A list of absolute file paths, sorted.
     """
-    import os
-    import zlib
-
     root = os.path.dirname(os.__file__)
     candidates = []
     for directory, subdirectories, files in os.walk(root):

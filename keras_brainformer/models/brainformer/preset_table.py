@@ -1,0 +1,97 @@
+"""The zoo's table: one row per architecture preset with our parameter
+counts, the paper-convention counts and the paper's figures.
+
+Print it (the table in `docs/presets.md`, which a test keeps in sync) with
+`python -m keras_brainformer.models.brainformer.preset_table`.
+"""
+
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
+from keras_brainformer.models.brainformer.brainformer_presets import tiny_activated_non_embedding
+
+
+def _layout(config):
+    letters = {"attention": "A", "ffn": "F", "moe": "M"}
+    spec = BlockSpec.from_dict(config["blocks"])
+    return f"{config['num_blocks']} x [{' '.join(letters[s.kind] for s in spec.sublayers)}]"
+
+
+def _experts(config):
+    spec = BlockSpec.from_dict(config["blocks"])
+    experts = sorted({s.num_experts for s in spec.sublayers if s.kind == "moe"})
+    return "/".join(map(str, experts)) or "-"
+
+
+def _human(n):
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def table_rows(presets=None):
+    """One dict per preset: counts (ours and paper convention), paper figures,
+    relative errors of the paper-convention counts."""
+    rows = []
+    for name, preset in (presets or backbone_presets).items():
+        config, meta = preset["config"], preset["metadata"]
+        paper_counts = paper_convention_counts(config)
+        row = {
+            "name": name,
+            "family": meta["family"],
+            "layout": _layout(config),
+            "d": config["hidden_dim"],
+            "experts": _experts(config),
+            "total": meta["params"],
+            "activated": meta["activated_params"],
+            "paper_convention_total": paper_counts["total"],
+            "paper_convention_activated": paper_counts["activated"],
+            "paper": meta["paper"],
+            "total_error": None,
+            "activated_error": None,
+        }
+        if meta["paper"]:
+            row["total_error"] = paper_counts["total"] / meta["paper"]["total"] - 1
+            row["activated_error"] = (
+                paper_counts["activated"] / meta["paper"]["activated"] - 1
+            )
+        rows.append(row)
+    return rows
+
+
+def markdown_table(presets=None):
+    """The presets as a markdown table (the one in `docs/presets.md`)."""
+    lines = [
+        "| preset | family | blocks x layout | d | E | total / activated (ours, vocab) "
+        "| paper convention (32K vocab) | paper | error (total / activated) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table_rows(presets):
+        vocab = (presets or backbone_presets)[r["name"]]["config"]["vocabulary_size"]
+        ours = f"{_human(r['total'])} / {_human(r['activated'])} ({vocab})"
+        conv = f"{_human(r['paper_convention_total'])} / {_human(r['paper_convention_activated'])}"
+        if r["name"].endswith("_tiny"):
+            conv = "-"
+        if r["paper"]:
+            paper = (
+                f"{_human(r['paper']['total'])} / {_human(r['paper']['activated'])} "
+                f"({r['paper']['source']})"
+            )
+            error = f"{r['total_error']:+.1%} / {r['activated_error']:+.1%}"
+        else:
+            paper, error = "-", "-"
+        lines.append(
+            f"| `{r['name']}` | {r['family']} | {r['layout']} | {r['d']} | {r['experts']} "
+            f"| {ours} | {conv} | {paper} | {error} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+    print()
+    print("Tiny presets, activated non-embedding parameters:")
+    for name, n in tiny_activated_non_embedding().items():
+        total = backbone_presets[name]["metadata"]["params"]
+        print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")
