@@ -155,13 +155,22 @@ def inference_call(layer):
     TensorFlow calls the layer eagerly as it is. Eager JAX decoding keeps
     its own tests (`test_cached_decoding_matches_full_forward`, the
     `compiled=False` depthwise cases)."""
+    return compiled_call(layer, training=False)
+
+
+def compiled_call(layer, training):
+    """`layer(*args, training=training, **kwargs)`'s output, compiled on JAX
+    like `inference_call` (`training` is static; updated statistics and
+    added losses are discarded). TensorFlow calls the layer eagerly."""
     if keras.backend.backend() != "jax":
-        return layer
+        return lambda *args, **kwargs: layer(*args, training=training, **kwargs)
     import jax
 
     @jax.jit
     def run(trainable, non_trainable, args, kwargs):
-        return layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
+        return layer.stateless_call(
+            trainable, non_trainable, *args, training=training, **kwargs
+        )[0]
 
     def call(*args, **kwargs):
         if not layer.built:
