@@ -19,3 +19,9 @@ class NonFiniteLossError(TrainingError):
 class PresetError(ValueError):
     """A preset folder is incomplete or corrupted, or missing from this
     installation (the message names the file or folder)."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at the user's request (Ctrl-C) after writing a
+    checkpoint of exactly the steps done (the CLI exits with code 130).
+    Not a `ValueError`: nothing was wrong with the input."""

@@ -8,8 +8,12 @@ Faults (a JSON object, any of):
         epoch's checkpoint was written.
     nan_at_step: N — before optimizer step N (1-based), the first trainable
         weight is filled with NaN, so that step's loss is NaN.
+    sigint_in_step: N — the process sends itself SIGINT (Ctrl-C) while
+        optimizer step N (1-based) is in flight.
+    stop_at_step: N — `stop_training` after optimizer step N, as a time
+        budget does.
     kill_in_checkpoint: "N:STAGE" — SIGKILL after STAGE (weights, state or
-        rename) of epoch N's checkpoint.
+        rename) of the checkpoint written in epoch N (1-based).
 """
 
 import functools
@@ -21,7 +25,6 @@ import sys
 import keras
 
 from keras_brainformer import cli
-from keras_brainformer.training import checkpointing
 from keras_brainformer.training import trainer
 
 
@@ -51,12 +54,46 @@ class PoisonAtStep(keras.callbacks.Callback):
             weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
 
 
+def _steps_done(model):
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+class InStep(keras.callbacks.Callback):
+    def __init__(self, step, action):
+        super().__init__()
+        self.step = step
+        self.action = action
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if _steps_done(self.model) + 1 == self.step:
+            self.action(self.model)
+
+
+class AfterStep(keras.callbacks.Callback):
+    def __init__(self, step, action):
+        super().__init__()
+        self.step = step
+        self.action = action
+
+    def on_train_batch_end(self, batch, logs=None):
+        if _steps_done(self.model) == self.step:
+            self.action(self.model)
+
+
 def main(faults, argv):
     extra = []
     if "kill_at_epoch" in faults:
         extra.append(KillAtEpoch(int(faults["kill_at_epoch"])))
     if "nan_at_step" in faults:
         extra.append(PoisonAtStep(int(faults["nan_at_step"])))
+    if "sigint_in_step" in faults:
+        extra.append(InStep(int(faults["sigint_in_step"]),
+                               lambda model: os.kill(os.getpid(), signal.SIGINT)))
+    if "stop_at_step" in faults:
+        extra.append(AfterStep(int(faults["stop_at_step"]),
+                               lambda model: setattr(model, "stop_training", True)))
     if "kill_in_checkpoint" in faults:
         wanted = faults["kill_in_checkpoint"]
 
@@ -64,8 +101,8 @@ def main(faults, argv):
             if f"{epoch}:{stage}" == wanted:
                 _kill()
 
-        original = checkpointing.AtomicBackupAndRestore
-        checkpointing.AtomicBackupAndRestore = functools.partial(original, on_stage=on_stage)
+        original = trainer.AtomicBackupAndRestore
+        trainer.AtomicBackupAndRestore = functools.partial(original, on_stage=on_stage)
     trainer.train_language_model = functools.partial(
         trainer.train_language_model, extra_callbacks=extra
     )

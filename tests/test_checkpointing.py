@@ -9,9 +9,10 @@ import pytest
 from keras_brainformer.training import checkpointing
 from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
 from keras_brainformer.training.checkpointing import complete_checkpoints
-from keras_brainformer.training.checkpointing import latest_epoch
+from keras_brainformer.training.checkpointing import latest_state
 
 EPOCHS = 4
+STEPS_PER_EPOCH = 4  # 32 rows, batches of 8
 
 
 class Killed(Exception):
@@ -61,13 +62,15 @@ def test_killed_during_a_checkpoint_resumes_from_a_complete_one(tmp_path, straig
         _fit(_model(), tmp_path, on_stage=kill)
     # Only the rename completes a checkpoint.
     expected = 2 if stage == "rename" else 1
-    assert latest_epoch(tmp_path) == expected
+    assert latest_state(tmp_path) == {"epoch": expected, "step": expected * STEPS_PER_EPOCH}
     model = _model()  # a fresh process: new weights, restored from disk
     callback = _fit(model, tmp_path)
     assert callback.restored_epoch == expected
+    assert callback.restored_step == expected * STEPS_PER_EPOCH
     for a, b in zip(_weights(model), straight):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert [epoch for epoch, _ in complete_checkpoints(tmp_path)] == [EPOCHS, EPOCHS - 1]
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [
+        EPOCHS * STEPS_PER_EPOCH, (EPOCHS - 1) * STEPS_PER_EPOCH]
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -89,3 +92,64 @@ def test_keep_is_validated():
         AtomicBackupAndRestore("x", keep=0)
     with pytest.raises(TypeError, match="on_stage"):
         AtomicBackupAndRestore("x", on_stage="weights")
+
+
+class StopAfterStep(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.step:
+            self.model.stop_training = True
+
+
+def test_an_epoch_cut_short_is_not_recorded_as_completed(tmp_path):
+    """A time budget (any `stop_training`) mid-epoch: the checkpoint holds
+    the exact step and the epochs really completed, so nothing is skipped."""
+    x, y = _data()
+    model = _model()
+    model.fit(x, y, batch_size=8, epochs=EPOCHS, shuffle=False, verbose=0,
+              callbacks=[StopAfterStep(6), AtomicBackupAndRestore(tmp_path)])
+    assert latest_state(tmp_path) == {"step": 6, "epoch": 1}
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [6, 4]
+    restored = _model()
+    callback = AtomicBackupAndRestore(tmp_path)
+    callback.set_model(restored)
+    callback.on_train_begin()
+    assert (callback.restored_step, callback.restored_epoch) == (6, 1)
+    for a, b in zip(_weights(restored), _weights(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_between_steps_writes_the_current_step(tmp_path):
+    """`save()` from a batch callback (the trainer's Ctrl-C) captures the
+    weights of exactly the steps done, on every backend (JAX keeps them
+    apart from the variables during an epoch)."""
+    x, y = _data()
+    model = _model()
+    backup = AtomicBackupAndRestore(tmp_path)
+
+    class SaveAt(keras.callbacks.Callback):
+        calls = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.calls += 1
+            if self.calls == 7:  # epoch 1, batch 2
+                backup.save(epoch=1)  # 3 of the epoch's 4 steps: not completed
+                raise Killed("after the save")
+
+    with pytest.raises(Killed):
+        model.fit(x, y, batch_size=8, epochs=EPOCHS, shuffle=False, verbose=0,
+                  callbacks=[backup, SaveAt()])
+    assert latest_state(tmp_path) == {"step": 7, "epoch": 1}
+    # The same steps again, uninterrupted: the same weights.
+    reference = _model()
+    reference.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[StopAfterStep(7)])
+    restored = _model()
+    callback = AtomicBackupAndRestore(tmp_path)
+    callback.set_model(restored)
+    callback.on_train_begin()
+    for a, b in zip(_weights(restored), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

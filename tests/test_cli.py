@@ -44,13 +44,65 @@ def test_presets_lists_every_preset(capsys):
     [
         (["train", "--preset", "no_such_preset"], "Unknown preset"),
         (["train", "--preset", "dense_tiny", "--data", "/no/such/file.txt"], "does not exist"),
+        # A trained preset is a valid starting point (fine-tuning on your text):
+        # the error is about the data, not the preset.
+        (["train", "--preset", "brainformer1_tiny_stdlib", "--data", "/no/such"],
+         "does not exist"),
+        (["train", "--preset", "brainformer1_tiny", "--sequence-length", "300"],
+         "longer than the model's max_sequence_length 256"),
+        (["train", "--preset", "dense_tiny", "--batch-size", "100000",
+          "--max-corpus-bytes", "150000"], "batch"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(argv + ["--out", out]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("mine")
+    assert run_cli(["train", "--preset", "dense_tiny", "--out", out]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    from keras_brainformer.training.run_lock import RunFolderLock
+
+    out = tmp_path / "run"
+    with RunFolderLock(out):  # another `train` (here: this process) holds it
+        assert run_cli(["train", "--preset", "dense_tiny", "--out", out]) == 2
+    assert "is in use by process" in capsys.readouterr().err
+    assert not out.exists()  # the holder created it and left nothing
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sampler", "nope"], "Unknown --sampler 'nope'. Allowed: greedy, top_k"),
+        (["--max-length", "9999"], "longer than the model's max_sequence_length 256"),
+        (["--max-length", "2"], "leaves no room to generate"),
+    ],
+)
+def test_generate_rejects_with_one_line(argv, message, capsys):
+    code = run_cli(["generate", "--preset", "dense_tiny_stdlib", *argv, "def f(x):"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_generate_refuses_a_folder_that_is_not_a_preset(tmp_path, capsys):
+    assert run_cli(["generate", "--preset", tmp_path, "hi"]) == 2
+    assert "not a zoo preset name" in capsys.readouterr().err
+
+
+def test_generate_from_random_weights_says_so(capsys):
+    assert run_cli(["generate", "--preset", "dense_tiny", "--max-length", "6", "hi"]) == 0
+    assert "no trained weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--time-budget", "-1")])
@@ -126,8 +178,11 @@ def _weights(preset_dir):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
-    """Killed after a checkpoint, and killed in the middle of one."""
+def test_resume_after_sigkill_ctrl_c_or_a_cut_epoch_ends_like_an_uninterrupted_run(tmp_path):
+    """Killed after a checkpoint, killed in the middle of one, Ctrl-C in the
+    middle of an epoch, and an epoch cut short (as a time budget does): each
+    rerun of the same command ends with the uninterrupted run's weights and
+    losses (no batch skipped or repeated)."""
     # Uninterrupted: 3 epochs of 2 steps.
     done = _train_subprocess(tmp_path / "straight")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -142,13 +197,34 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     # epoch not yet): the half-written checkpoint must not be used.
     torn = _train_subprocess(tmp_path / "torn", {"kill_in_checkpoint": "2:weights"})
     assert torn.returncode == -9
-    assert list((tmp_path / "torn" / "backup").glob("epoch-000002.partial"))
+    assert list((tmp_path / "torn" / "backup").glob("step-000000004.partial"))
     again_torn = _train_subprocess(tmp_path / "torn")
     assert again_torn.returncode == 0, again_torn.stderr[-2000:]
     assert "Resuming" in again_torn.stdout and "after epoch 1 of 3" in again_torn.stdout
+    # Ctrl-C (a real SIGINT) during step 3: it finishes, its checkpoint is
+    # written, exit 130 with nothing else written and the lock released.
+    ctrl_c = _train_subprocess(tmp_path / "ctrl_c", {"sigint_in_step": 3})
+    assert ctrl_c.returncode == 130, ctrl_c.stderr[-2000:]
+    assert "Interrupted: the checkpoint at step 3 is written" in ctrl_c.stderr
+    assert "Run the same command again" in ctrl_c.stderr
+    assert "Traceback" not in ctrl_c.stderr
+    assert not (tmp_path / "ctrl_c" / "summary.json").exists()
+    assert not (tmp_path / "ctrl_c" / ".lock").exists()
+    again_ctrl_c = _train_subprocess(tmp_path / "ctrl_c")
+    assert again_ctrl_c.returncode == 0, again_ctrl_c.stderr[-2000:]
+    assert "at step 3 of 6 (after epoch 1 of 3, 1 steps into the next)" in again_ctrl_c.stdout
+    # An epoch cut short at step 3 (what --time-budget does): the run ends
+    # normally, and the rerun finishes the cut epoch from step 3.
+    cut = _train_subprocess(tmp_path / "cut", {"stop_at_step": 3})
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    assert "Stopped at step 3 of 6" in cut.stdout
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 3
+    again_cut = _train_subprocess(tmp_path / "cut")
+    assert again_cut.returncode == 0, again_cut.stderr[-2000:]
+    assert "at step 3 of 6" in again_cut.stdout
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
     a = _weights(tmp_path / "straight" / "preset")
-    for run in ("resumed", "torn"):
+    for run in ("resumed", "torn", "ctrl_c", "cut"):
         again = json.loads((tmp_path / run / "summary.json").read_text())
         assert again["steps"] == straight["steps"] == 6
         for key in ("validation_loss_causal", "validation_loss_as_trained"):

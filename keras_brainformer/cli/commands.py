@@ -9,9 +9,13 @@
     keras-brainformer upcycle --preset dense_tiny_stdlib --to target.json --out runs/glam_up
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
-another model) prints one `error:` line and exits with code 2. A training
-loss that turns NaN or infinite prints the step and the checkpoint kept, and
-exits with code 3. `plan` exits with 1 when the plan does not fit.
+another model or in use by another `train`) prints one `error:` line and
+exits with code 2; a problem of the environment (permissions, a full disk)
+one `error:` line and code 1. A training loss that turns NaN or infinite
+prints the step and the checkpoint kept, and exits with code 3. Ctrl-C
+during `train` writes a checkpoint at the current step and exits with 130
+(rerun the same command to continue; a second Ctrl-C exits at once). `plan`
+exits with 1 when the plan does not fit.
 """
 
 import argparse
@@ -20,10 +24,16 @@ import sys
 from keras_brainformer.argument_types import positive_float
 from keras_brainformer.argument_types import positive_int
 from keras_brainformer.errors import NonFiniteLossError
+from keras_brainformer.errors import PresetError
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.errors import TrainingInterrupted
 
+EXIT_ENVIRONMENT = 1
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+# keras-hub's sampler names (`keras_hub.samplers.get`).
+SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 
 
 def _add_train_arguments(parser):
@@ -100,9 +110,7 @@ def build_parser():
     generate.add_argument("--preset", required=True, help="preset name or folder")
     generate.add_argument("prompt", nargs="+", help="one or more prompts")
     generate.add_argument("--max-length", type=positive_int, default=64)
-    generate.add_argument(
-        "--sampler", default="top_k", help="greedy, top_k, top_p, random, beam, contrastive"
-    )
+    generate.add_argument("--sampler", default="top_k", help=", ".join(SAMPLERS))
     generate.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("presets", help="list the zoo's presets with parameter counts")
@@ -211,18 +219,56 @@ def _run_train(args):
 
 
 def _run_generate(args):
+    import os
+
     import keras
+    import keras_hub
 
     from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models.brainformer.preset_loading import has_weights
+    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 
+    if args.sampler not in SAMPLERS:
+        raise TrainingError(
+            f"Unknown --sampler {args.sampler!r}. Allowed: {', '.join(SAMPLERS)}."
+        )
+    sampler = keras_hub.samplers.get(args.sampler)
     keras.utils.set_random_seed(args.seed)
+    directory = str(resolve_preset(args.preset))
+    is_handle = "://" in directory  # kaggle://, hf://, ... : keras-hub resolves it
+    if not is_handle and not os.path.isfile(os.path.join(directory, "config.json")):
+        raise TrainingError(
+            f"Unknown preset {args.preset!r}: not a zoo preset name (see `keras-brainformer "
+            "presets`) nor a preset folder with a config.json (a `train` run's preset is "
+            "in RUN/preset)."
+        )
     lm = BrainformerCausalLM.from_preset(args.preset)
     if lm.preprocessor is None:
         raise TrainingError(
             f"Preset {args.preset!r} has no tokenizer, so it cannot generate text "
             "(full-size presets use the paper's unreleased 256K vocabulary)."
         )
-    lm.compile(sampler=args.sampler)
+    maximum = lm.backbone.max_sequence_length
+    if args.max_length > maximum:
+        raise TrainingError(
+            f"--max-length {args.max_length} is longer than the model's "
+            f"max_sequence_length {maximum}. Use at most {maximum}."
+        )
+    for prompt in args.prompt:
+        tokens = len(lm.preprocessor.tokenizer(prompt)) + 1  # with the start token
+        if tokens >= args.max_length:
+            raise TrainingError(
+                f"The prompt {prompt[:40]!r} is {tokens} tokens, so --max-length "
+                f"{args.max_length} leaves no room to generate. Use a --max-length "
+                f"above {tokens} (at most {maximum})."
+            )
+    if os.path.isdir(directory) and not has_weights(directory):
+        print(
+            f"warning: preset {args.preset!r} has no trained weights: this text comes "
+            "from a random initialisation. Trained presets: `keras-brainformer presets`.",
+            file=sys.stderr,
+        )
+    lm.compile(sampler=sampler)
     outputs = lm.generate(args.prompt, max_length=args.max_length)
     for text in outputs:
         print(text)
@@ -335,9 +381,19 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
-    except (TrainingError, FileNotFoundError) as error:
+    except TrainingInterrupted as error:
+        print(error, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (TrainingError, PresetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:  # the environment: permissions, a full disk, ...
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     return code or 0
 
 

@@ -435,7 +435,8 @@ class LanguageModelData:
         """Full training batches per epoch: `len(train_windows) // batch_size`."""
         return len(self.train_windows) // batch_size
 
-    def _check_train_batch_size(self, batch_size):
+    def check_train_batch_size(self, batch_size):
+        """Raises `ValueError` unless one full batch of `batch_size` windows exists."""
         _check_count("batch_size", batch_size, 1)
         if batch_size > len(self.train_windows):
             raise ValueError(
@@ -452,7 +453,7 @@ class LanguageModelData:
         time; the last `N % batch_size` windows of that order are left out
         (a different, random few each epoch).
         """
-        self._check_train_batch_size(batch_size)
+        self.check_train_batch_size(batch_size)
         epoch, index = divmod(int(step), self.steps_per_epoch(batch_size))
         order = _epoch_order(seed, epoch, len(self.train_windows))
         return self.train_windows[order[index * batch_size : (index + 1) * batch_size]]
@@ -474,7 +475,7 @@ class LanguageModelData:
         """
         import tensorflow as tf
 
-        self._check_train_batch_size(batch_size)
+        self.check_train_batch_size(batch_size)
         _check_count("seed", seed, 0)
         _check_count("start_step", start_step, 0)
         windows = self.train_windows

@@ -4,8 +4,8 @@ One run folder holds everything a run writes:
 
     run.json        what was asked (preset, model config, data and optimizer
                     settings); a rerun with different settings is refused
-    backup/         crash-safe epoch checkpoints (weights + optimizer + epoch),
-                    see `checkpointing.AtomicBackupAndRestore`
+    backup/         crash-safe checkpoints (weights + optimizer + step) at each
+                    epoch's end and at a stop, see `checkpointing.py`
     logs/           TensorBoard: loss, perplexity, learning rate, tokens/s,
                     per-MoE-layer router statistics
     history.csv     one row per epoch (appended across resumes)
@@ -13,10 +13,15 @@ One run folder holds everything a run writes:
     summary.json    final validation loss (causal and as-trained routing),
                     steps, tokens seen, seconds, a sample generation
 
-Resuming: killing the process and rerunning the same command continues from
-the last completed epoch (the data pipeline restarts at that epoch's first
-batch), and ends with the same weights and losses as an uninterrupted run
-with the same seed.
+    .lock           held while a `train` runs: a second writer is refused
+
+Resuming: rerunning the same command continues from the newest checkpoint at
+its exact step: an epoch's end, the step a time budget stopped at, or the
+step in flight when Ctrl-C was pressed (a checkpoint is written then; a
+second Ctrl-C exits at once). The data pipeline restarts at that step's
+batch, so no batch is skipped or repeated, and the run ends with the same
+weights and losses as an uninterrupted run with the same seed. A kill
+(SIGKILL) loses the steps since the last checkpoint, which are redone.
 """
 
 import contextlib
@@ -30,8 +35,31 @@ import time
 import keras
 import keras_hub
 
+from keras_brainformer.distribution.mesh import make_distribution
+from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.errors import NonFiniteLossError
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.models import BrainformerByteTokenizer
+from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models import BrainformerCausalLMPreprocessor
+from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+from keras_brainformer.models.brainformer.preset_loading import trained_presets
+from keras_brainformer.models.brainformer.weight_specs import weight_shapes
+from keras_brainformer.training.callbacks import RouterStatisticsLogger
+from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
+from keras_brainformer.training.callbacks import ThroughputLogger
+from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
+from keras_brainformer.training.checkpointing import latest_state
+from keras_brainformer.training.corpus import build_language_model_data
+from keras_brainformer.training.interruption import StopOnInterrupt
+from keras_brainformer.training.run_lock import LOCK_FILE
+from keras_brainformer.training.run_lock import RunFolderLock
+from keras_brainformer.training.schedules import InverseSquareRootSchedule
+from keras_brainformer.training.schedules import make_optimizer
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -40,19 +68,23 @@ PRESET_DIR = "preset"
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `seconds` of wall-clock time have passed (checked
-    after every batch; the batch in flight finishes)."""
+    """Stops training once `seconds` of wall-clock time have passed since
+    the first `fit` it was used in (checked after every batch; the batch in
+    flight finishes). `stopped` says whether it stopped training."""
 
     def __init__(self, seconds):
         super().__init__()
         self.seconds = seconds
         self.start = None
+        self.stopped = False
 
     def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
+        if self.start is None:
+            self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         if time.perf_counter() - self.start >= self.seconds:
+            self.stopped = True
             self.model.stop_training = True
 
 
@@ -63,9 +95,6 @@ def _json_roundtrip(value):
 def load_tokenizer(preset, tokenizer="preset"):
     """The tokenizer of a run: the preset's own, the shipped SentencePiece
     vocabulary (`"sentencepiece"`), or bytes (`"byte"`)."""
-    from keras_brainformer.models import BrainformerByteTokenizer
-    from keras_brainformer.models import BrainformerTokenizer
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 
     if tokenizer == "byte":
         return BrainformerByteTokenizer()
@@ -148,15 +177,6 @@ def train_language_model(
     Returns:
         The summary dict (also written to `summary.json`).
     """
-    from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.models import BrainformerCausalLMPreprocessor
-    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
-    from keras_brainformer.training.callbacks import RouterStatisticsLogger
-    from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
-    from keras_brainformer.training.callbacks import ThroughputLogger
-    from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
-    from keras_brainformer.training.corpus import build_language_model_data
 
     # === Validate everything before touching the run folder ===
     for name, value in (
@@ -176,7 +196,11 @@ def train_language_model(
         raise TrainingError(
             f"Unknown tokenizer {tokenizer!r}. Allowed: 'preset', 'sentencepiece', 'byte'."
         )
-    is_name = isinstance(preset, str) and preset in backbone_presets
+    # A zoo name: an architecture preset or a trained one (continue training
+    # it on your own text).
+    is_name = isinstance(preset, str) and (
+        preset in backbone_presets or preset in trained_presets()
+    )
     if not is_name and not (pathlib.Path(str(preset)) / "config.json").exists():
         raise TrainingError(
             f"Unknown preset {preset!r}: not a zoo preset name (see `keras-brainformer "
@@ -197,6 +221,12 @@ def train_language_model(
     with open(pathlib.Path(preset_dir) / "config.json") as f:
         model_config = json.load(f)["config"]
     check_layout(model_config, distribution)
+    max_length = model_config.get("max_sequence_length")
+    if max_length is not None and sequence_length > max_length:
+        raise TrainingError(
+            f"--sequence-length {sequence_length} is longer than the model's "
+            f"max_sequence_length {max_length} (preset {preset!r}). Use at most {max_length}."
+        )
     run_settings = _json_roundtrip(
         {
             "preset": str(preset),
@@ -220,150 +250,179 @@ def train_language_model(
     )
     run_dir = pathlib.Path(run_dir)
     run_file = run_dir / RUN_FILE
-    if run_file.exists():
-        with open(run_file) as f:
-            previous = json.load(f)
-        if previous != run_settings:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--out {str(run_dir)!r} is a file, not a folder.")
+    with RunFolderLock(run_dir):
+        if run_file.exists():
+            with open(run_file) as f:
+                previous = json.load(f)
+            if previous != run_settings:
+                if not overwrite:
+                    changed = sorted(
+                        k
+                        for k in set(previous) | set(run_settings)
+                        if previous.get(k) != run_settings.get(k)
+                    )
+                    raise TrainingError(
+                        f"Run folder {str(run_dir)!r} holds a run with other settings "
+                        f"(differing: {', '.join(changed)}). Use another --out, or "
+                        "--overwrite to replace it."
+                    )
+                _clear_run_folder(run_dir)
+        elif any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             if not overwrite:
-                changed = sorted(
-                    k
-                    for k in set(previous) | set(run_settings)
-                    if previous.get(k) != run_settings.get(k)
-                )
                 raise TrainingError(
-                    f"Run folder {str(run_dir)!r} holds a run with other settings "
-                    f"(differing: {', '.join(changed)}). Use another --out, or "
-                    "--overwrite to replace it."
+                    f"Run folder {str(run_dir)!r} is not empty and holds no {RUN_FILE}. "
+                    "Use another --out, or --overwrite to replace it."
                 )
-            shutil.rmtree(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TrainingError(
-                f"Run folder {str(run_dir)!r} is not empty and holds no {RUN_FILE}. "
-                "Use another --out, or --overwrite to replace it."
-            )
-        shutil.rmtree(run_dir)
+            _clear_run_folder(run_dir)
 
-    # === Data ===
-    keras.utils.set_random_seed(seed)
-    text_tokenizer = load_tokenizer(preset, tokenizer)
-    try:
-        data = build_language_model_data(
-            text_tokenizer,
-            sequence_length,
-            paths=data_paths,
-            max_bytes=max_corpus_bytes,
-            verbose=bool(verbose),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise TrainingError(str(error)) from error
-    if verbose:
-        print(data.summary())
-
-    # === Model, training, evaluation ===
-    # Weights are created (and split) under the distribution; fit, evaluate
-    # and generate run under it too.
-    with distribution.scope() if distribution is not None else contextlib.nullcontext():
-        kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
-        if distribution is not None and verbose:
-            print(f"Distribution: {_describe(distribution)}")
-        lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
-        vocabulary = lm.backbone.vocabulary_size
-        if text_tokenizer.vocabulary_size() > vocabulary:
-            raise TrainingError(
-                f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
-                f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
-                "vocabulary."
-            )
-        # The sample at the end: top-k sampling, seeded (greedy decoding of a
-        # small model tends to loop on one phrase).
-        sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
-        compile_language_model(
-            lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
-        )
-
-        # === Run folder and resume point ===
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_file, "w") as f:
-            json.dump(run_settings, f, indent=2)
-        backup_dir = run_dir / BACKUP_DIR
-        start_epoch = _backed_up_epoch(backup_dir)
-        if verbose and start_epoch:
-            print(f"Resuming {run_dir} after epoch {start_epoch} of {epochs}.")
-
-        tokens_per_batch = batch_size * sequence_length
-        callbacks = [
-            # Raises at the first non-finite loss, before the epoch's end, so
-            # the epoch's checkpoint is never written from broken weights.
-            StopOnNonFiniteLoss(raise_error=True),
-            ThroughputLogger(tokens_per_batch),
-            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
-            RouterStatisticsLogger(str(run_dir / "logs")),
-            AtomicBackupAndRestore(backup_dir),
-        ]
-        if time_budget is not None:
-            callbacks.append(TimeBudget(time_budget))
-        callbacks.extend(extra_callbacks)
-
-        start = time.perf_counter()
+        # === Data ===
+        keras.utils.set_random_seed(seed)
+        text_tokenizer = load_tokenizer(preset, tokenizer)
         try:
-            lm.fit(
-                data.train_dataset(
-                    batch_size, seed=seed, start_step=start_epoch * steps_per_epoch
-                ),
-                epochs=epochs,
-                steps_per_epoch=steps_per_epoch,
-                validation_data=data.validation_dataset(
-                    batch_size, max_batches=validation_batches
-                ),
-                callbacks=callbacks,
-                verbose=verbose,
+            data = build_language_model_data(
+                text_tokenizer,
+                sequence_length,
+                paths=data_paths,
+                max_bytes=max_corpus_bytes,
+                verbose=bool(verbose),
             )
-        except FloatingPointError as error:
-            kept = _backed_up_epoch(backup_dir)
-            where = (
-                f"the checkpoint after epoch {kept} is kept in {backup_dir}"
-                if kept
-                else "no epoch had finished, so there is no checkpoint"
-            )
-            raise NonFiniteLossError(
-                f"{error} Training stopped; {where}, and no preset was written. "
-                "Rerunning the same command resumes from the checkpoint; to change "
-                "the learning rate, start a new run (--out or --overwrite)."
-            ) from None
-        seconds = time.perf_counter() - start
-        steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
-
-        # === Final evaluation in both routings, preset, sample ===
-        validation = data.validation_dataset(batch_size, max_batches=validation_batches)
-        modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
-        lm.preprocessor = BrainformerCausalLMPreprocessor(
-            text_tokenizer, sequence_length=sequence_length
-        )
-        _save_preset_atomically(lm, run_dir / PRESET_DIR)
-        # One prompt: a batch of 1 cannot be split along a batch axis, so the
-        # sample runs without the distribution (on the already split weights).
-        with _without_distribution():
-            sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
-        summary = {
-            "preset": str(preset),
-            "steps": steps_done,
-            "tokens_seen": steps_done * tokens_per_batch,
-            "seconds_this_run": round(seconds, 2),
-            "validation_loss_causal": float(modes["causal"]["loss"]),
-            "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
-            "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
-            "has_moe": bool(lm.backbone.moe_layers),
-            "sample_prompt": sample_prompt,
-            "sample": sample,
-            "preset_dir": str(run_dir / PRESET_DIR),
-        }
-        with open(run_dir / SUMMARY_FILE, "w") as f:
-            json.dump(summary, f, indent=2)
+            data.check_train_batch_size(batch_size)
+        except (ValueError, FileNotFoundError) as error:
+            raise TrainingError(str(error)) from error
         if verbose:
-            print(format_summary(summary))
-        return summary
+            print(data.summary())
+
+        # === Model, training, evaluation ===
+        # Weights are created (and split) under the distribution; fit, evaluate
+        # and generate run under it too.
+        with distribution.scope() if distribution is not None else contextlib.nullcontext():
+            kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
+            if distribution is not None and verbose:
+                print(f"Distribution: {_describe(distribution)}")
+            lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
+            vocabulary = lm.backbone.vocabulary_size
+            if text_tokenizer.vocabulary_size() > vocabulary:
+                raise TrainingError(
+                    f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
+                    f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
+                    "vocabulary."
+                )
+            # The sample at the end: top-k sampling, seeded (greedy decoding of a
+            # small model tends to loop on one phrase).
+            sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
+            compile_language_model(
+                lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
+            )
+
+            # === Run folder and resume point ===
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_file, "w") as f:
+                json.dump(run_settings, f, indent=2)
+            backup_dir = run_dir / BACKUP_DIR
+            start_step = latest_state(backup_dir)["step"]
+            if verbose and start_step:
+                print(
+                    f"Resuming {run_dir} at step {start_step} of {total_steps} "
+                    f"(after epoch {start_step // steps_per_epoch} of {epochs}"
+                    + (f", {start_step % steps_per_epoch} steps into the next)."
+                       if start_step % steps_per_epoch else ").")
+                )
+
+            tokens_per_batch = batch_size * sequence_length
+            callbacks = [
+                # Raises at the first non-finite loss, before the epoch's end, so
+                # the epoch's checkpoint is never written from broken weights.
+                StopOnNonFiniteLoss(raise_error=True),
+                ThroughputLogger(tokens_per_batch),
+                keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+                keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+                RouterStatisticsLogger(str(run_dir / "logs")),
+            ]
+            backup = AtomicBackupAndRestore(backup_dir)
+            interrupt = StopOnInterrupt(
+                backup, resume_hint="Run the same command again to continue from it."
+            )
+            callbacks += [backup, interrupt]
+            budget = TimeBudget(time_budget) if time_budget is not None else None
+            if budget is not None:
+                callbacks.append(budget)
+            callbacks.extend(extra_callbacks)
+
+            start = time.perf_counter()
+            try:
+                with interrupt:
+                    # An epoch cut short earlier (time budget, Ctrl-C) is finished
+                    # first, from the exact step; then whole epochs.
+                    for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
+                        start_step, steps_per_epoch, epochs
+                    ):
+                        lm.fit(
+                            data.train_dataset(batch_size, seed=seed, start_step=first_step),
+                            initial_epoch=first_epoch,
+                            epochs=end_epoch,
+                            steps_per_epoch=epoch_steps,
+                            validation_data=data.validation_dataset(
+                                batch_size, max_batches=validation_batches
+                            ),
+                            callbacks=callbacks,
+                            verbose=verbose,
+                        )
+                        if lm.stop_training:  # the time budget (or a callback) stopped it
+                            break
+            except FloatingPointError as error:
+                kept = latest_state(backup_dir)
+                where = (
+                    f"the checkpoint after epoch {kept['epoch']} is kept in {backup_dir}"
+                    if kept["step"] and kept["step"] == kept["epoch"] * steps_per_epoch
+                    else f"the checkpoint at step {kept['step']} is kept in {backup_dir}"
+                    if kept["step"]
+                    else "no epoch had finished, so there is no checkpoint"
+                )
+                raise NonFiniteLossError(
+                    f"{error} Training stopped; {where}, and no preset was written. "
+                    "Rerunning the same command resumes from the checkpoint; to change "
+                    "the learning rate, start a new run (--out or --overwrite)."
+                ) from None
+            seconds = time.perf_counter() - start
+            steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
+            if verbose and steps_done < total_steps:
+                why = "Time budget reached" if budget is not None and budget.stopped else "Stopped"
+                print(
+                    f"{why} at step {steps_done} of {total_steps}; the checkpoint is "
+                    "written: rerun the same command to continue from that step."
+                )
+
+            # === Final evaluation in both routings, preset, sample ===
+            validation = data.validation_dataset(batch_size, max_batches=validation_batches)
+            modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
+            lm.preprocessor = BrainformerCausalLMPreprocessor(
+                text_tokenizer, sequence_length=sequence_length
+            )
+            _save_preset_atomically(lm, run_dir / PRESET_DIR)
+            # One prompt: a batch of 1 cannot be split along a batch axis, so the
+            # sample runs without the distribution (on the already split weights).
+            with _without_distribution():
+                sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
+            summary = {
+                "preset": str(preset),
+                "steps": steps_done,
+                "tokens_seen": steps_done * tokens_per_batch,
+                "seconds_this_run": round(seconds, 2),
+                "validation_loss_causal": float(modes["causal"]["loss"]),
+                "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
+                "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
+                "has_moe": bool(lm.backbone.moe_layers),
+                "sample_prompt": sample_prompt,
+                "sample": sample,
+                "preset_dir": str(run_dir / PRESET_DIR),
+            }
+            with open(run_dir / SUMMARY_FILE, "w") as f:
+                json.dump(summary, f, indent=2)
+            if verbose:
+                print(format_summary(summary))
+            return summary
 
 
 def _make_distribution(mesh, experts_on, fsdp, batch_size):
@@ -372,8 +431,6 @@ def _make_distribution(mesh, experts_on, fsdp, batch_size):
         if experts_on is not None or fsdp:
             raise TrainingError("`experts_on` and `fsdp` need a `mesh`.")
         return None
-    from keras_brainformer.distribution.mesh import make_distribution
-    from keras_brainformer.distribution.mesh import parse_mesh_spec
 
     try:
         sizes = parse_mesh_spec(mesh)
@@ -399,8 +456,6 @@ def check_layout(model_config, distribution):
     layout_map = getattr(distribution, "_layout_map", None)
     if layout_map is None:
         return
-    from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
-    from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 
     try:
         check_divisible(weight_shapes(model_config), layout_map)
@@ -430,8 +485,6 @@ def compile_language_model(
     """Compiles `lm` with the paper's schedule (constant, then 1/sqrt decay),
     cross-entropy on logits, accuracy, and builds the optimizer (checkpoint
     restoring needs its variables)."""
-    from keras_brainformer.training.schedules import InverseSquareRootSchedule
-    from keras_brainformer.training.schedules import make_optimizer
 
     schedule = InverseSquareRootSchedule(
         peak_learning_rate=learning_rate,
@@ -447,16 +500,34 @@ def compile_language_model(
     lm.optimizer.build(lm.trainable_variables)
 
 
-def _backed_up_epoch(backup_dir):
-    from keras_brainformer.training.checkpointing import latest_epoch
+def _fit_phases(start_step, steps_per_epoch, epochs):
+    """`[(initial_epoch, epochs, steps_per_epoch, first_step)]`: the `fit`
+    calls that train from global step `start_step` to `epochs` whole epochs.
+    A resume inside an epoch first completes that epoch's remaining steps."""
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    phases = []
+    if offset:
+        phases.append((epoch, epoch + 1, steps_per_epoch - offset, start_step))
+        epoch += 1
+    if epoch < epochs:
+        phases.append((epoch, epochs, steps_per_epoch, epoch * steps_per_epoch))
+    return phases
 
-    return latest_epoch(backup_dir)
+
+def _clear_run_folder(run_dir):
+    """Removes what a run folder holds, except the lock this process holds."""
+    for child in pathlib.Path(run_dir).iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _save_preset_atomically(lm, directory):
     """Writes the preset next to `directory` (with the checksums of its
     files in `metadata.json`) and swaps it in when complete."""
-    from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 
     directory = pathlib.Path(directory)
     staging = directory.with_name(directory.name + ".partial")
