@@ -296,3 +296,51 @@ def test_time_budget_and_mixed_bfloat16(tmp_path):
     assert np.isfinite(summary["validation_loss_causal"])
     config = json.loads((out / "preset" / "config.json").read_text())["config"]
     assert config["dtype"]["config"]["name"] == "mixed_bfloat16"
+
+
+def test_train_refuses_a_binary_or_undecodable_file_by_name(tmp_path, capsys):
+    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 1000)
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1") * 1000)
+    for name, words in (("random.bin", "binary data"), ("latin1.txt", "not utf-8 text")):
+        out = tmp_path / f"run_{name}"
+        argv = ["train", "--preset", "dense_tiny", "--data", tmp_path / name, "--out", out]
+        assert run_cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and name in err and words in err, err
+        assert not out.exists()
+    argv = ["train", "--preset", "dense_tiny", "--data", tmp_path / "latin1.txt",
+            "--encoding", "klingon", "--out", tmp_path / "run"]
+    assert run_cli(argv) == 2
+    assert "Unknown encoding 'klingon'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_help_and_presets_load_no_backend_and_commands_print_no_native_logs():
+    code = (
+        "import sys\n"
+        "from keras_brainformer import cli\n"
+        "assert cli.main(['presets']) == 0\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('keras', 'jax', 'tensorflow', 'keras_hub') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout and "brainformer1_tiny_stdlib" in done.stdout
+    generate = subprocess.run(
+        [sys.executable, "-m", "keras_brainformer", "generate", "--preset",
+         "dense_tiny_stdlib", "--max-length", "8", "def"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert generate.returncode == 0, generate.stderr
+    assert generate.stderr == "", generate.stderr  # no oneDNN/CUDA/absl/SentencePiece lines
+    verbose = subprocess.run(
+        [sys.executable, "-m", "keras_brainformer", "generate", "--preset",
+         "dense_tiny_stdlib", "--max-length", "8", "--verbose", "def"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert verbose.returncode == 0 and verbose.stderr != ""

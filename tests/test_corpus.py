@@ -161,12 +161,26 @@ def test_read_documents(tmp_path):
         path.write_text(f"text of {relative}\n")
     (tmp_path / "corpus" / "empty.txt").write_text("")
     (tmp_path / "corpus" / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "corpus" / "random.txt").write_bytes(bytes(range(256)) * 4)
     folder = str(tmp_path / "corpus")
-    documents = read_documents(folder)
+    skipped = []
+    documents = read_documents(folder, skipped=skipped)
     names = [d.name[len(folder) + 1 :] for d in documents]
-    assert names == ["a.py", "b.txt", "c.md", "d.rst", "latin1.txt", "sub/f.PY"]
+    # Not UTF-8 text: skipped by name, never read with replacement characters.
+    assert names == ["a.py", "b.txt", "c.md", "d.rst", "sub/f.PY"]
     assert documents[0].text == "text of a.py\n"
-    assert documents[4].text == "caf\ufffd\n"
+    assert [(path[len(folder) + 1 :], reason.split(" (")[0]) for path, reason in skipped] == [
+        ("latin1.txt", "not utf-8 text"), ("random.txt", "binary data")]
+    assert "--encoding" in skipped[0][1]
+    latin1 = read_documents(str(tmp_path / "corpus" / "latin1.txt"), encoding="latin-1")
+    assert latin1[0].text == "caf\u00e9\n"
+    # Named explicitly, a file that is not text is refused.
+    with pytest.raises(ValueError, match="latin1.txt: not utf-8 text"):
+        read_documents(str(tmp_path / "corpus" / "latin1.txt"))
+    with pytest.raises(ValueError, match="random.txt: binary data"):
+        read_documents([str(tmp_path / "corpus" / "random.txt")], encoding="latin-1")
+    with pytest.raises(ValueError, match="Unknown encoding 'klingon'"):
+        read_documents(folder, encoding="klingon")
 
     explicit = read_documents([str(tmp_path / "corpus" / "e.json"), folder], extensions=(".md",))
     assert [d.name.rsplit("/", 1)[-1] for d in explicit] == ["e.json", "c.md"]

@@ -317,3 +317,20 @@ def test_stdlib_docstring_dataset_is_deterministic_and_deduplicated():
     assert set(data.validation_texts) <= set(more.validation_texts)
     with pytest.raises(ValueError, match="itertools"):
         stdlib_docstring_dataset(modules=("json", "itertools"))
+
+
+def test_fit_shuffles_in_memory_data_grouped_by_class():
+    """The fine-tuning trap: a list in file order, grouped by class, fit
+    with the default `shuffle=True`. keras-hub's pipeline batches it in
+    file order; our tasks shuffle it every epoch, so both classes are
+    learned (unshuffled, the last steps see one class only)."""
+    keras.utils.set_random_seed(0)
+    pairs = sorted(zip(TEXTS, LABELS), key=lambda pair: pair[1])
+    texts = [t for t, label in pairs for _ in range(10)]
+    labels = [label for t, label in pairs for _ in range(10)]
+    assert labels == sorted(labels)
+    classifier = tiny_classifier(sequence_length=8)
+    classifier.compile(optimizer=keras.optimizers.Adam(3e-3))
+    classifier.fit(texts, labels, batch_size=4, epochs=1, verbose=0)
+    after = classifier.evaluate(TEXTS, LABELS, batch_size=8, verbose=0, return_dict=True)
+    assert after["sparse_categorical_accuracy"] == 1.0

@@ -19,6 +19,8 @@ exits with 1 when the plan does not fit.
 """
 
 import argparse
+import contextlib
+import os
 import sys
 
 from keras_brainformer.argument_types import positive_float
@@ -34,6 +36,7 @@ EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
+COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "search")
 
 
 def _add_train_arguments(parser):
@@ -67,11 +70,28 @@ def _add_train_arguments(parser):
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--mixed-bfloat16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-corpus-bytes", type=positive_int, default=2_000_000)
+    parser.add_argument(
+        "--max-corpus-bytes",
+        type=positive_int,
+        default=2_000_000,
+        help="cap on the text used (said when it applies)",
+    )
+    parser.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="text encoding of the --data files (files that are not text in it are "
+        "refused, or skipped in folders, by name)",
+    )
     parser.add_argument(
         "--tokenizer", choices=("preset", "sentencepiece", "byte"), default="preset"
     )
     parser.add_argument("--validation-batches", type=positive_int, default=8)
+    parser.add_argument(
+        "--sample-prompt",
+        default=None,
+        help="prompt of the sample printed at the end (default: the start of a "
+        "validation document)",
+    )
     parser.add_argument(
         "--mesh",
         default=None,
@@ -88,15 +108,22 @@ def _add_train_arguments(parser):
     )
 
 
-def build_parser():
+def build_parser(only=None):
+    """The command line's parser; with `only`, the other commands' own
+    arguments are left out (their modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="keras-brainformer",
         description="Brainformer and MoE language models for Keras 3.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="keep the backends' start-up logging"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
         "train",
+        parents=[common],
         help="train a preset on a corpus; rerun the same command to resume",
         description="Train a causal LM from a preset. Killing it and rerunning the same "
         "command resumes from the last completed epoch.",
@@ -106,17 +133,22 @@ def build_parser():
     train.add_argument("--overwrite", action="store_true", help="replace a different run")
     _add_train_arguments(train)
 
-    generate = commands.add_parser("generate", help="generate text from a preset")
+    generate = commands.add_parser(
+        "generate", parents=[common], help="generate text from a preset"
+    )
     generate.add_argument("--preset", required=True, help="preset name or folder")
     generate.add_argument("prompt", nargs="+", help="one or more prompts")
     generate.add_argument("--max-length", type=positive_int, default=64)
     generate.add_argument("--sampler", default="top_k", help=", ".join(SAMPLERS))
     generate.add_argument("--seed", type=int, default=0)
 
-    commands.add_parser("presets", help="list the zoo's presets with parameter counts")
+    commands.add_parser(
+        "presets", parents=[common], help="list the zoo's presets with parameter counts"
+    )
 
     compare = commands.add_parser(
         "compare",
+        parents=[common],
         help="train several families for the same wall-clock budget and compare",
         description="The paper's fixed-wall-clock evaluation at tiny scale: every family "
         "trains for the same seconds of training steps on the same data; writes "
@@ -145,6 +177,7 @@ def build_parser():
 
     upcycle = commands.add_parser(
         "upcycle",
+        parents=[common],
         help="turn a trained dense preset into an MoE preset that keeps its weights",
         description="Sparse upcycling (docs/upcycling.md): every weight with a counterpart "
         "is copied, each MoE sublayer's experts start from the dense FFN it replaces. "
@@ -171,19 +204,24 @@ def build_parser():
     upcycle.add_argument("--seed", type=int, default=0)
     upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
-    from keras_brainformer.distribution import plan_command
-    from keras_brainformer.search import command as search_command
-
     plan = commands.add_parser(
         "plan",
+        parents=[common],
         help="per-device memory plan of a preset on a device mesh (allocates nothing)",
     )
-    plan_command.add_arguments(plan)
+    if only in (None, "plan"):
+        from keras_brainformer.distribution import plan_command
+
+        plan_command.add_arguments(plan)
     search = commands.add_parser(
         "search",
+        parents=[common],
         help="the paper's block-wise regularized-evolution search (KerasTuner)",
     )
-    search_command.add_arguments(search)
+    if only in (None, "search"):
+        from keras_brainformer.search import command as search_command
+
+        search_command.add_arguments(search)
     return parser
 
 
@@ -209,6 +247,8 @@ def _run_train(args):
         mixed_bfloat16=args.mixed_bfloat16,
         seed=args.seed,
         max_corpus_bytes=args.max_corpus_bytes,
+        encoding=args.encoding,
+        sample_prompt=args.sample_prompt,
         tokenizer=args.tokenizer,
         validation_batches=args.validation_batches,
         overwrite=args.overwrite,
@@ -322,8 +362,8 @@ def _run_upcycle(args):
 
 
 def _run_presets(args):
-    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-    from keras_brainformer.models.brainformer.preset_loading import trained_presets
+    """The zoo from the packaged folders' metadata (plain JSON: no Keras)."""
+    from keras_brainformer.preset_folders import preset_folder_metadata
 
     def human(n):
         for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -332,22 +372,26 @@ def _run_presets(args):
         return str(n)
 
     rows = [("name", "family", "total", "activated", "weights", "paper (total / activated)")]
-    listed = {name: (backbone_presets[name]["metadata"], "random") for name in backbone_presets}
-    for name, meta in trained_presets().items():
-        listed[name] = (meta, f"trained ({meta['training']['steps']} steps)")
-    for name in sorted(listed):
-        meta, weights = listed[name]
-        paper = meta["paper"]
+    trained = []
+    for name, meta in preset_folder_metadata().items():
+        paper = meta.get("paper")
         reference = (
             f"{human(paper['total'])} / {human(paper['activated'])} ({paper['source']})"
             if paper
             else "-"
         )
+        weights = "random"
+        if "training" in meta:
+            weights = f"trained ({meta['training']['steps']} steps)"
+            trained.append((name, meta["description"]))
         counts = (human(meta["params"]), human(meta["activated_params"]))
         rows.append((name, meta["family"], *counts, weights, reference))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\nTrained presets (generate from them, or continue training with train --preset):")
+    for name, description in trained:
+        print(f"  {name}: {description}")
     print(
         "\nCounts use each preset's own vocabulary (256K for full-size, 8192 for tiny); "
         "docs/presets.md compares them with the paper's tables. Trained presets: "
@@ -355,8 +399,49 @@ def _run_presets(args):
     )
 
 
+@contextlib.contextmanager
+def _native_logs_silenced():
+    """Without `--verbose`: the native libraries' log lines (TensorFlow's and
+    XLA's C++ and absl lines such as the CUDA probe, SentencePiece's
+    normalizer line) are dropped, Python's own stderr (our `error:` lines,
+    warnings) is kept. Native code writes to file descriptor 2 directly,
+    so fd 2 points at /dev/null while `sys.stderr` writes to a copy of the
+    real one; both are restored on exit. Skipped when `sys.stderr` is not
+    the process's own (under a test harness that captures it)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if sys.stderr is not sys.__stderr__:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    original, sys.stderr = sys.stderr, open(os.dup(saved), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "--verbose" in argv:
+        return _main(argv)
+    with _native_logs_silenced():
+        return _main(argv)
+
+
+def _main(argv):
+    # Only the chosen command's arguments are defined (some need the Keras
+    # stack for their choices), so `--help` and `presets` load no backend.
+    command = next((a for a in argv if a in COMMANDS), "")
+    args = build_parser(only=command).parse_args(argv)
 
     handlers = {
         "train": _run_train,

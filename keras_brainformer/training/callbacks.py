@@ -359,3 +359,29 @@ class StepClock(keras.callbacks.Callback):
         non_finite = self.stop_on_non_finite and not math.isfinite(self.last_loss)
         if self.seconds >= self.stop_at or non_finite:
             self.model.stop_training = True
+
+
+class CompilationNotice(keras.callbacks.Callback):
+    """Says when the first training step starts (tracing and XLA compilation
+    happen there, silently, for seconds to minutes) and how long it took, so
+    a run never sits silent under a misleading ETA. Once per instance, also
+    across several `fit` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self._start = None
+        self._done = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._start is None:
+            print("Compiling the training step (the first step; this can take a while)...",
+                  flush=True)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._done:
+            if logs and "loss" in logs:
+                float(ops.convert_to_numpy(logs["loss"]))  # waits for the step
+            self._done = True
+            print(f"Compiled; the first step took {time.perf_counter() - self._start:.1f} s.",
+                  flush=True)

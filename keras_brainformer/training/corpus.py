@@ -15,6 +15,7 @@ same windows, and the same `seed` gives the same batch at every global step,
 whatever step training (re)starts from.
 """
 
+import codecs
 import hashlib
 import os
 import zlib
@@ -25,6 +26,8 @@ import numpy as np
 from keras_brainformer.training.builtin_text import stdlib_source_files
 
 DEFAULT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
+# A NUL byte among a file's first bytes marks it as binary.
+_BINARY_PROBE_BYTES = 8192
 
 
 class Document(NamedTuple):
@@ -129,29 +132,55 @@ def _posix(path):
     return os.path.normpath(path).replace(os.sep, "/")
 
 
-def read_documents(paths, extensions=DEFAULT_EXTENSIONS):
+def _decode(path, encoding):
+    """The text of `path`, or `(None, reason)` if it is not text in `encoding`."""
+    with open(path, "rb") as file:
+        data = file.read()
+    if b"\x00" in data[:_BINARY_PROBE_BYTES] and not encoding.lower().startswith("utf-16"):
+        return None, "binary data (NUL bytes; UTF-16 text needs --encoding utf-16)"
+    try:
+        return data.decode(encoding), None
+    except UnicodeDecodeError as error:
+        return None, (
+            f"not {encoding} text (byte {error.start}: {data[error.start:error.start + 1]!r}); "
+            "give its --encoding, e.g. latin-1"
+        )
+
+
+def read_documents(paths, extensions=DEFAULT_EXTENSIONS, encoding="utf-8", skipped=None):
     """Reads text files, and folders of them, as `Document`s.
 
     A file named in `paths` is read whatever its extension. A folder is
     walked recursively in sorted order, keeping the files whose name ends
     with one of `extensions` (case-insensitively) and skipping hidden entries
-    (names starting with `.`) and `__pycache__`. Files are decoded as UTF-8
-    with `errors="replace"`. A file reached twice is read once. Each
-    document's name is its path as given (a folder's files: the folder as
-    given joined with the path inside it), with `/` separators. Empty files
-    are left out.
+    (names starting with `.`) and `__pycache__`. Files are decoded strictly
+    with `encoding`: a file with NUL bytes (binary data) or bytes that do not
+    decode is refused if named in `paths` and skipped if found in a folder
+    (listed in `skipped`), never read with replacement characters. A file
+    reached twice is read once. Each document's name is its path as given (a
+    folder's files: the folder as given joined with the path inside it),
+    with `/` separators. Empty files are left out.
 
     Args:
         paths: a path or a list of paths (files or folders).
         extensions: the file-name endings kept in folders.
+        encoding: the files' text encoding (default UTF-8).
+        skipped: optional list; `(path, reason)` is appended for each file
+            of a folder that was skipped as not text.
 
     Returns:
         A list of `Document`s, in the order of `paths`, each folder sorted.
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: the files hold no text at all.
+        ValueError: a file named in `paths` is not text in `encoding`, the
+            encoding is unknown, or the files hold no text at all.
     """
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"Unknown encoding {encoding!r} (Python's codec names, e.g. "
+                         "utf-8, latin-1, utf-16).") from None
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     paths = [os.fsdecode(path) for path in paths]
@@ -162,9 +191,11 @@ def read_documents(paths, extensions=DEFAULT_EXTENSIONS):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Corpus path not found: {path!r}")
     files = []
+    named = set()
     for path in paths:
         if not os.path.isdir(path):
             files.append(path)
+            named.add(path)
             continue
         for directory, subdirectories, names in os.walk(path):
             subdirectories[:] = sorted(
@@ -180,8 +211,13 @@ def read_documents(paths, extensions=DEFAULT_EXTENSIONS):
         if key in seen:
             continue
         seen.add(key)
-        with open(path, encoding="utf-8", errors="replace") as file:
-            text = file.read()
+        text, reason = _decode(path, encoding)
+        if text is None:
+            if path in named:
+                raise ValueError(f"{path}: {reason}.")
+            if skipped is not None:
+                skipped.append((_posix(path), reason))
+            continue
         if text:
             documents.append(Document(_posix(path), text))
     if not documents:
@@ -567,6 +603,7 @@ def build_language_model_data(
     validation_fraction=0.05,
     max_bytes=None,
     verbose=True,
+    encoding="utf-8",
 ):
     """Reads, splits, tokenizes and packs a corpus into `LanguageModelData`.
 
@@ -579,7 +616,9 @@ def build_language_model_data(
         validation_fraction: float in (0, 1), see `split_documents()`.
         max_bytes: int or None. Cap on the UTF-8 size of the text used
             (`cap_documents()`), for the embedded corpus or the user's files.
-        verbose: bool. Print what is tokenized, with a progress bar.
+        verbose: bool. Print what is read (files skipped as not text, the
+            bytes used and any cap applied) and tokenized, with a progress bar.
+        encoding: the text encoding of the files in `paths`.
 
     Raises:
         ValueError: either split packs to no window (the corpus is too small
@@ -590,8 +629,24 @@ def build_language_model_data(
         documents = default_documents(max_bytes)
         source = "the embedded Python corpus"
     else:
-        documents = cap_documents(read_documents(paths), max_bytes)
+        skipped = []
+        read = read_documents(paths, encoding=encoding, skipped=skipped)
+        documents = cap_documents(read, max_bytes)
         source = f"{paths}"
+        if verbose and skipped:
+            print(f"Skipped {len(skipped)} file(s) that are not {encoding} text:")
+            for path, reason in skipped[:10]:
+                print(f"  {path}: {reason}")
+            if len(skipped) > 10:
+                print(f"  ... and {len(skipped) - 10} more")
+        read_bytes = sum(_utf8_size(d.text) for d in read)
+        used_bytes = sum(_utf8_size(d.text) for d in documents)
+        if verbose and used_bytes < read_bytes:
+            print(
+                f"Using the first {used_bytes:,} of {read_bytes:,} bytes of text "
+                f"({len(documents):,} of {len(read):,} files): capped by max_bytes="
+                f"{max_bytes:,} (--max-corpus-bytes)."
+            )
     total_bytes = sum(_utf8_size(d.text) for d in documents)
     train, validation = split_documents(documents, validation_fraction)
     if verbose:

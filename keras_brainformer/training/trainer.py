@@ -49,6 +49,7 @@ from keras_brainformer.models.brainformer.preset_integrity import record_checksu
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.models.brainformer.preset_loading import trained_presets
 from keras_brainformer.models.brainformer.weight_specs import weight_shapes
+from keras_brainformer.training.callbacks import CompilationNotice
 from keras_brainformer.training.callbacks import RouterStatisticsLogger
 from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
 from keras_brainformer.training.callbacks import ThroughputLogger
@@ -128,10 +129,11 @@ def train_language_model(
     mixed_bfloat16=False,
     seed=0,
     max_corpus_bytes=2_000_000,
+    encoding="utf-8",
     tokenizer="preset",
     validation_batches=8,
     overwrite=False,
-    sample_prompt="def ",
+    sample_prompt=None,
     verbose=1,
     mesh=None,
     experts_on=None,
@@ -163,7 +165,10 @@ def train_language_model(
         tokenizer: `"preset"`, `"sentencepiece"` or `"byte"`.
         validation_batches: validation batches evaluated each epoch.
         overwrite: replace a run folder made with other settings.
-        sample_prompt: prompt of the sample generation at the end.
+        sample_prompt: prompt of the sample generation at the end (default:
+            the first tokens of the validation split, the start of one of
+            its documents).
+        encoding: text encoding of the files in `data_paths`.
         mesh: optional device mesh spec such as `"batch=2,expert=4"` (JAX
             backend): weights and batches are split with
             `keras_brainformer.distribution.make_distribution`. The batch
@@ -243,6 +248,7 @@ def train_language_model(
             "mixed_bfloat16": bool(mixed_bfloat16),
             "seed": seed,
             "max_corpus_bytes": max_corpus_bytes,
+            "encoding": encoding,
             "tokenizer": tokenizer,
             "validation_batches": validation_batches,
             "backend": keras.config.backend(),
@@ -286,6 +292,7 @@ def train_language_model(
                 sequence_length,
                 paths=data_paths,
                 max_bytes=max_corpus_bytes,
+                encoding=encoding,
                 verbose=bool(verbose),
             )
             data.check_train_batch_size(batch_size)
@@ -340,6 +347,8 @@ def train_language_model(
                 keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
                 RouterStatisticsLogger(str(run_dir / "logs")),
             ]
+            if verbose:
+                callbacks.insert(0, CompilationNotice())
             backup = AtomicBackupAndRestore(backup_dir)
             interrupt = StopOnInterrupt(
                 backup, resume_hint="Run the same command again to continue from it."
@@ -368,6 +377,7 @@ def train_language_model(
                             ),
                             callbacks=callbacks,
                             verbose=verbose,
+                            shuffle=False,  # the pipeline's order is the run's (resumable)
                         )
                         if lm.stop_training:  # the time budget (or a callback) stopped it
                             break
@@ -396,11 +406,19 @@ def train_language_model(
 
             # === Final evaluation in both routings, preset, sample ===
             validation = data.validation_dataset(batch_size, max_batches=validation_batches)
+            if verbose:
+                print("Evaluating on the validation split (causal and as-trained routing)...")
             modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
             lm.preprocessor = BrainformerCausalLMPreprocessor(
                 text_tokenizer, sequence_length=sequence_length
             )
+            if verbose:
+                print(f"Writing the preset to {run_dir / PRESET_DIR}...")
             _save_preset_atomically(lm, run_dir / PRESET_DIR)
+            if sample_prompt is None:
+                sample_prompt = _as_text(text_tokenizer.detokenize(data.validation_windows[0, :8]))
+            if verbose:
+                print(f"Sampling from the prompt {sample_prompt!r}...")
             # One prompt: a batch of 1 cannot be split along a batch axis, so the
             # sample runs without the distribution (on the already split weights).
             with _without_distribution():
@@ -498,6 +516,15 @@ def compile_language_model(
         sampler=sampler,
     )
     lm.optimizer.build(lm.trainable_variables)
+
+
+def _as_text(value):
+    """A detokenized string as `str` (TensorFlow returns a string tensor)."""
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if hasattr(value, "item"):
+        value = value.item()
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _fit_phases(start_step, steps_per_epoch, epochs):

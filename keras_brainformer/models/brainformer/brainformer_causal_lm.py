@@ -14,6 +14,7 @@ from keras_brainformer.models.brainformer.brainformer_backbone import check_task
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
+from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
@@ -174,8 +175,14 @@ class BrainformerCausalLM(CausalLM):
         A `tf.data.Dataset`, generator or `keras.utils.PyDataset` passes
         unchecked: its batches are only seen inside the compiled train step,
         where values cannot be checked. Check such data when building it.
+
+        In-memory data is shuffled every epoch when `shuffle=True` (the
+        default), as `keras.Model.fit` does and keras-hub's preprocessing
+        pipeline does not (see `in_memory_shuffle.py`); the order follows
+        `keras.utils.set_random_seed`.
         """
         check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
+        x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
         return super().fit(x, y, *args, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):

@@ -18,9 +18,9 @@ import json
 import pathlib
 
 from keras_brainformer.errors import PresetError
+from keras_brainformer.preset_folders import METADATA_FILE
 
 CONFIG_FILE = "config.json"
-METADATA_FILE = "metadata.json"
 WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
 
 

@@ -33,14 +33,12 @@ from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
 from keras_brainformer.models.brainformer.preset_integrity import WEIGHTS_FILES
 from keras_brainformer.models.brainformer.preset_integrity import verify_preset
+from keras_brainformer.preset_folders import PRESETS_ROOT
 from keras_brainformer.upstream_private import register_presets
 
 TOKENIZER_FILE = "tokenizer.json"
 TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
 
-# The package's own preset folders: `keras_brainformer/presets/` (in a
-# checkout, a link to the top-level `presets/`; in a wheel, a copy of it).
-PRESETS_ROOT = pathlib.Path(__file__).resolve().parents[2] / "presets"
 
 
 # Names registered by `register_brainformer_presets` (the package's
