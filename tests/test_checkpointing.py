@@ -153,3 +153,25 @@ def test_save_between_steps_writes_the_current_step(tmp_path):
     callback.on_train_begin()
     for a, b in zip(_weights(restored), _weights(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_full_disk_is_a_clean_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The HDF5 writer can segfault on a full disk, so the space is checked
+    before a checkpoint starts: an `OSError` (ENOSPC) naming the folder, no
+    partial folder, the previous checkpoint intact."""
+    import collections
+    import errno
+
+    x, y = _data()
+    model = _model()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[AtomicBackupAndRestore(tmp_path)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(1, 1, 1000))
+    with pytest.raises(OSError) as error:
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[AtomicBackupAndRestore(tmp_path)])
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path)
+    assert "previous checkpoint is intact" in error.value.strerror
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -344,3 +344,17 @@ def test_help_and_presets_load_no_backend_and_commands_print_no_native_logs():
         capture_output=True, text=True, timeout=300,
     )
     assert verbose.returncode == 0 and verbose.stderr != ""
+
+
+def test_an_environment_failure_is_one_line_and_exit_1(monkeypatch, tmp_path, capsys):
+    import errno
+
+    from keras_brainformer.training import trainer
+
+    def full_disk(**kwargs):
+        raise OSError(errno.ENOSPC, "No space left for a checkpoint", str(tmp_path))
+
+    monkeypatch.setattr(trainer, "train_language_model", full_disk)
+    assert run_cli(["train", "--preset", "dense_tiny", "--out", tmp_path / "run"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: No space left for a checkpoint: {tmp_path}\n"
