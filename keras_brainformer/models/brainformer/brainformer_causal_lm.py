@@ -7,23 +7,21 @@ from keras_hub.models import CausalLM
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_class_labels
-from keras_brainformer.layers.validation import check_fit_arguments
 from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.models.brainformer.checked_task import CheckedTask
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
-from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 @zoo_presets
-class BrainformerCausalLM(CausalLM):
+class BrainformerCausalLM(CheckedTask, CausalLM):
     """A `BrainformerBackbone` with a tied output projection to token logits,
     trainable with `fit` and sampling text with `generate()`.
 
@@ -158,50 +156,6 @@ class BrainformerCausalLM(CausalLM):
             check_class_labels(
                 y, self.backbone.vocabulary_size, limit_name="vocabulary_size"
             )
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, with the data checked first when it is concrete.
-
-        Token ids given as NumPy arrays, lists or eager tensors (`x =
-        {"token_ids", "padding_mask"}`, and the next-token labels `y` when
-        there is no preprocessor), and the same in a `validation_data`
-        tuple, are checked before training starts: integer dtype, rank 2, a
-        non-empty batch, ids and labels in `[0, vocabulary_size)`, at most
-        `max_sequence_length` positions and a `padding_mask` of the ids'
-        shape. A bad value raises a `TypeError`/`ValueError` naming the field,
-        the value and the allowed range, and nothing is trained (on JAX, XLA's
-        gather would otherwise clamp an out-of-range id silently).
-
-        A `tf.data.Dataset`, generator or `keras.utils.PyDataset` passes
-        unchecked: its batches are only seen inside the compiled train step,
-        where values cannot be checked. Check such data when building it.
-
-        In-memory data is shuffled every epoch when `shuffle=True` (the
-        default), as `keras.Model.fit` does and keras-hub's preprocessing
-        pipeline does not (see `in_memory_shuffle.py`); the order follows
-        `keras.utils.set_random_seed`.
-        """
-        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
-        x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
-        return super().fit(x, y, *args, **kwargs)
-
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
-        FFN and expert kernel and the token embedding (routers and norms stay
-        float32); it works straight after `from_preset` (see
-        `task_quantization.py`). Quantize the task rather than its backbone,
-        so the task's compiled functions are rebuilt."""
-        return quantize_task(
-            self, super().quantize, mode, config=config, filters=filters, **kwargs
-        )
-
-    def predict(self, x, *args, **kwargs):
-        check_task_inputs(self, x)
-        return super().predict(x, *args, **kwargs)
-
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        self.check_data(x, y)
-        return super().evaluate(x, y, *args, **kwargs)
 
     def make_generate_function(self):
         if self.generate_function is not None:

@@ -9,7 +9,6 @@ from keras_hub.models import TextClassifier
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_class_labels
-from keras_brainformer.layers.validation import check_fit_arguments
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
@@ -17,9 +16,8 @@ from keras_brainformer.models.brainformer.brainformer_backbone import check_task
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
-from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.models.brainformer.checked_task import CheckedTask
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
-from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 
 def last_token_selection(padding_mask):
@@ -71,7 +69,7 @@ def check_num_classes(num_classes):
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 @zoo_presets
-class BrainformerTextClassifier(TextClassifier):
+class BrainformerTextClassifier(CheckedTask, TextClassifier):
     """A `BrainformerBackbone` with a classification head, for fine-tuning.
 
     The backbone is a causal decoder, so only the last real token of a text
@@ -198,50 +196,6 @@ class BrainformerTextClassifier(TextClassifier):
         check_task_inputs(self, x)
         if y is not None and uses_sparse_labels(getattr(self, "loss", None)):
             check_class_labels(y, self.num_classes)
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, with the data checked first when it is concrete.
-
-        Labels `y` given as NumPy arrays, lists or eager tensors must be
-        whole numbers in `[0, num_classes)` (with the default sparse
-        categorical loss); token ids fed without a preprocessor (`x =
-        {"token_ids", "padding_mask"}`) must have an integer dtype, rank 2,
-        ids in `[0, vocabulary_size)`, at most `max_sequence_length`
-        positions and a `padding_mask` of the same shape. The same holds for
-        a `validation_data` tuple. A bad value raises a
-        `TypeError`/`ValueError` naming the field, the value and the allowed
-        range, and nothing is trained.
-
-        A `tf.data.Dataset`, generator or `keras.utils.PyDataset` passes
-        unchecked: its batches are only seen inside the compiled train step,
-        where values cannot be checked. Check such data when building it.
-
-        In-memory data is shuffled every epoch when `shuffle=True` (the
-        default), as `keras.Model.fit` does and keras-hub's preprocessing
-        pipeline does not (see `in_memory_shuffle.py`); the order follows
-        `keras.utils.set_random_seed`.
-        """
-        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
-        x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
-        return super().fit(x, y, *args, **kwargs)
-
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
-        FFN and expert kernel and the token embedding (routers and norms stay
-        float32); it works straight after `from_preset` (see
-        `task_quantization.py`). Quantize the task rather than its backbone,
-        so the task's compiled functions are rebuilt."""
-        return quantize_task(
-            self, super().quantize, mode, config=config, filters=filters, **kwargs
-        )
-
-    def predict(self, x, *args, **kwargs):
-        check_task_inputs(self, x)
-        return super().predict(x, *args, **kwargs)
-
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        self.check_data(x, y)
-        return super().evaluate(x, y, *args, **kwargs)
 
     def set_inference_routing(self, mode):
         """`"causal"` (default) or `"as_trained"` routing of every MoE

@@ -2,7 +2,7 @@
 
 `keras.Model.fit(x, y, shuffle=True)` (the default) shuffles NumPy arrays and
 lists every epoch. keras-hub tasks with a preprocessor batch such data into a
-dataset in file order first (`keras_hub.src.utils.pipeline_model`), and Keras
+dataset in file order first (keras-hub's `pipeline_model.py`), and Keras
 cannot shuffle a dataset, so `shuffle=True` silently does nothing: measured,
 `BrainformerTextClassifier.fit` on a list grouped by class learned one class
 (accuracy 0.557, the majority). `shuffled_fit_arguments` turns in-memory
