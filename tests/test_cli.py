@@ -50,8 +50,11 @@ def test_presets_lists_every_preset(capsys):
          "does not exist"),
         (["train", "--preset", "brainformer1_tiny", "--sequence-length", "300"],
          "longer than the model's max_sequence_length 256"),
-        (["train", "--preset", "dense_tiny", "--batch-size", "100000",
+        (["train", "--preset", "dense_tiny", "--batch-size", "1000",
           "--max-corpus-bytes", "150000"], "batch"),
+        # Far beyond this machine's memory: refused before anything runs.
+        (["train", "--preset", "dense_tiny", "--batch-size", "1000000"],
+         "GB of memory for one training step"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):

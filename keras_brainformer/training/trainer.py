@@ -35,6 +35,7 @@ import time
 import keras
 import keras_hub
 
+from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.errors import NonFiniteLossError
@@ -231,6 +232,10 @@ def train_language_model(
         raise TrainingError(
             f"--sequence-length {sequence_length} is longer than the model's "
             f"max_sequence_length {max_length} (preset {preset!r}). Use at most {max_length}."
+        )
+    if distribution is None:
+        _check_step_fits_in_memory(
+            model_config, batch_size, sequence_length, optimizer, mixed_bfloat16
         )
     run_settings = _json_roundtrip(
         {
@@ -516,6 +521,44 @@ def compile_language_model(
         sampler=sampler,
     )
     lm.optimizer.build(lm.trainable_variables)
+
+
+def _available_memory_bytes():
+    """Memory this machine can still give (Linux `MemAvailable`), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_step_fits_in_memory(model_config, batch_size, sequence_length, optimizer,
+                               mixed_bfloat16):
+    """Refuses a batch whose training step cannot fit in this machine's
+    memory (the analytic plan of `keras-brainformer plan`: weights,
+    gradients, optimizer state, activations), before anything is written,
+    instead of letting the process be killed mid-run."""
+    available = _available_memory_bytes()
+    if available is None:
+        return
+    plan = plan_memory(
+        model_config,
+        {"batch": 1},
+        batch_size,
+        sequence_length,
+        dtype="mixed_bfloat16" if mixed_bfloat16 else "float32",
+        optimizer=optimizer,
+    )
+    if plan.total > available:
+        raise TrainingError(
+            f"--batch-size {batch_size} with --sequence-length {sequence_length} needs about "
+            f"{plan.total / 1e9:.1f} GB of memory for one training step (weights, optimizer "
+            f"state, activations; see `keras-brainformer plan`), more than the "
+            f"{available / 1e9:.1f} GB available. Use a smaller --batch-size."
+        )
 
 
 def _as_text(value):
