@@ -13,7 +13,7 @@ from keras_brainformer.models.brainformer.brainformer_backbone import check_task
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.checked_task import CheckedTask
+from keras_brainformer.models.brainformer.checked_task import checked_task
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
@@ -21,7 +21,8 @@ ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 @zoo_presets
-class BrainformerCausalLM(CheckedTask, CausalLM):
+@checked_task
+class BrainformerCausalLM(CausalLM):
     """A `BrainformerBackbone` with a tied output projection to token logits,
     trainable with `fit` and sampling text with `generate()`.
 

@@ -16,7 +16,7 @@ from keras_brainformer.models.brainformer.brainformer_backbone import check_task
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
-from keras_brainformer.models.brainformer.checked_task import CheckedTask
+from keras_brainformer.models.brainformer.checked_task import checked_task
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
@@ -69,7 +69,8 @@ def check_num_classes(num_classes):
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 @zoo_presets
-class BrainformerTextClassifier(CheckedTask, TextClassifier):
+@checked_task
+class BrainformerTextClassifier(TextClassifier):
     """A `BrainformerBackbone` with a classification head, for fine-tuning.
 
     The backbone is a causal decoder, so only the last real token of a text
