@@ -22,9 +22,10 @@ static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
 3. **experts** (`expert_blocks`): block `i` is multiplied by the weights of
    its expert. Portable path: `ExpertBank.call_blocks`, the weights (and
    LoRA adapters, int8 scales) gathered per block and one batched matmul
-   per weight. JAX fast path (`jax_expert_blocks`, plain float banks): a
-   grouped matmul as loops over each expert's own blocks, weights read in
-   place, the unused trailing blocks skipped, with a custom VJP;
+   per weight. JAX and TensorFlow fast paths (`jax_expert_blocks`,
+   `tf_expert_blocks`, plain float banks, chosen by `fast_expert_blocks`):
+   a grouped matmul as loops over each expert's own blocks, weights read in
+   place, the unused trailing blocks skipped, with a custom gradient;
 4. **combine**: each choice's row is gathered back (`gather_rows` again),
    weighted by its gate and summed over the token's `k` choices.
 
@@ -32,7 +33,7 @@ A token meets only the experts it chose; padding tokens (`token_keep`
 False) take no row. Unused trailing blocks hold zero rows and are assigned
 to the last expert; their gradient contribution is zero. Outputs, losses,
 router statistics and gradients equal the slot path's
-(`tests/test_dropless_blocks.py`).
+(`tests/test_dropless_blocks.py`, `tests/test_dropless_tensorflow.py`).
 
 Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
