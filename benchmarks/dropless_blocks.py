@@ -20,6 +20,9 @@ group per sequence of 512 tokens:
           cost model, or `--block-size`).
   slots   top-k dropless, `dropless_impl="slots"` (`C = S`; only where
           `E*T <= --slots-max-rows`, it costs `E/k` times the useful work).
+  portable  (with `--portable`) the same block path with the backend's fast
+          path off (`ExpertBank.call_blocks`: weights gathered per block),
+          reported as portable/blocks: the fast path's speed-up, same run.
 
 Targets (issue 21), at E=32, k=2: blocks/dense <= 1.5, blocks/cf <= 1.1.
 E-scaling: (blocks/dense at E=64) / (blocks/dense at E=8), the same dense
@@ -54,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--slots-max-rows", type=int, default=32 * 4096)
+    parser.add_argument("--portable", action="store_true",
+                        help="also time the block path without the backend's fast "
+                             "path (dropless_blocks.fast_expert_blocks)")
     parser.add_argument("--calibrate", action="store_true",
                         help="time the block path at every block size 8..256")
     parser.add_argument("--preset", default=None,
@@ -127,6 +133,21 @@ def make_step(layer, x):
         return [t.numpy() for t in tf.nest.flatten(out) if t is not None]
 
     return step
+
+
+def portable(step):
+    """`step` with `dropless_blocks.fast_expert_blocks` off while it runs
+    (it traces on its first call): the portable block path."""
+
+    def run():
+        fast = dropless_blocks.fast_expert_blocks
+        dropless_blocks.fast_expert_blocks = lambda bank: None
+        try:
+            return step()
+        finally:
+            dropless_blocks.fast_expert_blocks = fast
+
+    return run
 
 
 def make_forward(model, x):
@@ -275,6 +296,9 @@ def main():
                 else:
                     variants["cf"] = make_step(moe(1.25), x)
                     variants["blocks"] = make_step(moe(None, "blocks", b), x)
+                    if args.portable:
+                        variants["portable"] = portable(
+                            make_step(moe(None, "blocks", b), x))
                     if E * T <= args.slots_max_rows:
                         variants["slots"] = make_step(moe(None, "slots"), x)
                 print(f"  T={T} k={k} E={E} (block size {b}):", flush=True)
@@ -294,6 +318,8 @@ def main():
                     "cf/dense": ratio(times, "cf", "dense"),
                     "slots/blocks": ratio(times, "slots", "blocks") if "slots" in times
                     else None,
+                    "portable/blocks": ratio(times, "portable", "blocks")
+                    if "portable" in times else None,
                 }
                 rows.append(row)
                 print("    " + ", ".join(
@@ -306,18 +332,21 @@ def main():
 def report(rows):
     print()
     print("| T | k | E | b | dense ms | blocks ms | blocks/dense | blocks/cf1.25 | "
-          "cf1.25/dense | slots/blocks | targets |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "cf1.25/dense | slots/blocks | portable/blocks | targets |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         target = ""
         if r["E"] == 32 and r["k"] == 2:
             ok1, ok2 = r["blocks/dense"] <= 1.5, r["blocks/cf"] <= 1.1
             target = (f"≤1.5: {'PASS' if ok1 else 'MISS'}; "
                       f"≤1.1: {'PASS' if ok2 else 'MISS'}")
-        slots = "-" if r["slots/blocks"] is None else f"{r['slots/blocks']:.2f}"
+        slots, port = (
+            "-" if r[key] is None else f"{r[key]:.2f}"
+            for key in ("slots/blocks", "portable/blocks")
+        )
         print(f"| {r['T']} | {r['k']} | {r['E']} | {r['b']} | {r['dense_ms']:.0f} | "
               f"{r['blocks_ms']:.0f} | {r['blocks/dense']:.2f} | {r['blocks/cf']:.2f} | "
-              f"{r['cf/dense']:.2f} | {slots} | {target} |")
+              f"{r['cf/dense']:.2f} | {slots} | {port} | {target} |")
     print()
     by = {(r["T"], r["k"], r["E"]): r["blocks/dense"] for r in rows}
     for T, k in sorted({(r["T"], r["k"]) for r in rows}):

@@ -22,9 +22,10 @@ static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
 3. **experts** (`expert_blocks`): block `i` is multiplied by the weights of
    its expert. Portable path: `ExpertBank.call_blocks`, the weights (and
    LoRA adapters, int8 scales) gathered per block and one batched matmul
-   per weight. JAX fast path (`jax_expert_blocks`, plain float banks): a
-   grouped matmul as loops over each expert's own blocks, weights read in
-   place, the unused trailing blocks skipped, with a custom VJP;
+   per weight. JAX and TensorFlow fast paths (`jax_expert_blocks`,
+   `tf_expert_blocks`, plain float banks, chosen by `fast_expert_blocks`):
+   a grouped matmul as loops over each expert's own blocks, weights read in
+   place, the unused trailing blocks skipped, with a custom gradient;
 4. **combine**: each choice's row is gathered back (`gather_rows` again),
    weighted by its gate and summed over the token's `k` choices.
 
@@ -32,7 +33,7 @@ A token meets only the experts it chose; padding tokens (`token_keep`
 False) take no row. Unused trailing blocks hold zero rows and are assigned
 to the last expert; their gradient contribution is zero. Outputs, losses,
 router statistics and gradients equal the slot path's
-(`tests/test_dropless_blocks.py`).
+(`tests/test_dropless_blocks.py`, `tests/test_dropless_tensorflow.py`).
 
 Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
@@ -210,13 +211,27 @@ def expert_blocks(bank, x, block_expert, blocks_per_expert):
 
     The portable path is `ExpertBank.call_blocks` (expert weights gathered
     per block, one batched matmul per weight over all `n` blocks; LoRA and
-    int8 included). On JAX, a plain float bank
-    (`ragged_experts.bank_supports_ragged`) takes `jax_expert_blocks`
-    instead: same values and gradients (tests check they agree).
+    int8 included). On JAX and TensorFlow, a plain float bank
+    (`ragged_experts.bank_supports_ragged`) takes the backend's fast path
+    instead (`fast_expert_blocks`: `jax_expert_blocks`, `tf_expert_blocks`):
+    same values and gradients (tests check they agree).
     """
-    if keras.config.backend() == "jax" and bank_supports_ragged(bank):
-        return jax_expert_blocks(bank, x, blocks_per_expert)
+    fast = fast_expert_blocks(bank)
+    if fast is not None:
+        return fast(bank, x, blocks_per_expert)
     return bank.call_blocks(x, block_expert)
+
+
+def fast_expert_blocks(bank):
+    """The backend's fast path of `expert_blocks` for `bank`
+    (`jax_expert_blocks` on JAX, `tf_expert_blocks` on TensorFlow), or None
+    for the portable path: a quantized bank or one with LoRA adapters
+    (`ragged_experts.bank_supports_ragged` is False), or another backend."""
+    if not bank_supports_ragged(bank):
+        return None
+    return {"jax": jax_expert_blocks, "tensorflow": tf_expert_blocks}.get(
+        keras.config.backend()
+    )
 
 
 def jax_expert_blocks(bank, x, blocks_per_expert):
@@ -320,3 +335,130 @@ def jax_expert_blocks(bank, x, blocks_per_expert):
 
     ffn.defvjp(ffn_fwd, ffn_bwd)
     return ffn(weights, x, counts)
+
+
+def tf_expert_blocks(bank, x, blocks_per_expert):
+    """The TensorFlow fast path of `expert_blocks`: the loops of
+    `jax_expert_blocks` as `tf.while_loop`s (static shapes, data-dependent
+    trip counts; compiled by XLA under `tf.function(jit_compile=True)`, run
+    as Python loops eagerly). For each expert with blocks, its weights are
+    sliced once and its own blocks multiplied one by one, written in place
+    into the output; the unused trailing blocks are never computed (zeros).
+    A `tf.custom_gradient` runs the same loops backwards, summing each
+    expert's weight gradient over its blocks in a float32 accumulator
+    written once per expert, instead of the portable path's per-block weight
+    gathers and the scatter-add of their gradients (memory-bound on CPU,
+    `benchmarks/dropless_blocks.py --backend tensorflow`)."""
+    import tensorflow as tf
+
+    dtype = bank.compute_dtype
+    activation, gated = bank._activation_fn, bank._gated
+    names = ("w_in", "w_gate", "w_out") if gated else ("w_in", "w_out")
+    weights = tuple(
+        tf.convert_to_tensor(ops.cast(getattr(bank, name), dtype)) for name in names
+    )
+    x = tf.convert_to_tensor(ops.convert_to_tensor(x, dtype=dtype))
+    counts = tf.cast(tf.convert_to_tensor(blocks_per_expert), tf.int32)
+    n, b, d = x.shape
+    E = bank.num_experts
+    h = weights[0].shape[-1]
+    f32 = tf.float32
+
+    def take(tensor, i):
+        # A gather, not `tensor[i]`: XLA would try to resolve a strided
+        # slice's loop-carried index as a compile-time constant.
+        return tf.gather(tensor, i)
+
+    def buffer(size, shape, dtype):
+        # Written once per index in the loops (in place under XLA); the
+        # entries never written stack as zeros.
+        return tf.TensorArray(dtype, size=size, element_shape=shape)
+
+    def put(buffer, value, i):
+        return buffer.write(i, tf.cast(value, buffer.dtype))
+
+    def hidden(*pre):
+        # pre: (x·w_in,) or (x·w_in, x·w_gate) -> the activated hidden rows.
+        return activation(pre[1]) * pre[0] if gated else activation(pre[0])
+
+    def over_experts(weights, expert_body, carry):
+        """`expert_body(e, ws, first, end, carry)` for every expert `e` that
+        has blocks: its weights `ws` and its blocks `[first, end)`. Experts
+        without blocks are not visited (their weights are never read)."""
+        starts = tf.cumsum(counts, exclusive=True)
+        active = tf.argsort(tf.cast(counts == 0, tf.int32), stable=True)
+        num_active = tf.reduce_sum(tf.cast(counts > 0, tf.int32))
+
+        def expert(j, carry):
+            e = take(active, j)
+            ws = tuple(take(w, e) for w in weights)
+            first = take(starts, e)
+            return j + 1, expert_body(e, ws, first, first + take(counts, e), carry)
+
+        return tf.while_loop(
+            lambda j, carry: j < num_active, expert, (tf.constant(0), carry)
+        )[1]
+
+    def over_blocks(first, end, block, carry):
+        return tf.while_loop(
+            lambda i, carry: i < end, lambda i, carry: (i + 1, block(i, carry)),
+            (first, carry),
+        )[1]
+
+    def forward(x, weights):
+        def expert(e, ws, first, end, carry):
+            def block(i, carry):
+                y, pre = carry
+                rows = take(x, i)
+                p = tuple(tf.matmul(rows, w) for w in ws[:-1])
+                y = put(y, tf.matmul(hidden(*p), ws[-1]), i)
+                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
+
+            return over_blocks(first, end, block, carry)
+
+        pre = tuple(buffer(n, (b, h), dtype) for _ in weights[:-1])
+        y, pre = over_experts(weights, expert, (buffer(n, (b, d), dtype), pre))
+        return y.stack(), tuple(buf.stack() for buf in pre)
+
+    @tf.custom_gradient
+    def ffn(x, *weights):
+        y, pre = forward(x, weights)
+
+        def grad(dy):
+            dy = tf.cast(dy, dtype)
+
+            def expert(e, ws, first, end, carry):
+                d_x, d_weights = carry
+
+                def block(i, inner):
+                    d_x, acc = inner
+                    rows, g = take(x, i), take(dy, i)
+                    p = tuple(take(buf, i) for buf in pre)
+                    with tf.GradientTape() as tape:
+                        tape.watch(p)
+                        hid = hidden(*p)
+                    d_pre = tuple(tape.gradient(
+                        hid, p, output_gradients=tf.matmul(g, ws[-1], transpose_b=True)
+                    ))
+                    lefts = (rows,) * len(d_pre) + (hid,)
+                    acc = tuple(
+                        a + tf.matmul(tf.cast(left, f32), tf.cast(right, f32),
+                                      transpose_a=True)
+                        for a, left, right in zip(acc, lefts, d_pre + (g,))
+                    )
+                    d_rows = tf.add_n([
+                        tf.matmul(dp, w, transpose_b=True) for dp, w in zip(d_pre, ws[:-1])
+                    ])
+                    return put(d_x, d_rows, i), acc
+
+                zeros = tuple(tf.zeros(w.shape, f32) for w in ws)
+                d_x, acc = over_blocks(first, end, block, (d_x, zeros))
+                return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
+
+            d_weights = tuple(buffer(E, w.shape[1:], w.dtype) for w in weights)
+            d_x, d_weights = over_experts(weights, expert, (buffer(n, (b, d), dtype), d_weights))
+            return (d_x.stack(), *(dw.stack() for dw in d_weights))
+
+        return y, grad
+
+    return ffn(x, *weights)
