@@ -95,6 +95,10 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             `STAGES` (`"weights"` written, `"state"` written, `"rename"`
             done): a hook for progress reporting, and for tests that kill
             the process part way through a checkpoint.
+        restore_on_train_begin: restore the newest checkpoint when `fit`
+            starts (default). A caller that restores once itself
+            (`restore()`, then `fit` with the data started at
+            `restored_step`, as `train_language_model` does) passes False.
 
     Example:
     ```python
@@ -103,7 +107,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, backup_dir, keep=2, on_stage=None):
+    def __init__(self, backup_dir, keep=2, on_stage=None, restore_on_train_begin=True):
         super().__init__()
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"`keep` must be an int >= 1. Received: keep={keep!r}")
@@ -112,6 +116,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         self.backup_dir = pathlib.Path(backup_dir)
         self.keep = keep
         self.on_stage = on_stage or (lambda epoch, stage: None)
+        self.restore_on_train_begin = bool(restore_on_train_begin)
         self.restored_epoch = 0
         self.restored_step = 0
         self._epoch_start_step = 0
@@ -119,7 +124,10 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     def _step(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
-    def on_train_begin(self, logs=None):
+    def restore(self):
+        """Loads the newest readable complete checkpoint into the model (its
+        optimizer built first) and returns its state, `{"step": 0, "epoch":
+        0}` if there is none; also in `restored_step` / `restored_epoch`."""
         self.restored_epoch = self.restored_step = 0
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
@@ -132,8 +140,12 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
                                 folder, error)
                 continue
             self.restored_epoch, self.restored_step = state["epoch"], state["step"]
+            break
+        return {"step": self.restored_step, "epoch": self.restored_epoch}
+
+    def on_train_begin(self, logs=None):
+        if self.restore_on_train_begin and self.restore()["step"]:
             self.model._initial_epoch = self.restored_epoch
-            return
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start_step = self._step()

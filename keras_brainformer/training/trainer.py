@@ -333,7 +333,12 @@ def train_language_model(
             with open(run_file, "w") as f:
                 json.dump(run_settings, f, indent=2)
             backup_dir = run_dir / BACKUP_DIR
-            start_step = latest_state(backup_dir)["step"]
+            # Restored once, here: the data then starts at the step restored
+            # (a torn newest checkpoint falls back to an older one, and so
+            # does the data).
+            backup = AtomicBackupAndRestore(backup_dir, restore_on_train_begin=False)
+            backup.set_model(lm)
+            start_step = backup.restore()["step"]
             if verbose and start_step:
                 print(
                     f"Resuming {run_dir} at step {start_step} of {total_steps} "
@@ -354,7 +359,6 @@ def train_language_model(
             ]
             if verbose:
                 callbacks.insert(0, CompilationNotice())
-            backup = AtomicBackupAndRestore(backup_dir)
             interrupt = StopOnInterrupt(
                 backup, resume_hint="Run the same command again to continue from it."
             )
