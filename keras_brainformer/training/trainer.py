@@ -267,6 +267,7 @@ def train_language_model(
         if run_file.exists():
             with open(run_file) as f:
                 previous = json.load(f)
+            previous.setdefault("encoding", "utf-8")  # run folders from before --encoding
             if previous != run_settings:
                 if not overwrite:
                     changed = sorted(
