@@ -11,6 +11,23 @@ from keras_brainformer.models.brainformer.brainformer_tokenizer import check_spe
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 
+def check_preprocessor_arguments(
+    preprocessor, tokenizer, sequence_length, add_start_token, add_end_token, detokenize=False
+):
+    """The family's preprocessors' shared constructor checks: the tokenizer
+    (default `BrainformerTokenizer()`) has the special tokens they need, a
+    positive `sequence_length`, bool `add_start_token` / `add_end_token`.
+    Returns `(tokenizer, sequence_length)`."""
+    if tokenizer is None:
+        tokenizer = BrainformerTokenizer()
+    check_special_token_ids(tokenizer, type(preprocessor).__name__, detokenize=detokenize)
+    sequence_length = check_positive_int("sequence_length", sequence_length)
+    for name, value in (("add_start_token", add_start_token), ("add_end_token", add_end_token)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    return tokenizer, sequence_length
+
+
 def check_text(x, where):
     """Raw text (a string, a list of strings or a string array) is what the
     preprocessor takes; concrete non-text inputs (token ids, numbers, None)
@@ -101,16 +118,9 @@ class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
         add_end_token=True,
         **kwargs,
     ):
-        if tokenizer is None:
-            tokenizer = BrainformerTokenizer()
-        check_special_token_ids(tokenizer, self.__class__.__name__, detokenize=True)
-        sequence_length = check_positive_int("sequence_length", sequence_length)
-        for name, value in (
-            ("add_start_token", add_start_token),
-            ("add_end_token", add_end_token),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+        tokenizer, sequence_length = check_preprocessor_arguments(
+            self, tokenizer, sequence_length, add_start_token, add_end_token, detokenize=True
+        )
         super().__init__(
             tokenizer=tokenizer,
             sequence_length=sequence_length,

@@ -7,11 +7,12 @@ from keras_hub.models import TextClassifierPreprocessor
 
 from keras_brainformer.layers.validation import check_class_labels
 from keras_brainformer.layers.validation import check_optional_positive_int
-from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+    check_preprocessor_arguments,
+)
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import check_text
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 from keras_brainformer.upstream_private import preprocessing_function
 
@@ -90,16 +91,9 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
         num_classes=None,
         **kwargs,
     ):
-        if tokenizer is None:
-            tokenizer = BrainformerTokenizer()
-        check_special_token_ids(tokenizer, self.__class__.__name__)
-        sequence_length = check_positive_int("sequence_length", sequence_length)
-        for name, value in (
-            ("add_start_token", add_start_token),
-            ("add_end_token", add_end_token),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+        tokenizer, sequence_length = check_preprocessor_arguments(
+            self, tokenizer, sequence_length, add_start_token, add_end_token
+        )
         num_classes = check_optional_positive_int("num_classes", num_classes)
         reserved = int(add_start_token) + int(add_end_token)
         if sequence_length <= reserved:
