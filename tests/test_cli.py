@@ -103,6 +103,7 @@ def test_generate_refuses_a_folder_that_is_not_a_preset(tmp_path, capsys):
     assert "not a zoo preset name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_from_random_weights_says_so(capsys):
     assert run_cli(["generate", "--preset", "dense_tiny", "--max-length", "6", "hi"]) == 0
     assert "no trained weights" in capsys.readouterr().err

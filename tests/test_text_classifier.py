@@ -97,9 +97,10 @@ def test_pooling_picks_exactly_the_last_real_token():
     vocab = 64
     classifier = BrainformerTextClassifier(tiny_backbone(vocab), num_classes=3)
 
+    forward = inference_call(classifier)  # compiled on JAX, eager on TensorFlow
+
     def logits_of(x):
-        # `predict` compiles once per shape (eager JAX calls are slower here).
-        return to_numpy(classifier.predict(x, batch_size=len(x["token_ids"]), verbose=0))
+        return to_numpy(forward(x))
 
     lengths = [4, 7, 10, 1]
     x = id_batch(lengths, total=10, vocabulary_size=vocab)
@@ -107,7 +108,7 @@ def test_pooling_picks_exactly_the_last_real_token():
     assert logits.shape == (4, 3)
 
     # The same computation by hand: backbone states at index sum(mask) - 1.
-    hidden = to_numpy(classifier.backbone.predict(x, batch_size=4, verbose=0))
+    hidden = to_numpy(inference_call(classifier.backbone)(x))
     pooled = hidden[np.arange(4), np.array(lengths) - 1]
     kernel, bias = (to_numpy(w) for w in classifier.output_dense.weights)
     np.testing.assert_allclose(logits, pooled @ kernel + bias, rtol=1e-5, atol=1e-6)
@@ -122,11 +123,7 @@ def test_pooling_picks_exactly_the_last_real_token():
         "token_ids": np.concatenate([x["token_ids"], np.zeros((4, 6), "int32")], axis=1),
         "padding_mask": np.concatenate([x["padding_mask"], np.zeros((4, 6), "int32")], axis=1),
     }
-    # (A fresh predict function: TF's retracing for a new length would relax
-    # the sequence dimension to None, which MoE with group_size=None rejects.)
-    classifier.predict_function = None
     np.testing.assert_allclose(logits_of(longer), logits, rtol=1e-5, atol=1e-6)
-    classifier.predict_function = None
 
     # But the last real token itself matters.
     last = x["token_ids"].copy()
@@ -191,14 +188,22 @@ def test_preprocessor_validation():
 # --- Training ----------------------------------------------------------------------------
 
 
-def test_fit_from_raw_strings_learns_a_separable_toy_set():
+def test_fit_from_raw_strings_learns_a_separable_toy_set_given_grouped_by_class():
+    """Raw strings through the preprocessor, and the fine-tuning trap: the
+    list is in file order, grouped by class, fit with the default
+    `shuffle=True`. keras-hub's pipeline batches it in file order; our
+    tasks shuffle it every epoch, so both classes are learned (unshuffled,
+    the last steps see one class only: this fails without the shuffle)."""
+    keras.utils.set_random_seed(0)
+    pairs = sorted(zip(TEXTS, LABELS), key=lambda pair: pair[1])
+    texts = [t for t, label in pairs for _ in range(10)]
+    labels = [label for t, label in pairs for _ in range(10)]
+    assert labels == sorted(labels)
     classifier = tiny_classifier(sequence_length=8)
     classifier.compile(optimizer=keras.optimizers.Adam(3e-3))
     before = classifier.evaluate(TEXTS, LABELS, batch_size=8, verbose=0, return_dict=True)
     # 20 steps of batch 4 over the toy set.
-    history = classifier.fit(
-        TEXTS * 10, LABELS * 10, batch_size=4, epochs=1, shuffle=True, verbose=0
-    )
+    history = classifier.fit(texts, labels, batch_size=4, epochs=1, verbose=0)
     after = classifier.evaluate(TEXTS, LABELS, batch_size=8, verbose=0, return_dict=True)
     assert np.isfinite(history.history["loss"]).all()
     assert np.isfinite(after["loss"])
@@ -317,20 +322,3 @@ def test_stdlib_docstring_dataset_is_deterministic_and_deduplicated():
     assert set(data.validation_texts) <= set(more.validation_texts)
     with pytest.raises(ValueError, match="itertools"):
         stdlib_docstring_dataset(modules=("json", "itertools"))
-
-
-def test_fit_shuffles_in_memory_data_grouped_by_class():
-    """The fine-tuning trap: a list in file order, grouped by class, fit
-    with the default `shuffle=True`. keras-hub's pipeline batches it in
-    file order; our tasks shuffle it every epoch, so both classes are
-    learned (unshuffled, the last steps see one class only)."""
-    keras.utils.set_random_seed(0)
-    pairs = sorted(zip(TEXTS, LABELS), key=lambda pair: pair[1])
-    texts = [t for t, label in pairs for _ in range(10)]
-    labels = [label for t, label in pairs for _ in range(10)]
-    assert labels == sorted(labels)
-    classifier = tiny_classifier(sequence_length=8)
-    classifier.compile(optimizer=keras.optimizers.Adam(3e-3))
-    classifier.fit(texts, labels, batch_size=4, epochs=1, verbose=0)
-    after = classifier.evaluate(TEXTS, LABELS, batch_size=8, verbose=0, return_dict=True)
-    assert after["sparse_categorical_accuracy"] == 1.0
