@@ -88,6 +88,7 @@ from keras import ops  # noqa: E402
 from keras_brainformer.layers import FeedForward  # noqa: E402
 from keras_brainformer.layers import MoEFeedForward  # noqa: E402
 from keras_brainformer.layers import dropless_blocks  # noqa: E402
+from keras_brainformer.models import BrainformerBackbone  # noqa: E402
 
 
 def make_step(layer, x):
@@ -186,7 +187,7 @@ def preset_evaluation(args):
     root = pathlib.Path(__file__).resolve().parent.parent / "presets" / args.preset
     config = json.loads((root / "config.json").read_text())
     keras.utils.set_random_seed(0)
-    backbone = keras.saving.deserialize_keras_object(config)
+    backbone = BrainformerBackbone.from_config(config["config"])
     length = backbone.max_sequence_length
     rng = np.random.default_rng(0)
     x = {
