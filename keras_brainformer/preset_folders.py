@@ -24,3 +24,11 @@ def preset_folder_metadata(root=PRESETS_ROOT):
         if "keras_brainformer_preset" in metadata:
             found[path.parent.name] = metadata
     return found
+
+
+def human_count(n):
+    """A parameter count as the zoo's tables print it: `1.4M`, `8.7B`, `873K`."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))

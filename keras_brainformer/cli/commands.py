@@ -363,13 +363,8 @@ def _run_upcycle(args):
 
 def _run_presets(args):
     """The zoo from the packaged folders' metadata (plain JSON: no Keras)."""
+    from keras_brainformer.preset_folders import human_count as human
     from keras_brainformer.preset_folders import preset_folder_metadata
-
-    def human(n):
-        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-            if n >= size:
-                return f"{n / size:.3g}{unit}"
-        return str(n)
 
     rows = [("name", "family", "total", "activated", "weights", "paper (total / activated)")]
     trained = []

@@ -9,6 +9,7 @@ from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
 from keras_brainformer.models.brainformer.brainformer_presets import tiny_activated_non_embedding
+from keras_brainformer.preset_folders import human_count
 
 
 def _layout(config):
@@ -21,13 +22,6 @@ def _experts(config):
     spec = BlockSpec.from_dict(config["blocks"])
     experts = sorted({s.num_experts for s in spec.sublayers if s.kind == "moe"})
     return "/".join(map(str, experts)) or "-"
-
-
-def _human(n):
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
 
 
 def table_rows(presets=None):
@@ -69,13 +63,16 @@ def markdown_table(presets=None):
     ]
     for r in table_rows(presets):
         vocab = (presets or backbone_presets)[r["name"]]["config"]["vocabulary_size"]
-        ours = f"{_human(r['total'])} / {_human(r['activated'])} ({vocab})"
-        conv = f"{_human(r['paper_convention_total'])} / {_human(r['paper_convention_activated'])}"
+        ours = f"{human_count(r['total'])} / {human_count(r['activated'])} ({vocab})"
+        conv = (
+            f"{human_count(r['paper_convention_total'])} / "
+            f"{human_count(r['paper_convention_activated'])}"
+        )
         if r["name"].endswith("_tiny"):
             conv = "-"
         if r["paper"]:
             paper = (
-                f"{_human(r['paper']['total'])} / {_human(r['paper']['activated'])} "
+                f"{human_count(r['paper']['total'])} / {human_count(r['paper']['activated'])} "
                 f"({r['paper']['source']})"
             )
             error = f"{r['total_error']:+.1%} / {r['activated_error']:+.1%}"
