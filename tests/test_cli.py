@@ -355,7 +355,7 @@ def test_an_environment_failure_is_one_line_and_exit_1(monkeypatch, tmp_path, ca
 
     from keras_brainformer.training import trainer
 
-    def full_disk(**kwargs):
+    def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left for a checkpoint", str(tmp_path))
 
     monkeypatch.setattr(trainer, "train_language_model", full_disk)

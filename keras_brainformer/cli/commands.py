@@ -29,6 +29,7 @@ from keras_brainformer.errors import NonFiniteLossError
 from keras_brainformer.errors import PresetError
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.errors import TrainingInterrupted
+from keras_brainformer.training.config import TrainingConfig
 
 EXIT_ENVIRONMENT = 1
 EXIT_BAD_INPUT = 2
@@ -40,27 +41,18 @@ COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "searc
 
 
 def _add_train_arguments(parser):
+    """`train`'s own flags; the training settings it shares with `compare`
+    and `search` come from `TrainingConfig.add_arguments`."""
     parser.add_argument("--steps", type=positive_int, default=300, help="training steps")
     parser.add_argument(
         "--time-budget", type=positive_float, default=None, help="stop after this many seconds"
     )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        metavar="PATH",
-        help="text files or folders (default: the embedded Python docs and stdlib sources)",
-    )
-    parser.add_argument("--sequence-length", type=positive_int, default=128)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument(
         "--steps-per-epoch",
         type=positive_int,
         default=50,
         help="steps between validation, logs and checkpoints",
     )
-    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    parser.add_argument("--learning-rate", type=positive_float, default=0.01)
     parser.add_argument(
         "--constant-steps",
         type=positive_int,
@@ -69,23 +61,6 @@ def _add_train_arguments(parser):
     )
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--mixed-bfloat16", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--max-corpus-bytes",
-        type=positive_int,
-        default=2_000_000,
-        help="cap on the text used (said when it applies)",
-    )
-    parser.add_argument(
-        "--encoding",
-        default="utf-8",
-        help="text encoding of the --data files (files that are not text in it are "
-        "refused, or skipped in folders, by name)",
-    )
-    parser.add_argument(
-        "--tokenizer", choices=("preset", "sentencepiece", "byte"), default="preset"
-    )
-    parser.add_argument("--validation-batches", type=positive_int, default=8)
     parser.add_argument(
         "--sample-prompt",
         default=None,
@@ -106,6 +81,7 @@ def _add_train_arguments(parser):
     parser.add_argument(
         "--fsdp", action="store_true", help="also split weights along the batch axis"
     )
+    TrainingConfig.add_arguments(parser)
 
 
 def build_parser(only=None):
@@ -164,16 +140,10 @@ def build_parser(only=None):
         "--budget", type=positive_float, default=60.0, help="seconds of training per family"
     )
     compare.add_argument("--out", default="runs/compare")
-    compare.add_argument("--sequence-length", type=positive_int, default=128)
-    compare.add_argument("--batch-size", type=positive_int, default=16)
     compare.add_argument(
         "--eval-every", type=positive_int, default=25, help="steps between validation points"
     )
-    compare.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    compare.add_argument("--learning-rate", type=positive_float, default=0.01)
-    compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--max-corpus-bytes", type=positive_int, default=2_000_000)
-    compare.add_argument("--validation-batches", type=positive_int, default=8)
+    TrainingConfig.add_arguments(compare)
 
     upcycle = commands.add_parser(
         "upcycle",
@@ -226,31 +196,20 @@ def build_parser(only=None):
 
 
 def _run_train(args):
-    import os
-
     from keras_brainformer.training.trainer import train_language_model
 
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.preset)))
     train_language_model(
-        preset=args.preset,
-        run_dir=out,
+        args.preset,
+        out,
+        TrainingConfig.from_args(args),
         steps=args.steps,
         time_budget=args.time_budget,
-        data_paths=args.data,
-        sequence_length=args.sequence_length,
-        batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
         constant_steps=args.constant_steps,
         warmup_steps=args.warmup_steps,
         mixed_bfloat16=args.mixed_bfloat16,
-        seed=args.seed,
-        max_corpus_bytes=args.max_corpus_bytes,
-        encoding=args.encoding,
         sample_prompt=args.sample_prompt,
-        tokenizer=args.tokenizer,
-        validation_batches=args.validation_batches,
         overwrite=args.overwrite,
         mesh=args.mesh,
         experts_on=args.experts_on,
@@ -259,8 +218,6 @@ def _run_train(args):
 
 
 def _run_generate(args):
-    import os
-
     import keras
     import keras_hub
 
@@ -316,8 +273,6 @@ def _run_generate(args):
 
 
 def _run_upcycle(args):
-    import os
-
     from keras_brainformer.models import BrainformerCausalLM
     from keras_brainformer.models.brainformer import upcycling
 

@@ -13,6 +13,9 @@ import argparse
 
 from keras_brainformer.argument_types import positive_float as _positive_float
 from keras_brainformer.argument_types import positive_int as _positive_int
+from keras_brainformer.search.training_proxy import SEARCH_TOKENIZERS
+from keras_brainformer.search.training_proxy import SEARCH_TRAINING
+from keras_brainformer.training.config import TrainingConfig
 
 
 def _scale(text):
@@ -48,17 +51,7 @@ def add_arguments(parser):
     parser.add_argument("--num-experts", type=_positive_int, default=8)
     parser.add_argument("--num-blocks", type=_positive_int, default=3,
                         help="times a candidate block is stacked")
-    parser.add_argument("--sequence-length", type=_positive_int, default=128)
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--learning-rate", type=_positive_float, default=0.01)
-    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                        help="text files or folders (default: the embedded Python corpus)")
-    parser.add_argument("--max-corpus-bytes", type=_positive_int, default=2_000_000)
-    parser.add_argument("--tokenizer", choices=("sentencepiece", "byte"),
-                        default="sentencepiece")
-    parser.add_argument("--validation-batches", type=_positive_int, default=4)
+    TrainingConfig.add_arguments(parser, SEARCH_TRAINING, tokenizers=SEARCH_TOKENIZERS)
     parser.add_argument("--step-time-slack", type=_positive_float, default=1.1,
                         help="a candidate may be this many times slower per step than the "
                         "baseline")
@@ -87,12 +80,15 @@ def add_arguments(parser):
 
 def run(args):
     """Runs the search from parsed arguments. Bad input raises `TrainingError`."""
+    # The search (Keras, KerasTuner) loads only when the command runs, so the
+    # command line's parser stays light.
     from keras_brainformer.search.driver import run_search
 
     run_search(
         out=args.out,
         budget_per_trial=args.budget_per_trial,
         trials=args.trials,
+        config=TrainingConfig.from_args(args),
         population_size=args.population_size,
         tournament_size=args.tournament_size,
         num_sublayers=args.num_sublayers,
@@ -100,15 +96,6 @@ def run(args):
         gating=tuple(args.gating),
         num_experts=args.num_experts,
         num_blocks=args.num_blocks,
-        sequence_length=args.sequence_length,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        data_paths=args.data,
-        max_corpus_bytes=args.max_corpus_bytes,
-        tokenizer=args.tokenizer,
-        validation_batches=args.validation_batches,
         step_time_slack=args.step_time_slack,
         loss_margin=args.loss_margin,
         check_fraction=args.check_fraction,

@@ -30,6 +30,19 @@ import sys
 import time
 
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.search.fitness import evaluate_block
+from keras_brainformer.search.oracle import RegularizedEvolutionOracle
+from keras_brainformer.search.results import load_search
+from keras_brainformer.search.results import ranked
+from keras_brainformer.search.results import trial_rows
+from keras_brainformer.search.results import write_results
+from keras_brainformer.search.space import SearchSpace
+from keras_brainformer.search.training_proxy import SEARCH_TOKENIZERS
+from keras_brainformer.search.training_proxy import SEARCH_TRAINING
+from keras_brainformer.search.tuner import BlockSearchTuner
+from keras_brainformer.training.config import TrainingConfig
+from keras_brainformer.training.trainer import load_data
+from keras_brainformer.training.trainer import load_tokenizer
 from keras_brainformer.upstream_private import keras_tuner_distribution
 
 PROJECT_NAME = "search"
@@ -105,6 +118,7 @@ def _check_settings(out, settings, overwrite, write):
     if path.exists() and not overwrite:
         with open(path) as f:
             saved = json.load(f)
+        saved.setdefault("encoding", "utf-8")  # searches from before --encoding
         differ = sorted(
             k for k in set(saved) | set(settings)
             if k not in _RESUMABLE_EXCEPT and saved.get(k) != settings.get(k)
@@ -122,26 +136,9 @@ def _check_settings(out, settings, overwrite, write):
 
 
 def _load_data(settings, verbose):
-    from keras_brainformer.models import BrainformerByteTokenizer
-    from keras_brainformer.models import BrainformerTokenizer
-    from keras_brainformer.training.corpus import build_language_model_data
-
-    tokenizer = (
-        BrainformerByteTokenizer() if settings["tokenizer"] == "byte" else BrainformerTokenizer()
-    )
-    try:
-        data = build_language_model_data(
-            tokenizer,
-            settings["sequence_length"],
-            paths=settings["data_paths"],
-            max_bytes=settings["max_corpus_bytes"],
-            verbose=bool(verbose),
-        )
-    except ValueError as error:
-        raise _error(str(error)) from error
-    if verbose:
-        print(data.summary(), flush=True)
-    return data
+    config = TrainingConfig.from_dict(settings)
+    tokenizer = load_tokenizer(None, config.tokenizer)
+    return load_data(config, tokenizer, verbose)
 
 
 def _validate(settings):
@@ -154,11 +151,10 @@ def _validate(settings):
             kind = "an integer" if integer else "a number"
             raise _error(f"`{name}` must be {kind} > 0. Received: {name}={value!r}")
 
-    for name in ("budget_per_trial", "learning_rate", "step_time_slack", "scale"):
+    for name in ("budget_per_trial", "step_time_slack", "scale"):
         positive(name)
     for name in ("trials", "population_size", "tournament_size", "num_sublayers",
-                 "num_experts", "num_blocks", "sequence_length", "batch_size",
-                 "validation_batches", "max_corpus_bytes", "workers", "top_k"):
+                 "num_experts", "num_blocks", "workers", "top_k"):
         positive(name, integer=True)
     if settings["loss_margin"] < 0:
         raise _error(f"`loss_margin` must be >= 0. Received: {settings['loss_margin']!r}")
@@ -166,19 +162,9 @@ def _validate(settings):
         raise _error(
             f"`check_fraction` must be in (0, 1]. Received: {settings['check_fraction']!r}"
         )
-    if settings["tokenizer"] not in ("sentencepiece", "byte"):
-        raise _error(
-            f"Unknown tokenizer {settings['tokenizer']!r}. Allowed: 'sentencepiece', 'byte'."
-        )
-    if settings["optimizer"] not in ("adafactor", "adamw"):
-        raise _error(f"Unknown optimizer {settings['optimizer']!r}. Allowed: 'adafactor', 'adamw'.")
-    for path in settings["data_paths"] or ():
-        if not os.path.exists(path):
-            raise _error(f"Data path {path!r} does not exist.")
 
 
 def _make_space(settings):
-    from keras_brainformer.search.space import SearchSpace
 
     try:
         return SearchSpace(
@@ -192,7 +178,6 @@ def _make_space(settings):
 
 
 def _make_oracle(space, settings, verbose):
-    from keras_brainformer.search.oracle import RegularizedEvolutionOracle
 
     if settings["tournament_size"] > settings["population_size"]:
         raise _error(
@@ -226,7 +211,6 @@ def _fitness_kwargs(settings):
 
 
 def _make_tuner(oracle, data, settings, out, verbose):
-    from keras_brainformer.search.tuner import BlockSearchTuner
 
     try:
         return BlockSearchTuner(
@@ -243,7 +227,6 @@ def _make_tuner(oracle, data, settings, out, verbose):
 
 
 def _results(out, settings, verbose):
-    from keras_brainformer.search.results import write_results
 
     return write_results(
         out,
@@ -258,6 +241,8 @@ def run_search(
     out="runs/search",
     budget_per_trial=60.0,
     trials=40,
+    config=None,
+    *,
     population_size=10,
     tournament_size=3,
     num_sublayers=8,
@@ -265,15 +250,6 @@ def run_search(
     gating=("top_2", "expert_choice"),
     num_experts=8,
     num_blocks=3,
-    sequence_length=128,
-    batch_size=16,
-    learning_rate=0.01,
-    optimizer="adafactor",
-    seed=0,
-    data_paths=None,
-    max_corpus_bytes=2_000_000,
-    tokenizer="sentencepiece",
-    validation_batches=4,
     step_time_slack=1.1,
     loss_margin=0.2,
     check_fraction=0.25,
@@ -285,6 +261,7 @@ def run_search(
     remeasure=None,
     remeasure_repeats=1,
     verbose=1,
+    **training,
 ):
     """Runs (or resumes) the block search in `out` and writes its results.
 
@@ -293,12 +270,11 @@ def run_search(
         budget_per_trial: seconds of training per trial.
         trials: trials in all, counting those of earlier runs in `out`.
         population_size, tournament_size: regularized evolution's P and S.
+        config: the training proxy, a `TrainingConfig` (default:
+            `training_proxy.SEARCH_TRAINING`; tokenizer `"sentencepiece"`, the
+            shipped 8K vocabulary, or `"byte"`).
         num_sublayers, scale, gating, num_experts: the `SearchSpace`.
         num_blocks: times a candidate block is stacked (the paper's proxy: 3).
-        sequence_length, batch_size, learning_rate, optimizer, seed,
-        data_paths, max_corpus_bytes, tokenizer, validation_batches: the
-            training proxy (data: `training.corpus`; tokenizer
-            `"sentencepiece"` (the shipped 8K vocabulary) or `"byte"`).
         step_time_slack, loss_margin, check_fraction: the constraint (see
             `fitness.evaluate_block`).
         top_k, target_activated: exported blocks and the activated-parameter
@@ -312,6 +288,7 @@ def run_search(
             `remeasure_best`). None: skip.
         remeasure_repeats: rounds of that comparison (seeds `seed + r`).
         verbose: 0 or 1.
+        **training: `TrainingConfig` fields replacing those of `config`.
 
     Returns:
         The best rows (list of dicts, best first), or None for a worker.
@@ -328,21 +305,23 @@ def run_search(
     print(best[0]["block"], best[0]["val_loss"] if best else "all rejected")
     ```
     """
+    config = TrainingConfig.create(config or SEARCH_TRAINING, **training)
+    if config.tokenizer not in SEARCH_TOKENIZERS:
+        raise _error(
+            f"Unknown tokenizer {config.tokenizer!r} for a search (its models are built, "
+            f"not loaded from a preset). Allowed: {', '.join(map(repr, SEARCH_TOKENIZERS))}."
+        )
     settings = _settings(
         budget_per_trial=budget_per_trial, trials=trials, population_size=population_size,
         tournament_size=tournament_size, num_sublayers=num_sublayers, scale=scale,
         gating=list(gating) if not isinstance(gating, str) else [gating],
-        num_experts=num_experts, num_blocks=num_blocks, sequence_length=sequence_length,
-        batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, seed=seed,
-        data_paths=list(data_paths) if data_paths else None,
-        max_corpus_bytes=max_corpus_bytes, tokenizer=tokenizer,
-        validation_batches=validation_batches, step_time_slack=step_time_slack,
+        num_experts=num_experts, num_blocks=num_blocks, step_time_slack=step_time_slack,
         loss_margin=loss_margin, check_fraction=check_fraction, top_k=top_k,
-        target_activated=target_activated, workers=workers,
+        target_activated=target_activated, workers=workers, **config.as_dict(),
     )
     _validate(settings)
     space = _make_space(settings)
-    settings["vocabulary_size"] = 256 if tokenizer == "byte" else 8192
+    settings["vocabulary_size"] = 256 if config.tokenizer == "byte" else 8192
     out = pathlib.Path(out)
     where = role()
 
@@ -410,10 +389,6 @@ def remeasure_best(out, settings, seconds, repeats=1, data=None, verbose=1):
         The list of measurements (dicts with `model`, `round`, and
         `evaluate_block`'s figures).
     """
-    from keras_brainformer.search.fitness import evaluate_block
-    from keras_brainformer.search.results import load_search
-    from keras_brainformer.search.results import ranked
-    from keras_brainformer.search.results import trial_rows
 
     out = pathlib.Path(out)
     space, state, trials = load_search(out / PROJECT_NAME)
@@ -479,11 +454,8 @@ _FLAG_OF = {
     "budget_per_trial": "--budget-per-trial", "trials": "--trials",
     "population_size": "--population-size", "tournament_size": "--tournament-size",
     "num_sublayers": "--num-sublayers", "scale": "--scale", "num_experts": "--num-experts",
-    "num_blocks": "--num-blocks", "sequence_length": "--sequence-length",
-    "batch_size": "--batch-size", "learning_rate": "--learning-rate",
-    "optimizer": "--optimizer", "seed": "--seed", "max_corpus_bytes": "--max-corpus-bytes",
-    "tokenizer": "--tokenizer", "validation_batches": "--validation-batches",
-    "step_time_slack": "--step-time-slack", "loss_margin": "--loss-margin",
+    "num_blocks": "--num-blocks", "step_time_slack": "--step-time-slack",
+    "loss_margin": "--loss-margin",
     "check_fraction": "--check-fraction", "top_k": "--top-k",
     "target_activated": "--target-activated",
 }
@@ -495,8 +467,7 @@ def _argv(out, settings, oracle_address, verbose):
     for key, flag in _FLAG_OF.items():
         argv += [flag, repr(settings[key]) if isinstance(settings[key], float) else
                  str(settings[key])]
-    if settings["data_paths"]:
-        argv += ["--data", *settings["data_paths"]]
+    argv += TrainingConfig.from_dict(settings).to_argv()
     if oracle_address:
         argv += ["--oracle-address", oracle_address]
     if not verbose:
@@ -545,9 +516,6 @@ def _launch(out, settings, oracle_address, overwrite, verbose):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    from keras_brainformer.search.results import load_search
-    from keras_brainformer.search.results import ranked
-    from keras_brainformer.search.results import trial_rows
 
     space, state, trials = load_search(out / PROJECT_NAME)
     return ranked(trial_rows(space, state, trials))[: settings["top_k"]]

@@ -25,7 +25,14 @@ import time
 import keras
 import numpy as np
 
+from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.search.training_proxy import SEARCH_TRAINING
 from keras_brainformer.training.callbacks import StepClock
+from keras_brainformer.training.config import TrainingConfig
+from keras_brainformer.training.trainer import compile_language_model
 
 REJECTED_REWARD = -1.0
 
@@ -85,9 +92,6 @@ def reward_from(val_loss, rejected):
 
 def build_language_model(backbone_config, seed=0):
     """A `BrainformerCausalLM` (no preprocessor) from backbone kwargs."""
-    from keras_brainformer.models import BrainformerBackbone
-    from keras_brainformer.models import BrainformerCausalLM
-
     keras.utils.set_random_seed(seed)
     backbone = BrainformerBackbone(**backbone_config)
     return BrainformerCausalLM(backbone, preprocessor=None)
@@ -98,17 +102,15 @@ def evaluate_block(
     hidden_dim,
     data,
     budget,
+    config=None,
+    *,
     num_blocks=3,
-    batch_size=16,
-    learning_rate=0.01,
-    optimizer="adafactor",
-    seed=0,
-    validation_batches=4,
     baseline=None,
     step_time_slack=1.1,
     loss_margin=0.2,
     check_fraction=0.25,
     verbose=0,
+    **training,
 ):
     """Trains `block` stacked `num_blocks` times for `budget` seconds of
     training steps and measures it.
@@ -118,10 +120,11 @@ def evaluate_block(
         hidden_dim: the model width d.
         data: a `LanguageModelData` (`training.corpus.build_language_model_data`).
         budget: seconds of training steps (compilation excluded).
+        config: a `TrainingConfig`: its batch size, optimizer, learning rate
+            (constant), seed (initialisation; the data order is the same for
+            every candidate) and validation batches are used (the data is
+            `data`). Default: `training_proxy.SEARCH_TRAINING`.
         num_blocks: times the block is stacked (the paper's proxy: 3).
-        batch_size, learning_rate, optimizer, seed: training settings (constant
-            learning rate; the same data order for every candidate).
-        validation_batches: validation batches per evaluation.
         baseline: a `Baseline`, or None to measure without constraint.
         step_time_slack: allowed ratio of the candidate's to the baseline's
             step time.
@@ -129,6 +132,7 @@ def evaluate_block(
             over the baseline's at the check.
         check_fraction: where in the budget the constraint is checked.
         verbose: 0 silent, 1 one line per phase.
+        **training: `TrainingConfig` fields replacing those of `config`.
 
     Returns:
         A dict of floats: `reward`, `val_loss` (at the end, or at the check for
@@ -154,10 +158,8 @@ def evaluate_block(
     print(result["reward"], result["val_loss"], result["step_ms"])
     ```
     """
-    from keras_brainformer.models.brainformer.block_spec import BlockSpec
-    from keras_brainformer.models.brainformer.parameter_count import count_parameters
-    from keras_brainformer.training.trainer import compile_language_model
-
+    settings = TrainingConfig.create(config or SEARCH_TRAINING, **training)
+    batch_size, seed = settings.batch_size, settings.seed
     if not (isinstance(budget, (int, float)) and budget > 0):
         raise ValueError(f"`budget` must be > 0 seconds. Received: budget={budget!r}")
     if not 0 < check_fraction <= 1:
@@ -165,7 +167,7 @@ def evaluate_block(
             f"`check_fraction` must be in (0, 1]. Received: check_fraction={check_fraction!r}"
         )
     block = BlockSpec.from_dict(block)
-    config = {
+    model_config = {
         "vocabulary_size": data.vocabulary_size,
         "hidden_dim": int(hidden_dim),
         "blocks": block.to_dict(),
@@ -174,11 +176,11 @@ def evaluate_block(
         "norm": "rms",
         "tie_embeddings": True,
     }
-    counts = count_parameters(config)
+    counts = count_parameters(model_config)
     wall = time.perf_counter()
-    lm = build_language_model(config, seed=seed)
-    compile_language_model(lm, optimizer, learning_rate, constant_steps=10**9)
-    validation = data.validation_dataset(batch_size, max_batches=validation_batches)
+    lm = build_language_model(model_config, seed=seed)
+    compile_language_model(lm, settings.optimizer, settings.learning_rate, constant_steps=10**9)
+    validation = data.validation_dataset(batch_size, max_batches=settings.validation_batches)
 
     def validation_loss():
         result = lm.evaluate(validation, verbose=0, return_dict=True)

@@ -22,7 +22,13 @@ import keras
 import numpy as np
 
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.training.callbacks import StepClock
+from keras_brainformer.training.config import TrainingConfig
+from keras_brainformer.training.trainer import compile_language_model
+from keras_brainformer.training.trainer import load_data
+from keras_brainformer.training.trainer import load_tokenizer
 
 DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
 CSV_FIELDS = ("family", "step", "seconds", "tokens", "train_loss", "val_loss")
@@ -73,28 +79,30 @@ def compare_families(
     families=DEFAULT_FAMILIES,
     budget=60.0,
     out="runs/compare",
-    sequence_length=128,
-    batch_size=16,
+    config=None,
+    *,
     eval_every=25,
-    learning_rate=0.01,
-    optimizer="adafactor",
-    seed=0,
-    max_corpus_bytes=2_000_000,
-    validation_batches=8,
     verbose=1,
+    **training,
 ):
     """Trains each family for `budget` seconds of training steps on the same
     data and writes `curves.csv`, `curves.png` and `results.md` to `out`.
 
+    Args:
+        families: preset names or folders.
+        budget: seconds of training steps per family.
+        out: the output folder.
+        config: a `TrainingConfig` (data, tokenizer, batch shape, optimizer,
+            seed); `tokenizer="preset"` (the default) needs families sharing
+            one vocabulary.
+        eval_every: steps between validation points.
+        verbose: 0 silent, 1 progress.
+        **training: `TrainingConfig` fields replacing those of `config`.
+
     Returns:
         A list of per-family result dicts (the markdown table's rows).
     """
-    from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-    from keras_brainformer.training.corpus import build_language_model_data
-    from keras_brainformer.training.trainer import compile_language_model
-    from keras_brainformer.training.trainer import load_tokenizer
-
+    config = TrainingConfig.create(config, **training)
     if not families:
         raise TrainingError("`families` is empty: name at least one preset.")
     for name in families:
@@ -111,17 +119,13 @@ def compare_families(
             f"The families must share one vocabulary to train on the same data; "
             f"got vocabulary sizes {sorted(vocabularies)}."
         )
+    sequence_length, batch_size = config.sequence_length, config.batch_size
+    learning_rate, optimizer, seed = config.learning_rate, config.optimizer, config.seed
+    validation_batches = config.validation_batches
 
     out = pathlib.Path(out)
-    tokenizer = load_tokenizer(families[0])
-    try:
-        data = build_language_model_data(
-            tokenizer, sequence_length, max_bytes=max_corpus_bytes, verbose=bool(verbose)
-        )
-    except ValueError as error:
-        raise TrainingError(str(error)) from error
-    if verbose:
-        print(data.summary())
+    tokenizer = load_tokenizer(families[0], config.tokenizer)
+    data = load_data(config, tokenizer, verbose)
     tokens_per_batch = batch_size * sequence_length
     # Enough epochs of `eval_every` steps that the budget, not the epoch
     # count, ends training.
@@ -257,12 +261,6 @@ def run_compare(args):
         families=tuple(args.families),
         budget=args.budget,
         out=args.out,
-        sequence_length=args.sequence_length,
-        batch_size=args.batch_size,
+        config=TrainingConfig.from_args(args),
         eval_every=args.eval_every,
-        learning_rate=args.learning_rate,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        max_corpus_bytes=args.max_corpus_bytes,
-        validation_batches=args.validation_batches,
     )

@@ -56,6 +56,7 @@ from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
 from keras_brainformer.training.callbacks import ThroughputLogger
 from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
 from keras_brainformer.training.checkpointing import latest_state
+from keras_brainformer.training.config import TrainingConfig
 from keras_brainformer.training.corpus import build_language_model_data
 from keras_brainformer.training.interruption import StopOnInterrupt
 from keras_brainformer.training.run_lock import LOCK_FILE
@@ -95,8 +96,9 @@ def _json_roundtrip(value):
 
 
 def load_tokenizer(preset, tokenizer="preset"):
-    """The tokenizer of a run: the preset's own, the shipped SentencePiece
-    vocabulary (`"sentencepiece"`), or bytes (`"byte"`)."""
+    """The tokenizer of a run: the preset's own (`"preset"`; the shipped
+    SentencePiece vocabulary for a preset without one), the shipped
+    SentencePiece vocabulary (`"sentencepiece"`), or bytes (`"byte"`)."""
 
     if tokenizer == "byte":
         return BrainformerByteTokenizer()
@@ -107,6 +109,27 @@ def load_tokenizer(preset, tokenizer="preset"):
     return BrainformerTokenizer()
 
 
+def load_data(config, tokenizer, verbose=1):
+    """The corpus of `config` (its files, or the embedded corpus) tokenized
+    and packed into `LanguageModelData` for `config.sequence_length`, with at
+    least one training batch; bad data raises `TrainingError`."""
+    try:
+        data = build_language_model_data(
+            tokenizer,
+            config.sequence_length,
+            paths=list(config.data_paths) if config.data_paths else None,
+            max_bytes=config.max_corpus_bytes,
+            encoding=config.encoding,
+            verbose=bool(verbose),
+        )
+        data.check_train_batch_size(config.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise TrainingError(str(error)) from error
+    if verbose:
+        print(data.summary(), flush=True)
+    return data
+
+
 def _check_positive(name, value, allow_none=False):
     if value is None and allow_none:
         return
@@ -114,25 +137,37 @@ def _check_positive(name, value, allow_none=False):
         raise TrainingError(f"`{name}` must be a positive number. Received: {name}={value!r}")
 
 
+def check_preset(preset):
+    """Raises `TrainingError` unless `preset` is a zoo preset name (an
+    architecture or a trained one) or a preset folder."""
+    is_name = isinstance(preset, str) and (
+        preset in backbone_presets or preset in trained_presets()
+    )
+    if not is_name and not (pathlib.Path(str(preset)) / "config.json").exists():
+        raise TrainingError(
+            f"Unknown preset {preset!r}: not a zoo preset name (see `keras-brainformer "
+            "presets`) nor a preset folder with a config.json."
+        )
+
+
+def preset_model_config(preset):
+    """The backbone config of a preset name or folder (read from its
+    `config.json`; nothing is built)."""
+    with open(pathlib.Path(resolve_preset(preset)) / "config.json") as f:
+        return json.load(f)["config"]
+
+
 def train_language_model(
     preset,
     run_dir,
+    config=None,
+    *,
     steps=300,
     time_budget=None,
-    data_paths=None,
-    sequence_length=128,
-    batch_size=16,
     steps_per_epoch=50,
-    optimizer="adafactor",
-    learning_rate=0.01,
     constant_steps=None,
     warmup_steps=0,
     mixed_bfloat16=False,
-    seed=0,
-    max_corpus_bytes=2_000_000,
-    encoding="utf-8",
-    tokenizer="preset",
-    validation_batches=8,
     overwrite=False,
     sample_prompt=None,
     verbose=1,
@@ -140,6 +175,7 @@ def train_language_model(
     experts_on=None,
     fsdp=False,
     extra_callbacks=(),
+    **training,
 ):
     """Trains a causal LM from a preset on a corpus and writes a run folder.
 
@@ -147,29 +183,22 @@ def train_language_model(
         preset: zoo preset name or preset folder (a trained folder continues
             from its weights).
         run_dir: the run folder (see the module docstring).
+        config: a `TrainingConfig` (data, tokenizer, batch shape, optimizer,
+            seed, validation batches); default: its defaults.
         steps: training steps (rounded up to whole epochs of
             `steps_per_epoch`).
         time_budget: optional seconds of training after which to stop.
-        data_paths: files/folders of text, or None for the embedded corpus
-            (Python's reference manual and standard-library sources).
-        sequence_length, batch_size: tokens per row and rows per step.
         steps_per_epoch: steps between validation, logging and checkpoints.
-        optimizer: `"adafactor"` (the paper's) or `"adamw"`.
-        learning_rate: peak learning rate.
-        constant_steps: steps at the peak before the inverse-square-root
-            decay (default: half of `steps`).
+        constant_steps: steps at the peak learning rate before the
+            inverse-square-root decay (default: half of `steps`).
         warmup_steps: linear warm-up steps.
         mixed_bfloat16: train under the `mixed_bfloat16` policy (routers stay
             float32).
-        seed: seeds initialisation and data order.
-        max_corpus_bytes: cap on the text read.
-        tokenizer: `"preset"`, `"sentencepiece"` or `"byte"`.
-        validation_batches: validation batches evaluated each epoch.
         overwrite: replace a run folder made with other settings.
         sample_prompt: prompt of the sample generation at the end (default:
             the first tokens of the validation split, the start of one of
             its documents).
-        encoding: text encoding of the files in `data_paths`.
+        verbose: 0 silent, 1 progress.
         mesh: optional device mesh spec such as `"batch=2,expert=4"` (JAX
             backend): weights and batches are split with
             `keras_brainformer.distribution.make_distribution`. The batch
@@ -179,43 +208,20 @@ def train_language_model(
         fsdp: also split weights along the batch axis.
         extra_callbacks: more Keras callbacks, run after the built-in ones
             (after the epoch's checkpoint is written).
+        **training: `TrainingConfig` fields that replace those of `config`
+            (`train_language_model(p, d, batch_size=8)`).
 
     Returns:
         The summary dict (also written to `summary.json`).
     """
 
     # === Validate everything before touching the run folder ===
-    for name, value in (
-        ("steps", steps),
-        ("sequence_length", sequence_length),
-        ("batch_size", batch_size),
-        ("steps_per_epoch", steps_per_epoch),
-        ("learning_rate", learning_rate),
-        ("max_corpus_bytes", max_corpus_bytes),
-        ("validation_batches", validation_batches),
-    ):
+    config = TrainingConfig.create(config, **training)
+    for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
         _check_positive(name, value)
     _check_positive("time_budget", time_budget, allow_none=True)
-    if optimizer not in ("adafactor", "adamw"):
-        raise TrainingError(f"Unknown optimizer {optimizer!r}. Allowed: 'adafactor', 'adamw'.")
-    if tokenizer not in ("preset", "sentencepiece", "byte"):
-        raise TrainingError(
-            f"Unknown tokenizer {tokenizer!r}. Allowed: 'preset', 'sentencepiece', 'byte'."
-        )
-    # A zoo name: an architecture preset or a trained one (continue training
-    # it on your own text).
-    is_name = isinstance(preset, str) and (
-        preset in backbone_presets or preset in trained_presets()
-    )
-    if not is_name and not (pathlib.Path(str(preset)) / "config.json").exists():
-        raise TrainingError(
-            f"Unknown preset {preset!r}: not a zoo preset name (see `keras-brainformer "
-            "presets`) nor a preset folder with a config.json."
-        )
-    for path in data_paths or ():
-        if not os.path.exists(path):
-            raise TrainingError(f"Data path {path!r} does not exist.")
-    distribution = _make_distribution(mesh, experts_on, fsdp, batch_size)
+    check_preset(preset)
+    distribution = _make_distribution(mesh, experts_on, fsdp, config.batch_size)
 
     steps_per_epoch = min(int(steps_per_epoch), int(steps))
     epochs = math.ceil(int(steps) / steps_per_epoch)
@@ -224,88 +230,35 @@ def train_language_model(
         constant_steps = max(1, total_steps // 2)
 
     preset_dir = str(resolve_preset(preset))
-    with open(pathlib.Path(preset_dir) / "config.json") as f:
-        model_config = json.load(f)["config"]
+    model_config = preset_model_config(preset_dir)
     check_layout(model_config, distribution)
-    max_length = model_config.get("max_sequence_length")
-    if max_length is not None and sequence_length > max_length:
-        raise TrainingError(
-            f"--sequence-length {sequence_length} is longer than the model's "
-            f"max_sequence_length {max_length} (preset {preset!r}). Use at most {max_length}."
-        )
+    check_sequence_length(model_config, config.sequence_length, preset)
     if distribution is None:
-        _check_step_fits_in_memory(
-            model_config, batch_size, sequence_length, optimizer, mixed_bfloat16
-        )
+        _check_step_fits_in_memory(model_config, config, mixed_bfloat16)
     run_settings = _json_roundtrip(
         {
             "preset": str(preset),
             "model_config": model_config,
             "steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
-            "data_paths": [os.path.abspath(p) for p in data_paths or ()],
-            "sequence_length": sequence_length,
-            "batch_size": batch_size,
-            "optimizer": optimizer,
-            "learning_rate": learning_rate,
             "constant_steps": constant_steps,
             "warmup_steps": warmup_steps,
             "mixed_bfloat16": bool(mixed_bfloat16),
-            "seed": seed,
-            "max_corpus_bytes": max_corpus_bytes,
-            "encoding": encoding,
-            "tokenizer": tokenizer,
-            "validation_batches": validation_batches,
+            **config.as_dict(),
+            "data_paths": [os.path.abspath(p) for p in config.data_paths or ()],
             "backend": keras.config.backend(),
         }
     )
     run_dir = pathlib.Path(run_dir)
-    run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--out {str(run_dir)!r} is a file, not a folder.")
     with RunFolderLock(run_dir):
-        if run_file.exists():
-            with open(run_file) as f:
-                previous = json.load(f)
-            previous.setdefault("encoding", "utf-8")  # run folders from before --encoding
-            if previous != run_settings:
-                if not overwrite:
-                    changed = sorted(
-                        k
-                        for k in set(previous) | set(run_settings)
-                        if previous.get(k) != run_settings.get(k)
-                    )
-                    raise TrainingError(
-                        f"Run folder {str(run_dir)!r} holds a run with other settings "
-                        f"(differing: {', '.join(changed)}). Use another --out, or "
-                        "--overwrite to replace it."
-                    )
-                _clear_run_folder(run_dir)
-        elif any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-            if not overwrite:
-                raise TrainingError(
-                    f"Run folder {str(run_dir)!r} is not empty and holds no {RUN_FILE}. "
-                    "Use another --out, or --overwrite to replace it."
-                )
-            _clear_run_folder(run_dir)
+        _claim_run_folder(run_dir, run_settings, overwrite)
 
         # === Data ===
-        keras.utils.set_random_seed(seed)
-        text_tokenizer = load_tokenizer(preset, tokenizer)
-        try:
-            data = build_language_model_data(
-                text_tokenizer,
-                sequence_length,
-                paths=data_paths,
-                max_bytes=max_corpus_bytes,
-                encoding=encoding,
-                verbose=bool(verbose),
-            )
-            data.check_train_batch_size(batch_size)
-        except (ValueError, FileNotFoundError) as error:
-            raise TrainingError(str(error)) from error
-        if verbose:
-            print(data.summary())
+        keras.utils.set_random_seed(config.seed)
+        text_tokenizer = load_tokenizer(preset, config.tokenizer)
+        data = load_data(config, text_tokenizer, verbose)
 
         # === Model, training, evaluation ===
         # Weights are created (and split) under the distribution; fit, evaluate
@@ -315,23 +268,18 @@ def train_language_model(
             if distribution is not None and verbose:
                 print(f"Distribution: {_describe(distribution)}")
             lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
-            vocabulary = lm.backbone.vocabulary_size
-            if text_tokenizer.vocabulary_size() > vocabulary:
-                raise TrainingError(
-                    f"The tokenizer has {text_tokenizer.vocabulary_size()} tokens but the model's "
-                    f"vocabulary is {vocabulary}: use --tokenizer byte or a preset with a larger "
-                    "vocabulary."
-                )
+            check_tokenizer_fits(text_tokenizer, lm.backbone.vocabulary_size)
             # The sample at the end: top-k sampling, seeded (greedy decoding of a
             # small model tends to loop on one phrase).
-            sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
+            sampler = keras_hub.samplers.TopKSampler(k=10, seed=config.seed)
             compile_language_model(
-                lm, optimizer, learning_rate, constant_steps, warmup_steps, sampler=sampler
+                lm, config.optimizer, config.learning_rate, constant_steps, warmup_steps,
+                sampler=sampler,
             )
 
             # === Run folder and resume point ===
             run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_file, "w") as f:
+            with open(run_dir / RUN_FILE, "w") as f:
                 json.dump(run_settings, f, indent=2)
             backup_dir = run_dir / BACKUP_DIR
             # Restored once, here: the data then starts at the step restored
@@ -348,12 +296,11 @@ def train_language_model(
                        if start_step % steps_per_epoch else ").")
                 )
 
-            tokens_per_batch = batch_size * sequence_length
             callbacks = [
                 # Raises at the first non-finite loss, before the epoch's end, so
                 # the epoch's checkpoint is never written from broken weights.
                 StopOnNonFiniteLoss(raise_error=True),
-                ThroughputLogger(tokens_per_batch),
+                ThroughputLogger(config.tokens_per_batch),
                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
                 keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
                 RouterStatisticsLogger(str(run_dir / "logs")),
@@ -370,41 +317,28 @@ def train_language_model(
             callbacks.extend(extra_callbacks)
 
             start = time.perf_counter()
-            try:
-                with interrupt:
-                    # An epoch cut short earlier (time budget, Ctrl-C) is finished
-                    # first, from the exact step; then whole epochs.
-                    for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
-                        start_step, steps_per_epoch, epochs
-                    ):
-                        lm.fit(
-                            data.train_dataset(batch_size, seed=seed, start_step=first_step),
-                            initial_epoch=first_epoch,
-                            epochs=end_epoch,
-                            steps_per_epoch=epoch_steps,
-                            validation_data=data.validation_dataset(
-                                batch_size, max_batches=validation_batches
-                            ),
-                            callbacks=callbacks,
-                            verbose=verbose,
-                            shuffle=False,  # the pipeline's order is the run's (resumable)
-                        )
-                        if lm.stop_training:  # the time budget (or a callback) stopped it
-                            break
-            except FloatingPointError as error:
-                kept = latest_state(backup_dir)
-                where = (
-                    f"the checkpoint after epoch {kept['epoch']} is kept in {backup_dir}"
-                    if kept["step"] and kept["step"] == kept["epoch"] * steps_per_epoch
-                    else f"the checkpoint at step {kept['step']} is kept in {backup_dir}"
-                    if kept["step"]
-                    else "no epoch had finished, so there is no checkpoint"
-                )
-                raise NonFiniteLossError(
-                    f"{error} Training stopped; {where}, and no preset was written. "
-                    "Rerunning the same command resumes from the checkpoint; to change "
-                    "the learning rate, start a new run (--out or --overwrite)."
-                ) from None
+            with interrupt, _reported_non_finite_loss(backup_dir, steps_per_epoch):
+                # An epoch cut short earlier (time budget, Ctrl-C) is finished
+                # first, from the exact step; then whole epochs.
+                for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
+                    start_step, steps_per_epoch, epochs
+                ):
+                    lm.fit(
+                        data.train_dataset(
+                            config.batch_size, seed=config.seed, start_step=first_step
+                        ),
+                        initial_epoch=first_epoch,
+                        epochs=end_epoch,
+                        steps_per_epoch=epoch_steps,
+                        validation_data=data.validation_dataset(
+                            config.batch_size, max_batches=config.validation_batches
+                        ),
+                        callbacks=callbacks,
+                        verbose=verbose,
+                        shuffle=False,  # the pipeline's order is the run's (resumable)
+                    )
+                    if lm.stop_training:  # the time budget (or a callback) stopped it
+                        break
             seconds = time.perf_counter() - start
             steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
             if verbose and steps_done < total_steps:
@@ -413,44 +347,125 @@ def train_language_model(
                     f"{why} at step {steps_done} of {total_steps}; the checkpoint is "
                     "written: rerun the same command to continue from that step."
                 )
-
-            # === Final evaluation in both routings, preset, sample ===
-            validation = data.validation_dataset(batch_size, max_batches=validation_batches)
-            if verbose:
-                print("Evaluating on the validation split (causal and as-trained routing)...")
-            modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
-            lm.preprocessor = BrainformerCausalLMPreprocessor(
-                text_tokenizer, sequence_length=sequence_length
-            )
-            if verbose:
-                print(f"Writing the preset to {run_dir / PRESET_DIR}...")
-            _save_preset_atomically(lm, run_dir / PRESET_DIR)
-            if sample_prompt is None:
-                sample_prompt = _as_text(text_tokenizer.detokenize(data.validation_windows[0, :8]))
-            if verbose:
-                print(f"Sampling from the prompt {sample_prompt!r}...")
-            # One prompt: a batch of 1 cannot be split along a batch axis, so the
-            # sample runs without the distribution (on the already split weights).
-            with _without_distribution():
-                sample = lm.generate(sample_prompt, max_length=min(64, sequence_length))
             summary = {
                 "preset": str(preset),
                 "steps": steps_done,
-                "tokens_seen": steps_done * tokens_per_batch,
+                "tokens_seen": steps_done * config.tokens_per_batch,
                 "seconds_this_run": round(seconds, 2),
-                "validation_loss_causal": float(modes["causal"]["loss"]),
-                "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
-                "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
-                "has_moe": bool(lm.backbone.moe_layers),
-                "sample_prompt": sample_prompt,
-                "sample": sample,
-                "preset_dir": str(run_dir / PRESET_DIR),
+                **_finish_run(lm, run_dir, data, text_tokenizer, config, sample_prompt, verbose),
             }
             with open(run_dir / SUMMARY_FILE, "w") as f:
                 json.dump(summary, f, indent=2)
             if verbose:
                 print(format_summary(summary))
             return summary
+
+
+def check_sequence_length(model_config, sequence_length, preset):
+    """Raises `TrainingError` if rows are longer than the model's positions."""
+    max_length = model_config.get("max_sequence_length")
+    if max_length is not None and sequence_length > max_length:
+        raise TrainingError(
+            f"--sequence-length {sequence_length} is longer than the model's "
+            f"max_sequence_length {max_length} (preset {str(preset)!r}). Use at most "
+            f"{max_length}."
+        )
+
+
+def check_tokenizer_fits(tokenizer, vocabulary_size):
+    """Raises `TrainingError` if the tokenizer has ids the model cannot embed."""
+    if tokenizer.vocabulary_size() > vocabulary_size:
+        raise TrainingError(
+            f"The tokenizer has {tokenizer.vocabulary_size()} tokens but the model's "
+            f"vocabulary is {vocabulary_size}: use --tokenizer byte or a preset with a larger "
+            "vocabulary."
+        )
+
+
+def _claim_run_folder(run_dir, run_settings, overwrite):
+    """Checks that `run_dir` is empty or holds this same run (clearing it
+    with `overwrite`), under the run folder's lock."""
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        with open(run_file) as f:
+            previous = json.load(f)
+        previous.setdefault("encoding", "utf-8")  # run folders from before --encoding
+        if previous != run_settings:
+            if not overwrite:
+                changed = sorted(
+                    k
+                    for k in set(previous) | set(run_settings)
+                    if previous.get(k) != run_settings.get(k)
+                )
+                raise TrainingError(
+                    f"Run folder {str(run_dir)!r} holds a run with other settings "
+                    f"(differing: {', '.join(changed)}). Use another --out, or "
+                    "--overwrite to replace it."
+                )
+            _clear_run_folder(run_dir)
+    elif any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        if not overwrite:
+            raise TrainingError(
+                f"Run folder {str(run_dir)!r} is not empty and holds no {RUN_FILE}. "
+                "Use another --out, or --overwrite to replace it."
+            )
+        _clear_run_folder(run_dir)
+
+
+@contextlib.contextmanager
+def _reported_non_finite_loss(backup_dir, steps_per_epoch):
+    """Turns the non-finite-loss stop into a `NonFiniteLossError` saying
+    which checkpoint is kept."""
+    try:
+        yield
+    except FloatingPointError as error:
+        kept = latest_state(backup_dir)
+        where = (
+            f"the checkpoint after epoch {kept['epoch']} is kept in {backup_dir}"
+            if kept["step"] and kept["step"] == kept["epoch"] * steps_per_epoch
+            else f"the checkpoint at step {kept['step']} is kept in {backup_dir}"
+            if kept["step"]
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        raise NonFiniteLossError(
+            f"{error} Training stopped; {where}, and no preset was written. "
+            "Rerunning the same command resumes from the checkpoint; to change "
+            "the learning rate, start a new run (--out or --overwrite)."
+        ) from None
+
+
+def _finish_run(lm, run_dir, data, tokenizer, config, sample_prompt, verbose):
+    """The end of a run: validation in both routings, the preset written,
+    a sample generated. Returns the summary's fields."""
+    validation = data.validation_dataset(
+        config.batch_size, max_batches=config.validation_batches
+    )
+    if verbose:
+        print("Evaluating on the validation split (causal and as-trained routing)...")
+    modes = lm.evaluate_routing_modes(validation, verbose=0, return_dict=True)
+    lm.preprocessor = BrainformerCausalLMPreprocessor(
+        tokenizer, sequence_length=config.sequence_length
+    )
+    if verbose:
+        print(f"Writing the preset to {run_dir / PRESET_DIR}...")
+    _save_preset_atomically(lm, run_dir / PRESET_DIR)
+    if sample_prompt is None:
+        sample_prompt = _as_text(tokenizer.detokenize(data.validation_windows[0, :8]))
+    if verbose:
+        print(f"Sampling from the prompt {sample_prompt!r}...")
+    # One prompt: a batch of 1 cannot be split along a batch axis, so the
+    # sample runs without the distribution (on the already split weights).
+    with _without_distribution():
+        sample = lm.generate(sample_prompt, max_length=min(64, config.sequence_length))
+    return {
+        "validation_loss_causal": float(modes["causal"]["loss"]),
+        "validation_loss_as_trained": float(modes["as_trained"]["loss"]),
+        "validation_perplexity_causal": float(math.exp(modes["causal"]["loss"])),
+        "has_moe": bool(lm.backbone.moe_layers),
+        "sample_prompt": sample_prompt,
+        "sample": sample,
+        "preset_dir": str(run_dir / PRESET_DIR),
+    }
 
 
 def _make_distribution(mesh, experts_on, fsdp, batch_size):
@@ -540,8 +555,7 @@ def _available_memory_bytes():
     return None
 
 
-def _check_step_fits_in_memory(model_config, batch_size, sequence_length, optimizer,
-                               mixed_bfloat16):
+def _check_step_fits_in_memory(model_config, config, mixed_bfloat16):
     """Refuses a batch whose training step cannot fit in this machine's
     memory (the analytic plan of `keras-brainformer plan`: weights,
     gradients, optimizer state, activations), before anything is written,
@@ -552,14 +566,15 @@ def _check_step_fits_in_memory(model_config, batch_size, sequence_length, optimi
     plan = plan_memory(
         model_config,
         {"batch": 1},
-        batch_size,
-        sequence_length,
+        config.batch_size,
+        config.sequence_length,
         dtype="mixed_bfloat16" if mixed_bfloat16 else "float32",
-        optimizer=optimizer,
+        optimizer=config.optimizer,
     )
     if plan.total > available:
         raise TrainingError(
-            f"--batch-size {batch_size} with --sequence-length {sequence_length} needs about "
+            f"--batch-size {config.batch_size} with --sequence-length "
+            f"{config.sequence_length} needs about "
             f"{plan.total / 1e9:.1f} GB of memory for one training step (weights, optimizer "
             f"state, activations; see `keras-brainformer plan`), more than the "
             f"{available / 1e9:.1f} GB available. Use a smaller --batch-size."
