@@ -29,6 +29,8 @@ from keras_brainformer.errors import NonFiniteLossError
 from keras_brainformer.errors import PresetError
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.errors import TrainingInterrupted
+from keras_brainformer.preset_folders import human_count as human
+from keras_brainformer.preset_folders import preset_folder_metadata
 from keras_brainformer.training.config import TrainingConfig
 
 EXIT_ENVIRONMENT = 1
@@ -180,6 +182,7 @@ def build_parser(only=None):
         help="per-device memory plan of a preset on a device mesh (allocates nothing)",
     )
     if only in (None, "plan"):
+        # Lazy (loads Keras): only the command being run defines its flags.
         from keras_brainformer.distribution import plan_command
 
         plan_command.add_arguments(plan)
@@ -189,6 +192,7 @@ def build_parser(only=None):
         help="the paper's block-wise regularized-evolution search (KerasTuner)",
     )
     if only in (None, "search"):
+        # Lazy, as above (its parser is light; the search itself loads when run).
         from keras_brainformer.search import command as search_command
 
         search_command.add_arguments(search)
@@ -196,6 +200,7 @@ def build_parser(only=None):
 
 
 def _run_train(args):
+    # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.training.trainer import train_language_model
 
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.preset)))
@@ -218,6 +223,7 @@ def _run_train(args):
 
 
 def _run_generate(args):
+    # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     import keras
     import keras_hub
 
@@ -273,6 +279,7 @@ def _run_generate(args):
 
 
 def _run_upcycle(args):
+    # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.models import BrainformerCausalLM
     from keras_brainformer.models.brainformer import upcycling
 
@@ -318,8 +325,6 @@ def _run_upcycle(args):
 
 def _run_presets(args):
     """The zoo from the packaged folders' metadata (plain JSON: no Keras)."""
-    from keras_brainformer.preset_folders import human_count as human
-    from keras_brainformer.preset_folders import preset_folder_metadata
 
     rows = [("name", "family", "total", "activated", "weights", "paper (total / activated)")]
     trained = []
@@ -399,16 +404,18 @@ def _main(argv):
         "presets": _run_presets,
         "upcycle": _run_upcycle,
     }
+    # The handlers import lazily: the Keras stack loads when a command runs,
+    # not for `--help` or `presets`.
     if args.command == "compare":
-        from keras_brainformer.training.compare import run_compare
+        from keras_brainformer.training.compare import run_compare  # lazy
 
         handlers["compare"] = run_compare
     if args.command == "plan":
-        from keras_brainformer.distribution import plan_command
+        from keras_brainformer.distribution import plan_command  # lazy
 
         handlers["plan"] = plan_command.run
     if args.command == "search":
-        from keras_brainformer.search import command as search_command
+        from keras_brainformer.search import command as search_command  # lazy
 
         handlers["search"] = search_command.run
     try:

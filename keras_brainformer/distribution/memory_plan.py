@@ -54,6 +54,7 @@ from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
+from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
@@ -427,7 +428,6 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     Returns:
         dict group name -> bytes.
     """
-    from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
 
     sizes = axis_sizes(mesh)
     names = tuple(sizes)

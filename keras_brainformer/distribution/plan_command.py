@@ -29,6 +29,8 @@ from keras_brainformer.distribution.mesh import expert_axis
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.distribution.step_time import predict_step_time
 from keras_brainformer.errors import TrainingError
+from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
 
 EXIT_DOES_NOT_FIT = 1
@@ -94,8 +96,6 @@ def add_arguments(parser):
 
 def load_config(preset):
     """The backbone config of a zoo preset name or a preset folder."""
-    from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-    from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 
     if preset in backbone_presets:
         return get_preset_config(preset)

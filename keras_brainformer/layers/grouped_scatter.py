@@ -47,7 +47,7 @@ def segment_sum_per_group(values, index, num_segments):
     [[4.0, 0.0, 2.0]]
     """
     if keras.config.backend() == "jax":
-        import jax
+        import jax  # the JAX fast path: jax is imported on its backend only
 
         values = ops.convert_to_tensor(values)
         index = ops.convert_to_tensor(index)

@@ -6,6 +6,7 @@ import inspect
 import math
 import numbers
 
+import keras
 import numpy as np
 
 
@@ -90,13 +91,13 @@ def concrete_array(x):
     if module.startswith("keras"):
         return None  # KerasTensor
     if module.startswith("jax"):
-        import jax
+        import jax  # a JAX array: jax is loaded already (and only then imported)
 
         if isinstance(x, jax.core.Tracer):
             return None
         return np.asarray(x)
     if module.startswith("tensorflow"):
-        import tensorflow as tf
+        import tensorflow as tf  # a TensorFlow tensor: TF is loaded already
 
         if not tf.executing_eagerly() or not hasattr(x, "numpy"):
             return None
@@ -227,7 +228,6 @@ def uses_sparse_labels(loss):
     """Whether a compiled `loss` takes integer class ids as labels (sparse
     categorical crossentropy, the default of the Keras-Hub tasks); only then
     do the label checks of `fit`/`evaluate` apply."""
-    import keras
 
     if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
         return True

@@ -10,6 +10,8 @@
 Names are imported lazily, so `keras-brainformer --help` stays fast.
 """
 
+import importlib
+
 _EXPORTS = {
     "SearchSpace": "keras_brainformer.search.space",
     "RegularizedEvolutionOracle": "keras_brainformer.search.oracle",
@@ -25,7 +27,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'keras_brainformer.search' has no attribute {name!r}")

@@ -84,6 +84,7 @@ def serve_oracle(oracle, address, port, poll_seconds=0.2):
     stop and no worker is running a trial (KerasTuner's own chief loop polls
     every 20 s and binds to `KERASTUNER_ORACLE_IP`; this one binds where it
     is told and ends promptly)."""
+    # gRPC (heavy, KerasTuner's transport): only the chief serves the oracle.
     from concurrent import futures
 
     import grpc

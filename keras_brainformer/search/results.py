@@ -24,6 +24,15 @@ import math
 import os
 import pathlib
 
+from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
+    BrainformerCausalLMPreprocessor,
+)
+from keras_brainformer.models.brainformer.brainformer_presets import PAPER_SEQUENCE_LENGTH
+from keras_brainformer.models.brainformer.brainformer_presets import PAPER_TRAINING_VOCABULARY_SIZE
+from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
+from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
+from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.models.brainformer.preset_building import backbone_config_json
 from keras_brainformer.search.space import LAYER_LETTERS
 from keras_brainformer.search.space import SearchSpace
 from keras_brainformer.search.space import slot_gene
@@ -141,12 +150,6 @@ def paper_scale_config(space, genome, target_activated=DEFAULT_TARGET_ACTIVATED,
     Returns:
         `(backbone_config, num_blocks, paper_convention_counts)`.
     """
-    from keras_brainformer.models.brainformer.brainformer_presets import PAPER_SEQUENCE_LENGTH
-    from keras_brainformer.models.brainformer.brainformer_presets import (
-        PAPER_TRAINING_VOCABULARY_SIZE,
-    )
-    from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
-
     paper_space = SearchSpace(
         num_sublayers=space.num_sublayers,
         scale=1.0,
@@ -179,13 +182,6 @@ def paper_scale_config(space, genome, target_activated=DEFAULT_TARGET_ACTIVATED,
 def write_preset_folder(config, metadata, directory):
     """A keras-hub preset folder (config.json, metadata.json, and the
     shipped tokenizer when the vocabulary is its size) for `config`."""
-    from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
-        BrainformerCausalLMPreprocessor,
-    )
-    from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-    from keras_brainformer.models.brainformer.parameter_count import count_parameters
-    from keras_brainformer.models.brainformer.preset_building import backbone_config_json
-
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "config.json", "w") as f:
@@ -209,7 +205,7 @@ def write_preset_folder(config, metadata, directory):
 def plot_search(rows, path, baselines=None):
     """Step time against validation loss, one point per trial (accepted,
     rejected by the constraint), the baselines as stars."""
-    import matplotlib
+    import matplotlib  # heavy, for the plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -206,7 +206,7 @@ class RouterStatisticsLogger(keras.callbacks.Callback):
     def _write(self, step, statistics):
         if step == self._last_written:
             return
-        import tensorflow as tf
+        import tensorflow as tf  # TensorBoard's summary writer (heavy): only when writing
 
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(

@@ -232,7 +232,7 @@ def results_markdown(results, budget, target):
 
 
 def plot_curves(per_family_points, path):
-    import matplotlib
+    import matplotlib  # heavy, for the plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -21,6 +21,7 @@ import os
 import zlib
 from typing import NamedTuple
 
+import keras
 import numpy as np
 
 from keras_brainformer.training.builtin_text import stdlib_source_files
@@ -112,7 +113,7 @@ def default_documents(max_bytes=None):
     Returns:
         A list of `Document`s, in a deterministic order.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # 0.5 MB of text: imported when asked for
 
     def crc_order(documents):
         return sorted(documents, key=lambda d: (zlib.crc32(d.name.encode("utf-8")), d.name))
@@ -299,8 +300,6 @@ def _rows(outputs):
         values = np.asarray(outputs.flat_values, dtype="int32")
         lengths = np.asarray(outputs.row_lengths())
         return np.split(values, np.cumsum(lengths)[:-1])
-    import keras
-
     array = np.asarray(keras.ops.convert_to_numpy(outputs), dtype="int32")
     return list(array.reshape(array.shape[0], -1))
 
@@ -343,8 +342,6 @@ def tokenize_documents(documents, tokenizer, batch_size=256, verbose=False):
     texts = [d.text if isinstance(d, Document) else d for d in documents]
     progbar = None
     if verbose and len(texts) > batch_size:
-        import keras
-
         progbar = keras.utils.Progbar(len(texts), unit_name="document")
     end = np.array([end_token_id], dtype="int32")
     pieces = []
@@ -389,7 +386,7 @@ def pack(stream, sequence_length):
 
 def _inputs_and_targets(windows):
     """`[B, L + 1]` windows -> `({"token_ids", "padding_mask"}, targets)`, each `[B, L]`."""
-    import tensorflow as tf
+    import tensorflow as tf  # tf.data (heavy): loaded when a pipeline is built
 
     token_ids = windows[:, :-1]
     return {"token_ids": token_ids, "padding_mask": tf.ones_like(token_ids)}, windows[:, 1:]
@@ -509,7 +506,7 @@ class LanguageModelData:
             seed: int >= 0. Selects the per-epoch shuffles.
             start_step: int >= 0. The global step of the first batch.
         """
-        import tensorflow as tf
+        import tensorflow as tf  # tf.data (heavy): loaded when a pipeline is built
 
         self.check_train_batch_size(batch_size)
         _check_count("seed", seed, 0)
@@ -555,7 +552,7 @@ class LanguageModelData:
         compiled model traces one more shape for it). Elements are as in
         `train_dataset()`.
         """
-        import tensorflow as tf
+        import tensorflow as tf  # tf.data (heavy): loaded when a pipeline is built
 
         count = self.validation_steps(batch_size, max_batches)
         windows = self.validation_windows

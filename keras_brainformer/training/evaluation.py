@@ -4,6 +4,7 @@ Used to record a shipped preset's loss and, in the tests, to check that a
 loaded preset (weights, tokenizer, routing) still gives that loss.
 """
 
+import keras
 import numpy as np
 
 from keras_brainformer.training.corpus import Document
@@ -33,7 +34,6 @@ def heldout_loss(lm, text, sequence_length=128, max_windows=32, batch_size=8):
 def windows_loss(lm, windows, batch_size=8):
     """Mean next-token cross-entropy (nats/token) of `lm` over token
     `windows` `[N, length + 1]` (inputs `[:, :-1]`, labels `[:, 1:]`)."""
-    import keras
 
     losses = []
     for start in range(0, len(windows), batch_size):

@@ -37,7 +37,7 @@ def _tf_kernel_cache_epoch():
     The seed call also replaces the context's private `_rng` object, which is
     what this returns (None if TensorFlow or that attribute is unavailable).
     """
-    try:
+    try:  # TensorFlow's eager context: optional, absent without TensorFlow
         from tensorflow.python.eager import context
     except ImportError:
         return None
@@ -152,7 +152,7 @@ class BrainformerTokenizer(SentencePieceTokenizer):
         # as keras-hub requires ("built outside the `tf.data` pipeline").
         stale = getattr(self, "_tf_epoch", None) is not _tf_kernel_cache_epoch()
         if getattr(self, "_sentence_piece", None) is None or stale:
-            import tensorflow as tf
+            import tensorflow as tf  # heavy: only when the SentencePiece kernel is built
 
             with tf.init_scope():
                 self._set_proto_tf(self.proto)

@@ -22,6 +22,7 @@ failing on a missing weights file. The generic
 `keras_hub.models.CausalLM.from_preset(name, load_weights=False)` also works.
 """
 
+import inspect
 import json
 import os
 import pathlib
@@ -164,7 +165,6 @@ def zoo_presets(cls):
 
 
 def _parameters(function):
-    import inspect
 
     try:
         return inspect.signature(function).parameters
