@@ -3,8 +3,10 @@
 Compares, on the current backend, in one run (interleaved rounds, medians of
 per-round ratios; forward + backward of a jitted/XLA-compiled function):
 
-1. RMS normalisation: `keras_brainformer.layers.RMSNormalization` (computes in
-   float32, scale applied in float32) vs `keras.layers.RMSNormalization`.
+1. RMS normalisation: the RMSNorm layer this package carried until it adopted
+   Keras' (computes in float32, scale applied in float32; kept below as
+   `FormerRMSNormalization`, the record of that decision) vs
+   `keras.layers.RMSNormalization`, which the blocks now use.
 2. The attention core: ours (einsum scores in float32, causal + padding mask
    with `where`, float32 softmax, einsum with V) vs
    `keras.ops.dot_product_attention(..., is_causal=True, mask=padding)`.
@@ -29,7 +31,22 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from keras_brainformer.layers import RMSNormalization  # noqa: E402
+
+class FormerRMSNormalization(keras.layers.Layer):
+    """The package's RMSNorm before it gave way to Keras' (for comparison)."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
+        y = x32 * ops.rsqrt(mean_square + self.epsilon) * ops.cast(self.scale, "float32")
+        return ops.cast(y, self.compute_dtype)
 
 
 def _compiled_value_and_grad(fn, args):
@@ -73,7 +90,7 @@ def _pairs(batch, length, width, heads):
     mask = np.ones((batch, length), "bool")
     mask[1, length // 2:] = False
 
-    ours_norm, keras_norm = RMSNormalization(), keras.layers.RMSNormalization()
+    ours_norm, keras_norm = FormerRMSNormalization(), keras.layers.RMSNormalization()
     ours_norm.build(x.shape)
     keras_norm.build(x.shape)
     scale = rng.uniform(0.5, 1.5, size=(width,)).astype("float32")
@@ -136,7 +153,7 @@ def main(argv=None):
               f"{statistics.median(ours_t) * 1e3:.2f} | {statistics.median(theirs_t) * 1e3:.2f} |")
     # Mixed precision: what each norm returns and keeps for bfloat16 inputs.
     keras.config.set_dtype_policy("mixed_bfloat16")
-    ours, theirs = RMSNormalization(), keras.layers.RMSNormalization()
+    ours, theirs = FormerRMSNormalization(), keras.layers.RMSNormalization()
     x = np.random.default_rng(1).normal(size=(2, 8, args.width)).astype("float32") * 30
     yo, yt = ours(x), theirs(x)
     as32 = [ops.convert_to_numpy(ops.cast(y, "float32")) for y in (yo, yt)]

@@ -196,16 +196,16 @@ def test_backbone_bad_arguments(kwargs, field):
 
 def test_layer_level_arguments_are_validated():
     from keras_brainformer.layers import MoEFeedForward
-    from keras_brainformer.layers import RMSNormalization
     from keras_brainformer.layers import TopKRouter
+    from keras_brainformer.layers.normalization import make_norm
     from keras_brainformer.models import count_parameters
 
     with pytest.raises(TypeError, match="batch_prioritized"):
         TopKRouter(4, batch_prioritized="no")
     with pytest.raises(TypeError, match="seed"):
         TopKRouter(4, seed="abc")
-    with pytest.raises(ValueError, match="epsilon"):
-        RMSNormalization(epsilon=-1.0)
+    with pytest.raises(ValueError, match="norm_epsilon"):
+        make_norm("rms", -1.0, "norm")
     with pytest.raises(TypeError, match="router_kwargs"):
         MoEFeedForward(4, 8, router_kwargs=[("k", 1)])
     with pytest.raises(ValueError, match="num_experts"):

@@ -25,7 +25,6 @@ from keras_brainformer.layers import ExpertBank
 from keras_brainformer.layers import ExpertChoiceRouter
 from keras_brainformer.layers import FeedForward
 from keras_brainformer.layers import MoEFeedForward
-from keras_brainformer.layers import RMSNormalization
 from keras_brainformer.layers import RoutingInstructions
 from keras_brainformer.layers import SlotRoutingInstructions
 from keras_brainformer.layers import TopKRouter
@@ -149,15 +148,6 @@ class LayerContractTest(TestCase):
                 expected_output_shape=(2, 8, D),
                 expected_num_trainable_weights=weights,
             )
-
-    def test_rms_normalization(self):
-        self.run_layer_test(
-            cls=RMSNormalization,
-            init_kwargs={"epsilon": 1e-6},
-            input_data=TOKENS,
-            expected_output_shape=(2, 8, D),
-            expected_num_trainable_weights=1,
-        )
 
     def test_expert_bank(self):
         self.run_layer_test(

@@ -1,4 +1,4 @@
-"""Generic layers: routers, MoE and dense FFNs, attention, norms (plain Keras;
+"""Generic layers: routers, MoE and dense FFNs, attention (plain Keras;
 the Brainformer block and its spec live in `keras_brainformer.models`)."""
 
 from keras_brainformer.layers.activations import ACTIVATIONS
@@ -7,7 +7,6 @@ from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
-from keras_brainformer.layers.rms_normalization import RMSNormalization
 from keras_brainformer.layers.routers import ExpertChoiceRouter
 from keras_brainformer.layers.routers import Router
 from keras_brainformer.layers.routers import RoutingInstructions

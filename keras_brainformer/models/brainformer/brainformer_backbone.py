@@ -6,9 +6,9 @@ from keras_hub.models import Backbone
 import keras_brainformer.models.brainformer.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
+from keras_brainformer.layers.normalization import NORMS
+from keras_brainformer.layers.normalization import make_norm
 from keras_brainformer.layers.reversible_embedding import ReversibleEmbedding
-from keras_brainformer.layers.rms_normalization import NORMS
-from keras_brainformer.layers.rms_normalization import make_norm
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float

@@ -7,8 +7,8 @@ from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
-from keras_brainformer.layers.rms_normalization import NORMS
-from keras_brainformer.layers.rms_normalization import make_norm
+from keras_brainformer.layers.normalization import NORMS
+from keras_brainformer.layers.normalization import make_norm
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_positive_int
