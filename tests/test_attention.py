@@ -444,3 +444,28 @@ def test_parameter_count_with_depthwise_conv_equals_built_model():
         ).get_config()
     )
     assert counts["total"] - no_conv["total"] == 2 * (3 * 3 * 2 * 8 + 3 * 2 * 3 * 6)
+
+
+@pytest.mark.parametrize("conv", [0, 3])
+def test_keras_dot_product_attention_path_equals_ours(conv, monkeypatch):
+    """On GPU/TPU attention runs through `keras.ops.dot_product_attention`
+    (fused kernels); forced here on CPU, it gives our core's outputs: full
+    pass with left padding, and cached decoding (a query offset), Primer's
+    convolution included."""
+    import keras_brainformer.layers.causal_self_attention as attention
+
+    layer = CausalSelfAttention(num_heads=3, head_dim=6, depthwise_conv_kernel=conv)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 6, 12)).astype("float32")
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6], "int32")
+    ours = to_numpy(layer(x, padding_mask=mask))
+    cache = np.zeros(layer.cache_shape(2, 6), "float32")
+    ours_step, _ = layer(x[:, :4], padding_mask=mask, cache=cache, cache_update_index=0)
+    assert not attention.uses_keras_attention()  # this CPU keeps ours (faster here)
+
+    monkeypatch.setattr(attention, "uses_keras_attention", lambda: True)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, padding_mask=mask)), ours, rtol=1e-5, atol=1e-6
+    )
+    keras_step, _ = layer(x[:, :4], padding_mask=mask, cache=cache, cache_update_index=0)
+    np.testing.assert_allclose(to_numpy(keras_step), to_numpy(ours_step), rtol=1e-5, atol=1e-6)

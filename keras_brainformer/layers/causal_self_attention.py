@@ -81,6 +81,43 @@ def causal_depthwise_conv(window, kernel, length):
     return out
 
 
+def attention_core(q, k, v, allowed, head_dim, dropout=0.0, seed=None):
+    """Softmax attention, the reference: `q [B, Tq, H, k]`, `k`, `v`
+    `[B, Tk, H, k]`, `allowed` a boolean mask broadcasting to
+    `[B, H, Tq, Tk]`; scores (divided by `sqrt(head_dim)`) and softmax in
+    float32, probabilities dropped out at rate `dropout` (with `seed`, a
+    `SeedGenerator`). Returns `[B, Tq, H, k]`."""
+    scores = ops.cast(ops.einsum("bqhk,bshk->bhqs", q, k), "float32")
+    scores = scores / ops.sqrt(ops.cast(head_dim, "float32"))
+    probs = ops.softmax(ops.where(allowed, scores, -1e9), axis=-1)
+    if dropout > 0:
+        probs = keras.random.dropout(probs, dropout, seed=seed)
+    return ops.einsum("bhqs,bshk->bqhk", ops.cast(probs, v.dtype), v)
+
+
+def keras_attention_core(q, k, v, allowed, head_dim):
+    """`attention_core` through `keras.ops.dot_product_attention`, which
+    dispatches to fused (cuDNN / flash / TPU) kernels where the backend has
+    them. Equal to `attention_core` (tests/test_attention.py)."""
+    batch, heads = ops.shape(q)[0], ops.shape(q)[2]
+    mask = ops.broadcast_to(allowed, (batch, heads, ops.shape(q)[1], ops.shape(k)[1]))
+    return ops.dot_product_attention(q, k, v, mask=mask, scale=1.0 / float(head_dim) ** 0.5)
+
+
+_ACCELERATOR = []
+
+
+def uses_keras_attention():
+    """Whether attention runs through `keras.ops.dot_product_attention`: on
+    GPU and TPU, where it reaches fused kernels; on CPU our einsum core is
+    kept, measured 1.14-1.20x faster there (`benchmarks/keras_primitives.py`,
+    docs/architecture.md)."""
+    if not _ACCELERATOR:
+        devices = keras.distribution.list_devices()
+        _ACCELERATOR.append(bool(devices) and not str(devices[0]).lower().startswith("cpu"))
+    return _ACCELERATOR[0]
+
+
 def resolve_head_dim(model_dim, num_heads, head_dim=None):
     """The head width: `head_dim`, or `model_dim // num_heads`. Rotary
     embeddings rotate pairs of features, so it must be even."""
@@ -351,11 +388,6 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             k = ops.cast(cache[:, 0, offset:], q.dtype)
             v = ops.cast(cache[:, 1, offset:], q.dtype)
 
-        # [B, H, T_query, T_key], in float32.
-        scores = ops.einsum("bqhk,bshk->bhqs", q, k)
-        scores = ops.cast(scores, "float32") / ops.sqrt(
-            ops.cast(self._head_dim, "float32")
-        )
         query_pos = ops.arange(ops.shape(q)[1], dtype="int32") + ops.cast(start, "int32")
         key_pos = ops.arange(ops.shape(k)[1], dtype="int32")
         allowed = query_pos[:, None] >= key_pos[None, :]  # [Tq, Tk]
@@ -363,11 +395,15 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         if padding_mask is not None:
             keys_ok = ops.cast(padding_mask, "bool")[:, None, None, :]
             allowed = ops.logical_and(allowed, keys_ok)
-        scores = ops.where(allowed, scores, -1e9)
-        probs = ops.softmax(scores, axis=-1)
-        if training and self.dropout > 0:
-            probs = keras.random.dropout(probs, self.dropout, seed=self.seed_generator)
-        out = ops.einsum("bhqs,bshk->bqhk", ops.cast(probs, v.dtype), v)
+        head_dim = self._head_dim
+        if training and self.dropout > 0:  # Keras' op has no attention dropout
+            out = attention_core(
+                q, k, v, allowed, head_dim, dropout=self.dropout, seed=self.seed_generator
+            )
+        elif uses_keras_attention():
+            out = keras_attention_core(q, k, v, allowed, head_dim)
+        else:
+            out = attention_core(q, k, v, allowed, head_dim)
         out = self._project("w_output", out)
         if cache is not None:
             return out, cache
