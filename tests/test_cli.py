@@ -262,35 +262,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 @pytest.mark.slow
-def test_compare_writes_csv_plot_and_table(tmp_path):
-    from keras_brainformer.training.compare import compare_families
-
-    results = compare_families(
-        families=("dense_tiny", "glam_tiny"),
-        budget=1.0,
-        out=tmp_path / "cmp",
-        sequence_length=32,
-        batch_size=4,
-        eval_every=2,
-        max_corpus_bytes=150_000,
-        validation_batches=1,
-        verbose=0,
-    )
-    assert [r["family"] for r in results] == ["dense_tiny", "glam_tiny"]
-    for r in results:
-        assert r["train_seconds"] >= 1.0 and r["steps"] >= 2
-        assert np.isfinite(r["val_loss_causal"])
-    with open(tmp_path / "cmp" / "curves.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert {row["family"] for row in rows} == {"dense_tiny", "glam_tiny"}
-    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 1000
-    table = (tmp_path / "cmp" / "results.md").read_text()
-    assert "| dense_tiny |" in table and "| glam_tiny |" in table
-    # The worst family reaches its own final loss.
-    assert any(r["seconds_to_worst_final_loss"] is not None for r in results)
-
-
-@pytest.mark.slow
 def test_time_budget_and_mixed_bfloat16(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--preset", "primer_tiny", "--steps", "400", "--time-budget", "0.5"]

@@ -40,6 +40,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "search")
+DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
+COMPARE_EPILOG = """examples:
+  keras-brainformer compare --budget 60
+  keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
+      --seeds 0 1 2 --budget 120 --out runs/compare_seeds
+  keras-brainformer compare --data my_corpus/ --tokenizer byte --seeds 0 1 2 \\
+      --families brainformer1_tiny glam_tiny --out runs/compare_bytes
+"""
 
 
 def _add_train_arguments(parser):
@@ -127,24 +135,57 @@ def build_parser(only=None):
     compare = commands.add_parser(
         "compare",
         parents=[common],
-        help="train several families for the same wall-clock budget and compare",
-        description="The paper's fixed-wall-clock evaluation at tiny scale: every family "
-        "trains for the same seconds of training steps on the same data; writes "
-        "curves.csv, curves.png and results.md.",
+        help="train several families for the same training time, per seed, and compare",
+        description="The paper's fixed-wall-clock evaluation as a study: every family (a "
+        "preset name or folder) trains for the same seconds on the same data, once per "
+        "seed; results per seed and over seeds (mean, 95 %% interval) of the final loss, "
+        "the step time and the time to reach a target loss and the reference family's "
+        "final loss. The default paired clock times every family's step side by side and "
+        "trains each for budget / step time steps, fair on a shared machine. Rerun the "
+        "same command to continue a study (more --seeds extend it).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=COMPARE_EPILOG,
     )
     compare.add_argument(
         "--families",
         nargs="+",
-        default=["brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny"],
-        help="tiny presets to compare",
+        default=list(DEFAULT_FAMILIES),
+        metavar="PRESET",
+        help="preset names or folders to compare",
     )
     compare.add_argument(
-        "--budget", type=positive_float, default=60.0, help="seconds of training per family"
+        "--budget", type=positive_float, default=60.0,
+        help="seconds of training per family and seed",
     )
     compare.add_argument("--out", default="runs/compare")
     compare.add_argument(
+        "--seeds", type=int, nargs="+", default=None, metavar="SEED",
+        help="train every family once per seed (default: --seed)",
+    )
+    compare.add_argument(
+        "--clock", choices=("paired", "wall"), default="paired",
+        help="paired: step times measured side by side, each family trains budget / step "
+        "time steps; wall: each trains for the budget of its own measured steps",
+    )
+    compare.add_argument("--timing-rounds", type=positive_int, default=5,
+                         help="rounds of the paired step timing")
+    compare.add_argument("--timing-steps", type=positive_int, default=10,
+                         help="steps per family and round of the paired timing")
+    compare.add_argument(
         "--eval-every", type=positive_int, default=25, help="steps between validation points"
     )
+    compare.add_argument(
+        "--target-loss", type=positive_float, default=None,
+        help="report the time to reach this validation loss (default: per seed, the worst "
+        "family's final loss)",
+    )
+    compare.add_argument(
+        "--reference", default="auto",
+        help="family whose final loss the others race to ('auto': the first glam* family; "
+        "'none')",
+    )
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace a study in --out made with other settings")
     TrainingConfig.add_arguments(compare)
 
     upcycle = commands.add_parser(
