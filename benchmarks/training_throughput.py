@@ -28,6 +28,10 @@ reports, on the JAX backend:
 Scales:
 
 * `tiny`: the `*_tiny` presets as shipped (vocabulary 8192, sequences of 256).
+* `small`: the `*_small` presets as shipped (byte-level, batch 16 x 128): the
+  scale where the blocks, not the output layer, take the step's time (the
+  breakdown's "output layer" column: the tied projection and loss, forward
+  and backward, alone).
 * `100m`: the families' ~100M presets (`brainformer1_100m`,
   `brainformer2_100m`, `glam_100m_32e`, `glam_ec_100m_32e`, `dense_100m`,
   `primer_100m`) trimmed to fit a small CPU (see `TRIM_100M`): a third of
@@ -38,6 +42,7 @@ Scales:
 
     python benchmarks/training_throughput.py                 # both scales
     python benchmarks/training_throughput.py --scale tiny
+    python benchmarks/training_throughput.py --scale small --breakdown
     python benchmarks/training_throughput.py --quick         # smoke run (tiny, 3 families)
 """
 
@@ -61,7 +66,7 @@ from keras_brainformer.models import BrainformerCausalLM  # noqa: E402
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config  # noqa: E402
 from keras_brainformer.models.brainformer.parameter_count import count_parameters  # noqa: E402
 
-# family: (tiny preset, ~100M preset)
+# family: (tiny preset, ~100M preset); the small tier is `<family>_small`.
 FAMILIES = {
     "brainformer1": ("brainformer1_tiny", "brainformer1_100m"),
     "brainformer2": ("brainformer2_tiny", "brainformer2_100m"),
@@ -70,6 +75,7 @@ FAMILIES = {
     "primer": ("primer_tiny", "primer_100m"),
     "dense": ("dense_tiny", "dense_100m"),
 }
+SCALES = ("tiny", "small", "100m")
 
 # The ~100M presets trimmed for a 2-core CPU with ~20 GB shared memory:
 # a third of the depth (Brainformer 1 of 3 blocks, GLaM 2 of 6 two-layer
@@ -82,8 +88,8 @@ TRIM_100M = {
 }
 
 # scale: (batch, sequence length)
-SHAPES = {"tiny": (8, 256), "100m": (2, 256)}
-QUICK_SHAPES = {"tiny": (2, 64), "100m": (1, 64)}
+SHAPES = {"tiny": (8, 256), "small": (16, 128), "100m": (2, 256)}
+QUICK_SHAPES = {"tiny": (2, 64), "small": (2, 64), "100m": (1, 64)}
 
 
 def _set_experts(obj, num_experts):
@@ -101,6 +107,8 @@ def family_config(family, scale, length):
     tiny_name, big_name = FAMILIES[family]
     if scale == "tiny":
         config = get_preset_config(tiny_name)
+    elif scale == "small":
+        config = get_preset_config(f"{family}_small")
     else:
         config = get_preset_config(big_name)
         config["num_blocks"] = TRIM_100M["num_blocks"][family]
@@ -171,8 +179,30 @@ class Runner:
             )(tv, ntv, mv, x, y, None, training=True, optimizer_variables=ov)
             return loss, grads, aux[2]
 
+        # The vocabulary's part: the tied output projection and the loss,
+        # forward and backward, on hidden states of the step's shape.
+        # Of the embedding's shape (the train step donates, deletes, the
+        # model's own buffers; the values do not change the time).
+        embeddings = jax.random.normal(
+            jax.random.PRNGKey(1), tuple(lm.backbone.token_embedding.embeddings.shape)
+        )
+        hidden = jax.random.normal(
+            jax.random.PRNGKey(0), (*x["token_ids"].shape, embeddings.shape[1])
+        )
+
+        def output_loss(e, h):
+            logits = jax.numpy.einsum("btd,vd->btv", h, e)
+            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+
+        output_grad = jax.jit(jax.value_and_grad(output_loss, argnums=(0, 1)))
+
+        def output_layer(*state):
+            return output_grad(embeddings, hidden)
+
         self.part_fns = {"forward": jax.jit(forward),
-                         "forward+backward": jax.jit(forward_backward)}
+                         "forward+backward": jax.jit(forward_backward),
+                         "output layer": output_layer}
         for name in self.part_fns:
             self.parts[name] = []
             self.run_part(name)  # compile + warm up
@@ -241,8 +271,8 @@ def paired_ratio(num, den, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    parser.add_argument("--scale", choices=["tiny", "100m", "both"], default=None,
-                        help="default both (quick: tiny)")
+    parser.add_argument("--scale", choices=[*SCALES, "both"], default=None,
+                        help="default both (tiny and 100m; quick: tiny)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES),
                         choices=list(FAMILIES))
     parser.add_argument("--rounds", type=int, default=None,
@@ -268,8 +298,8 @@ def main():
     tables = []
     for scale in scales:
         batch, length = shapes[scale]
-        rounds = args.rounds or (2 if args.quick else {"tiny": 7, "100m": 4}[scale])
-        steps = args.steps or (1 if args.quick else {"tiny": 3, "100m": 1}[scale])
+        rounds = args.rounds or (2 if args.quick else {"tiny": 7, "small": 7, "100m": 4}[scale])
+        steps = args.steps or (1 if args.quick else {"tiny": 3, "small": 3, "100m": 1}[scale])
         runners, peaks = run_scale(scale, families, batch, length, rounds, steps,
                                    peak_n, peak_reps, breakdown=args.breakdown)
         peak = statistics.median(peaks)
@@ -302,22 +332,25 @@ def main():
         if args.breakdown:
             lines += [
                 "| family | forward ms | forward+backward ms | train step ms "
-                "| optimizer + rest ms (step - fwd+bwd) | fwd+bwd MFU (median peak) |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| optimizer + rest ms (step - fwd+bwd) | fwd+bwd MFU (median peak) "
+                "| output layer fwd+bwd ms (share of the step) |",
+                "|---|---:|---:|---:|---:|---:|---:|",
             ]
             for runner, t, _ in results.values():
                 fwd = statistics.median(runner.parts["forward"])
                 fb = statistics.median(runner.parts["forward+backward"])
+                out = statistics.median(runner.parts["output layer"])
                 lines.append(
                     f"| {runner.family} | {fwd * 1e3:.1f} | {fb * 1e3:.1f} | {t * 1e3:.1f} "
-                    f"| {(t - fb) * 1e3:.1f} | {runner.flops_per_step() / fb / peak:.1%} |")
+                    f"| {(t - fb) * 1e3:.1f} | {runner.flops_per_step() / fb / peak:.1%} "
+                    f"| {out * 1e3:.1f} ({out / t:.0%}) |")
             lines.append("")
-        if scale == "tiny" and "glam" in results:
+        if scale in ("tiny", "small") and "glam" in results:
             for family in ("brainformer1", "brainformer2"):
                 if family in results:
                     ratio = paired_ratio(results[family][0], results["glam"][0], steps)
                     lines.append(
-                        f"- target: tiny {family} step time <= tiny glam step time: "
+                        f"- target: {scale} {family} step time <= {scale} glam step time: "
                         f"ratio {ratio:.2f} (median of per-round ratios) -> "
                         f"{'PASS' if ratio <= 1.0 else 'MISS'}")
         if scale == "100m":

@@ -149,3 +149,14 @@ def test_command_line_reaches_every_study_option(monkeypatch, tmp_path):
     assert (seen["timing_rounds"], seen["timing_steps"]) == (2, 4)
     assert seen["target_loss"] == 5.5 and seen["reference"] is None and seen["overwrite"]
     assert seen["config"].data_paths == (str(corpus),) and seen["config"].tokenizer == "byte"
+
+
+def test_small_families_share_the_byte_tokenizer_of_their_folders():
+    families = ("brainformer1_small", "glam_small", "glam_ec_small", "dense_small",
+                "primer_small", "brainformer2_small")
+    configs = {p: compare.preset_model_config(p) for p in families}
+    tokenizer = compare._shared_tokenizer(families, configs, "preset")
+    assert isinstance(tokenizer, BrainformerByteTokenizer)
+    with pytest.raises(TrainingError, match="do not share one vocabulary"):
+        compare._shared_tokenizer(("glam_small", "glam_tiny"), {
+            p: compare.preset_model_config(p) for p in ("glam_small", "glam_tiny")}, "preset")

@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 
+from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_presets import PAPER_VOCABULARY_SIZE
+from keras_brainformer.models.brainformer.brainformer_presets import activated_non_embedding
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
-from keras_brainformer.models.brainformer.brainformer_presets import tiny_activated_non_embedding
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_table import markdown_table
 
@@ -27,6 +28,7 @@ TINY = [
     "brainformer1_tiny", "brainformer2_tiny", "glam_tiny", "glam_ec_tiny",
     "dense_tiny", "primer_tiny",
 ]  # fmt: skip
+SMALL = [name.replace("_tiny", "_small") for name in TINY]
 WITH_PAPER = [n for n in REGULAR if backbone_presets[n]["metadata"]["paper"]]
 
 
@@ -43,7 +45,7 @@ def _sublayers(name, kind=None):
 
 
 def test_preset_names():
-    assert set(backbone_presets) == set(REGULAR) | set(TINY)
+    assert set(backbone_presets) == set(REGULAR) | set(TINY) | set(SMALL)
     families = {"brainformer1", "brainformer2", "glam", "glam_ec", "dense", "primer"}
     for preset in backbone_presets.values():
         assert set(preset) == {"metadata", "config"}
@@ -114,10 +116,32 @@ def test_tiny_preset_builds_with_counted_size(name, tiny_backbone):
     assert backbone.count_params() < 3_000_000
 
 
-def test_tiny_activated_parameters_are_matched():
-    activated = tiny_activated_non_embedding()
-    assert set(activated) == set(TINY)
+@pytest.mark.parametrize("tier, names", [("_tiny", TINY), ("_small", SMALL)])
+def test_cpu_tiers_match_activated_parameters(tier, names):
+    activated = activated_non_embedding(tier)
+    assert set(activated) == set(names)
     assert max(activated.values()) / min(activated.values()) < 1.05
+
+
+def test_small_tier_is_byte_level_and_the_blocks_dominate():
+    """Byte vocabulary: the tied embedding/output is under 4 % of each small
+    preset's activated parameters (at least 30 % for the tiny tier's)."""
+    for name in SMALL:
+        config = backbone_presets[name]["config"]
+        assert (config["vocabulary_size"], config["max_sequence_length"]) == (256, 512)
+        counts = count_parameters(config)
+        assert counts["embedding"] / counts["activated"] < 0.04, name
+    for name in TINY:
+        counts = count_parameters(backbone_presets[name]["config"])
+        assert counts["embedding"] / counts["activated"] > 0.3, name
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_preset_builds_with_counted_size(name):
+    config = backbone_presets[name]["config"]
+    backbone = BrainformerBackbone(**config)
+    trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+    assert trainable == count_parameters(config)["total"]
 
 
 def test_brainformer_facts():

@@ -105,7 +105,8 @@ def load_tokenizer(preset, tokenizer="preset"):
     if tokenizer == "preset":
         directory = pathlib.Path(resolve_preset(preset))
         if (directory / "tokenizer.json").exists():
-            return BrainformerTokenizer.from_preset(str(directory))
+            # The class the folder names: SentencePiece or bytes.
+            return keras_hub.tokenizers.Tokenizer.from_preset(str(directory))
     return BrainformerTokenizer()
 
 

@@ -36,6 +36,12 @@ PAPER_VOCABULARY_SIZE = 32000
 TINY_VOCABULARY_SIZE = 8192
 TINY_SEQUENCE_LENGTH = 256
 TINY_EXPERTS = 8
+# The small tier (`*_small`): byte-level (256 ids: the output layer is a
+# small part of a step) with ~1.05M activated non-embedding parameters, so
+# that the blocks, not the vocabulary, decide the step time on a CPU.
+SMALL_VOCABULARY_SIZE = 256
+SMALL_SEQUENCE_LENGTH = 512
+SMALL_HEADS, SMALL_HEAD_DIM = 4, 32
 
 GLAM_CAPACITY_FACTOR = 2.0
 GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
@@ -162,13 +168,21 @@ def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
     )
 
 
-def _config(block, num_blocks, hidden_dim, tiny=False):
+_VOCABULARY_AND_LENGTH = {
+    "paper": (PAPER_TRAINING_VOCABULARY_SIZE, PAPER_SEQUENCE_LENGTH),
+    "tiny": (TINY_VOCABULARY_SIZE, TINY_SEQUENCE_LENGTH),
+    "small": (SMALL_VOCABULARY_SIZE, SMALL_SEQUENCE_LENGTH),
+}
+
+
+def _config(block, num_blocks, hidden_dim, tier="paper"):
+    vocabulary_size, max_sequence_length = _VOCABULARY_AND_LENGTH[tier]
     return {
-        "vocabulary_size": TINY_VOCABULARY_SIZE if tiny else PAPER_TRAINING_VOCABULARY_SIZE,
+        "vocabulary_size": vocabulary_size,
         "hidden_dim": hidden_dim,
         "blocks": block.to_dict(),
         "num_blocks": num_blocks,
-        "max_sequence_length": TINY_SEQUENCE_LENGTH if tiny else PAPER_SEQUENCE_LENGTH,
+        "max_sequence_length": max_sequence_length,
         "norm": "rms",
         "tie_embeddings": True,
     }
@@ -314,7 +328,7 @@ def _build_presets():
             f"100M block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} "
             f"experts, expert choice with capacity factor {cf:g}. {random_init}",
             family,
-            _config(block, blocks, d, tiny=True),
+            _config(block, blocks, d, tier="tiny"),
         )
     for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
         d = 70
@@ -324,18 +338,64 @@ def _build_presets():
             f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
             f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
             family,
-            _config(block, 2, d, tiny=True),
+            _config(block, 2, d, tier="tiny"),
         )
     presets["dense_tiny"] = _preset(
         f"{tiny}of the dense baseline: 6 layers, d=60, gated-GELU FFN width 4d. {random_init}",
         "dense",
-        _config(_dense_block(3, 20, 240), 6, 60, tiny=True),
+        _config(_dense_block(3, 20, 240), 6, 60, tier="tiny"),
     )
     presets["primer_tiny"] = _preset(
         f"{tiny}of the Primer baseline: 7 layers, d=64, squared-ReLU FFN width 4d, "
         f"depthwise convolution width 3. {random_init}",
         "primer",
-        _config(_dense_block(4, 16, 256, primer=True), 7, 64, tiny=True),
+        _config(_dense_block(4, 16, 256, primer=True), 7, 64, tier="tiny"),
+    )
+
+    # === Small variants (CPU scale where the blocks decide) ===
+    # Byte-level, 8 experts, 4 heads of 32, each family's layout and width
+    # ratios, d and depth picked so the activated non-embedding parameters
+    # match (1.035M-1.055M; see `activated_non_embedding("_small")`).
+    small = "Small CPU-scale variant (byte-level: vocabulary 256, sequences of 512) "
+    for family, d in (("brainformer1", 108), ("brainformer2", 80)):
+        cf = BRAINFORMER_CAPACITY_FACTORS[family]
+        block = _brainformer_block(
+            BRAINFORMER_WIDTHS[(family, "100m")],
+            TINY_EXPERTS,
+            SMALL_HEADS,
+            SMALL_HEAD_DIM,
+            cf,
+            width_scale=d / BRAINFORMER_SCALES["100m"][0],
+        )
+        presets[f"{family}_small"] = _preset(
+            f"{small}of the Brainformer block {family[-1]} reconstruction: 2 x the 100M "
+            f"block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} experts, "
+            f"expert choice with capacity factor {cf:g}. {random_init}",
+            family,
+            _config(block, 2, d, tier="small"),
+        )
+    for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
+        d = 120
+        block = _glam_block(SMALL_HEADS, SMALL_HEAD_DIM, 4 * d, TINY_EXPERTS, router=router)
+        presets[f"{family}_small"] = _preset(
+            f"{small}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
+            f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
+            f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
+            family,
+            _config(block, 2, d, tier="small"),
+        )
+    presets["dense_small"] = _preset(
+        f"{small}of the dense baseline: 4 layers, d=128, gated-GELU FFN width 4d. "
+        f"{random_init}",
+        "dense",
+        _config(_dense_block(SMALL_HEADS, SMALL_HEAD_DIM, 512), 4, 128, tier="small"),
+    )
+    presets["primer_small"] = _preset(
+        f"{small}of the Primer baseline: 5 layers, d=132, squared-ReLU FFN width 4d, "
+        f"depthwise convolution width 3. {random_init}",
+        "primer",
+        _config(_dense_block(SMALL_HEADS, SMALL_HEAD_DIM, 528, primer=True), 5, 132,
+                tier="small"),
     )
     return presets
 
@@ -343,11 +403,12 @@ def _build_presets():
 backbone_presets = _build_presets()
 
 
-def tiny_activated_non_embedding():
-    """Activated non-embedding parameters of each tiny preset."""
+def activated_non_embedding(suffix="_tiny"):
+    """Activated non-embedding parameters of each preset of a CPU tier
+    (`"_tiny"` or `"_small"`)."""
     out = {}
     for name, preset in backbone_presets.items():
-        if name.endswith("_tiny"):
+        if name.endswith(suffix):
             counts = count_parameters(preset["config"])
             out[name] = counts["activated"] - counts["embedding"]
     return out

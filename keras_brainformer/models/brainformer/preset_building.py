@@ -12,6 +12,7 @@ import shutil
 
 import keras
 
+from keras_brainformer.models.brainformer.brainformer_byte_tokenizer import BrainformerByteTokenizer
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
@@ -33,8 +34,9 @@ def backbone_config_json(config):
 
 
 def write_preset_directory(name, directory):
-    """Writes preset `name`'s folder (config, metadata, tokenizer if the
-    preset uses the shipped vocabulary) into `directory`. Files are written to
+    """Writes preset `name`'s folder (config, metadata, and the tokenizer of
+    a preset whose vocabulary is the shipped SentencePiece one or bytes) into
+    `directory`. Files are written to
     a temporary folder first and moved in place, so a failure leaves nothing
     half-written."""
     if name not in backbone_presets:
@@ -53,11 +55,13 @@ def write_preset_directory(name, directory):
         "keras_version": keras.version(),
         **entry["metadata"],
     }
-    tokenizer = BrainformerTokenizer()
-    if entry["config"]["vocabulary_size"] == tokenizer.vocabulary_size():
-        BrainformerCausalLMPreprocessor(
-            tokenizer=tokenizer, sequence_length=TINY_PREPROCESSOR_SEQUENCE_LENGTH
-        ).save_to_preset(str(staging))
+    # The CPU tiers carry their tokenizer: the shipped SentencePiece
+    # vocabulary (tiny) or bytes (small); the paper's 256K one is unreleased.
+    for tokenizer in (BrainformerTokenizer(), BrainformerByteTokenizer()):
+        if entry["config"]["vocabulary_size"] == tokenizer.vocabulary_size():
+            BrainformerCausalLMPreprocessor(
+                tokenizer=tokenizer, sequence_length=TINY_PREPROCESSOR_SEQUENCE_LENGTH
+            ).save_to_preset(str(staging))
     with open(staging / METADATA_FILE, "w") as f:
         json.dump(metadata, f, indent=4)
         f.write("\n")

@@ -6,9 +6,9 @@ Print it (the table in `docs/presets.md`, which a test keeps in sync) with
 """
 
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.brainformer_presets import activated_non_embedding
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
-from keras_brainformer.models.brainformer.brainformer_presets import tiny_activated_non_embedding
 from keras_brainformer.preset_folders import human_count
 
 
@@ -68,7 +68,7 @@ def markdown_table(presets=None):
             f"{human_count(r['paper_convention_total'])} / "
             f"{human_count(r['paper_convention_activated'])}"
         )
-        if r["name"].endswith("_tiny"):
+        if r["name"].endswith(("_tiny", "_small")):
             conv = "-"
         if r["paper"]:
             paper = (
@@ -88,7 +88,8 @@ def markdown_table(presets=None):
 if __name__ == "__main__":
     print(markdown_table())
     print()
-    print("Tiny presets, activated non-embedding parameters:")
-    for name, n in tiny_activated_non_embedding().items():
-        total = backbone_presets[name]["metadata"]["params"]
-        print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")
+    for tier in ("_tiny", "_small"):
+        print(f"\n*{tier} presets, activated non-embedding parameters:")
+        for name, n in activated_non_embedding(tier).items():
+            total = backbone_presets[name]["metadata"]["params"]
+            print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")
