@@ -64,6 +64,9 @@ BLOCK_COST_ROWS = 48
 # "auto" takes the block path when its modelled cost is below this share of
 # the slot path's: a margin for what the model leaves out.
 AUTO_MAX_COST_RATIO = 0.8
+# The TensorFlow fast path multiplies up to this many rows of one expert's
+# consecutive blocks at once (`tf_expert_blocks`).
+TF_CHUNK_ROWS = 256
 
 
 def num_blocks(num_choices, num_experts, block_size):
@@ -363,6 +366,11 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     E = bank.num_experts
     h = weights[0].shape[-1]
     f32 = tf.float32
+    # Runs of consecutive blocks of one expert computed as one matmul: up to
+    # `TF_CHUNK_ROWS` rows (powers of two of blocks), so that small blocks
+    # (little padding) still make large matmuls.
+    most = max(1, min(n, TF_CHUNK_ROWS // b))
+    chunks = [2**p for p in range(most.bit_length())][::-1]
 
     def take(tensor, i):
         # A gather, not `tensor[i]`: XLA would try to resolve a strided
@@ -399,22 +407,43 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             lambda j, carry: j < num_active, expert, (tf.constant(0), carry)
         )[1]
 
-    def over_blocks(first, end, block, carry):
-        return tf.while_loop(
-            lambda i, carry: i < end, lambda i, carry: (i + 1, block(i, carry)),
-            (first, carry),
-        )[1]
+    def over_blocks(first, end, chunk, carry):
+        """`chunk(i, c, carry)` over blocks `[first, end)` in runs of `c`
+        consecutive blocks: as many of the largest `c` of `chunks` as fit,
+        then each smaller one at most once (a binary split of the rest)."""
+        i = first
+        for c in chunks:
+            i, carry = tf.while_loop(
+                lambda i, carry, c=c: i + c <= end,
+                lambda i, carry, c=c: (i + c, chunk(i, c, carry)),
+                (i, carry),
+            )
+        return carry
+
+    def rows_of(tensor, i, c):
+        # Blocks `[i, i + c)` as `[c·b, ...]` rows: a slice of static size at
+        # a dynamic start (an XLA dynamic-slice).
+        begin = tf.stack([i] + [0] * (len(tensor.shape) - 1))
+        part = tf.slice(tensor, begin, [c] + tensor.shape[1:].as_list())
+        return tf.reshape(part, [c * b] + tensor.shape[2:].as_list())
+
+    def put_rows(buffer, value, i, c):
+        # Rows `[c·b, ...]` into blocks `i .. i + c - 1` of a TensorArray.
+        value = tf.reshape(value, [c, b] + value.shape[1:].as_list())
+        for j in range(c):
+            buffer = put(buffer, value[j], i + j)
+        return buffer
 
     def forward(x, weights):
         def expert(e, ws, first, end, carry):
-            def block(i, carry):
+            def chunk(i, c, carry):
                 y, pre = carry
-                rows = take(x, i)
+                rows = rows_of(x, i, c)
                 p = tuple(tf.matmul(rows, w) for w in ws[:-1])
-                y = put(y, tf.matmul(hidden(*p), ws[-1]), i)
-                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
+                y = put_rows(y, tf.matmul(hidden(*p), ws[-1]), i, c)
+                return y, tuple(put_rows(buf, v, i, c) for buf, v in zip(pre, p))
 
-            return over_blocks(first, end, block, carry)
+            return over_blocks(first, end, chunk, carry)
 
         pre = tuple(buffer(n, (b, h), dtype) for _ in weights[:-1])
         y, pre = over_experts(weights, expert, (buffer(n, (b, d), dtype), pre))
@@ -430,10 +459,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             def expert(e, ws, first, end, carry):
                 d_x, d_weights = carry
 
-                def block(i, inner):
+                def chunk(i, c, inner):
                     d_x, acc = inner
-                    rows, g = take(x, i), take(dy, i)
-                    p = tuple(take(buf, i) for buf in pre)
+                    rows, g = rows_of(x, i, c), rows_of(dy, i, c)
+                    p = tuple(rows_of(buf, i, c) for buf in pre)
                     with tf.GradientTape() as tape:
                         tape.watch(p)
                         hid = hidden(*p)
@@ -449,10 +478,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
                     d_rows = tf.add_n([
                         tf.matmul(dp, w, transpose_b=True) for dp, w in zip(d_pre, ws[:-1])
                     ])
-                    return put(d_x, d_rows, i), acc
+                    return put_rows(d_x, d_rows, i, c), acc
 
                 zeros = tuple(tf.zeros(w.shape, f32) for w in ws)
-                d_x, acc = over_blocks(first, end, block, (d_x, zeros))
+                d_x, acc = over_blocks(first, end, chunk, (d_x, zeros))
                 return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
 
             d_weights = tuple(buffer(E, w.shape[1:], w.dtype) for w in weights)
