@@ -61,6 +61,13 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a tie; and E = 64, k = 1, where b = 32 measured 3.0x a dense FFN, b = 64
 # less, see benchmarks/README.md).
 BLOCK_COST_ROWS = 48
+# The same for TensorFlow's fast path (`tf_expert_blocks`), which multiplies
+# an expert's consecutive blocks in runs of up to `TF_CHUNK_ROWS` rows, so a
+# block costs little beyond its rows and small blocks (little padding) pay:
+# fitted to `--calibrate --backend tensorflow` (4096 tokens, k = 2,
+# blocks/dense: E = 32 b8 1.23, b32 1.40, b128 1.60; E = 64 b32 1.51, b128
+# 2.28; E = 8 flat 1.13-1.31), docs/moe_layers.md.
+TF_FAST_BLOCK_COST_ROWS = 4
 # "auto" takes the block path when its modelled cost is below this share of
 # the slot path's: a margin for what the model leaves out.
 AUTO_MAX_COST_RATIO = 0.8
@@ -81,10 +88,20 @@ def num_blocks(num_choices, num_experts, block_size):
     return max(1, min(bound, num_choices))
 
 
-def modelled_cost(num_choices, num_experts, block_size):
-    """Cost of the block path in expert rows: `n · (b + BLOCK_COST_ROWS)` for
-    the static bound of `n` blocks of `b` rows."""
-    return num_blocks(num_choices, num_experts, block_size) * (block_size + BLOCK_COST_ROWS)
+def modelled_cost(num_choices, num_experts, block_size, cost_rows=BLOCK_COST_ROWS):
+    """Cost of the block path in expert rows: `n · (b + cost_rows)` for the
+    static bound of `n` blocks of `b` rows (`cost_rows`: what a block costs
+    beyond its rows, `block_cost_rows`)."""
+    return num_blocks(num_choices, num_experts, block_size) * (block_size + cost_rows)
+
+
+def block_cost_rows(bank=None):
+    """What one block costs beyond its rows for `bank`'s expert step:
+    `TF_FAST_BLOCK_COST_ROWS` where it takes TensorFlow's fast path
+    (`fast_expert_blocks`), else `BLOCK_COST_ROWS`."""
+    if bank is not None and fast_expert_blocks(bank) is tf_expert_blocks:
+        return TF_FAST_BLOCK_COST_ROWS
+    return BLOCK_COST_ROWS
 
 
 def slots_cost(num_tokens, num_experts):
@@ -93,29 +110,33 @@ def slots_cost(num_tokens, num_experts):
     return num_experts * (num_tokens + BLOCK_COST_ROWS)
 
 
-def block_size(num_choices, num_experts):
+def block_size(num_choices, num_experts, cost_rows=BLOCK_COST_ROWS):
     """The `b` of `BLOCK_SIZES` with the least `modelled_cost` (the smallest
     on ties).
 
     Example:
     >>> block_size(8192, 32), block_size(8192, 64), block_size(2, 8)
     (128, 64, 1)
+    >>> block_size(8192, 32, TF_FAST_BLOCK_COST_ROWS)
+    32
     """
     return min(
-        BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
+        BLOCK_SIZES,
+        key=lambda b: (modelled_cost(num_choices, num_experts, b, cost_rows), b),
     )
 
 
-def blocks_pay(num_tokens, k, num_experts, block_size_=None):
+def blocks_pay(num_tokens, k, num_experts, block_size_=None, cost_rows=BLOCK_COST_ROWS):
     """Whether `dropless_impl="auto"` takes the block path: its modelled cost
-    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+    (blocks costing `cost_rows` beyond their rows) is below
+    `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
 
     Example:
     >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
     (True, False, True)
     """
-    b = block_size_ or block_size(num_tokens * k, num_experts)
-    cost = modelled_cost(num_tokens * k, num_experts, b)
+    b = block_size_ or block_size(num_tokens * k, num_experts, cost_rows)
+    cost = modelled_cost(num_tokens * k, num_experts, b, cost_rows)
     return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
 
 
