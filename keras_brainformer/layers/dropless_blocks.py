@@ -39,7 +39,8 @@ Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
 less often; `block_size` picks `b` by the cost model `n · (b +
 BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
---calibrate`, and `blocks_pay` decides `dropless_impl="auto"` by the same
+--calibrate` (with `TF_FAST_BLOCK_COST_ROWS` instead on TensorFlow's chunked
+fast path, `block_cost_rows`), and `blocks_pay` decides `dropless_impl="auto"` by the same
 model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
 has the measurements).
 """
@@ -366,8 +367,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     `jax_expert_blocks` as `tf.while_loop`s (static shapes, data-dependent
     trip counts; compiled by XLA under `tf.function(jit_compile=True)`, run
     as Python loops eagerly). For each expert with blocks, its weights are
-    sliced once and its own blocks multiplied one by one, written in place
-    into the output; the unused trailing blocks are never computed (zeros).
+    sliced once and its own blocks multiplied in runs of consecutive blocks
+    (up to `TF_CHUNK_ROWS` rows, so small blocks still make large matmuls),
+    written in place into the output; the unused trailing blocks are never
+    computed (zeros).
     A `tf.custom_gradient` runs the same loops backwards, summing each
     expert's weight gradient over its blocks in a float32 accumulator
     written once per expert, instead of the portable path's per-block weight
