@@ -271,6 +271,7 @@ def jax_expert_blocks(bank, x, blocks_per_expert):
     XLA CPU this is several times faster than the batched matmul over
     gathered weights (memory-bound weight gathers and gradient scatters,
     `benchmarks/dropless_blocks.py`)."""
+    # The JAX fast path: jax is imported on its backend only.
     import jax
     import jax.numpy as jnp
 
@@ -376,7 +377,7 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     written once per expert, instead of the portable path's per-block weight
     gathers and the scatter-add of their gradients (memory-bound on CPU,
     `benchmarks/dropless_blocks.py --backend tensorflow`)."""
-    import tensorflow as tf
+    import tensorflow as tf  # the TensorFlow fast path: on its backend only
 
     dtype = bank.compute_dtype
     activation, gated = bank._activation_fn, bank._gated

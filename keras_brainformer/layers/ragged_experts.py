@@ -54,7 +54,7 @@ def ragged_is_default():
     active (the slot path carries the expert-parallel layouts)."""
     if keras.config.backend() != "jax":
         return False
-    import jax
+    import jax  # JAX only: reached on its backend
 
     if jax.default_backend() not in RAGGED_AUTO_PLATFORMS:
         return False
@@ -90,6 +90,7 @@ def ragged_experts_combine(tokens, token_expert, token_gate, token_keep, bank):
     ...     print((6, 16))
     (6, 16)
     """
+    # JAX's ragged_dot: this path exists on the JAX backend only.
     import jax
     import jax.numpy as jnp
 
