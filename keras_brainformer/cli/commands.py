@@ -43,6 +43,10 @@ COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "searc
 DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
+  # the study of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
+  keras-brainformer compare --families brainformer1_small glam_small dense_small \\
+      --seeds 0 1 2 --budget 90 --batch-size 16 --sequence-length 128 \\
+      --eval-every 25 --out runs/small_bytes_90s
   keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
       --seeds 0 1 2 --budget 120 --out runs/compare_seeds
   keras-brainformer compare --data my_corpus/ --tokenizer byte --seeds 0 1 2 \\
