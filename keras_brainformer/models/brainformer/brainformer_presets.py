@@ -41,7 +41,24 @@ TINY_EXPERTS = 8
 # that the blocks, not the vocabulary, decide the step time on a CPU.
 SMALL_VOCABULARY_SIZE = 256
 SMALL_SEQUENCE_LENGTH = 512
-SMALL_HEADS, SMALL_HEAD_DIM = 4, 32
+# tier: family -> (d, heads, head_dim, blocks or layers); GLaM: 2 blocks.
+CPU_TIERS = {
+    "tiny": {
+        "brainformer1": (64, 4, 16, 2),
+        "brainformer2": (48, 3, 16, 2),
+        "glam": (70, 5, 14),
+        "dense": (60, 3, 20, 6),
+        "primer": (64, 4, 16, 7),
+    },
+    "small": {
+        "brainformer1": (108, 4, 32, 2),
+        "brainformer2": (80, 4, 32, 2),
+        "glam": (120, 4, 32),
+        "dense": (128, 4, 32, 4),
+        "primer": (132, 4, 32, 5),
+    },
+}
+CPU_TIER_WORDS = {"tiny": "", "small": "byte-level: "}
 
 GLAM_CAPACITY_FACTOR = 2.0
 GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
@@ -309,94 +326,56 @@ def _build_presets():
             paper,
         )
 
-    # === Tiny variants (CPU scale) ===
+    # === CPU tiers: tiny and small ===
     # Each keeps its family's layout and width ratios and picks d and depth so
-    # the activated non-embedding parameters match (see `TINY_ACTIVATED`).
-    tiny = "Tiny CPU-scale variant (vocabulary 8192, sequences of 256) "
-    for family, d, heads, blocks in (("brainformer1", 64, 4, 2), ("brainformer2", 48, 3, 2)):
-        cf = BRAINFORMER_CAPACITY_FACTORS[family]
-        block = _brainformer_block(
-            BRAINFORMER_WIDTHS[(family, "100m")],
-            TINY_EXPERTS,
-            heads,
-            16,
-            cf,
-            width_scale=d / BRAINFORMER_SCALES["100m"][0],
+    # the activated non-embedding parameters match within the tier (see
+    # `activated_non_embedding`).
+    for tier, shapes in CPU_TIERS.items():
+        vocabulary_size, length = _VOCABULARY_AND_LENGTH[tier]
+        words = f"{tier.capitalize()} CPU-scale variant ({CPU_TIER_WORDS[tier]}vocabulary " \
+                f"{vocabulary_size}, sequences of {length}) "
+        for family in ("brainformer1", "brainformer2"):
+            d, heads, head_dim, blocks = shapes[family]
+            cf = BRAINFORMER_CAPACITY_FACTORS[family]
+            block = _brainformer_block(
+                BRAINFORMER_WIDTHS[(family, "100m")],
+                TINY_EXPERTS,
+                heads,
+                head_dim,
+                cf,
+                width_scale=d / BRAINFORMER_SCALES["100m"][0],
+            )
+            presets[f"{family}_{tier}"] = _preset(
+                f"{words}of the Brainformer block {family[-1]} reconstruction: {blocks} x the "
+                f"100M block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} "
+                f"experts, expert choice with capacity factor {cf:g}. {random_init}",
+                family,
+                _config(block, blocks, d, tier=tier),
+            )
+        d, heads, head_dim = shapes["glam"]
+        for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
+            block = _glam_block(heads, head_dim, 4 * d, TINY_EXPERTS, router=router)
+            presets[f"{family}_{tier}"] = _preset(
+                f"{words}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
+                f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
+                f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
+                family,
+                _config(block, 2, d, tier=tier),
+            )
+        d, heads, head_dim, layers = shapes["dense"]
+        presets[f"dense_{tier}"] = _preset(
+            f"{words}of the dense baseline: {layers} layers, d={d}, gated-GELU FFN width 4d. "
+            f"{random_init}",
+            "dense",
+            _config(_dense_block(heads, head_dim, 4 * d), layers, d, tier=tier),
         )
-        presets[f"{family}_tiny"] = _preset(
-            f"{tiny}of the Brainformer block {family[-1]} reconstruction: {blocks} x the "
-            f"100M block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} "
-            f"experts, expert choice with capacity factor {cf:g}. {random_init}",
-            family,
-            _config(block, blocks, d, tier="tiny"),
+        d, heads, head_dim, layers = shapes["primer"]
+        presets[f"primer_{tier}"] = _preset(
+            f"{words}of the Primer baseline: {layers} layers, d={d}, squared-ReLU FFN width "
+            f"4d, depthwise convolution width 3. {random_init}",
+            "primer",
+            _config(_dense_block(heads, head_dim, 4 * d, primer=True), layers, d, tier=tier),
         )
-    for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
-        d = 70
-        block = _glam_block(5, 14, 4 * d, TINY_EXPERTS, router=router)
-        presets[f"{family}_tiny"] = _preset(
-            f"{tiny}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
-            f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
-            f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
-            family,
-            _config(block, 2, d, tier="tiny"),
-        )
-    presets["dense_tiny"] = _preset(
-        f"{tiny}of the dense baseline: 6 layers, d=60, gated-GELU FFN width 4d. {random_init}",
-        "dense",
-        _config(_dense_block(3, 20, 240), 6, 60, tier="tiny"),
-    )
-    presets["primer_tiny"] = _preset(
-        f"{tiny}of the Primer baseline: 7 layers, d=64, squared-ReLU FFN width 4d, "
-        f"depthwise convolution width 3. {random_init}",
-        "primer",
-        _config(_dense_block(4, 16, 256, primer=True), 7, 64, tier="tiny"),
-    )
-
-    # === Small variants (CPU scale where the blocks decide) ===
-    # Byte-level, 8 experts, 4 heads of 32, each family's layout and width
-    # ratios, d and depth picked so the activated non-embedding parameters
-    # match (1.035M-1.055M; see `activated_non_embedding("_small")`).
-    small = "Small CPU-scale variant (byte-level: vocabulary 256, sequences of 512) "
-    for family, d in (("brainformer1", 108), ("brainformer2", 80)):
-        cf = BRAINFORMER_CAPACITY_FACTORS[family]
-        block = _brainformer_block(
-            BRAINFORMER_WIDTHS[(family, "100m")],
-            TINY_EXPERTS,
-            SMALL_HEADS,
-            SMALL_HEAD_DIM,
-            cf,
-            width_scale=d / BRAINFORMER_SCALES["100m"][0],
-        )
-        presets[f"{family}_small"] = _preset(
-            f"{small}of the Brainformer block {family[-1]} reconstruction: 2 x the 100M "
-            f"block's layout with widths scaled by d/1024, d={d}, {TINY_EXPERTS} experts, "
-            f"expert choice with capacity factor {cf:g}. {random_init}",
-            family,
-            _config(block, 2, d, tier="small"),
-        )
-    for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
-        d = 120
-        block = _glam_block(SMALL_HEADS, SMALL_HEAD_DIM, 4 * d, TINY_EXPERTS, router=router)
-        presets[f"{family}_small"] = _preset(
-            f"{small}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
-            f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
-            f"expert width 4d, {TINY_EXPERTS} experts. {random_init}",
-            family,
-            _config(block, 2, d, tier="small"),
-        )
-    presets["dense_small"] = _preset(
-        f"{small}of the dense baseline: 4 layers, d=128, gated-GELU FFN width 4d. "
-        f"{random_init}",
-        "dense",
-        _config(_dense_block(SMALL_HEADS, SMALL_HEAD_DIM, 512), 4, 128, tier="small"),
-    )
-    presets["primer_small"] = _preset(
-        f"{small}of the Primer baseline: 5 layers, d=132, squared-ReLU FFN width 4d, "
-        f"depthwise convolution width 3. {random_init}",
-        "primer",
-        _config(_dense_block(SMALL_HEADS, SMALL_HEAD_DIM, 528, primer=True), 5, 132,
-                tier="small"),
-    )
     return presets
 
 
