@@ -210,12 +210,10 @@ def preset_evaluation(args):
     S = length
     for moe in moes:
         k = moe.router.causal_k()
-        cost = dropless_blocks.block_cost_rows(moe.experts)
         path = "blocks" if dropless_blocks.blocks_pay(
-            args.batch * S, k, moe.num_experts, cost_rows=cost) else "slots"
-        b = dropless_blocks.block_size(args.batch * S * k, moe.num_experts, cost)
+            args.batch * S, k, moe.num_experts) else "slots"
         print(f"  {moe.path}: E={moe.num_experts}, causal k={k}, auto -> {path} "
-              f"(block size {b})")
+              f"(block size {dropless_blocks.block_size(args.batch * S * k, moe.num_experts)})")
     reps = args.reps or (3 if args.quick else 20)
     times = run_round_robin(variants, reps)
     med = {n: statistics.median(t) for n, t in times.items()}
@@ -278,8 +276,7 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
     for T in tokens:
-        group = min(length, T)  # fewer tokens than a sequence: one group
-        x = rng.standard_normal((T // group, group, d)).astype("float32")
+        x = rng.standard_normal((T // length, length, d)).astype("float32")
         for k in ks:
             dense = make_step(FeedForward(hidden_dim=k * h, activation="gelu"), x)
             for E in experts:
@@ -292,8 +289,7 @@ def main():
                         E, h, router_kwargs={"k": k, "capacity_factor": cf},
                         activation="gelu", dropless_impl=impl, dropless_block_size=b)
 
-                b = args.block_size or dropless_blocks.block_size(
-                    T * k, E, dropless_blocks.block_cost_rows(moe(None).experts))
+                b = args.block_size or dropless_blocks.block_size(T * k, E)
                 variants = {"dense": dense}
                 if args.calibrate:
                     for size in (8, 16, 32, 64, 128, 256):

@@ -232,8 +232,7 @@ def test_auto_rule(monkeypatch):
     auto.set_weights(slots.get_weights())
     routing = auto.router(x, training=True)
     T = SHAPE[0] * SHAPE[1]
-    cost = dropless_blocks.block_cost_rows(auto.experts)  # the backend's fast path's
-    expected = "blocks" if dropless_blocks.blocks_pay(T, 1, 8, cost_rows=cost) else "slots"
+    expected = "blocks" if dropless_blocks.blocks_pay(T, 1, 8) else "slots"
     assert auto._dropless_path(routing, SHAPE[1], T) == expected
     monkeypatch.setattr(dropless_blocks, "blocks_pay", lambda *a: True)
     assert auto._dropless_path(routing, SHAPE[1], T) == "blocks"

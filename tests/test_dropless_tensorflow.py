@@ -161,20 +161,6 @@ def test_plain_bank_takes_the_fast_path():
     assert dropless_blocks.fast_expert_blocks(blocks.experts) is dropless_blocks.tf_expert_blocks
 
 
-def test_block_size_follows_the_fast_paths_cost_model():
-    """The fast path's blocks cost `TF_FAST_BLOCK_COST_ROWS` beyond their
-    rows (chunked matmuls), so the layer picks smaller blocks; a LoRA bank
-    (portable path) keeps `BLOCK_COST_ROWS`."""
-    _, plain = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
-    _, lora = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
-    lora.experts.enable_lora(2)
-    fast, slow = dropless_blocks.TF_FAST_BLOCK_COST_ROWS, dropless_blocks.BLOCK_COST_ROWS
-    assert dropless_blocks.block_cost_rows(plain.experts) == fast
-    assert dropless_blocks.block_cost_rows(lora.experts) == slow
-    assert plain._block_size(4096, 2) == dropless_blocks.block_size(8192, 32, fast) == 32
-    assert lora._block_size(4096, 2) == dropless_blocks.block_size(8192, 32) == 128
-
-
 @pytest.mark.parametrize("activation", ["gelu", "gated_silu"])
 def test_fast_path_equals_portable_path_with_empty_experts(activation):
     """Against `ExpertBank.call_blocks` on a layout where some experts have

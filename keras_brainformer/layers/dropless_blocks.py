@@ -39,8 +39,7 @@ Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
 less often; `block_size` picks `b` by the cost model `n · (b +
 BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
---calibrate` (with `TF_FAST_BLOCK_COST_ROWS` instead on TensorFlow's chunked
-fast path, `block_cost_rows`), and `blocks_pay` decides `dropless_impl="auto"` by the same
+--calibrate`, and `blocks_pay` decides `dropless_impl="auto"` by the same
 model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
 has the measurements).
 """
@@ -62,19 +61,9 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a tie; and E = 64, k = 1, where b = 32 measured 3.0x a dense FFN, b = 64
 # less, see benchmarks/README.md).
 BLOCK_COST_ROWS = 48
-# The same for TensorFlow's fast path (`tf_expert_blocks`), which multiplies
-# an expert's consecutive blocks in runs of up to `TF_CHUNK_ROWS` rows, so a
-# block costs little beyond its rows and small blocks (little padding) pay:
-# fitted to `--calibrate --backend tensorflow` (4096 tokens, k = 2,
-# blocks/dense: E = 32 b8 1.23, b32 1.40, b128 1.60; E = 64 b32 1.51, b128
-# 2.28; E = 8 flat 1.13-1.31), docs/moe_layers.md.
-TF_FAST_BLOCK_COST_ROWS = 4
 # "auto" takes the block path when its modelled cost is below this share of
 # the slot path's: a margin for what the model leaves out.
 AUTO_MAX_COST_RATIO = 0.8
-# The TensorFlow fast path multiplies up to this many rows of one expert's
-# consecutive blocks at once (`tf_expert_blocks`).
-TF_CHUNK_ROWS = 256
 
 
 def num_blocks(num_choices, num_experts, block_size):
@@ -89,20 +78,10 @@ def num_blocks(num_choices, num_experts, block_size):
     return max(1, min(bound, num_choices))
 
 
-def modelled_cost(num_choices, num_experts, block_size, cost_rows=BLOCK_COST_ROWS):
-    """Cost of the block path in expert rows: `n · (b + cost_rows)` for the
-    static bound of `n` blocks of `b` rows (`cost_rows`: what a block costs
-    beyond its rows, `block_cost_rows`)."""
-    return num_blocks(num_choices, num_experts, block_size) * (block_size + cost_rows)
-
-
-def block_cost_rows(bank=None):
-    """What one block costs beyond its rows for `bank`'s expert step:
-    `TF_FAST_BLOCK_COST_ROWS` where it takes TensorFlow's fast path
-    (`fast_expert_blocks`), else `BLOCK_COST_ROWS`."""
-    if bank is not None and fast_expert_blocks(bank) is tf_expert_blocks:
-        return TF_FAST_BLOCK_COST_ROWS
-    return BLOCK_COST_ROWS
+def modelled_cost(num_choices, num_experts, block_size):
+    """Cost of the block path in expert rows: `n · (b + BLOCK_COST_ROWS)` for
+    the static bound of `n` blocks of `b` rows."""
+    return num_blocks(num_choices, num_experts, block_size) * (block_size + BLOCK_COST_ROWS)
 
 
 def slots_cost(num_tokens, num_experts):
@@ -111,33 +90,29 @@ def slots_cost(num_tokens, num_experts):
     return num_experts * (num_tokens + BLOCK_COST_ROWS)
 
 
-def block_size(num_choices, num_experts, cost_rows=BLOCK_COST_ROWS):
+def block_size(num_choices, num_experts):
     """The `b` of `BLOCK_SIZES` with the least `modelled_cost` (the smallest
     on ties).
 
     Example:
     >>> block_size(8192, 32), block_size(8192, 64), block_size(2, 8)
     (128, 64, 1)
-    >>> block_size(8192, 32, TF_FAST_BLOCK_COST_ROWS)
-    32
     """
     return min(
-        BLOCK_SIZES,
-        key=lambda b: (modelled_cost(num_choices, num_experts, b, cost_rows), b),
+        BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
     )
 
 
-def blocks_pay(num_tokens, k, num_experts, block_size_=None, cost_rows=BLOCK_COST_ROWS):
+def blocks_pay(num_tokens, k, num_experts, block_size_=None):
     """Whether `dropless_impl="auto"` takes the block path: its modelled cost
-    (blocks costing `cost_rows` beyond their rows) is below
-    `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
 
     Example:
     >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
     (True, False, True)
     """
-    b = block_size_ or block_size(num_tokens * k, num_experts, cost_rows)
-    cost = modelled_cost(num_tokens * k, num_experts, b, cost_rows)
+    b = block_size_ or block_size(num_tokens * k, num_experts)
+    cost = modelled_cost(num_tokens * k, num_experts, b)
     return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
 
 
@@ -368,10 +343,8 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     `jax_expert_blocks` as `tf.while_loop`s (static shapes, data-dependent
     trip counts; compiled by XLA under `tf.function(jit_compile=True)`, run
     as Python loops eagerly). For each expert with blocks, its weights are
-    sliced once and its own blocks multiplied in runs of consecutive blocks
-    (up to `TF_CHUNK_ROWS` rows, so small blocks still make large matmuls),
-    written in place into the output; the unused trailing blocks are never
-    computed (zeros).
+    sliced once and its own blocks multiplied one by one, written in place
+    into the output; the unused trailing blocks are never computed (zeros).
     A `tf.custom_gradient` runs the same loops backwards, summing each
     expert's weight gradient over its blocks in a float32 accumulator
     written once per expert, instead of the portable path's per-block weight
@@ -391,11 +364,6 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     E = bank.num_experts
     h = weights[0].shape[-1]
     f32 = tf.float32
-    # Runs of consecutive blocks of one expert computed as one matmul: up to
-    # `TF_CHUNK_ROWS` rows (powers of two of blocks), so that small blocks
-    # (little padding) still make large matmuls.
-    most = max(1, min(n, TF_CHUNK_ROWS // b))
-    chunks = [2**p for p in range(most.bit_length())][::-1]
 
     def take(tensor, i):
         # A gather, not `tensor[i]`: XLA would try to resolve a strided
@@ -432,43 +400,22 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             lambda j, carry: j < num_active, expert, (tf.constant(0), carry)
         )[1]
 
-    def over_blocks(first, end, chunk, carry):
-        """`chunk(i, c, carry)` over blocks `[first, end)` in runs of `c`
-        consecutive blocks: as many of the largest `c` of `chunks` as fit,
-        then each smaller one at most once (a binary split of the rest)."""
-        i = first
-        for c in chunks:
-            i, carry = tf.while_loop(
-                lambda i, carry, c=c: i + c <= end,
-                lambda i, carry, c=c: (i + c, chunk(i, c, carry)),
-                (i, carry),
-            )
-        return carry
-
-    def rows_of(tensor, i, c):
-        # Blocks `[i, i + c)` as `[c·b, ...]` rows: a slice of static size at
-        # a dynamic start (an XLA dynamic-slice).
-        begin = tf.stack([i] + [0] * (len(tensor.shape) - 1))
-        part = tf.slice(tensor, begin, [c] + tensor.shape[1:].as_list())
-        return tf.reshape(part, [c * b] + tensor.shape[2:].as_list())
-
-    def put_rows(buffer, value, i, c):
-        # Rows `[c·b, ...]` into blocks `i .. i + c - 1` of a TensorArray.
-        value = tf.reshape(value, [c, b] + value.shape[1:].as_list())
-        for j in range(c):
-            buffer = put(buffer, value[j], i + j)
-        return buffer
+    def over_blocks(first, end, block, carry):
+        return tf.while_loop(
+            lambda i, carry: i < end, lambda i, carry: (i + 1, block(i, carry)),
+            (first, carry),
+        )[1]
 
     def forward(x, weights):
         def expert(e, ws, first, end, carry):
-            def chunk(i, c, carry):
+            def block(i, carry):
                 y, pre = carry
-                rows = rows_of(x, i, c)
+                rows = take(x, i)
                 p = tuple(tf.matmul(rows, w) for w in ws[:-1])
-                y = put_rows(y, tf.matmul(hidden(*p), ws[-1]), i, c)
-                return y, tuple(put_rows(buf, v, i, c) for buf, v in zip(pre, p))
+                y = put(y, tf.matmul(hidden(*p), ws[-1]), i)
+                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
 
-            return over_blocks(first, end, chunk, carry)
+            return over_blocks(first, end, block, carry)
 
         pre = tuple(buffer(n, (b, h), dtype) for _ in weights[:-1])
         y, pre = over_experts(weights, expert, (buffer(n, (b, d), dtype), pre))
@@ -484,10 +431,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             def expert(e, ws, first, end, carry):
                 d_x, d_weights = carry
 
-                def chunk(i, c, inner):
+                def block(i, inner):
                     d_x, acc = inner
-                    rows, g = rows_of(x, i, c), rows_of(dy, i, c)
-                    p = tuple(rows_of(buf, i, c) for buf in pre)
+                    rows, g = take(x, i), take(dy, i)
+                    p = tuple(take(buf, i) for buf in pre)
                     with tf.GradientTape() as tape:
                         tape.watch(p)
                         hid = hidden(*p)
@@ -503,10 +450,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
                     d_rows = tf.add_n([
                         tf.matmul(dp, w, transpose_b=True) for dp, w in zip(d_pre, ws[:-1])
                     ])
-                    return put_rows(d_x, d_rows, i, c), acc
+                    return put(d_x, d_rows, i), acc
 
                 zeros = tuple(tf.zeros(w.shape, f32) for w in ws)
-                d_x, acc = over_blocks(first, end, chunk, (d_x, zeros))
+                d_x, acc = over_blocks(first, end, block, (d_x, zeros))
                 return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
 
             d_weights = tuple(buffer(E, w.shape[1:], w.dtype) for w in weights)

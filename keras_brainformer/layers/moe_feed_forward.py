@@ -220,9 +220,7 @@ class MoEFeedForward(keras.layers.Layer):
     def _block_size(self, num_tokens, k):
         if self.dropless_block_size is not None:
             return self.dropless_block_size
-        return dropless_blocks.block_size(
-            num_tokens * k, self.num_experts, dropless_blocks.block_cost_rows(self.experts)
-        )
+        return dropless_blocks.block_size(num_tokens * k, self.num_experts)
 
     def _dropless_path(self, routing, group_size, num_tokens):
         """`"slots"`, `"ragged"` or `"blocks"`: how this call computes its
@@ -248,8 +246,7 @@ class MoEFeedForward(keras.layers.Layer):
             return "slots"
         k = ops.shape(routing.token_expert)[-1]
         if dropless_blocks.blocks_pay(
-            num_tokens, k, self.num_experts, self._block_size(num_tokens, k),
-            dropless_blocks.block_cost_rows(self.experts),
+            num_tokens, k, self.num_experts, self._block_size(num_tokens, k)
         ):
             return "blocks"
         return "slots"
