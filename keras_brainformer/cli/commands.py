@@ -31,6 +31,7 @@ from keras_brainformer.errors import TrainingError
 from keras_brainformer.errors import TrainingInterrupted
 from keras_brainformer.preset_folders import human_count as human
 from keras_brainformer.preset_folders import preset_folder_metadata
+from keras_brainformer.training.config import COMPARE_DEFAULT_FAMILIES
 from keras_brainformer.training.config import TrainingConfig
 
 EXIT_ENVIRONMENT = 1
@@ -40,7 +41,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "search")
-DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
   # the study of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
@@ -153,7 +153,7 @@ def build_parser(only=None):
     compare.add_argument(
         "--families",
         nargs="+",
-        default=list(DEFAULT_FAMILIES),
+        default=list(COMPARE_DEFAULT_FAMILIES),
         metavar="PRESET",
         help="preset names or folders to compare",
     )

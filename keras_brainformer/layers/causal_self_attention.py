@@ -2,6 +2,7 @@
 optionally with Primer's multi-dconv-head attention (a causal depthwise
 convolution after the Q, K and V projections)."""
 
+import functools
 import numbers
 
 import keras
@@ -104,18 +105,14 @@ def keras_attention_core(q, k, v, allowed, head_dim):
     return ops.dot_product_attention(q, k, v, mask=mask, scale=1.0 / float(head_dim) ** 0.5)
 
 
-_ACCELERATOR = []
-
-
+@functools.cache
 def uses_keras_attention():
     """Whether attention runs through `keras.ops.dot_product_attention`: on
     GPU and TPU, where it reaches fused kernels; on CPU our einsum core is
     kept, measured 1.14-1.20x faster there (`benchmarks/keras_primitives.py`,
     docs/architecture.md)."""
-    if not _ACCELERATOR:
-        devices = keras.distribution.list_devices()
-        _ACCELERATOR.append(bool(devices) and not str(devices[0]).lower().startswith("cpu"))
-    return _ACCELERATOR[0]
+    devices = keras.distribution.list_devices()
+    return bool(devices) and not str(devices[0]).lower().startswith("cpu")
 
 
 def resolve_head_dim(model_dim, num_heads, head_dim=None):

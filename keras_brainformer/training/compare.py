@@ -49,6 +49,7 @@ from keras_brainformer.errors import TrainingError
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.training.callbacks import StepClock
+from keras_brainformer.training.config import COMPARE_DEFAULT_FAMILIES
 from keras_brainformer.training.config import TrainingConfig
 from keras_brainformer.training.study_statistics import format_interval
 from keras_brainformer.training.study_statistics import interval
@@ -103,7 +104,7 @@ class CurveRecorder(StepClock):
 
 
 def compare_families(
-    families=("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny"),
+    families=COMPARE_DEFAULT_FAMILIES,
     budget=60.0,
     out="runs/compare",
     config=None,

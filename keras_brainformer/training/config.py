@@ -22,6 +22,9 @@ from keras_brainformer.argument_types import positive_int
 from keras_brainformer.errors import TrainingError
 
 OPTIMIZERS = ("adafactor", "adamw")
+# The families `compare` races when none are named (tiny, matched activated
+# parameters).
+COMPARE_DEFAULT_FAMILIES = ("brainformer1_tiny", "glam_tiny", "dense_tiny", "primer_tiny")
 # "preset": each model's own tokenizer (its preset folder's), "sentencepiece":
 # the shipped 8K vocabulary, "byte": 256 byte ids (any text, any vocabulary
 # of at least 256 entries).
