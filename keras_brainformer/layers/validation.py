@@ -23,7 +23,14 @@ def check_positive_int(field, value):
 
 
 def check_optional_positive_int(field, value):
-    return None if value is None else check_positive_int(field, value)
+    if value is None:
+        return None
+    try:
+        return check_positive_int(field, value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(
+            f"`{field}` must be a positive integer or None. Received: {field}={value!r}"
+        ) from None
 
 
 def check_non_negative_float(field, value):
