@@ -14,12 +14,18 @@ keras-hub (imported with the package):
     preprocessing_function: the input conversion keras-hub's own tokenizers
         apply (Python lists, tensors of any backend, `tf.data` tracing).
     tf: keras-hub's handle on TensorFlow (the module, or None without it).
+    QwenSparseMoeBlock: Qwen-MoE's sparse block (routed experts plus the
+        sigmoid-gated shared expert), the reference our `MoEFeedForward` with
+        `shared_expert_hidden_dim` is tested against (`tests/
+        test_shared_expert.py`); keras-hub imports its module with the
+        package, so naming it here costs nothing.
 
 KerasTuner's distributed oracle (`keras_tuner_distribution()`): imported on
 first use only, since it pulls in gRPC, which nothing but a distributed
 search needs.
 """
 
+from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 from keras_hub.src.utils.preset_utils import register_presets
 from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
 from keras_hub.src.utils.tensor_utils import convert_to_ragged_batch
@@ -27,6 +33,7 @@ from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.src.utils.tensor_utils import tf
 
 __all__ = [
+    "QwenSparseMoeBlock",
     "canonicalize_python_token_inputs",
     "convert_to_ragged_batch",
     "keras_tuner_distribution",

@@ -57,3 +57,33 @@ def test_keras_tuner_distribution_has_the_oracle_pieces():
 
     idle, busy = FakeOracle({}, set()), FakeOracle({"w0": object()}, {"w0"})
     assert oracle_chief.exit_chief(idle) and not oracle_chief.exit_chief(busy)
+
+
+def test_qwen_sparse_moe_block_is_the_shared_expert_reference():
+    """`tests/test_shared_expert.py` copies weights into this block by its
+    constructor arguments and sublayer attributes."""
+    params = list(inspect.signature(upstream_private.QwenSparseMoeBlock).parameters)
+    assert params[:6] == [
+        "hidden_dim", "moe_intermediate_dim", "shared_expert_intermediate_dim",
+        "num_experts", "top_k", "norm_top_k_prob",
+    ]
+    block = upstream_private.QwenSparseMoeBlock(
+        hidden_dim=4, moe_intermediate_dim=3, shared_expert_intermediate_dim=5,
+        num_experts=2, top_k=1, norm_top_k_prob=False,
+    )
+    block.build((1, 2, 4))
+    shapes = {
+        "router": tuple(block._sparse_feedforward_gate_dense.kernel.shape),
+        "experts_in": tuple(block.expert_bank._expert_feedforward_gate_dense.shape),
+        "experts_out": tuple(block.expert_bank._expert_feedforward_output_dense.shape),
+        "shared_gate": tuple(block.shared_expert_dense._feedforward_gate_dense.kernel.shape),
+        "shared_up": tuple(block.shared_expert_dense._feedforward_intermediate_dense.kernel.shape),
+        "shared_out": tuple(block.shared_expert_dense._feedforward_output_dense.kernel.shape),
+        "gate": tuple(block.shared_expert_gate_dense.kernel.shape),
+    }
+    assert shapes == {
+        "router": (4, 2), "experts_in": (2, 4, 6), "experts_out": (2, 3, 4),
+        "shared_gate": (4, 5), "shared_up": (4, 5), "shared_out": (5, 4), "gate": (4, 1),
+    }
+    out, logits = block(np.ones((1, 2, 4), "float32"))
+    assert tuple(out.shape) == (1, 2, 4) and tuple(logits.shape) == (2, 2)

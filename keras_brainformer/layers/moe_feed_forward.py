@@ -7,6 +7,8 @@ import keras_brainformer.layers.dispatch as dispatch_lib
 import keras_brainformer.layers.dropless_blocks as dropless_blocks
 import keras_brainformer.layers.ragged_experts as ragged_experts
 from keras_brainformer.layers.experts import ExpertBank
+from keras_brainformer.layers.feed_forward import FeedForward
+from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import ROUTERS
 from keras_brainformer.layers.routers import Router
@@ -62,6 +64,15 @@ class MoEFeedForward(keras.layers.Layer):
             expert bank (no int8, no LoRA), `"blocks"` does not.
         dropless_block_size: rows per block of the `"blocks"` path, or None
             (default) to pick it from the shapes (`dropless_blocks.block_size`).
+        shared_expert_hidden_dim: hidden width of a shared expert, or None
+            (default) for none. When set, every token also goes through one
+            dense FFN (`FeedForward` named `"shared_expert"`, with this
+            layer's `activation`; `"gated_silu"` gives Qwen-MoE's MLP), scaled
+            by a per-token sigmoid gate (`shared_expert_gate [d, 1]`, no bias,
+            the sigmoid in float32): `out = routed(x) + shared_expert(x) *
+            sigmoid(x @ shared_expert_gate)`, Qwen-MoE's sparse block. It is
+            added after the combine, on every dispatch and dropless path, and
+            to padding tokens too (as in Qwen-MoE).
 
     Call arguments:
         x: `[B, T, d]` tokens.
@@ -93,6 +104,7 @@ class MoEFeedForward(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         dropless_impl="auto",
         dropless_block_size=None,
+        shared_expert_hidden_dim=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -158,12 +170,31 @@ class MoEFeedForward(keras.layers.Layer):
             name="experts",
         )
         self.activation = self.experts.activation
+        self.shared_expert_hidden_dim = check_optional_positive_int(
+            "shared_expert_hidden_dim", shared_expert_hidden_dim
+        )
+        self.shared_expert = None
+        if self.shared_expert_hidden_dim is not None:
+            self.shared_expert = FeedForward(
+                self.shared_expert_hidden_dim,
+                activation=self.activation,
+                kernel_initializer=clone_initializer(self.experts.kernel_initializer),
+                dtype=self.dtype_policy,
+                name="shared_expert",
+            )
 
     def build(self, input_shape):
         model_dim = input_shape[-1]
         if not self.router.built:
             self.router.build((None, None, model_dim))
         self.experts.build((self.num_experts, None, None, model_dim))
+        if self.shared_expert is not None:
+            self.shared_expert_gate = self.add_weight(
+                name="shared_expert_gate",
+                shape=(model_dim, 1),
+                initializer=clone_initializer(self.experts.kernel_initializer),
+            )
+            self.shared_expert.build((None, None, model_dim))
 
     def _group_size(self, x):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -256,6 +287,21 @@ class MoEFeedForward(keras.layers.Layer):
         return self._dropless_path(routing, group_size, None) == "ragged"
 
     def call(self, x, padding_mask=None, training=False, causal=None):
+        out = self._routed(x, padding_mask, training, causal)
+        if self.shared_expert is None:
+            return out
+        return out + self._shared(x)
+
+    def _shared(self, x):
+        """The gated shared expert: `shared_expert(x) * sigmoid(x @ gate)`,
+        the sigmoid computed in float32."""
+        logit = ops.matmul(x, ops.cast(self.shared_expert_gate, self.compute_dtype))
+        gate = ops.cast(ops.sigmoid(ops.cast(logit, "float32")), self.compute_dtype)
+        return self.shared_expert(x) * gate
+
+    def _routed(self, x, padding_mask, training, causal):
+        """The routed experts' combined output, `[B, T, d]` in the compute
+        dtype."""
         shape = ops.shape(x)
         d = shape[-1]
         S = self._group_size(x)
@@ -315,6 +361,7 @@ class MoEFeedForward(keras.layers.Layer):
                 "dispatch": self.dispatch,
                 "dropless_impl": self.dropless_impl,
                 "dropless_block_size": self.dropless_block_size,
+                "shared_expert_hidden_dim": self.shared_expert_hidden_dim,
                 "kernel_initializer": keras.initializers.serialize(
                     self.experts.kernel_initializer
                 ),
