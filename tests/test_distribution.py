@@ -10,6 +10,7 @@ the slow tier (`-m slow`); the layout rules are checked in the fast tier from
 `weight_specs(config)`, without building models.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import pytest
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.layers import grouped_scatter
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
@@ -57,6 +59,14 @@ def _variants():
     layer_norm = get_preset_config("primer_tiny")
     layer_norm["norm"] = "layer"
     yield "primer_tiny layer norm", layer_norm
+    # Qwen-MoE's shared expert (a dense FFN and a gate inside the MoE layer).
+    shared = get_preset_config("glam_tiny")
+    blocks = BlockSpec.from_dict(shared["blocks"])
+    shared["blocks"] = BlockSpec([
+        dataclasses.replace(s, shared_expert_hidden_dim=32) if s.kind == "moe" else s
+        for s in blocks.sublayers
+    ]).to_dict()
+    yield "glam_tiny shared expert", shared
 
 
 @pytest.mark.parametrize("name,config", list(_variants()), ids=lambda v: str(v)[:24])
@@ -97,7 +107,7 @@ def test_replicated_rules_are_exactly_the_small_weights():
     assert sharded == {
         "embedding", "reverse_embedding", "attention_qkv", "attention_output",
         "attention_conv", "ffn_in", "ffn_out", "expert_in", "expert_out",
-        "expert_lora", "expert_int8_scale",
+        "expert_lora", "expert_int8_scale", "shared_expert_in", "shared_expert_out",
     }
 
 

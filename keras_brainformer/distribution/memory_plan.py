@@ -409,7 +409,9 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
       `(expert, batch, None, None)`), the experts' hidden activations
       (`2` or `4` `·E·G·C·h·a`), the float32 combine (`2·E·G·C·d·f`) and its
       output (`N·d·(f + a)`), with `G` groups of `S` tokens (`group_size`,
-      default one sequence) and `C` the router's training capacity;
+      default one sequence) and `C` the router's training capacity; a
+      shared expert (`shared_expert_hidden_dim`) adds a dense FFN's
+      hidden activations on every token and `2·N·d·a` for its gating;
     - the embedding output `N·d·a` and the logits and loss `b·T·V·(a + 3f)`
       (logits, their float32 copy, log-softmax, one-hot targets);
     - under `mixed_bfloat16`, the bfloat16 copies of the weights that the
@@ -484,6 +486,11 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 )
                 hidden_tensors = 4 if is_gated(sub.activation) else 2
                 groups["moe experts"] += hidden_tensors * slots_local * h * a
+                if sub.shared_expert_hidden_dim is not None:
+                    # The shared expert, a dense FFN on every token (split
+                    # like one), plus its gate and gated output.
+                    hs = _split(sub.shared_expert_hidden_dim, ffn_axis, sizes)
+                    groups["moe experts"] += hidden_tensors * N * hs * a + 2 * N * d * a
     vocab_axis = axes("embedding")[0]
     groups["embedding and logits"] = N * d * a + b * T * _split(V, vocab_axis, sizes) * (a + 3 * f)
     trainable = [s for s in shards.values() if s.trainable]
@@ -500,6 +507,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
             )
             gathered = [_split(dim, axis, sizes) for dim, axis in zip(s.shape, used_axes)]
             key = s.path.rsplit("/", 1)[0].split("/experts")[0].split("/router")[0]
+            key = key.split("/shared_expert")[0]
             per_sublayer[key] += math.prod(gathered) * a
         groups["fsdp gathered weights (2 sublayers)"] = 2 * max(per_sublayer.values())
     return collections.OrderedDict((k, n) for k, n in groups.items() if n)

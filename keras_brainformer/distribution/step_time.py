@@ -303,6 +303,21 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
                                                  full, expert_axis, sizes))
                 if used[f"{prefix}/experts/w_in"].axes[2] == "model":
                     tensor_parallel(f"{prefix}", slots * d * a)
+                if sub.shared_expert_hidden_dim is not None:
+                    # Qwen-MoE's shared expert: a dense FFN on every local
+                    # token, and its sigmoid gate.
+                    _, hs = used[f"{prefix}/shared_expert/w_in"].local_shape
+                    terms.append(matmul_term("moe experts", f"{prefix} shared expert in",
+                                             N, d, hs, a, cdt, count=2 if gated else 1))
+                    terms.append(matmul_term("moe experts", f"{prefix} shared expert out",
+                                             N, hs, d, a, cdt))
+                    terms.append(matmul_term("moe experts", f"{prefix} shared expert gate",
+                                             N, d, 1, a, cdt))
+                    terms.append(elementwise_term(
+                        "moe experts", f"{prefix} shared expert activation, gating",
+                        (8 if gated else 5) * N * hs * a + 4 * N * d * a))
+                    if used[f"{prefix}/shared_expert/w_in"].axes[1] == "model":
+                        tensor_parallel(f"{prefix} shared expert", N * d * a)
     terms.append(elementwise_term("norms and residuals", "final_norm",
                                   ELEMENTWISE_PASSES * N * d * a))
     V, _ = used["token_embedding/embeddings"].local_shape

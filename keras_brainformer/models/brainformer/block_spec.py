@@ -140,6 +140,11 @@ class MoESpec:
             `"ragged"` (JAX) or `"slots"`.
         dropless_block_size: rows per block of the blocks path; None = by
             the measured rule.
+        shared_expert_hidden_dim: hidden width of Qwen-MoE's shared expert
+            (a dense FFN with `activation` that every token goes through,
+            scaled by a sigmoid gate); None (the default, and the value
+            assumed by dicts without the key) for none. Left out of
+            `sublayer_to_dict` when None, so configs without it are unchanged.
     """
 
     num_experts: int
@@ -160,7 +165,13 @@ class MoESpec:
     dispatch: str = layer_default(MoEFeedForward, "dispatch")
     dropless_impl: str = layer_default(MoEFeedForward, "dropless_impl")
     dropless_block_size: Optional[int] = layer_default(MoEFeedForward, "dropless_block_size")
+    shared_expert_hidden_dim: Optional[int] = layer_default(
+        MoEFeedForward, "shared_expert_hidden_dim"
+    )
     kind: ClassVar[str] = "moe"
+    # Fields written to a dict only when set: configs saved before they
+    # existed stay byte-for-byte the same.
+    omitted_when_none: ClassVar[tuple] = ("shared_expert_hidden_dim",)
 
     def __post_init__(self):
         check_positive_int("num_experts", self.num_experts)
@@ -206,6 +217,7 @@ class MoESpec:
         check_choice("dispatch", self.dispatch, DISPATCH_MODES)
         check_choice("dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
         check_optional_positive_int("dropless_block_size", self.dropless_block_size)
+        check_optional_positive_int("shared_expert_hidden_dim", self.shared_expert_hidden_dim)
 
     @property
     def experts_per_token(self):
@@ -243,6 +255,7 @@ class MoESpec:
             "dispatch": self.dispatch,
             "dropless_impl": self.dropless_impl,
             "dropless_block_size": self.dropless_block_size,
+            "shared_expert_hidden_dim": self.shared_expert_hidden_dim,
         }
 
 
@@ -250,7 +263,17 @@ SUBLAYER_SPECS = {cls.kind: cls for cls in (AttentionSpec, FeedForwardSpec, MoES
 
 
 def sublayer_to_dict(spec):
-    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+    """`{"kind": ..., **fields}`, without the optional fields left at None
+    that the spec class lists in `omitted_when_none`."""
+    omitted = getattr(spec, "omitted_when_none", ())
+    return {
+        "kind": spec.kind,
+        **{
+            name: value
+            for name, value in dataclasses.asdict(spec).items()
+            if not (name in omitted and value is None)
+        },
+    }
 
 
 def sublayer_from_dict(config, where="sublayer"):

@@ -15,7 +15,13 @@ vocabulary, `H` heads, `hd` head width, `h` a hidden width, `E` experts):
 | `<i>_moe/experts/w_in|w_gate`         | `[E, d, h]`  | `(expert, fsdp, model)`  |
 | `<i>_moe/experts/w_out`               | `[E, h, d]`  | `(expert, model, fsdp)`  |
 | `<i>_moe/router/kernel`               | `[d, E]`     | replicated               |
+| `<i>_moe/shared_expert/w_in|w_gate`   | `[d, h]`     | `(fsdp, model)`          |
+| `<i>_moe/shared_expert/w_out`         | `[h, d]`     | `(model, fsdp)`          |
+| `<i>_moe/shared_expert_gate`          | `[d, 1]`     | replicated               |
 | router statistics, norm scales        | small        | replicated               |
+
+The shared expert of a Qwen-MoE style MoE sublayer (`shared_expert_hidden_dim`)
+is a dense FFN and is split like one; its sigmoid gate is replicated.
 
 `model` is Megatron-style tensor parallelism (heads and hidden units split, one
 all-reduce after each attention / FFN), `expert` splits the expert banks
@@ -52,6 +58,9 @@ WEIGHT_RULES = (
     ("expert_in", _SUBLAYER + r"moe/experts/w_(?:in|gate)", ("expert", "fsdp", "model")),
     ("expert_out", _SUBLAYER + r"moe/experts/w_out", ("expert", "model", "fsdp")),
     ("router", _SUBLAYER + r"moe/router/kernel", (None, None)),
+    ("shared_expert_in", _SUBLAYER + r"moe/shared_expert/w_(?:in|gate)", ("fsdp", "model")),
+    ("shared_expert_out", _SUBLAYER + r"moe/shared_expert/w_out", ("model", "fsdp")),
+    ("shared_expert_gate", _SUBLAYER + r"moe/shared_expert_gate", (None, None)),
     ("router_statistics", _SUBLAYER + r"moe/router/(?:dropped_fraction|load_cv|router_entropy)",
      ()),
     ("router_expert_load", _SUBLAYER + r"moe/router/expert_load", (None,)),
@@ -63,10 +72,10 @@ WEIGHT_RULES = (
     ("expert_lora", _SUBLAYER + r"moe/experts/w_(?:in|gate|out)_lora_[ab]", ("expert", None, None)),
     ("expert_int8_scale", _SUBLAYER + r"moe/experts/w_(?:in|gate|out)_scale",
      ("expert", None, None)),
-    ("lora", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)|ffn/w_(?:in|gate|out))"
-     r"_lora_[ab]", (None, None)),
-    ("int8_scale", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)|ffn/w_(?:in|gate|out))"
-     r"_scale", (None, None)),
+    ("lora", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)"
+     r"|(?:ffn|moe/shared_expert)/w_(?:in|gate|out))_lora_[ab]", (None, None)),
+    ("int8_scale", _SUBLAYER + r"(?:attention/w_(?:query|key|value|output)"
+     r"|(?:ffn|moe/shared_expert)/w_(?:in|gate|out))_scale", (None, None)),
     ("embedding_int8_scale", _PREFIX + r"token_embedding/(?:reverse_)?embeddings_scale", (None,)),
 )
 # Intermediate tensors (looked up by `distribution.get_tensor_layout(path)`).

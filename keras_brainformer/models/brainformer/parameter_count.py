@@ -7,9 +7,11 @@ norms (one per sublayer plus the final one) are counted; attention is
 plus `3 · kernel · heads · head_dim` with Primer's depthwise convolution
 (`depthwise_conv_kernel=kernel > 0`, one bias-free filter per Q/K/V channel); a
 dense FFN is `2 · d · h`, or `3 · d · h` with a gated activation; an MoE layer
-is its router `d · E` plus `E` experts of the FFN size. *Activated* counts the
-router and the experts one token uses on average: `k` for top-k routing, the
-capacity factor for expert choice.
+is its router `d · E` plus `E` experts of the FFN size, plus, with a shared
+expert (Qwen-MoE), that dense FFN and its gate `d`. *Activated* counts the
+router, the shared expert and its gate (every token uses them) and the experts
+one token uses on average: `k` for top-k routing, the capacity factor for
+expert choice.
 
 The counts are sums over `weight_specs` (the family's one analytic weight
 model, checked against built backbones): trainable weights only, so the

@@ -35,6 +35,9 @@ the block and sublayer indices:
 | `block_i/j_moe/router/expert_load`           | `[E]`        |
 | `block_i/j_moe/experts/w_in`, `w_gate` (gated) | `[E, d, h]` |
 | `block_i/j_moe/experts/w_out`                | `[E, h, d]`  |
+| `block_i/j_moe/shared_expert_gate` (shared expert) | `[d, 1]` |
+| `block_i/j_moe/shared_expert/w_in`, `w_gate` (gated) | `[d, hs]` |
+| `block_i/j_moe/shared_expert/w_out`          | `[hs, d]`    |
 | `final_norm/scale` (or `gamma`, `beta`)      | `[d]`        |
 
 The router weights follow the policy's variable dtype like every weight (float32 under
@@ -148,7 +151,11 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
     if sub.kind == "ffn":
         return _ffn_specs(prefix, d, sub.hidden_dim, sub.activation, dtype)
     E = sub.num_experts
-    specs = [WeightSpec(f"{prefix}/router/kernel", (d, E), True, dtype)]
+    specs = []
+    if sub.shared_expert_hidden_dim is not None:
+        # The MoE layer's own weight comes before its sublayers' in `weights`.
+        specs.append(WeightSpec(f"{prefix}/shared_expert_gate", (d, 1), True, dtype))
+    specs.append(WeightSpec(f"{prefix}/router/kernel", (d, E), True, dtype))
     specs += [
         WeightSpec(f"{prefix}/router/{name}", (E,) if shape is None else shape, False, dtype)
         for name, shape in _ROUTER_STATISTICS
@@ -156,6 +163,10 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
     specs += _ffn_specs(
         f"{prefix}/experts", d, sub.hidden_dim, sub.activation, dtype, experts=E
     )
+    if sub.shared_expert_hidden_dim is not None:
+        specs += _ffn_specs(
+            f"{prefix}/shared_expert", d, sub.shared_expert_hidden_dim, sub.activation, dtype
+        )
     return specs
 
 
