@@ -321,3 +321,8 @@ def test_backbone_save_reload_lora_int8_and_causal_inference(tmp_path):
     q = to_numpy(loaded(inputs))
     assert np.all(np.isfinite(q))
     assert 0 < np.abs(q - y).max() / np.abs(y).max() < 0.15
+    # A saved quantized model reloads quantized, with the same outputs.
+    loaded.save(str(tmp_path / "int8.keras"))
+    reloaded = keras.saving.load_model(str(tmp_path / "int8.keras"))
+    assert all(m.shared_expert.quantization_mode == "int8" for m in reloaded.moe_layers)
+    np.testing.assert_allclose(to_numpy(reloaded(inputs)), q, rtol=1e-6, atol=1e-6)
