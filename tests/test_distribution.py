@@ -106,7 +106,7 @@ def test_replicated_rules_are_exactly_the_small_weights():
     sharded = {name for name, _, axes in WEIGHT_RULES if any(a is not None for a in axes)}
     assert sharded == {
         "embedding", "reverse_embedding", "attention_qkv", "attention_output",
-        "attention_conv", "ffn_in", "ffn_out", "expert_in", "expert_out",
+        "attention_conv", "attention_bias", "ffn_in", "ffn_out", "expert_in", "expert_out",
         "expert_lora", "expert_int8_scale", "shared_expert_in", "shared_expert_out",
     }
 

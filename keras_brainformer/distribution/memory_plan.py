@@ -399,7 +399,8 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     the backward pass:
 
     - each norm: `N·d·(2a + f)` (input, float32 normalised copy, output);
-    - attention: `6·N·H·hd·a` (q, k, v, rotated q and k, context) plus
+    - attention: `3·N·(H + Hkv)·hd·a` (q, rotated q and context per query
+      head, k, v and rotated k per key/value head) plus
       `b·H·T²·(2f + a)` (float32 scores and probabilities, their cast);
       Primer's convolution adds `6·N·H·hd·a`;
     - dense FFN: `2·N·h·a` (pre- and post-activation), `4·N·h·a` gated;
@@ -466,8 +467,11 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
             if sub.kind == "attention":
                 hd = resolve_head_dim(d, sub.num_heads, sub.head_dim)
                 H = _split(sub.num_heads, heads_axis, sizes)
-                per_token = 6 + (6 if sub.depthwise_conv_kernel else 0)
-                groups["attention"] += per_token * N * H * hd * a
+                Hkv = _split(sub.kv_heads, heads_axis, sizes)
+                # q, rotated q, context per query head; k, v, rotated k per
+                # key/value head (grouped-query attention shares them).
+                per_token = 3 * H + 3 * Hkv + (6 * H if sub.depthwise_conv_kernel else 0)
+                groups["attention"] += per_token * N * hd * a
                 groups["attention scores"] += b * H * T * T * (2 * f + a)
             elif sub.kind == "ffn":
                 h = _split(sub.hidden_dim, ffn_axis, sizes)

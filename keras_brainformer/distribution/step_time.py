@@ -114,7 +114,7 @@ class Term:
 
     Attributes:
         part: one of `PARTS`.
-        name: what it is (e.g. `"block_0/0_attention q,k,v"`).
+        name: what it is (e.g. `"block_0/0_attention q"`).
         flops: matmul FLOPs (0 for elementwise ops and collectives).
         bytes: bytes moved to and from memory, or over links (collectives).
         dtype: compute dtype whose matmul peak applies.
@@ -240,8 +240,10 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
             terms.append(elementwise_term("norms and residuals", f"{prefix}_norm", norm_bytes))
             if sub.kind == "attention":
                 _, H, hd = used[f"{prefix}/w_query"].local_shape
-                terms.append(matmul_term("attention", f"{prefix} q,k,v", N, d, H * hd, a, cdt,
-                                         count=3))
+                Hkv = used[f"{prefix}/w_key"].local_shape[1]
+                terms.append(matmul_term("attention", f"{prefix} q", N, d, H * hd, a, cdt))
+                terms.append(matmul_term("attention", f"{prefix} k,v", N, d, Hkv * hd, a, cdt,
+                                         count=2))
                 terms.append(matmul_term("attention", f"{prefix} output", N, H * hd, d, a, cdt))
                 terms.append(matmul_term("attention", f"{prefix} scores q·k", T, hd, T, a, cdt,
                                          count=b * H))
@@ -250,7 +252,7 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
                 # float32 scores, softmax, probabilities and their cast, fwd + bwd.
                 terms.append(elementwise_term(
                     "attention", f"{prefix} softmax", b * H * T * T * (5 * _F32 + a)))
-                rope = 2 * N * H * hd * a * ELEMENTWISE_PASSES
+                rope = N * (H + Hkv) * hd * a * ELEMENTWISE_PASSES
                 conv = 3 * N * H * hd * a * ELEMENTWISE_PASSES if sub.depthwise_conv_kernel else 0
                 terms.append(elementwise_term("attention", f"{prefix} rope, conv", rope + conv))
                 tensor_parallel(f"{prefix}", N * d * a)

@@ -1,8 +1,11 @@
 """Causal multi-head self-attention with rotary positions and a KV cache,
 optionally with Primer's multi-dconv-head attention (a causal depthwise
-convolution after the Q, K and V projections)."""
+convolution after the Q, K and V projections), and the variants of the
+Mixtral / Qwen-MoE / Qwen3-MoE families: grouped-query attention, a sliding
+window, linear RoPE scaling, Q/K/V biases and per-head Q/K RMS norms."""
 
 import functools
+import math
 import numbers
 
 import keras
@@ -11,6 +14,7 @@ from keras import ops
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.rotary import apply_rotary
+from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
@@ -84,25 +88,81 @@ def causal_depthwise_conv(window, kernel, length):
 
 def attention_core(q, k, v, allowed, head_dim, dropout=0.0, seed=None):
     """Softmax attention, the reference: `q [B, Tq, H, k]`, `k`, `v`
-    `[B, Tk, H, k]`, `allowed` a boolean mask broadcasting to
-    `[B, H, Tq, Tk]`; scores (divided by `sqrt(head_dim)`) and softmax in
-    float32, probabilities dropped out at rate `dropout` (with `seed`, a
+    `[B, Tk, Hkv, k]` with `Hkv` dividing `H` (grouped-query attention:
+    query head `h` reads key/value head `h // (H / Hkv)`, keras-hub's
+    `ops.repeat` order, without copying the keys and values), `allowed` a
+    boolean mask broadcasting to `[B, 1, Tq, Tk]` (the same for every head);
+    scores (divided by `sqrt(head_dim)`) and softmax in float32,
+    probabilities dropped out at rate `dropout` (with `seed`, a
     `SeedGenerator`). Returns `[B, Tq, H, k]`."""
-    scores = ops.cast(ops.einsum("bqhk,bshk->bhqs", q, k), "float32")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads:
+        groups = heads // kv_heads
+        q = ops.reshape(q, (ops.shape(q)[0], ops.shape(q)[1], kv_heads, groups, q.shape[-1]))
+        scores = ops.cast(ops.einsum("bqhgk,bshk->bhgqs", q, k), "float32")
+        allowed = ops.expand_dims(allowed, 2)
+    else:
+        scores = ops.cast(ops.einsum("bqhk,bshk->bhqs", q, k), "float32")
     scores = scores / ops.sqrt(ops.cast(head_dim, "float32"))
     probs = ops.softmax(ops.where(allowed, scores, -1e9), axis=-1)
     if dropout > 0:
         probs = keras.random.dropout(probs, dropout, seed=seed)
-    return ops.einsum("bhqs,bshk->bqhk", ops.cast(probs, v.dtype), v)
+    probs = ops.cast(probs, v.dtype)
+    if kv_heads != heads:
+        out = ops.einsum("bhgqs,bshk->bqhgk", probs, v)
+        return ops.reshape(out, (ops.shape(out)[0], ops.shape(out)[1], heads, v.shape[-1]))
+    return ops.einsum("bhqs,bshk->bqhk", probs, v)
 
 
 def keras_attention_core(q, k, v, allowed, head_dim):
     """`attention_core` through `keras.ops.dot_product_attention`, which
     dispatches to fused (cuDNN / flash / TPU) kernels where the backend has
-    them. Equal to `attention_core` (tests/test_attention.py)."""
-    batch, heads = ops.shape(q)[0], ops.shape(q)[2]
+    them; grouped-query keys and values are repeated to the query heads
+    first. Equal to `attention_core` (tests/test_attention.py)."""
+    batch, heads = ops.shape(q)[0], q.shape[2]
+    if k.shape[2] != heads:
+        k = ops.repeat(k, heads // k.shape[2], axis=2)
+        v = ops.repeat(v, heads // v.shape[2], axis=2)
     mask = ops.broadcast_to(allowed, (batch, heads, ops.shape(q)[1], ops.shape(k)[1]))
     return ops.dot_product_attention(q, k, v, mask=mask, scale=1.0 / float(head_dim) ** 0.5)
+
+
+def check_key_value_heads(num_heads, num_key_value_heads, depthwise_conv_kernel=0):
+    """`num_key_value_heads` is None (one per query head) or a positive int
+    dividing `num_heads`; Primer's convolution needs one per query head.
+    Returns the number of key/value heads."""
+    check_optional_positive_int("num_key_value_heads", num_key_value_heads)
+    if num_key_value_heads is None:
+        return num_heads
+    if num_heads % num_key_value_heads:
+        raise ValueError(
+            f"`num_key_value_heads` must divide `num_heads`={num_heads} "
+            "(each key/value head serves a group of query heads). Received: "
+            f"num_key_value_heads={num_key_value_heads}"
+        )
+    if depthwise_conv_kernel and num_key_value_heads != num_heads:
+        raise ValueError(
+            "`num_key_value_heads` must be None or equal `num_heads` with "
+            f"Primer's `depthwise_conv_kernel`={depthwise_conv_kernel} (its "
+            "cache keeps every head's raw projections). Received: "
+            f"num_key_value_heads={num_key_value_heads}, num_heads={num_heads}"
+        )
+    return num_key_value_heads
+
+
+def check_rotary_scaling_factor(value):
+    """Linear RoPE scaling: a float >= 1 (positions are divided by it)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 1
+    ):
+        raise ValueError(
+            "`rotary_scaling_factor` must be a number >= 1 (1 = no scaling; "
+            f"positions are divided by it). Received: rotary_scaling_factor={value!r}"
+        )
+    return float(value)
 
 
 @functools.cache
@@ -168,6 +228,25 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             convolution after the Q/K/V projections; 0 (default) turns it
             off, Primer uses 3. Adds weights `conv_query`, `conv_key`,
             `conv_value`, each `[K, num_heads, head_dim]`.
+        num_key_value_heads: int or None. Grouped-query attention (Mixtral,
+            Qwen): this many key/value heads, each shared by
+            `num_heads / num_key_value_heads` query heads (query head `h`
+            reads key/value head `h // groups`); the key/value projections
+            and the cache shrink to it. None: one per query head.
+        sliding_window: int or None. Each query attends to the last
+            `sliding_window` positions only (itself included: position `i`
+            sees `j` with `i - sliding_window < j <= i`), Mistral/Mixtral's
+            sliding-window attention. None: the whole prefix.
+        rotary_scaling_factor: float >= 1, linear RoPE scaling (position
+            interpolation): rotary frequencies divided by it, keras-hub's
+            `RotaryEmbedding(scaling_factor=...)`.
+        use_qkv_bias: bool, add a bias to the Q, K and V projections (Qwen,
+            Qwen-MoE). Biases `b_query [H, hd]`, `b_key`, `b_value`
+            `[Hkv, hd]`, zeros at init.
+        qk_norm: bool, RMS-normalise each head's query and key over the
+            head dim before RoPE, with learned scales `query_norm`,
+            `key_norm` `[hd]` (Qwen3).
+        norm_epsilon: float, epsilon of the Q/K norms.
         lora_rank: int or None. Builds the layer with LoRA adapters of this
             rank on the Q, K, V and output projections.
         lora_alpha: LoRA scale numerator (default `lora_rank`).
@@ -187,8 +266,8 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             their entries are written into the cache, and
             `(output, new_cache)` is returned. Layout: without the conv (and
             with `depthwise_conv_kernel=1`, which needs no history) it is
-            `[B, 2, cache_length, num_heads, head_dim]`: keys (after RoPE)
-            and values. With `depthwise_conv_kernel=K >= 2` it is
+            `[B, 2, cache_length, num_key_value_heads, head_dim]`: keys
+            (after the Q/K norm and RoPE) and values. With `depthwise_conv_kernel=K >= 2` it is
             `[B, 5, cache_length + K - 1, num_heads, head_dim]`: channels
             0, 1 = keys (convolved, after RoPE) and values (convolved),
             channels 2, 3, 4 = the raw (pre-conv) query, key and value
@@ -213,6 +292,12 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         depthwise_conv_kernel=0,
+        num_key_value_heads=None,
+        sliding_window=None,
+        rotary_scaling_factor=1.0,
+        use_qkv_bias=False,
+        qk_norm=False,
+        norm_epsilon=1e-6,
         lora_rank=None,
         lora_alpha=None,
         **kwargs,
@@ -223,6 +308,18 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             depthwise_conv_kernel
         )
         self.num_heads = check_positive_int("num_heads", num_heads)
+        self.num_key_value_heads = num_key_value_heads
+        self._kv_heads = check_key_value_heads(
+            self.num_heads, num_key_value_heads, self.depthwise_conv_kernel
+        )
+        self.sliding_window = check_optional_positive_int("sliding_window", sliding_window)
+        self.rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
+        for field, value in (("use_qkv_bias", use_qkv_bias), ("qk_norm", qk_norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{field}` must be a bool. Received: {field}={value!r}")
+        self.use_qkv_bias = use_qkv_bias
+        self.qk_norm = qk_norm
+        self.norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
         self.head_dim = check_optional_positive_int("head_dim", head_dim)
         if self.head_dim is not None:
             resolve_head_dim(None, self.num_heads, self.head_dim)
@@ -238,10 +335,11 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         model_dim = input_shape[-1]
         self._head_dim = resolve_head_dim(model_dim, self.num_heads, self.head_dim)
         H, k = self.num_heads, self._head_dim
+        heads = {"query": H, "key": self._kv_heads, "value": self._kv_heads}
         for name in ("query", "key", "value"):
             self._add_kernel(
                 f"w_{name}",
-                (model_dim, H, k),
+                (model_dim, heads[name], k),
                 clone_initializer(self.kernel_initializer),
             )
         self._add_kernel(
@@ -262,6 +360,20 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
                         initializer=NearIdentityCausalConv(),
                     ),
                 )
+        if self.use_qkv_bias:
+            for name in ("query", "key", "value"):
+                setattr(
+                    self,
+                    f"b_{name}",
+                    self.add_weight(name=f"b_{name}", shape=(heads[name], k), initializer="zeros"),
+                )
+        if self.qk_norm:
+            for name in ("query", "key"):
+                setattr(
+                    self,
+                    f"{name}_norm",
+                    self.add_weight(name=f"{name}_norm", shape=(k,), initializer="ones"),
+                )
         self._build_lora()
 
     @property
@@ -272,8 +384,8 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
     def cache_shape(self, batch_size, max_length):
         """The shape of this layer's cache for `max_length` positions.
 
-        `(batch_size, 2, max_length, num_heads, head_dim)` without the conv
-        (or with `depthwise_conv_kernel=1`);
+        `(batch_size, 2, max_length, num_key_value_heads, head_dim)` without
+        the conv (or with `depthwise_conv_kernel=1`);
         `(batch_size, 5, max_length + K - 1, num_heads, head_dim)` with
         `depthwise_conv_kernel=K >= 2` (see the class docstring). The head
         dim comes from `head_dim`, or, when that is None, from the model dim
@@ -299,7 +411,22 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
                 self.num_heads,
                 head_dim,
             )
-        return (batch_size, 2, max_length, self.num_heads, head_dim)
+        return (batch_size, 2, max_length, self._kv_heads, head_dim)
+
+    def _qkv(self, name, x):
+        """Projection `name` of `x` to `[B, T, heads, hd]`, its bias added."""
+        out = self._project(f"w_{name}", x)
+        if self.use_qkv_bias:
+            out = out + ops.cast(getattr(self, f"b_{name}"), out.dtype)
+        return out
+
+    def _head_norm(self, name, x):
+        """Per-head RMS norm of `x [B, T, heads, hd]` in float32 (Qwen3)."""
+        scale = ops.cast(getattr(self, f"{name}_norm"), "float32")
+        out = ops.rms_normalization(
+            ops.cast(x, "float32"), scale=scale, axis=-1, epsilon=self.norm_epsilon
+        )
+        return ops.cast(out, x.dtype)
 
     def _convolve(self, q, k, v, padding_mask, cache, cache_update_index):
         """Primer's causal depthwise conv of the raw projections `[B, T, H,
@@ -363,16 +490,19 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
                     f"{tuple(cache.shape)}"
                 )
             cache_update_index = ops.cast(cache_update_index, "int32")
-        q = self._project("w_query", x)
-        k = self._project("w_key", x)
-        v = self._project("w_value", x)
+        q = self._qkv("query", x)
+        k = self._qkv("key", x)
+        v = self._qkv("value", x)
         raw = None
         if self.depthwise_conv_kernel:
             q, k, v, raw = self._convolve(
                 q, k, v, padding_mask, cache, cache_update_index
             )
-        q = apply_rotary(q, start, self.rotary_max_wavelength, self.compute_dtype)
-        k = apply_rotary(k, start, self.rotary_max_wavelength, self.compute_dtype)
+        if self.qk_norm:
+            q, k = self._head_norm("query", q), self._head_norm("key", k)
+        rotary = (self.rotary_max_wavelength, self.compute_dtype, self.rotary_scaling_factor)
+        q = apply_rotary(q, start, *rotary)
+        k = apply_rotary(k, start, *rotary)
         if cache is not None:
             entries = [k, v]
             if self._cache_offset:
@@ -388,6 +518,9 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         query_pos = ops.arange(ops.shape(q)[1], dtype="int32") + ops.cast(start, "int32")
         key_pos = ops.arange(ops.shape(k)[1], dtype="int32")
         allowed = query_pos[:, None] >= key_pos[None, :]  # [Tq, Tk]
+        if self.sliding_window is not None:
+            recent = query_pos[:, None] - key_pos[None, :] < self.sliding_window
+            allowed = ops.logical_and(allowed, recent)
         allowed = allowed[None, None, :, :]
         if padding_mask is not None:
             keys_ok = ops.cast(padding_mask, "bool")[:, None, None, :]
@@ -421,6 +554,12 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "depthwise_conv_kernel": self.depthwise_conv_kernel,
+                "num_key_value_heads": self.num_key_value_heads,
+                "sliding_window": self.sliding_window,
+                "rotary_scaling_factor": self.rotary_scaling_factor,
+                "use_qkv_bias": self.use_qkv_bias,
+                "qk_norm": self.qk_norm,
+                "norm_epsilon": self.norm_epsilon,
                 **self._adaptable_config(),
             }
         )

@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE) as a function, not a layer.
 
-The maths is keras-hub's `RotaryEmbedding` (default settings: no scaling,
-rotate-half layout), which a test checks exactly. It is a function so that
+The maths is keras-hub's `RotaryEmbedding` (rotate-half layout, linear
+scaling: its default `rope_type`), which a test checks exactly. It is a function so that
 `CausalSelfAttention` holds no sublayers: Keras' `Model.quantize` only visits
 leaf layers, and the attention projections must be quantizable.
 """
@@ -9,7 +9,7 @@ leaf layers, and the attention projections must be quantizable.
 from keras import ops
 
 
-def apply_rotary(x, start_index=0, max_wavelength=10000, compute_dtype=None):
+def apply_rotary(x, start_index=0, max_wavelength=10000, compute_dtype=None, scaling_factor=1.0):
     """Rotates `x` `[batch, length, ..., head_dim]` by its positions.
 
     Args:
@@ -17,6 +17,8 @@ def apply_rotary(x, start_index=0, max_wavelength=10000, compute_dtype=None):
         start_index: position of `x[:, 0]` (the cache index when decoding).
         max_wavelength: the longest wavelength of the sinusoids.
         compute_dtype: dtype of the cos/sin tables (default: `x.dtype`).
+        scaling_factor: linear position scaling (position interpolation):
+            the frequencies are divided by it; 1 is plain RoPE.
 
     Returns:
         A tensor shaped like `x`.
@@ -39,6 +41,8 @@ def apply_rotary(x, start_index=0, max_wavelength=10000, compute_dtype=None):
         ops.cast(max_wavelength, "float32"),
         -ops.arange(0, dim, 2, dtype="float32") / float(dim),
     )
+    if scaling_factor != 1:
+        inverse_freq = inverse_freq / ops.cast(scaling_factor, "float32")
     freq = ops.einsum("i,j->ij", positions, inverse_freq)  # [T, dim/2]
     embedding = ops.concatenate((freq, freq), axis=-1)  # [T, dim]
     embedding = ops.reshape(

@@ -24,6 +24,7 @@ from typing import Union
 
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.causal_self_attention import check_depthwise_conv_kernel
+from keras_brainformer.layers.causal_self_attention import check_key_value_heads
 from keras_brainformer.layers.dropless_blocks import DROPLESS_IMPLS
 from keras_brainformer.layers.moe_feed_forward import DISPATCH_MODES
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
@@ -67,12 +68,31 @@ class AttentionSpec:
             after the Q/K/V projections (multi-dconv-head attention); 0 (the
             default, and the value assumed by dicts without the key) is off,
             Primer uses 3.
+        num_key_value_heads: grouped-query attention's key/value heads (a
+            divisor of `num_heads`); None (the default) for one per query
+            head.
+        sliding_window: attend to the last `sliding_window` positions only
+            (Mixtral); None (the default) for the whole prefix.
+        qkv_bias: biases on the Q, K and V projections (Qwen-MoE).
+        qk_norm: per-head RMS norm of queries and keys before RoPE (Qwen3),
+            with the backbone's `norm_epsilon`.
+
+    Dicts without the later keys (every field after `head_dim`) get their
+    defaults, which are the layer of before.
     """
 
     num_heads: int = 8
     head_dim: Optional[int] = None
     depthwise_conv_kernel: int = 0
+    num_key_value_heads: Optional[int] = None
+    sliding_window: Optional[int] = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
     kind: ClassVar[str] = "attention"
+    # Fields written to a dict only when set (see `sublayer_to_dict`).
+    omitted_when_default: ClassVar[tuple] = (
+        "num_key_value_heads", "sliding_window", "qkv_bias", "qk_norm"
+    )
 
     def __post_init__(self):
         check_positive_int("num_heads", self.num_heads)
@@ -82,11 +102,38 @@ class AttentionSpec:
             "depthwise_conv_kernel",
             check_depthwise_conv_kernel(self.depthwise_conv_kernel),
         )
+        check_key_value_heads(
+            self.num_heads, self.num_key_value_heads, self.depthwise_conv_kernel
+        )
+        check_optional_positive_int("sliding_window", self.sliding_window)
+        for field in ("qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(
+                    f"`{field}` must be a bool. Received: {field}={getattr(self, field)!r}"
+                )
         if self.head_dim is not None and self.head_dim % 2:
             raise ValueError(
                 "`head_dim` must be even (rotary position embeddings). "
                 f"Received: head_dim={self.head_dim}"
             )
+
+    @property
+    def kv_heads(self):
+        """Key/value heads: `num_key_value_heads`, or `num_heads`."""
+        return self.num_key_value_heads or self.num_heads
+
+    def layer_kwargs(self):
+        """Arguments for `CausalSelfAttention` (the backbone adds the rotary
+        settings and the norm epsilon)."""
+        return {
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "depthwise_conv_kernel": self.depthwise_conv_kernel,
+            "num_key_value_heads": self.num_key_value_heads,
+            "sliding_window": self.sliding_window,
+            "use_qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +216,7 @@ class MoESpec:
         MoEFeedForward, "shared_expert_hidden_dim"
     )
     kind: ClassVar[str] = "moe"
-    # Fields written to a dict only when set: configs saved before they
-    # existed stay byte-for-byte the same.
-    omitted_when_none: ClassVar[tuple] = ("shared_expert_hidden_dim",)
+    omitted_when_default: ClassVar[tuple] = ("shared_expert_hidden_dim",)
 
     def __post_init__(self):
         check_positive_int("num_experts", self.num_experts)
@@ -263,15 +308,19 @@ SUBLAYER_SPECS = {cls.kind: cls for cls in (AttentionSpec, FeedForwardSpec, MoES
 
 
 def sublayer_to_dict(spec):
-    """`{"kind": ..., **fields}`, without the optional fields left at None
-    that the spec class lists in `omitted_when_none`."""
-    omitted = getattr(spec, "omitted_when_none", ())
+    """`{"kind": ..., **fields}`, without the fields the spec class lists in
+    `omitted_when_default` while they hold their default: the keras-hub
+    families' options, added after the zoo's presets were written, so
+    configs that do not use them stay byte-for-byte what they were (and
+    load in versions of before)."""
+    omitted = getattr(spec, "omitted_when_default", ())
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
     return {
         "kind": spec.kind,
         **{
             name: value
             for name, value in dataclasses.asdict(spec).items()
-            if not (name in omitted and value is None)
+            if not (name in omitted and value == defaults[name])
         },
     }
 

@@ -5,6 +5,7 @@ from keras_hub.models import Backbone
 
 import keras_brainformer.models.brainformer.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
+from keras_brainformer.layers.causal_self_attention import check_rotary_scaling_factor
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.normalization import NORMS
 from keras_brainformer.layers.normalization import make_norm
@@ -83,6 +84,8 @@ class BrainformerBackbone(Backbone):
         norm_epsilon: float.
         dropout: residual dropout (0 in the paper).
         rotary_max_wavelength: int, RoPE base wavelength.
+        rotary_scaling_factor: float >= 1, linear RoPE scaling (position
+            interpolation, keras-hub's `rope_scaling_factor`); 1 is off.
         tie_embeddings: bool, share input and output embeddings.
         dtype: dtype policy of the model (for example `"mixed_bfloat16"`);
             routers always compute in float32.
@@ -119,6 +122,7 @@ class BrainformerBackbone(Backbone):
         norm_epsilon=1e-6,
         dropout=0.0,
         rotary_max_wavelength=10000,
+        rotary_scaling_factor=1.0,
         tie_embeddings=True,
         dtype=None,
         **kwargs,
@@ -137,6 +141,7 @@ class BrainformerBackbone(Backbone):
         rotary_max_wavelength = check_positive_int(
             "rotary_max_wavelength", rotary_max_wavelength
         )
+        rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
         if not isinstance(tie_embeddings, bool):
             raise TypeError(
                 f"`tie_embeddings` must be a bool. Received: tie_embeddings={tie_embeddings!r}"
@@ -165,6 +170,7 @@ class BrainformerBackbone(Backbone):
                 norm_epsilon=norm_epsilon,
                 dropout=dropout,
                 rotary_max_wavelength=rotary_max_wavelength,
+                rotary_scaling_factor=rotary_scaling_factor,
                 dtype=dtype,
                 name=f"block_{i}",
             )
@@ -203,6 +209,7 @@ class BrainformerBackbone(Backbone):
         self.norm_epsilon = norm_epsilon
         self.dropout = dropout
         self.rotary_max_wavelength = rotary_max_wavelength
+        self.rotary_scaling_factor = rotary_scaling_factor
         self.tie_embeddings = tie_embeddings
 
     def check_inputs(self, inputs):
@@ -365,6 +372,7 @@ class BrainformerBackbone(Backbone):
                 "norm_epsilon": self.norm_epsilon,
                 "dropout": self.dropout,
                 "rotary_max_wavelength": self.rotary_max_wavelength,
+                "rotary_scaling_factor": self.rotary_scaling_factor,
                 "tie_embeddings": self.tie_embeddings,
             }
         )

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
+from keras_brainformer.layers.causal_self_attention import check_rotary_scaling_factor
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
@@ -27,6 +28,7 @@ class BrainformerBlock(keras.layers.Layer):
         norm_epsilon: float.
         dropout: residual dropout rate (the paper trains without dropout).
         rotary_max_wavelength: RoPE wavelength of the attention sublayers.
+        rotary_scaling_factor: their linear RoPE scaling (>= 1; 1 is off).
         kernel_initializer: initializer of every projection and expert.
 
     Call arguments:
@@ -35,7 +37,7 @@ class BrainformerBlock(keras.layers.Layer):
             tokens are not routed by MoE sublayers); `[B, L]` over the whole
             cache when a cache is given.
         cache: optional list, one cache per attention sublayer in order,
-            each shaped `layer.cache_shape(B, L)` (`[B, 2, L, H, hd]` keys
+            each shaped `layer.cache_shape(B, L)` (`[B, 2, L, Hkv, hd]` keys
             and values; more with Primer's depthwise conv); then
             `(x, new_caches)` is returned. Cached decoding always uses the
             MoE sublayers' causal routing (dropless token choice), so it
@@ -60,6 +62,7 @@ class BrainformerBlock(keras.layers.Layer):
         norm_epsilon=1e-6,
         dropout=0.0,
         rotary_max_wavelength=10000,
+        rotary_scaling_factor=1.0,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
@@ -71,6 +74,7 @@ class BrainformerBlock(keras.layers.Layer):
         self.rotary_max_wavelength = check_positive_int(
             "rotary_max_wavelength", rotary_max_wavelength
         )
+        self.rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.norms, self.sublayers = [], []
         for i, sub in enumerate(self.spec.sublayers):
@@ -89,10 +93,10 @@ class BrainformerBlock(keras.layers.Layer):
         )
         if sub.kind == "attention":
             return CausalSelfAttention(
-                num_heads=sub.num_heads,
-                head_dim=sub.head_dim,
+                **sub.layer_kwargs(),
                 rotary_max_wavelength=self.rotary_max_wavelength,
-                depthwise_conv_kernel=sub.depthwise_conv_kernel,
+                rotary_scaling_factor=self.rotary_scaling_factor,
+                norm_epsilon=self.norm_epsilon,
                 **common,
             )
         if sub.kind == "ffn":
@@ -172,6 +176,7 @@ class BrainformerBlock(keras.layers.Layer):
                 "norm_epsilon": self.norm_epsilon,
                 "dropout": self.dropout,
                 "rotary_max_wavelength": self.rotary_max_wavelength,
+                "rotary_scaling_factor": self.rotary_scaling_factor,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

@@ -10,6 +10,8 @@ vocabulary, `H` heads, `hd` head width, `h` a hidden width, `E` experts):
 | `<i>_attention/w_query|key|value`     | `[d, H, hd]` | `(fsdp, model, None)`    |
 | `<i>_attention/w_output`              | `[H, hd, d]` | `(model, None, fsdp)`    |
 | `<i>_attention/conv_query|key|value`  | `[K, H, hd]` | `(None, model, None)`    |
+| `<i>_attention/b_query|key|value`     | `[H, hd]`    | `(model, None)`          |
+| `<i>_attention/query_norm|key_norm`   | `[hd]`       | replicated               |
 | `<i>_ffn/w_in|w_gate`                 | `[d, h]`     | `(fsdp, model)`          |
 | `<i>_ffn/w_out`                       | `[h, d]`     | `(model, fsdp)`          |
 | `<i>_moe/experts/w_in|w_gate`         | `[E, d, h]`  | `(expert, fsdp, model)`  |
@@ -53,6 +55,8 @@ WEIGHT_RULES = (
     ("attention_qkv", _SUBLAYER + r"attention/w_(?:query|key|value)", ("fsdp", "model", None)),
     ("attention_output", _SUBLAYER + r"attention/w_output", ("model", None, "fsdp")),
     ("attention_conv", _SUBLAYER + r"attention/conv_(?:query|key|value)", (None, "model", None)),
+    ("attention_bias", _SUBLAYER + r"attention/b_(?:query|key|value)", ("model", None)),
+    ("attention_qk_norm", _SUBLAYER + r"attention/(?:query|key)_norm", (None,)),
     ("ffn_in", _SUBLAYER + r"ffn/w_(?:in|gate)", ("fsdp", "model")),
     ("ffn_out", _SUBLAYER + r"ffn/w_out", ("model", "fsdp")),
     ("expert_in", _SUBLAYER + r"moe/experts/w_(?:in|gate)", ("expert", "fsdp", "model")),

@@ -75,6 +75,7 @@ SHARED_FIELDS = (
     "norm",
     "norm_epsilon",
     "rotary_max_wavelength",
+    "rotary_scaling_factor",
     "tie_embeddings",
 )
 # The router kernel's scale: `Router`'s default initializer,
@@ -187,6 +188,10 @@ def _check_pair(source, target, d):
             ("head_dim", resolve_head_dim(d, s.num_heads, s.head_dim),
              resolve_head_dim(d, t.num_heads, t.head_dim)),
             ("depthwise_conv_kernel", s.depthwise_conv_kernel, t.depthwise_conv_kernel),
+            ("num_key_value_heads", s.kv_heads, t.kv_heads),
+            ("sliding_window", s.sliding_window, t.sliding_window),
+            ("qkv_bias", s.qkv_bias, t.qkv_bias),
+            ("qk_norm", s.qk_norm, t.qk_norm),
         ):
             if a != b:
                 raise ValueError(f"{where}: `{field}` differs ({b!r} vs dense {a!r}).")

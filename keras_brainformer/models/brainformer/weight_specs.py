@@ -25,9 +25,12 @@ the block and sublayer indices:
 | `token_embedding/reverse_embeddings` (untied) | `[d, V]`    |
 | `block_i/j_<kind>_norm/scale` (rms)          | `[d]`        |
 | `block_i/j_<kind>_norm/gamma`, `beta` (layer) | `[d]`       |
-| `block_i/j_attention/w_query|w_key|w_value`  | `[d, H, hd]` |
+| `block_i/j_attention/w_query`                | `[d, H, hd]` |
+| `block_i/j_attention/w_key|w_value`          | `[d, Hkv, hd]` |
 | `block_i/j_attention/w_output`               | `[H, hd, d]` |
 | `block_i/j_attention/conv_query|key|value`   | `[K, H, hd]` |
+| `block_i/j_attention/b_query` (`b_key|b_value`) | `[H, hd]` (`[Hkv, hd]`) |
+| `block_i/j_attention/query_norm|key_norm`    | `[hd]` |
 | `block_i/j_ffn/w_in`, `w_gate` (gated)       | `[d, h]`     |
 | `block_i/j_ffn/w_out`                        | `[h, d]`     |
 | `block_i/j_moe/router/kernel`                | `[d, E]`     |
@@ -135,8 +138,9 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
     `WeightSpec`s in build order."""
     if sub.kind == "attention":
         H, hd = sub.num_heads, resolve_head_dim(d, sub.num_heads, sub.head_dim)
+        heads = {"query": H, "key": sub.kv_heads, "value": sub.kv_heads}
         specs = [
-            WeightSpec(f"{prefix}/w_{name}", (d, H, hd), True, dtype)
+            WeightSpec(f"{prefix}/w_{name}", (d, heads[name], hd), True, dtype)
             for name in ("query", "key", "value")
         ]
         specs.append(WeightSpec(f"{prefix}/w_output", (H, hd, d), True, dtype))
@@ -146,6 +150,16 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
                     f"{prefix}/conv_{name}", (sub.depthwise_conv_kernel, H, hd), True, dtype
                 )
                 for name in ("query", "key", "value")
+            ]
+        if sub.qkv_bias:
+            specs += [
+                WeightSpec(f"{prefix}/b_{name}", (heads[name], hd), True, dtype)
+                for name in ("query", "key", "value")
+            ]
+        if sub.qk_norm:
+            specs += [
+                WeightSpec(f"{prefix}/{name}_norm", (hd,), True, dtype)
+                for name in ("query", "key")
             ]
         return specs
     if sub.kind == "ffn":
