@@ -3,6 +3,9 @@ Brainformer backbones: the same logits, the same greedy generations, after
 saving too; what cannot be converted exactly is refused by name. Random tiny
 configs, nothing downloaded."""
 
+import json
+import pathlib
+
 import keras
 import keras_hub
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 from conftest import inference_call
 from conftest import to_numpy
 
+import keras_brainformer
+from keras_brainformer import cli
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.keras_hub_conversion import (
@@ -165,3 +170,72 @@ def test_what_cannot_be_converted_exactly_is_refused_by_name():
     source.enable_lora(2)
     with pytest.raises(ValueError, match="lora"):
         BrainformerBackbone.from_keras_hub(source)
+
+
+SPM = str(pathlib.Path(keras_brainformer.__file__).parent / "assets" / "brainformer_stdlib_8k.spm")
+
+
+def mixtral_task():
+    """A keras-hub MixtralCausalLM with a real tokenizer (the shipped 8K
+    SentencePiece model) and random weights."""
+    tokenizer = keras_hub.models.MixtralTokenizer(proto=SPM)
+    preprocessor = keras_hub.models.MixtralCausalLMPreprocessor(tokenizer, sequence_length=12)
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.MixtralBackbone(
+        **dict(CONFIGS["mixtral"][2], vocabulary_size=tokenizer.vocabulary_size())
+    )
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        value = rng.normal(scale=0.3, size=tuple(variable.shape))
+        if variable.path.endswith("scale"):
+            value = 1.0 + 0.2 * value
+        variable.assign(value.astype("float32"))
+    return keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def test_causal_lm_from_keras_hub_keeps_the_tokenizer_and_generates_the_same_text():
+    theirs = mixtral_task()
+    ours = BrainformerCausalLM.from_keras_hub(theirs)
+    assert ours.preprocessor is theirs.preprocessor
+    for lm in (theirs, ours):
+        lm.compile(sampler="greedy")
+    prompts = ["def f(x):", "import os"]
+    expected = theirs.generate(prompts, max_length=12, stop_token_ids=None)
+    assert ours.generate(prompts, max_length=12, stop_token_ids=None) == expected
+
+
+def test_convert_command_writes_a_checked_preset_that_generates_the_same_text(tmp_path, capsys):
+    theirs = mixtral_task()
+    source = tmp_path / "keras_hub_mixtral"
+    theirs.save_to_preset(str(source))
+    out = tmp_path / "converted"
+    assert cli.main(["convert", "--preset", source, "--out", out]) == 0
+    assert "MixtralBackbone" in capsys.readouterr().out
+    with open(out / "metadata.json") as f:
+        metadata = json.load(f)
+    assert metadata["family"] == "keras_hub_conversion" and "config.json" in metadata["files"]
+    ours = BrainformerCausalLM.from_preset(str(out))
+    for lm in (theirs, ours):
+        lm.compile(sampler="greedy")
+    assert ours.generate("def f(x):", max_length=12, stop_token_ids=None) == theirs.generate(
+        "def f(x):", max_length=12, stop_token_ids=None
+    )
+    # A second run into the same folder is refused; --overwrite replaces it.
+    assert cli.main(["convert", "--preset", source, "--out", out]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["convert", "--preset", source, "--out", out, "--overwrite"]) == 0
+
+
+def test_convert_command_refuses_what_it_cannot_load_in_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["convert", "--preset", tmp_path / "missing", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "missing" in err[0]
+    assert not out.exists()
+    # A keras-hub preset of another family: refused by class, nothing written.
+    dense = tmp_path / "dense"
+    BrainformerBackbone.from_preset("dense_tiny").save_to_preset(str(dense))
+    assert cli.main(["convert", "--preset", dense, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MixtralBackbone" in err[0]
+    assert not out.exists() and not (tmp_path / "out.partial").exists()

@@ -7,6 +7,7 @@
     keras-brainformer plan --preset brainformer1_8b --mesh batch=16,expert=16
     keras-brainformer search --budget-per-trial 60 --trials 40 --out runs/search
     keras-brainformer upcycle --preset dense_tiny_stdlib --to target.json --out runs/glam_up
+    keras-brainformer convert --preset mixtral_8_7b_en --out runs/mixtral
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
 another model or in use by another `train`) prints one `error:` line and
@@ -40,7 +41,7 @@ EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "plan", "search")
+COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "convert", "plan", "search")
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
   # the study of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
@@ -221,6 +222,26 @@ def build_parser(only=None):
     upcycle.add_argument("--seed", type=int, default=0)
     upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="a keras-hub Mixtral / Qwen-MoE / Qwen3-MoE preset as a Brainformer preset",
+        description="Converts a keras-hub MoE preset (docs/keras_hub_models.md): the same "
+        "logits, every weight copied, routed tokens only computed; its tokenizer and "
+        "preprocessor carried over. Writes an ordinary preset folder for `generate`, "
+        "`train --preset` and `from_preset`.",
+    )
+    convert.add_argument(
+        "--preset", required=True,
+        help="a keras-hub preset name (from your keras-hub cache) or folder",
+    )
+    convert.add_argument("--out", required=True, help="the preset folder to write")
+    convert.add_argument(
+        "--max-sequence-length", type=positive_int, default=None,
+        help="longest input the converted model accepts (default 32768)",
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     plan = commands.add_parser(
         "plan",
         parents=[common],
@@ -321,6 +342,61 @@ def _run_generate(args):
     for text in outputs:
         print(text)
         print("-" * 40)
+
+
+def _load_keras_hub_task(preset):
+    """keras-hub's causal LM of `preset` (a name or a folder), with its
+    preprocessor when the preset has a tokenizer, else its backbone alone
+    (wrapped as a task without preprocessor)."""
+    import keras_hub  # lazy: the Keras stack loads when a command runs
+
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        reason = " ".join(str(error).split())  # keras-hub's message spans lines
+        raise TrainingError(
+            f"Cannot load keras-hub preset {preset!r} (a keras-hub preset name or a "
+            f"folder with config.json): {reason}"
+        ) from None
+    try:
+        preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset)
+    except (ValueError, FileNotFoundError, OSError):
+        preprocessor = None  # no tokenizer in the preset: token ids in and out
+    return backbone, preprocessor
+
+
+def _run_convert(args):
+    # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
+    from keras_brainformer.models import BrainformerBackbone
+    from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models.brainformer import preset_writing
+
+    try:
+        preset_writing.check_output_folder(args.out, args.overwrite)
+    except ValueError as error:
+        raise TrainingError(f"{error} (--out, --overwrite)") from None
+    backbone, preprocessor = _load_keras_hub_task(args.preset)
+    try:
+        converted = BrainformerBackbone.from_keras_hub(backbone, args.max_sequence_length)
+        lm = BrainformerCausalLM(converted, preprocessor=preprocessor)
+        metadata = {
+            "description": f"keras-hub's {args.preset} ({type(backbone).__name__}) converted "
+            "to a Brainformer model: weights copied, same logits.",
+            "family": "keras_hub_conversion",
+            "base_preset": str(args.preset),
+            "keras_hub_class": type(backbone).__name__,
+            "paper": None,
+        }
+        folder = preset_writing.write_task_preset(lm, args.out, metadata, args.overwrite)
+    except (ValueError, TypeError) as error:
+        raise TrainingError(str(error)) from None
+    moe = len(converted.moe_layers)
+    tokenizer = "with its tokenizer" if preprocessor is not None else "no tokenizer in the preset"
+    print(
+        f"Converted {args.preset} ({type(backbone).__name__}) into {folder}: "
+        f"{converted.num_blocks} blocks, {moe} MoE sublayers, "
+        f"{converted.count_params():,} parameters, {tokenizer}."
+    )
 
 
 def _run_upcycle(args):
@@ -448,6 +524,7 @@ def _main(argv):
         "generate": _run_generate,
         "presets": _run_presets,
         "upcycle": _run_upcycle,
+        "convert": _run_convert,
     }
     # The handlers import lazily: the Keras stack loads when a command runs,
     # not for `--help` or `presets`.

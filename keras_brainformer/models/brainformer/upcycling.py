@@ -46,9 +46,7 @@ See `upcycle` for an example and docs/upcycling.md for the study.
 """
 
 import json
-import os
 import pathlib
-import shutil
 
 import keras
 import numpy as np
@@ -60,11 +58,9 @@ from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
-from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+from keras_brainformer.models.brainformer.preset_writing import write_task_preset
 
 ROUTER_INITS = ("small_random", "zeros")
 EXPERT_CHOICE_SCALES = ("compensate", "none")
@@ -437,63 +433,22 @@ def every_nth_ffn_target(source_config, every, num_experts, offset=0, **moe_fiel
 
 def save_upcycled_preset(lm, directory, source, target, settings=None, overwrite=False):
     """Writes `lm` (an upcycled `BrainformerCausalLM`) as a preset folder
-    `directory` that `from_preset`, `train --preset` and `generate` accept.
-
-    The folder is written next to `directory` and renamed when complete (a
-    failure leaves nothing half-written); `metadata.json` records the source,
-    the target and the settings, the parameter counts and the checksums of
-    every file (verified by `from_preset`).
+    `directory` that `from_preset`, `train --preset` and `generate` accept
+    (`preset_writing.write_task_preset`: all or nothing, checksummed);
+    `metadata.json` records the source, the target and the settings.
 
     Raises `ValueError` if `directory` exists and is not empty, unless
     `overwrite`.
     """
-    directory = pathlib.Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        if not overwrite:
-            raise ValueError(
-                f"Output folder {str(directory)!r} exists and is not empty; use "
-                "another folder or overwrite it."
-            )
-    staging = directory.with_name(directory.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        lm.save_to_preset(str(staging))
-        metadata_path = staging / METADATA_FILE
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-        counts = count_parameters(lm.backbone.get_config())
-        metadata.update(
-            {
-                "keras_brainformer_preset": directory.name,
-                "description": f"{source} upcycled to an MoE model (sparse upcycling; "
-                "experts start from the dense FFNs). Not trained after upcycling.",
-                "family": "upcycled",
-                "base_preset": str(source),
-                "params": counts["total"],
-                "activated_params": counts["activated"],
-                "paper": None,
-                "upcycling": {
-                    "source": str(source),
-                    "target": _json_safe(target),
-                    **(settings or {}),
-                },
-            }
-        )
-        with open(metadata_path, "w") as f:
-            json.dump(metadata, f, indent=4)
-            f.write("\n")
-        record_checksums(staging)
-        if directory.exists():
-            if directory.is_dir():
-                shutil.rmtree(directory)
-            else:
-                os.remove(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
+    metadata = {
+        "description": f"{source} upcycled to an MoE model (sparse upcycling; "
+        "experts start from the dense FFNs). Not trained after upcycling.",
+        "family": "upcycled",
+        "base_preset": str(source),
+        "paper": None,
+        "upcycling": {"source": str(source), "target": _json_safe(target), **(settings or {})},
+    }
+    return write_task_preset(lm, directory, metadata, overwrite)
 
 
 def _json_safe(target):
