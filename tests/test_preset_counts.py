@@ -14,6 +14,8 @@ from keras_brainformer.models.brainformer.brainformer_presets import PAPER_VOCAB
 from keras_brainformer.models.brainformer.brainformer_presets import activated_non_embedding
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
+from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
+from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_PRESET_FAMILIES
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_table import markdown_table
 
@@ -45,8 +47,11 @@ def _sublayers(name, kind=None):
 
 
 def test_preset_names():
-    assert set(backbone_presets) == set(REGULAR) | set(TINY) | set(SMALL)
-    families = {"brainformer1", "brainformer2", "glam", "glam_ec", "dense", "primer"}
+    assert set(backbone_presets) == (
+        set(REGULAR) | set(TINY) | set(SMALL) | set(KERAS_HUB_ARCHITECTURES)
+    )
+    families = {"brainformer1", "brainformer2", "glam", "glam_ec", "dense", "primer",
+                *KERAS_HUB_PRESET_FAMILIES}
     for preset in backbone_presets.values():
         assert set(preset) == {"metadata", "config"}
         assert preset["metadata"]["family"] in families
@@ -234,3 +239,23 @@ def test_docs_table_is_current():
     with open(os.path.join(ROOT, "docs", "presets.md")) as f:
         docs = f.read()
     assert markdown_table() in docs
+
+
+# keras-hub 0.32's own records of the originals' sizes, and the activated
+# parameters the model names state (A2.7B, A3B, A22B; Mixtral 8x7B: 12.9B).
+ACTIVATED = {
+    "mixtral_8x7b": 12.9e9, "qwen1_5_moe_a2_7b": 2.7e9,
+    "qwen3_moe_30b_a3b": 3.3e9, "qwen3_moe_235b_a22b": 22e9,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_HUB_ARCHITECTURES))
+def test_keras_hub_architectures_have_the_originals_parameter_counts(name):
+    """Analytic (nothing allocated): every parameter of the original, exactly
+    as keras-hub counts it, and the activated count its name states."""
+    preset = backbone_presets[name]
+    counts = count_parameters(preset["config"])
+    assert counts["total"] == preset["metadata"]["keras_hub_params"]
+    assert counts["total"] == KERAS_HUB_ARCHITECTURES[name][3]
+    assert abs(counts["activated"] / ACTIVATED[name] - 1) < 0.03, counts["activated"]
+    assert preset["metadata"]["params"] == counts["total"]

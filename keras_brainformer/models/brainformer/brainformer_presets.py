@@ -24,6 +24,8 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
+from keras_brainformer.models.brainformer.keras_hub_presets import keras_hub_architecture_config
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 
 # The paper's training vocabulary (SentencePiece 256K) and sequence length.
@@ -376,6 +378,12 @@ def _build_presets():
             "primer",
             _config(_dense_block(heads, head_dim, 4 * d, primer=True), layers, d, tier=tier),
         )
+    # === keras-hub's MoE models, architecture only (keras_hub_presets.py) ===
+    for name in KERAS_HUB_ARCHITECTURES:
+        config, metadata = keras_hub_architecture_config(name)
+        preset = _preset(metadata.pop("description"), metadata.pop("family"), config)
+        preset["metadata"].update(metadata)
+        presets[name] = preset
     return presets
 
 

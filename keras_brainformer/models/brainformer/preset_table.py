@@ -68,9 +68,15 @@ def markdown_table(presets=None):
             f"{human_count(r['paper_convention_total'])} / "
             f"{human_count(r['paper_convention_activated'])}"
         )
-        if r["name"].endswith(("_tiny", "_small")):
+        metadata = (presets or backbone_presets)[r["name"]]["metadata"]
+        if r["name"].endswith(("_tiny", "_small")) or "keras_hub_preset" in metadata:
             conv = "-"
-        if r["paper"]:
+        if "keras_hub_preset" in metadata:
+            # keras-hub's own count of the original (no paper figure).
+            paper = f"{human_count(metadata['keras_hub_params'])} (keras-hub " \
+                    f"`{metadata['keras_hub_preset']}`)"
+            error = f"{r['total'] / metadata['keras_hub_params'] - 1:+.1%} / -"
+        elif r["paper"]:
             paper = (
                 f"{human_count(r['paper']['total'])} / {human_count(r['paper']['activated'])} "
                 f"({r['paper']['source']})"
