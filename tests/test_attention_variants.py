@@ -136,13 +136,22 @@ def test_grouped_query_heads_equal_repeated_full_heads():
     assert tuple(gqa.w_key.shape) == (12, 2, 6) and tuple(gqa.w_query.shape) == (12, 4, 6)
 
 
-def test_window_covering_the_sequence_is_full_attention():
-    x = np.random.default_rng(4).normal(size=(2, 6, 12)).astype("float32")
-    windowed = make_layer(dict(sliding_window=6))
+def windowed_and_plain(window, x, seed=None):
+    """A layer with `sliding_window=window` (random weights when `seed` is
+    given) and one without a window holding the same weights."""
+    windowed = make_layer(dict(sliding_window=window))
     windowed(x)
+    if seed is not None:
+        randomize(windowed, seed=seed)
     plain = make_layer({})
     plain(x)
     plain.set_weights(windowed.get_weights())
+    return windowed, plain
+
+
+def test_window_covering_the_sequence_is_full_attention():
+    x = np.random.default_rng(4).normal(size=(2, 6, 12)).astype("float32")
+    windowed, plain = windowed_and_plain(6, x)
     np.testing.assert_array_equal(to_numpy(windowed(x)), to_numpy(plain(x)))
     narrow = make_layer(dict(sliding_window=2))
     narrow(x)
@@ -154,12 +163,7 @@ def test_sliding_window_sees_exactly_the_last_positions():
     """RoPE is relative, so with a window of w the last position's output is
     full attention over the last w tokens alone."""
     x = np.random.default_rng(5).normal(size=(1, 9, 12)).astype("float32")
-    windowed = make_layer(dict(sliding_window=4))
-    windowed(x)
-    randomize(windowed, seed=6)
-    plain = make_layer({})
-    plain(x)
-    plain.set_weights(windowed.get_weights())
+    windowed, plain = windowed_and_plain(4, x, seed=6)
     np.testing.assert_allclose(
         to_numpy(windowed(x))[:, -1], to_numpy(plain(x[:, -4:]))[:, -1], rtol=1e-4, atol=1e-5
     )

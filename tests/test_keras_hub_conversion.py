@@ -106,7 +106,12 @@ def test_converted_backbone_computes_keras_hubs_logits(name, tmp_path):
     np.testing.assert_array_equal(logits(restored, x), got)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen_moe", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "name",
+    # One family in the fast tier; generation compiles two decoding loops.
+    ["mixtral", pytest.param("qwen_moe", marks=pytest.mark.slow),
+     pytest.param("qwen3_moe", marks=pytest.mark.slow)],
+)
 def test_greedy_generation_is_token_for_token_keras_hubs(name):
     # keras-hub 0.32's Qwen-MoE cannot generate with its sliding window on
     # JAX (a Python `if` on the traced cache index).
@@ -204,6 +209,7 @@ def test_causal_lm_from_keras_hub_keeps_the_tokenizer_and_generates_the_same_tex
     assert ours.generate(prompts, max_length=12, stop_token_ids=None) == expected
 
 
+@pytest.mark.slow  # end to end: save, convert, load, generate, twice
 def test_convert_command_writes_a_checked_preset_that_generates_the_same_text(tmp_path, capsys):
     theirs = mixtral_task()
     source = tmp_path / "keras_hub_mixtral"

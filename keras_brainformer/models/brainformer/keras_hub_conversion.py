@@ -288,11 +288,13 @@ def copy_keras_hub_weights(source, target, family):
     """Copies every weight of keras-hub backbone `source` into the converted
     Brainformer backbone `target`. Raises a `ValueError` naming the weight
     when one is missing, matched twice, left unused or shaped otherwise;
-    nothing is assigned unless every weight checks out."""
+    nothing is assigned unless every weight checks out (checked on shapes
+    first, then copied one weight at a time, so a large model is never held
+    twice more in host memory)."""
     config = source.get_config()
     theirs = {v.path: v for v in source.weights}
     sources = weight_sources(family, config, list(theirs))
-    values, used = [], set()
+    plan, used = [], set()
     for variable in target.weights:
         if not variable.trainable:
             continue  # router statistics: recomputed by every call
@@ -308,15 +310,15 @@ def copy_keras_hub_weights(source, target, family):
                 f"Weight {variable.path!r} should come from one keras-hub weight matching "
                 f"{pattern!r}; found {matches or 'none'} among {len(theirs)} weights."
             )
-        value = keras.ops.convert_to_numpy(theirs[matches[0]].value)
+        shape = tuple(theirs[matches[0]].shape)
         if part is not None:
-            value = np.split(value, 2, axis=-1)[part]
-        if tuple(value.shape) != tuple(variable.shape):
+            shape = shape[:-1] + (shape[-1] // 2,)
+        if shape != tuple(variable.shape):
             raise ValueError(
                 f"Weight {variable.path!r} {tuple(variable.shape)} cannot take keras-hub's "
-                f"{matches[0]!r} of shape {tuple(value.shape)}."
+                f"{matches[0]!r} (giving {shape})."
             )
-        values.append((variable, value))
+        plan.append((variable, theirs[matches[0]], part))
         used.add(matches[0])
     unused = sorted(set(theirs) - used)
     if unused:
@@ -325,8 +327,11 @@ def copy_keras_hub_weights(source, target, family):
             "A model with extra weights (a LoRA-enabled or quantized model, or a newer "
             "keras-hub layout) cannot be converted exactly."
         )
-    for variable, value in values:
-        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    for variable, source_variable, part in plan:
+        value = keras.ops.convert_to_numpy(source_variable.value)
+        if part is not None:
+            value = np.split(value, 2, axis=-1)[part]
+        variable.assign(value)
 
 
 def convert_keras_hub_backbone(cls, backbone, max_sequence_length=None):
