@@ -23,6 +23,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
         ("machine_peak.py", "| n | median ms |"),
         ("training_throughput.py", "target: tiny brainformer1 step time"),
         ("moe_scaling.py", "| tokens | d / h | router |"),
+        ("keras_hub_moe.py", "| E | k | variant | step (ms) |"),
     ],
 )
 def test_quick_mode_runs(script, expected):
