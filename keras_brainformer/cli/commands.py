@@ -344,10 +344,9 @@ def _run_generate(args):
         print("-" * 40)
 
 
-def _load_keras_hub_task(preset):
-    """keras-hub's causal LM of `preset` (a name or a folder), with its
-    preprocessor when the preset has a tokenizer, else its backbone alone
-    (wrapped as a task without preprocessor)."""
+def _load_keras_hub_preset(preset):
+    """keras-hub's backbone of `preset` (a name or a folder) and its causal-LM
+    preprocessor, or None when the preset has no tokenizer."""
     import keras_hub  # lazy: the Keras stack loads when a command runs
 
     try:
@@ -375,7 +374,7 @@ def _run_convert(args):
         preset_writing.check_output_folder(args.out, args.overwrite)
     except ValueError as error:
         raise TrainingError(f"{error} (--out, --overwrite)") from None
-    backbone, preprocessor = _load_keras_hub_task(args.preset)
+    backbone, preprocessor = _load_keras_hub_preset(args.preset)
     try:
         converted = BrainformerBackbone.from_keras_hub(backbone, args.max_sequence_length)
         lm = BrainformerCausalLM(converted, preprocessor=preprocessor)
@@ -402,15 +401,14 @@ def _run_convert(args):
 def _run_upcycle(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models.brainformer import preset_writing
     from keras_brainformer.models.brainformer import upcycling
 
     out = args.out
-    if os.path.exists(out) and not args.overwrite:
-        if not os.path.isdir(out) or os.listdir(out):
-            raise TrainingError(
-                f"Output folder {out!r} exists and is not empty; use another --out "
-                "or --overwrite."
-            )
+    try:
+        preset_writing.check_output_folder(out, args.overwrite)
+    except ValueError as error:
+        raise TrainingError(f"{error} (--out, --overwrite)") from None
     if args.expert_noise < 0:
         raise TrainingError(f"--expert-noise must be >= 0. Received: {args.expert_noise}")
     try:
