@@ -16,8 +16,9 @@ group per sequence of 512 tokens:
 
   dense   `FeedForward(hidden_dim=k*h)`: the activated FLOPs of top-k.
   cf      top-k with `capacity_factor=1.25` (the slot path; drops tokens).
-  blocks  top-k dropless, `dropless_impl="blocks"` (block size from the
-          cost model, or `--block-size`).
+  blocks  top-k dropless, `dropless_impl="blocks"` (block size the layer's
+          own pick for a training step, or `--block-size`; on TensorFlow the
+          step multiplies runs of blocks, `dropless_blocks.chunk_rows`).
   slots   top-k dropless, `dropless_impl="slots"` (`C = S`; only where
           `E*T <= --slots-max-rows`, it costs `E/k` times the useful work).
   portable  (with `--portable`) the same block path with the backend's fast
@@ -289,14 +290,18 @@ def main():
                         E, h, router_kwargs={"k": k, "capacity_factor": cf},
                         activation="gelu", dropless_impl=impl, dropless_block_size=b)
 
-                b = args.block_size or dropless_blocks.block_size(T * k, E)
                 variants = {"dense": dense}
+                b = args.block_size
                 if args.calibrate:
                     for size in (8, 16, 32, 64, 128, 256):
                         variants[f"b{size}"] = make_step(moe(None, "blocks", size), x)
                 else:
                     variants["cf"] = make_step(moe(1.25), x)
-                    variants["blocks"] = make_step(moe(None, "blocks", b), x)
+                    blocks = moe(None, "blocks", b)
+                    variants["blocks"] = make_step(blocks, x)
+                    # The layer's own pick for a training step on this backend.
+                    b = b or dropless_blocks.block_size(
+                        T * k, E, dropless_blocks.block_cost_rows(blocks.experts, True))
                     if args.portable:
                         variants["portable"] = portable(
                             make_step(moe(None, "blocks", b), x))

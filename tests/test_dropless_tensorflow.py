@@ -3,8 +3,9 @@
 auxiliary losses, router statistics and gradients w.r.t. inputs and weights,
 eagerly and XLA-compiled, for top-1, top-2 and top-k = E with a padding
 mask; it equals the portable block path (`ExpertBank.call_blocks`) with
-experts that have no blocks and unused trailing blocks; LoRA and int8 banks
-fall back to the portable path."""
+experts that have no blocks and unused trailing blocks, one block per matmul
+and in runs of blocks; LoRA and int8 banks fall back to the portable path;
+inference is exactly causal, the training step causal up to rounding."""
 
 import keras
 import numpy as np
@@ -161,10 +162,63 @@ def test_plain_bank_takes_the_fast_path():
     assert dropless_blocks.fast_expert_blocks(blocks.experts) is dropless_blocks.tf_expert_blocks
 
 
+def test_block_size_follows_the_paths_cost_model():
+    """A training step multiplies runs of blocks (`chunk_rows`), so its
+    blocks cost `TF_CHUNKED_BLOCK_COST_ROWS` beyond their rows and the layer
+    picks smaller ones; inference (one block per matmul) and a LoRA bank
+    (portable path) keep `BLOCK_COST_ROWS`."""
+    _, plain = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
+    _, lora = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
+    lora.experts.enable_lora(2)
+    chunked, one = dropless_blocks.TF_CHUNKED_BLOCK_COST_ROWS, dropless_blocks.BLOCK_COST_ROWS
+    assert dropless_blocks.chunk_rows(plain.experts, True) == dropless_blocks.TF_CHUNK_ROWS
+    for bank, training in ((plain.experts, False), (plain.experts, None),
+                           (lora.experts, True)):
+        assert dropless_blocks.chunk_rows(bank, training) is None
+        assert dropless_blocks.block_cost_rows(bank, training) == one
+    assert dropless_blocks.block_cost_rows(plain.experts, True) == chunked
+    assert plain._block_size(4096, 2, training=True) == 32
+    assert plain._block_size(4096, 2) == lora._block_size(4096, 2, training=True) == 128
+
+
+def _max_leak(forward, x, t):
+    """Largest change at positions <= t when every token after t changes."""
+    y = to_numpy(forward(x))
+    x2 = x.copy()
+    x2[:, t + 1:] = np.random.default_rng(99).normal(size=x2[:, t + 1:].shape)
+    return np.abs(to_numpy(forward(x2))[:, : t + 1] - y[:, : t + 1]).max()
+
+
+def test_training_step_is_causal_up_to_rounding_and_inference_exactly(monkeypatch):
+    """Dropless top-2 on the fast path: inference multiplies one `b`-row
+    block at a time (a token's output does not depend on the later tokens,
+    to the bit); the training step's runs of blocks follow the routing, so
+    only rounding may move (far below the 1e-4 of a real leak)."""
+    import tensorflow as tf
+
+    _, layer = moe_pair("blocks", 4, {"k": 2, "capacity_factor": None}, "gelu",
+                        dropless_block_size=2)
+    runs = []
+    original = dropless_blocks.tf_expert_blocks
+    monkeypatch.setattr(dropless_blocks, "tf_expert_blocks",
+                        lambda *a: runs.append(a[3]) or original(*a))
+    x = np.random.default_rng(0).normal(size=(2, 16, 8)).astype("float32")
+    for training in (False, True):
+        forward = tf.function(lambda x, t=training: layer(x, training=t), jit_compile=True)
+        leaks = [_max_leak(forward, x, t) for t in range(15)]
+        if training:
+            assert max(leaks) < 1e-6, leaks
+        else:
+            assert max(leaks) == 0.0, leaks
+    assert set(runs) == {None, dropless_blocks.TF_CHUNK_ROWS}
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 8, 16], ids=["blocks", "runs8", "runs16"])
 @pytest.mark.parametrize("activation", ["gelu", "gated_silu"])
-def test_fast_path_equals_portable_path_with_empty_experts(activation):
+def test_fast_path_equals_portable_path_with_empty_experts(activation, chunk_rows):
     """Against `ExpertBank.call_blocks` on a layout where some experts have
-    no blocks, one has several and the last blocks are unused, compiled."""
+    no blocks, one has several and the last blocks are unused, compiled;
+    one block per matmul and runs of up to 2 and 4 blocks."""
     import tensorflow as tf
 
     _, blocks = moe_pair("blocks", 6, {"k": 1, "capacity_factor": None}, activation)
@@ -184,7 +238,7 @@ def test_fast_path_equals_portable_path_with_empty_experts(activation):
         with tf.GradientTape() as tape:
             tape.watch(rows)
             if fast:
-                out = dropless_blocks.tf_expert_blocks(bank, rows, counts)
+                out = dropless_blocks.tf_expert_blocks(bank, rows, counts, chunk_rows)
             else:
                 out = bank.call_blocks(rows, block_expert)
             loss = tf.reduce_sum(out * out * tf.range(1.0, 10.0)[:, None, None])

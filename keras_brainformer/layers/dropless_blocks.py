@@ -25,7 +25,9 @@ static shapes (Megablocks, Gale et al. 2022, arXiv 2211.15841):
    per weight. JAX and TensorFlow fast paths (`jax_expert_blocks`,
    `tf_expert_blocks`, plain float banks, chosen by `fast_expert_blocks`):
    a grouped matmul as loops over each expert's own blocks, weights read in
-   place, the unused trailing blocks skipped, with a custom gradient;
+   place, the unused trailing blocks skipped, with a custom gradient (on
+   TensorFlow a training step multiplies runs of an expert's consecutive
+   blocks, `chunk_rows`; inference one block at a time);
 4. **combine**: each choice's row is gathered back (`gather_rows` again),
    weighted by its gate and summed over the token's `k` choices.
 
@@ -34,12 +36,17 @@ False) take no row. Unused trailing blocks hold zero rows and are assigned
 to the last expert; their gradient contribution is zero. Outputs, losses,
 router statistics and gradients equal the slot path's
 (`tests/test_dropless_blocks.py`, `tests/test_dropless_tensorflow.py`).
+Inference is exactly causal on every backend: every matmul has the same `b`
+rows, so a token's output does not depend on the other tokens' routing, to
+the bit. TensorFlow's training step trades that for speed (runs of blocks
+whose row counts follow the routing; outputs move by rounding, ~1e-8).
 
 Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
 less often; `block_size` picks `b` by the cost model `n · (b +
 BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
---calibrate`, and `blocks_pay` decides `dropless_impl="auto"` by the same
+--calibrate` (`TF_CHUNKED_BLOCK_COST_ROWS` on TensorFlow's chunked training
+path, `block_cost_rows`), and `blocks_pay` decides `dropless_impl="auto"` by the same
 model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
 has the measurements).
 """
@@ -61,6 +68,14 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # a tie; and E = 64, k = 1, where b = 32 measured 3.0x a dense FFN, b = 64
 # less, see benchmarks/README.md).
 BLOCK_COST_ROWS = 48
+# TensorFlow's training step multiplies an expert's consecutive blocks in runs
+# of up to this many rows (`tf_expert_blocks(chunk_rows=...)`).
+TF_CHUNK_ROWS = 256
+# What one block costs beyond its rows on that chunked path: little, so small
+# blocks (little padding) pay. Fitted to `--calibrate --backend tensorflow`
+# (4096 tokens, k = 2, blocks/dense: E = 32 b8 1.23, b32 1.40, b128 1.60;
+# E = 64 b32 1.51, b128 2.28; E = 8 flat 1.13-1.31), benchmarks/README.md.
+TF_CHUNKED_BLOCK_COST_ROWS = 4
 # "auto" takes the block path when its modelled cost is below this share of
 # the slot path's: a margin for what the model leaves out.
 AUTO_MAX_COST_RATIO = 0.8
@@ -78,10 +93,28 @@ def num_blocks(num_choices, num_experts, block_size):
     return max(1, min(bound, num_choices))
 
 
-def modelled_cost(num_choices, num_experts, block_size):
-    """Cost of the block path in expert rows: `n · (b + BLOCK_COST_ROWS)` for
-    the static bound of `n` blocks of `b` rows."""
-    return num_blocks(num_choices, num_experts, block_size) * (block_size + BLOCK_COST_ROWS)
+def modelled_cost(num_choices, num_experts, block_size, cost_rows=BLOCK_COST_ROWS):
+    """Cost of the block path in expert rows: `n · (b + cost_rows)` for the
+    static bound of `n` blocks of `b` rows (`cost_rows`: what a block costs
+    beyond its rows, `block_cost_rows`)."""
+    return num_blocks(num_choices, num_experts, block_size) * (block_size + cost_rows)
+
+
+def chunk_rows(bank, training):
+    """The `chunk_rows` of `tf_expert_blocks` for a call of `bank`:
+    `TF_CHUNK_ROWS` for a training step (`training` True) that takes
+    TensorFlow's fast path, else None (one block per matmul: exactly
+    causal; every other path is)."""
+    if training is True and fast_expert_blocks(bank) is tf_expert_blocks:
+        return TF_CHUNK_ROWS
+    return None
+
+
+def block_cost_rows(bank, training):
+    """What one block costs beyond its rows for a call of `bank`:
+    `TF_CHUNKED_BLOCK_COST_ROWS` on TensorFlow's chunked training path
+    (`chunk_rows`), else `BLOCK_COST_ROWS`."""
+    return BLOCK_COST_ROWS if chunk_rows(bank, training) is None else TF_CHUNKED_BLOCK_COST_ROWS
 
 
 def slots_cost(num_tokens, num_experts):
@@ -90,29 +123,33 @@ def slots_cost(num_tokens, num_experts):
     return num_experts * (num_tokens + BLOCK_COST_ROWS)
 
 
-def block_size(num_choices, num_experts):
+def block_size(num_choices, num_experts, cost_rows=BLOCK_COST_ROWS):
     """The `b` of `BLOCK_SIZES` with the least `modelled_cost` (the smallest
     on ties).
 
     Example:
     >>> block_size(8192, 32), block_size(8192, 64), block_size(2, 8)
     (128, 64, 1)
+    >>> block_size(8192, 32, TF_CHUNKED_BLOCK_COST_ROWS)
+    32
     """
     return min(
-        BLOCK_SIZES, key=lambda b: (modelled_cost(num_choices, num_experts, b), b)
+        BLOCK_SIZES,
+        key=lambda b: (modelled_cost(num_choices, num_experts, b, cost_rows), b),
     )
 
 
-def blocks_pay(num_tokens, k, num_experts, block_size_=None):
+def blocks_pay(num_tokens, k, num_experts, block_size_=None, cost_rows=BLOCK_COST_ROWS):
     """Whether `dropless_impl="auto"` takes the block path: its modelled cost
-    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+    (blocks costing `cost_rows` beyond their rows) is below
+    `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
 
     Example:
     >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
     (True, False, True)
     """
-    b = block_size_ or block_size(num_tokens * k, num_experts)
-    cost = modelled_cost(num_tokens * k, num_experts, b)
+    b = block_size_ or block_size(num_tokens * k, num_experts, cost_rows)
+    cost = modelled_cost(num_tokens * k, num_experts, b, cost_rows)
     return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
 
 
@@ -169,7 +206,7 @@ def block_routing(token_expert, token_position, token_keep, num_experts, block_s
     return choice_row, row_choice, block_expert, blocks
 
 
-def blocks_combine(groups, routing, bank, block_size_):
+def blocks_combine(groups, routing, bank, block_size_, training=False):
     """The block-sparse dropless expert computation of `MoEFeedForward`.
 
     Args:
@@ -179,6 +216,8 @@ def blocks_combine(groups, routing, bank, block_size_):
             `token_keep`, all `[G, S, k]`).
         bank: the `ExpertBank`.
         block_size_: int, `b`.
+        training: whether this is a training step (TensorFlow's fast path
+            then multiplies runs of blocks, `chunk_rows`).
 
     Returns:
         float32 `[G, S, d]`: `Σ_j keep·gate[t, j] · expert_{e[t, j]}(x[t])`.
@@ -198,16 +237,18 @@ def blocks_combine(groups, routing, bank, block_size_):
         ops.reshape(groups, (T, d)), row_token, ops.reshape(choice_row, (T, k))
     )  # [n·b, d]
     n = ops.shape(block_expert)[0]
-    out = expert_blocks(bank, ops.reshape(rows, (n, b, d)), block_expert, blocks)
+    out = expert_blocks(
+        bank, ops.reshape(rows, (n, b, d)), block_expert, blocks, chunk_rows(bank, training)
+    )
     out = gather_rows(ops.reshape(out, (n * b, d)), choice_row, row_choice[:, None])
     gate = ops.where(routing.token_keep, ops.cast(routing.token_gate, "float32"), 0.0)
     out = ops.reshape(ops.cast(out, "float32"), (G, S, k, d))
     return ops.sum(out * gate[..., None], axis=2)
 
 
-def expert_blocks(bank, x, block_expert, blocks_per_expert):
+def expert_blocks(bank, x, block_expert, blocks_per_expert, chunk_rows_=None):
     """Applies expert `block_expert[i]` of `bank` to block `i` of `x`
-    (`[n, b, d]` -> `[n, b, d]`).
+    (`[n, b, d]` -> `[n, b, d]`); `chunk_rows_` goes to `tf_expert_blocks`.
 
     The portable path is `ExpertBank.call_blocks` (expert weights gathered
     per block, one batched matmul per weight over all `n` blocks; LoRA and
@@ -217,6 +258,8 @@ def expert_blocks(bank, x, block_expert, blocks_per_expert):
     same values and gradients (tests check they agree).
     """
     fast = fast_expert_blocks(bank)
+    if fast is tf_expert_blocks:
+        return fast(bank, x, blocks_per_expert, chunk_rows_)
     if fast is not None:
         return fast(bank, x, blocks_per_expert)
     return bank.call_blocks(x, block_expert)
@@ -338,18 +381,28 @@ def jax_expert_blocks(bank, x, blocks_per_expert):
     return ffn(weights, x, counts)
 
 
-def tf_expert_blocks(bank, x, blocks_per_expert):
+def tf_expert_blocks(bank, x, blocks_per_expert, chunk_rows=None):
     """The TensorFlow fast path of `expert_blocks`: the loops of
     `jax_expert_blocks` as `tf.while_loop`s (static shapes, data-dependent
     trip counts; compiled by XLA under `tf.function(jit_compile=True)`, run
     as Python loops eagerly). For each expert with blocks, its weights are
-    sliced once and its own blocks multiplied one by one, written in place
-    into the output; the unused trailing blocks are never computed (zeros).
+    sliced once and its own blocks multiplied, written in place into the
+    output; the unused trailing blocks are never computed (zeros).
     A `tf.custom_gradient` runs the same loops backwards, summing each
     expert's weight gradient over its blocks in a float32 accumulator
     written once per expert, instead of the portable path's per-block weight
     gathers and the scatter-add of their gradients (memory-bound on CPU,
-    `benchmarks/dropless_blocks.py --backend tensorflow`)."""
+    `benchmarks/dropless_blocks.py --backend tensorflow`).
+
+    `chunk_rows=None` multiplies the blocks one by one: every matmul has the
+    same `b` rows, so a token's output does not depend on how the other
+    tokens were routed, to the bit (what inference uses: exact causality).
+    `chunk_rows=R` multiplies an expert's consecutive blocks in runs of up to
+    `R` rows (as many of the largest run as fit, then a binary split of the
+    rest), so small blocks (little padding) still make large matmuls: faster
+    (the training step's path, `TF_CHUNK_ROWS`), but a run's row count then
+    depends on the other tokens' routing and XLA's CPU matmul rounds
+    differently for other row counts (outputs move by ~1e-8)."""
     import tensorflow as tf  # the TensorFlow fast path: on its backend only
 
     dtype = bank.compute_dtype
@@ -364,6 +417,11 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
     E = bank.num_experts
     h = weights[0].shape[-1]
     f32 = tf.float32
+    # Runs of consecutive blocks of one expert computed as one matmul: up to
+    # `chunk_rows` rows (powers of two of blocks); one block at a time
+    # without `chunk_rows`.
+    most = max(1, min(n, (chunk_rows or b) // b))
+    chunks = [2**p for p in range(most.bit_length())][::-1]
 
     def take(tensor, i):
         # A gather, not `tensor[i]`: XLA would try to resolve a strided
@@ -400,22 +458,43 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             lambda j, carry: j < num_active, expert, (tf.constant(0), carry)
         )[1]
 
-    def over_blocks(first, end, block, carry):
-        return tf.while_loop(
-            lambda i, carry: i < end, lambda i, carry: (i + 1, block(i, carry)),
-            (first, carry),
-        )[1]
+    def over_blocks(first, end, chunk, carry):
+        """`chunk(i, c, carry)` over blocks `[first, end)` in runs of `c`
+        consecutive blocks: as many of the largest `c` of `chunks` as fit,
+        then each smaller one at most once (a binary split of the rest)."""
+        i = first
+        for c in chunks:
+            i, carry = tf.while_loop(
+                lambda i, carry, c=c: i + c <= end,
+                lambda i, carry, c=c: (i + c, chunk(i, c, carry)),
+                (i, carry),
+            )
+        return carry
+
+    def rows_of(tensor, i, c):
+        # Blocks `[i, i + c)` as `[c·b, ...]` rows: a slice of static size at
+        # a dynamic start (an XLA dynamic-slice).
+        begin = tf.stack([i] + [0] * (len(tensor.shape) - 1))
+        part = tf.slice(tensor, begin, [c] + tensor.shape[1:].as_list())
+        return tf.reshape(part, [c * b] + tensor.shape[2:].as_list())
+
+    def put_rows(buffer, value, i, c):
+        # Rows `[c·b, ...]` into blocks `i .. i + c - 1` of a TensorArray.
+        value = tf.reshape(value, [c, b] + value.shape[1:].as_list())
+        for j in range(c):
+            buffer = put(buffer, value[j], i + j)
+        return buffer
 
     def forward(x, weights):
         def expert(e, ws, first, end, carry):
-            def block(i, carry):
+            def chunk(i, c, carry):
                 y, pre = carry
-                rows = take(x, i)
+                rows = rows_of(x, i, c)
                 p = tuple(tf.matmul(rows, w) for w in ws[:-1])
-                y = put(y, tf.matmul(hidden(*p), ws[-1]), i)
-                return y, tuple(put(buf, v, i) for buf, v in zip(pre, p))
+                y = put_rows(y, tf.matmul(hidden(*p), ws[-1]), i, c)
+                return y, tuple(put_rows(buf, v, i, c) for buf, v in zip(pre, p))
 
-            return over_blocks(first, end, block, carry)
+            return over_blocks(first, end, chunk, carry)
 
         pre = tuple(buffer(n, (b, h), dtype) for _ in weights[:-1])
         y, pre = over_experts(weights, expert, (buffer(n, (b, d), dtype), pre))
@@ -431,10 +510,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
             def expert(e, ws, first, end, carry):
                 d_x, d_weights = carry
 
-                def block(i, inner):
+                def chunk(i, c, inner):
                     d_x, acc = inner
-                    rows, g = take(x, i), take(dy, i)
-                    p = tuple(take(buf, i) for buf in pre)
+                    rows, g = rows_of(x, i, c), rows_of(dy, i, c)
+                    p = tuple(rows_of(buf, i, c) for buf in pre)
                     with tf.GradientTape() as tape:
                         tape.watch(p)
                         hid = hidden(*p)
@@ -450,10 +529,10 @@ def tf_expert_blocks(bank, x, blocks_per_expert):
                     d_rows = tf.add_n([
                         tf.matmul(dp, w, transpose_b=True) for dp, w in zip(d_pre, ws[:-1])
                     ])
-                    return put(d_x, d_rows, i), acc
+                    return put_rows(d_x, d_rows, i, c), acc
 
                 zeros = tuple(tf.zeros(w.shape, f32) for w in ws)
-                d_x, acc = over_blocks(first, end, block, (d_x, zeros))
+                d_x, acc = over_blocks(first, end, chunk, (d_x, zeros))
                 return d_x, tuple(put(dw, a, e) for dw, a in zip(d_weights, acc))
 
             d_weights = tuple(buffer(E, w.shape[1:], w.dtype) for w in weights)

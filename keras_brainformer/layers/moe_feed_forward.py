@@ -63,7 +63,11 @@ class MoEFeedForward(keras.layers.Layer):
             always use the slot path; `"ragged"` also needs a plain float
             expert bank (no int8, no LoRA), `"blocks"` does not.
         dropless_block_size: rows per block of the `"blocks"` path, or None
-            (default) to pick it from the shapes (`dropless_blocks.block_size`).
+            (default) to pick it from the shapes (`dropless_blocks.block_size`;
+            on TensorFlow a training step, which multiplies runs of blocks,
+            picks smaller ones). Inference with the block path is exactly
+            causal on every backend; TensorFlow's training step is causal up
+            to rounding (~1e-8), for speed (`dropless_blocks.chunk_rows`).
         shared_expert_hidden_dim: hidden width of a shared expert, or None
             (default) for none. When set, every token also goes through one
             dense FFN (`FeedForward` named `"shared_expert"`, with this
@@ -248,12 +252,15 @@ class MoEFeedForward(keras.layers.Layer):
         layout = distribution.get_tensor_layout(f"{self.path}/dispatched")
         return layout is not None and layout.axes[0] is not None
 
-    def _block_size(self, num_tokens, k):
+    def _block_size(self, num_tokens, k, training=False):
         if self.dropless_block_size is not None:
             return self.dropless_block_size
-        return dropless_blocks.block_size(num_tokens * k, self.num_experts)
+        return dropless_blocks.block_size(
+            num_tokens * k, self.num_experts,
+            dropless_blocks.block_cost_rows(self.experts, training),
+        )
 
-    def _dropless_path(self, routing, group_size, num_tokens):
+    def _dropless_path(self, routing, group_size, num_tokens, training=False):
         """`"slots"`, `"ragged"` or `"blocks"`: how this call computes its
         experts. Anything but slots needs dropless token choice (every
         choice fits, `C = S`), the index dispatch and no expert-parallel
@@ -277,7 +284,8 @@ class MoEFeedForward(keras.layers.Layer):
             return "slots"
         k = ops.shape(routing.token_expert)[-1]
         if dropless_blocks.blocks_pay(
-            num_tokens, k, self.num_experts, self._block_size(num_tokens, k)
+            num_tokens, k, self.num_experts, self._block_size(num_tokens, k, training),
+            dropless_blocks.block_cost_rows(self.experts, training),
         ):
             return "blocks"
         return "slots"
@@ -312,11 +320,12 @@ class MoEFeedForward(keras.layers.Layer):
         routing = self.router(groups, token_mask=mask, training=training, causal=causal)
         num_groups = ops.shape(groups)[0]
         num_tokens = num_groups * S if isinstance(num_groups, int) else None
-        path = self._dropless_path(routing, S, num_tokens)
+        path = self._dropless_path(routing, S, num_tokens, training)
         if path == "blocks":
             k = ops.shape(routing.token_expert)[-1]
             out = dropless_blocks.blocks_combine(
-                groups, routing, self.experts, self._block_size(num_tokens, k)
+                groups, routing, self.experts, self._block_size(num_tokens, k, training),
+                training,
             )
             return ops.reshape(ops.cast(out, self.compute_dtype), shape)
         if path == "ragged":
