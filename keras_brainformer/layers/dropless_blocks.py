@@ -73,8 +73,9 @@ BLOCK_COST_ROWS = 48
 TF_CHUNK_ROWS = 256
 # What one block costs beyond its rows on that chunked path: little, so small
 # blocks (little padding) pay. Fitted to `--calibrate --backend tensorflow`
-# (4096 tokens, k = 2, blocks/dense: E = 32 b8 1.23, b32 1.40, b128 1.60;
-# E = 64 b32 1.51, b128 2.28; E = 8 flat 1.13-1.31), benchmarks/README.md.
+# (4096 tokens, k = 2, blocks/dense, 2026-12-01: E = 32 b8 1.50, b16 1.39,
+# b32 1.44, b64 1.50, b128 1.68; E = 64 b8-b32 1.86-1.88, b64 2.03, b128
+# 2.16; the model picks 32 and 16), benchmarks/README.md.
 TF_CHUNKED_BLOCK_COST_ROWS = 4
 # "auto" takes the block path when its modelled cost is below this share of
 # the slot path's: a margin for what the model leaves out.
