@@ -333,3 +333,21 @@ def test_an_environment_failure_is_one_line_and_exit_1(monkeypatch, tmp_path, ca
     assert run_cli(["train", "--preset", "dense_tiny", "--out", tmp_path / "run"]) == 1
     err = capsys.readouterr().err
     assert err == f"error: No space left for a checkpoint: {tmp_path}\n"
+
+
+def test_compare_help_examples_parse():
+    """Every command line in `compare --help`'s examples (the studies of
+    docs/reproducing_the_paper.md among them) is one the parser accepts."""
+    from keras_brainformer.cli.commands import COMPARE_EPILOG
+    from keras_brainformer.cli.commands import build_parser
+
+    joined = COMPARE_EPILOG.replace("\\\n", " ")
+    lines = [line.split() for line in joined.splitlines() if "keras-brainformer" in line]
+    assert len(lines) >= 4
+    parser = build_parser(only="compare")
+    for words in lines:
+        assert words[:2] == ["keras-brainformer", "compare"], words
+        args = parser.parse_args(words[1:])
+        assert args.command == "compare"
+    studies = [words for words in lines if "--out" in words and "small" in " ".join(words)]
+    assert any("runs/small_bytes_300s" in words for words in studies)

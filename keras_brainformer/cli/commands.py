@@ -44,10 +44,14 @@ SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "convert", "plan", "search")
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
-  # the study of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
+  # the studies of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
   keras-brainformer compare --families brainformer1_small glam_small dense_small \\
       --seeds 0 1 2 --budget 90 --batch-size 16 --sequence-length 128 \\
       --eval-every 25 --out runs/small_bytes_90s
+  keras-brainformer compare --families brainformer1_small brainformer2_small \\
+      glam_small glam_ec_small dense_small primer_small --seeds 0 1 2 \\
+      --budget 300 --batch-size 16 --sequence-length 128 --eval-every 50 \\
+      --out runs/small_bytes_300s
   keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
       --seeds 0 1 2 --budget 120 --out runs/compare_seeds
   keras-brainformer compare --data my_corpus/ --tokenizer byte --seeds 0 1 2 \\
