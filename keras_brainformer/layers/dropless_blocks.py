@@ -45,10 +45,11 @@ Cost: `num_blocks · b ≈ T·k + E·b` expert rows plus, per block, a read of
 its expert's weights. Small blocks waste few rows, large blocks read weights
 less often; `block_size` picks `b` by the cost model `n · (b +
 BLOCK_COST_ROWS)` fitted to the sweeps of `benchmarks/dropless_blocks.py
---calibrate` (`TF_CHUNKED_BLOCK_COST_ROWS` on TensorFlow's chunked training
-path, `block_cost_rows`), and `blocks_pay` decides `dropless_impl="auto"` by the same
-model against the slot path's `E · (T + BLOCK_COST_ROWS)` (docs/moe_layers.md
-has the measurements).
+--calibrate` (`TF_CHUNKED_BLOCK_COST_ROWS` instead for TensorFlow's training
+step in runs of blocks, `block_cost_rows`), and `blocks_pay` decides
+`dropless_impl="auto"` by the `BLOCK_COST_ROWS` model against the slot
+path's `E · (T + BLOCK_COST_ROWS)`, for training and inference alike
+(docs/moe_layers.md has the measurements).
 """
 
 import keras
@@ -140,17 +141,17 @@ def block_size(num_choices, num_experts, cost_rows=BLOCK_COST_ROWS):
     )
 
 
-def blocks_pay(num_tokens, k, num_experts, block_size_=None, cost_rows=BLOCK_COST_ROWS):
+def blocks_pay(num_tokens, k, num_experts, block_size_=None):
     """Whether `dropless_impl="auto"` takes the block path: its modelled cost
-    (blocks costing `cost_rows` beyond their rows) is below
-    `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`).
+    is below `AUTO_MAX_COST_RATIO` times the slot path's (`slots_cost`), for
+    training and inference alike.
 
     Example:
     >>> blocks_pay(4096, 2, 8), blocks_pay(4096, 2, 2), blocks_pay(1, 2, 8)
     (True, False, True)
     """
-    b = block_size_ or block_size(num_tokens * k, num_experts, cost_rows)
-    cost = modelled_cost(num_tokens * k, num_experts, b, cost_rows)
+    b = block_size_ or block_size(num_tokens * k, num_experts)
+    cost = modelled_cost(num_tokens * k, num_experts, b)
     return cost < AUTO_MAX_COST_RATIO * slots_cost(num_tokens, num_experts)
 
 
@@ -480,7 +481,8 @@ def tf_expert_blocks(bank, x, blocks_per_expert, chunk_rows=None):
         return tf.reshape(part, [c * b] + tensor.shape[2:].as_list())
 
     def put_rows(buffer, value, i, c):
-        # Rows `[c·b, ...]` into blocks `i .. i + c - 1` of a TensorArray.
+        # Rows `[c·b, ...]` into blocks `i .. i + c - 1` of a TensorArray, a
+        # write per block (`TensorArray.scatter` has no XLA CPU kernel).
         value = tf.reshape(value, [c, b] + value.shape[1:].as_list())
         for j in range(c):
             buffer = put(buffer, value[j], i + j)

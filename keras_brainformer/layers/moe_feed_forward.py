@@ -48,15 +48,17 @@ class MoEFeedForward(keras.layers.Layer):
             computed. `"slots"`: the slot path above, with `C = S` slots per
             expert (`E/k` times the useful work). `"blocks"` (every backend):
             the `T·k` token choices of all groups laid out expert by expert
-            in blocks of `b` rows and multiplied block by block
-            (`layers/dropless_blocks.py`), about `T·k + E·b` rows. `"ragged"`
+            in blocks of `b` rows and multiplied block by block (in runs
+            of blocks on a TensorFlow training step;
+            `layers/dropless_blocks.py`), about `T·k + E·b` rows. `"ragged"`
             (JAX only): the choices sorted by expert and multiplied with
             grouped matmuls (`jax.lax.ragged_dot`, `layers/ragged_experts.py`).
             All three give the same outputs, losses, statistics and
             gradients. `"auto"` (default): `"ragged"` on JAX with a TPU
             default backend, else `"blocks"` where its cost model
-            (`dropless_blocks.blocks_pay`, measured on CPU) beats the slot
-            path, else `"slots"`; always `"slots"` under an active
+            (`dropless_blocks.blocks_pay`, measured on CPU; the same rule
+            for training and inference) beats the slot path, else
+            `"slots"`; always `"slots"` under an active
             `keras.distribution` (the slot path carries its layouts). Routing
             that can drop tokens, `dispatch="one_hot"`, and an expert-parallel
             layout (the dispatched tensors split on an expert mesh axis)
@@ -260,7 +262,7 @@ class MoEFeedForward(keras.layers.Layer):
             dropless_blocks.block_cost_rows(self.experts, training),
         )
 
-    def _dropless_path(self, routing, group_size, num_tokens, training=False):
+    def _dropless_path(self, routing, group_size, num_tokens):
         """`"slots"`, `"ragged"` or `"blocks"`: how this call computes its
         experts. Anything but slots needs dropless token choice (every
         choice fits, `C = S`), the index dispatch and no expert-parallel
@@ -283,9 +285,11 @@ class MoEFeedForward(keras.layers.Layer):
         if not blocks or keras.distribution.distribution() is not None:
             return "slots"
         k = ops.shape(routing.token_expert)[-1]
+        # The rule of inference's one-block-per-matmul cost model, for
+        # training too: TensorFlow's runs of blocks were measured against
+        # other block sizes, not against the slot path.
         if dropless_blocks.blocks_pay(
-            num_tokens, k, self.num_experts, self._block_size(num_tokens, k, training),
-            dropless_blocks.block_cost_rows(self.experts, training),
+            num_tokens, k, self.num_experts, self._block_size(num_tokens, k)
         ):
             return "blocks"
         return "slots"
@@ -320,7 +324,7 @@ class MoEFeedForward(keras.layers.Layer):
         routing = self.router(groups, token_mask=mask, training=training, causal=causal)
         num_groups = ops.shape(groups)[0]
         num_tokens = num_groups * S if isinstance(num_groups, int) else None
-        path = self._dropless_path(routing, S, num_tokens, training)
+        path = self._dropless_path(routing, S, num_tokens)
         if path == "blocks":
             k = ops.shape(routing.token_expert)[-1]
             out = dropless_blocks.blocks_combine(
