@@ -95,6 +95,23 @@ def test_summary_targets_reference_fractions_and_intervals():
     assert loss["high"] - loss["mean"] == pytest.approx(12.7062, rel=1e-4)
 
 
+def test_results_table_gives_both_routings_final_losses():
+    runs = [_run("glam", seed, [5.0, 3.0], [0.0, 10.0], 3.0) for seed in (0, 1)]
+    runs += [dict(_run("ec", seed, [5.0, 3.2], [0.0, 10.0], 3.2 + seed / 10),
+                  val_loss_as_trained=2.9 + seed / 10) for seed in (0, 1)]
+    rows, targets = summarise(runs, ["glam", "ec"], [0, 1], reference="glam")
+    study = {"seeds": [0, 1], "clock": "wall", "budget_seconds": 10.0, "backend": "jax",
+             "target_loss": None, "training": {"tokenizer": "byte", "data_paths": None,
+                                               "batch_size": 4, "sequence_length": 8,
+                                               "optimizer": "adafactor", "learning_rate": 0.01}}
+    table = compare.results_markdown(study, rows, targets, "glam", None)
+    header = next(line for line in table.splitlines() if line.startswith("| family"))
+    assert "| final val loss | final val loss as trained |" in header
+    ec = next(line for line in table.splitlines() if line.startswith("| ec |"))
+    cells = [cell.strip() for cell in ec.strip("|").split("|")]
+    assert cells[4].startswith("3.250 [") and cells[5].startswith("2.950 [")
+
+
 @pytest.mark.slow
 def test_seeded_study_writes_every_output_and_resumes_exactly(tmp_path, capsys):
     out = tmp_path / "study"

@@ -477,13 +477,15 @@ def results_markdown(study, rows, targets, reference, timing):
         f"{training['optimizer']} at {training['learning_rate']:g}.",
         "",
         "Each cell: mean over seeds [95 % Student-t interval of the mean]. Validation loss "
-        "in nats per token (causal routing: what generation uses). 'time to target': "
+        "in nats per token, in causal routing (what generation uses: dropless top-k, also "
+        "for expert-choice layers) and as trained (the routing the model trained with; the "
+        "same for dense and top-k families). 'time to target': "
         f"seconds until the validation curve reaches {target}; (k/n) when only k of n "
         "seeds reached it.",
         "",
     ]
     header = ["family", "activated / total params", "step time (ms)", "steps",
-              "final val loss", "time to target (s)"]
+              "final val loss", "final val loss as trained", "time to target (s)"]
     if reference is not None:
         header.append(f"time to {reference}'s final loss / {reference}'s time")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -494,6 +496,7 @@ def results_markdown(study, rows, targets, reference, timing):
             format_interval(row["step_ms"], 1),
             format_interval(row["steps"], 0),
             format_interval(row["val_loss_causal"], 3),
+            format_interval(row["val_loss_as_trained"], 3),
             format_interval(row["seconds_to_target"], 1),
         ]
         if reference is not None:
