@@ -478,8 +478,9 @@ def results_markdown(study, rows, targets, reference, timing):
         "",
         "Each cell: mean over seeds [95 % Student-t interval of the mean]. Validation loss "
         "in nats per token, in causal routing (what generation uses: dropless top-k, also "
-        "for expert-choice layers) and as trained (the routing the model trained with; the "
-        "same for dense and top-k families). 'time to target': "
+        "for expert-choice layers) and as trained (the routing the model trained with; top-k "
+        "with a capacity differs from causal only by dropped tokens, dense not at all). "
+        "'time to target': "
         f"seconds until the validation curve reaches {target}; (k/n) when only k of n "
         "seeds reached it.",
         "",
