@@ -183,3 +183,12 @@ def compiled_call(layer, training):
         )
 
     return call
+
+
+def max_leak(forward, x, t):
+    """Largest change of `forward(x)` at positions <= t when every token
+    after t changes (`forward` a callable, e.g. `inference_call(layer)`)."""
+    y = to_numpy(forward(x))
+    x2 = x.copy()
+    x2[:, t + 1 :] = np.random.default_rng(99).normal(size=x2[:, t + 1 :].shape)
+    return np.abs(to_numpy(forward(x2))[:, : t + 1] - y[:, : t + 1]).max()

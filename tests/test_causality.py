@@ -4,6 +4,7 @@ positions <= t unchanged. See the module docstring of layers/routers.py."""
 import numpy as np
 import pytest
 from conftest import inference_call
+from conftest import max_leak
 from conftest import to_numpy
 
 from keras_brainformer.layers import MoEFeedForward
@@ -14,15 +15,6 @@ from keras_brainformer.models import FeedForwardSpec
 from keras_brainformer.models import MoESpec
 
 T, D = 16, 8
-
-
-def _max_leak(layer, x, t):
-    """Largest change at positions <= t when every token after t changes
-    (`layer` a callable: these tests pass `inference_call(layer)`)."""
-    y = to_numpy(layer(x))
-    x2 = x.copy()
-    x2[:, t + 1 :] = np.random.default_rng(99).normal(size=x2[:, t + 1 :].shape)
-    return np.abs(to_numpy(layer(x2))[:, : t + 1] - y[:, : t + 1]).max()
 
 
 CAUSAL = [
@@ -44,7 +36,7 @@ def test_causal_router_settings(router, kwargs):
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
-        assert _max_leak(layer, x, t) == 0.0, t
+        assert max_leak(layer, x, t) == 0.0, t
 
 
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL)
@@ -52,7 +44,7 @@ def test_non_causal_router_settings_leak(router, kwargs):
     layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
-    assert max(_max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
+    assert max(max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
 
 
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL + CAUSAL)
@@ -62,7 +54,7 @@ def test_causal_inference_routing_is_exactly_causal(router, kwargs):
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
-        assert _max_leak(layer, x, t) == 0.0, t
+        assert max_leak(layer, x, t) == 0.0, t
 
 
 def test_causal_routing_of_expert_choice_is_top_round_cf_on_same_scores():

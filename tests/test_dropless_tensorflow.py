@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import assert_path_taken_and_equal_to_slots
+from conftest import max_leak
 from conftest import moe_pair
 from conftest import moe_pair_inputs
 from conftest import to_numpy
@@ -181,14 +182,6 @@ def test_block_size_follows_the_paths_cost_model():
     assert plain._block_size(4096, 2) == lora._block_size(4096, 2, training=True) == 128
 
 
-def _max_leak(forward, x, t):
-    """Largest change at positions <= t when every token after t changes."""
-    y = to_numpy(forward(x))
-    x2 = x.copy()
-    x2[:, t + 1:] = np.random.default_rng(99).normal(size=x2[:, t + 1:].shape)
-    return np.abs(to_numpy(forward(x2))[:, : t + 1] - y[:, : t + 1]).max()
-
-
 def test_training_step_is_causal_up_to_rounding_and_inference_exactly(monkeypatch):
     """Dropless top-2 on the fast path: inference multiplies one `b`-row
     block at a time (a token's output does not depend on the later tokens,
@@ -206,7 +199,7 @@ def test_training_step_is_causal_up_to_rounding_and_inference_exactly(monkeypatc
     for training, chunk_rows in ((False, None), (True, dropless_blocks.TF_CHUNK_ROWS)):
         runs.clear()
         forward = tf.function(lambda x, t=training: layer(x, training=t), jit_compile=True)
-        leaks = [_max_leak(forward, x, t) for t in range(15)]
+        leaks = [max_leak(forward, x, t) for t in range(15)]
         if training:
             assert max(leaks) < 1e-6, leaks
         else:
