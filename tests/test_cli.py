@@ -351,3 +351,4 @@ def test_compare_help_examples_parse():
         assert args.command == "compare"
     studies = [words for words in lines if "--out" in words and "small" in " ".join(words)]
     assert any("runs/small_bytes_300s" in words for words in studies)
+    assert any("keras/src" in words and "byte" in words for words in studies)  # study 3

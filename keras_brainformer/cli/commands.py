@@ -52,6 +52,12 @@ COMPARE_EPILOG = """examples:
       glam_small glam_ec_small dense_small primer_small --seeds 0 1 2 \\
       --budget 300 --batch-size 16 --sequence-length 128 --eval-every 50 \\
       --out runs/small_bytes_300s
+  # study 3, run in the folder that holds the installed keras package (site-packages):
+  keras-brainformer compare --families brainformer1_small brainformer2_small \\
+      glam_small glam_ec_small dense_small primer_small --seeds 0 1 2 \\
+      --budget 300 --batch-size 16 --sequence-length 128 --eval-every 50 \\
+      --data keras/src --max-corpus-bytes 20000000 --tokenizer byte \\
+      --out ~/runs/keras_bytes_300s
   keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
       --seeds 0 1 2 --budget 120 --out runs/compare_seeds
   keras-brainformer compare --data my_corpus/ --tokenizer byte --seeds 0 1 2 \\
