@@ -352,3 +352,7 @@ def test_compare_help_examples_parse():
     studies = [words for words in lines if "--out" in words and "small" in " ".join(words)]
     assert any("runs/small_bytes_300s" in words for words in studies)
     assert any("keras/src" in words and "byte" in words for words in studies)  # study 3
+    assert any(  # study 4
+        "docs/study_evidence/presets/searched_small" in words for words in studies
+    )
+    assert any("sentencepiece" in words and "brainformer1_tiny" in words for words in lines)

@@ -58,6 +58,15 @@ COMPARE_EPILOG = """examples:
       --budget 300 --batch-size 16 --sequence-length 128 --eval-every 50 \\
       --data keras/src --max-corpus-bytes 20000000 --tokenizer byte \\
       --out ~/runs/keras_bytes_300s
+  # study 4, the search's best block (a preset folder in the repository):
+  keras-brainformer compare --families docs/study_evidence/presets/searched_small \\
+      glam_small glam_ec_small dense_small --seeds 0 1 2 --budget 300 \\
+      --batch-size 16 --sequence-length 128 --eval-every 50 \\
+      --out runs/searched_small_300s
+  # study 5, SentencePiece (8K vocabulary, so the tiny tier):
+  keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
+      --seeds 0 1 2 --budget 300 --batch-size 16 --sequence-length 128 \\
+      --eval-every 50 --tokenizer sentencepiece --out runs/tiny_sentencepiece_300s
   keras-brainformer compare --families brainformer1_tiny glam_tiny dense_tiny \\
       --seeds 0 1 2 --budget 120 --out runs/compare_seeds
   keras-brainformer compare --data my_corpus/ --tokenizer byte --seeds 0 1 2 \\
