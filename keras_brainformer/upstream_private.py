@@ -1,6 +1,6 @@
-"""Every private keras-hub and KerasTuner API this package uses, in one place.
+"""Every private Keras, keras-hub and KerasTuner API this package uses, in one place.
 
-keras-hub and KerasTuner export no public form of these helpers; their
+Keras, keras-hub and KerasTuner export no public form of these helpers; their
 modules under `*.src` may change in any release. Importing them only here
 keeps the rest of the package on public APIs, and
 `tests/test_upstream_private.py` checks each one's signature and behaviour,
@@ -20,11 +20,23 @@ keras-hub (imported with the package):
         test_shared_expert.py`); keras-hub imports its module with the
         package, so naming it here costs nothing.
 
+Keras (imported with the package):
+    weights_to_h5_bytes: the bytes of the `.weights.h5` file that
+        `model.save_weights` would write, made in memory (Keras' own
+        `H5IOStore` over a `BytesIO`, as its `.keras` archives do). A
+        checkpoint is then written to disk by plain Python, whose write
+        fails cleanly on a full disk; HDF5 writing to a full disk poisons
+        the library (measured: an `OSError`, then `__dealloc__` tracebacks
+        and a segfault at exit, whatever is closed).
+
 KerasTuner's distributed oracle (`keras_tuner_distribution()`): imported on
 first use only, since it pulls in gRPC, which nothing but a distributed
 search needs.
 """
 
+import io
+
+from keras.src.saving import saving_lib as _keras_saving_lib
 from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 from keras_hub.src.utils.preset_utils import register_presets
 from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
@@ -40,7 +52,29 @@ __all__ = [
     "preprocessing_function",
     "register_presets",
     "tf",
+    "weights_to_h5_bytes",
 ]
+
+
+def weights_to_h5_bytes(model):
+    """The content of `model.save_weights("x.weights.h5")`'s file, as a
+    `memoryview`, made in memory (nothing is written to disk); the file
+    written from it loads with `model.load_weights`."""
+    if not model.built:
+        raise ValueError("The model must be built before its weights are saved.")
+    buffer = io.BytesIO()
+    store = _keras_saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        _keras_saving_lib._save_state(
+            model,
+            weights_store=store,
+            assets_store=None,
+            inner_path="",
+            visited_saveables=set(),
+        )
+    finally:
+        store.close()
+    return buffer.getbuffer()
 
 
 def keras_tuner_distribution():
