@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,15 +26,24 @@ import pytest  # noqa: E402
 # than its fusion emitters (measured 36 -> 20 ms a primitive; the JAX fast
 # tier 381 -> 270 s on 2 cores, all tests passing either way), so the fast
 # tier (`-m "not slow"`, the default) selects them through `XLA_FLAGS`
-# before the backend starts. The slow tier keeps XLA's defaults.
+# before the backend starts, where the installed jaxlib still has them: jaxlib
+# aborts the process on a flag it does not know (0.12 dropped this one), so
+# the flags are probed in a subprocess first, once per run. The slow tier keeps
+# XLA's defaults.
 _XLA_CACHE_ENV = "KERAS_BRAINFORMER_TEST_XLA_CACHE"
+_FAST_TIER_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+_XLA_PROBE = "import jax.numpy as jnp; jnp.ones(2).block_until_ready()"
 
 
 def pytest_configure(config):
     if keras.backend.backend() != "jax":
         return
-    if (config.option.markexpr or "").strip() == "not slow":
-        _add_xla_flag("--xla_cpu_use_fusion_emitters=false")
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        # The controller (or a lone process); workers inherit its XLA_FLAGS.
+        fast_tier = (config.option.markexpr or "").strip() == "not slow"
+        config._kb_xla_flags_note = _choose_xla_flags(
+            _FAST_TIER_XLA_FLAGS if fast_tier else ()
+        )
     import jax
 
     if _XLA_CACHE_ENV not in os.environ:
@@ -45,10 +56,50 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _add_xla_flag(flag):
-    flags = os.environ.get("XLA_FLAGS", "")
-    if flag.split("=")[0] not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+def _xla_flags_refusal(flags):
+    """None if a JAX process starts with `XLA_FLAGS=flags`, else the last
+    line it printed (jaxlib aborts on a flag it does not know)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _XLA_PROBE],
+        env={**os.environ, "XLA_FLAGS": flags},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode == 0:
+        return None
+    return (result.stderr.strip() or f"exit code {result.returncode}").splitlines()[-1]
+
+
+def _choose_xla_flags(wanted):
+    """Adds the `wanted` XLA flags to `XLA_FLAGS` where the installed jaxlib
+    accepts them; stops the run with one clear message when the flags
+    already set would abort every JAX process. Returns a header line."""
+    import jaxlib
+
+    user_flags = os.environ.get("XLA_FLAGS", "").strip()
+    new = [f for f in wanted if f.split("=")[0] not in user_flags]
+    candidate = " ".join([user_flags, *new]).strip()
+    if new and _xla_flags_refusal(candidate) is None:
+        os.environ["XLA_FLAGS"] = candidate
+        return f"XLA_FLAGS={candidate!r} (fast tier)"
+    refusal = _xla_flags_refusal(user_flags) if user_flags else None
+    if refusal is not None:
+        raise pytest.UsageError(
+            f"XLA_FLAGS={user_flags!r} aborts every JAX process with jaxlib "
+            f"{jaxlib.__version__}: {refusal}. Unset it or remove the flag."
+        )
+    if new:
+        return (
+            f"XLA_FLAGS={user_flags!r}: jaxlib {jaxlib.__version__} refuses "
+            f"{' '.join(new)}; the fast tier compiles without it"
+        )
+    return f"XLA_FLAGS={user_flags!r}"
+
+
+def pytest_report_header(config):
+    note = getattr(config, "_kb_xla_flags_note", None)
+    return [note] if note else []
 
 
 def pytest_unconfigure(config):
