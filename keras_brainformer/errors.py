@@ -21,6 +21,12 @@ class PresetError(ValueError):
     installation (the message names the file or folder)."""
 
 
+class PresetWarning(UserWarning):
+    """A preset folder is loaded without the means to check it: it records
+    no checksums, so a corrupted or swapped file cannot be detected before
+    loading (the command line prints it as one `warning:` line)."""
+
+
 class TrainingInterrupted(Exception):
     """Training stopped at the user's request (Ctrl-C) after writing a
     checkpoint of exactly the steps done (the CLI exits with code 130).

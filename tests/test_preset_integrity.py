@@ -7,11 +7,15 @@ checksums; architecture ones, without) still load."""
 import json
 import os
 import shutil
+import warnings
 
+import h5py
 import numpy as np
 import pytest
 
+from keras_brainformer import cli
 from keras_brainformer.errors import PresetError
+from keras_brainformer.errors import PresetWarning
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
@@ -131,3 +135,108 @@ def test_sound_presets_still_load(copy, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     record_checksums(copy)
     verify_preset(copy)
+
+
+# === Folders without checksums (issue 32, row 4) ===
+
+
+def _drop_checksums(folder):
+    metadata = json.loads((folder / "metadata.json").read_text())
+    del metadata["files"]
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def _flip_400_bytes_of_the_embedding(folder):
+    """Flips 400 bytes inside the embedding's data: the file stays a valid
+    HDF5 file that h5py reads without complaint."""
+    weights = folder / "model.weights.h5"
+    with h5py.File(weights, "r") as f:
+        dataset = f["layers/reversible_embedding/vars/0"]
+        offset, size = dataset.id.get_offset(), dataset.id.get_storage_size()
+    data = bytearray(weights.read_bytes())
+    for i in range(400):
+        data[offset + (i * 997) % size] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_weights_without_checksums_load_only_with_a_warning_naming_the_folder(copy):
+    _drop_checksums(copy)
+    _flip_400_bytes_of_the_embedding(copy)
+    with pytest.warns(PresetWarning) as caught:
+        lm = BrainformerCausalLM.from_preset(str(copy))
+    message = str(caught[0].message)
+    assert str(copy) in message and "records no checksum for model.weights.h5" in message
+    assert f"keras-brainformer checksum {copy}" in message
+    reference = BrainformerCausalLM.from_preset(TRAINED)
+    embedding = np.asarray(lm.backbone.token_embedding.embeddings.value)
+    assert not np.array_equal(
+        embedding, np.asarray(reference.backbone.token_embedding.embeddings.value)
+    ), "the flipped bytes should have changed the embedding (the test would prove nothing)"
+
+
+def test_checksummed_and_weightless_presets_do_not_warn(copy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PresetWarning)
+        BrainformerCausalLM.from_preset(str(copy))
+        BrainformerBackbone.from_preset("glam_tiny")  # architecture preset: no weights
+
+
+@pytest.mark.parametrize("checksums", ["removed", "recorded after the swap"])
+def test_weights_saved_from_another_config_are_one_preset_error(copy, checksums):
+    _drop_checksums(copy)
+    shutil.copy(resolve_preset("glam_tiny_stdlib") + "/model.weights.h5", copy)
+    if checksums != "removed":
+        record_checksums(copy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PresetError) as error:
+            BrainformerCausalLM.from_preset(str(copy))
+    message = str(error.value)
+    assert message.startswith(f"{copy / 'model.weights.h5'}: does not fit the model that "
+                              "config.json describes (A total of"), message
+    assert "another configuration" in message and "\n" not in message
+    # Keras' warnings about each unmatched group are not shown for a refused file.
+    assert not [w for w in caught if "no matching group" in str(w.message)]
+
+
+def test_an_interrupted_write_left_as_partial_is_refused(tmp_path, built):
+    partial = tmp_path / "preset.partial"
+    shutil.copytree(resolve_preset(TRAINED), partial)
+    _drop_checksums(partial)  # the writer records them last, then renames
+    (partial / "tokenizer.json").unlink()
+    _refused(partial, r"preset\.partial: an incomplete preset, left by a write that was "
+             r"interrupted.*write the preset again", built)
+    shutil.copytree(resolve_preset(TRAINED), tmp_path / "preset")
+    _refused(partial, "the complete preset is '.*preset'", built)
+
+
+def test_cli_refusals_are_one_error_line_and_checksum_records_them(copy, tmp_path, capsys):
+    _drop_checksums(copy)
+    # A folder without checksums: one warning line, then `checksum` records them.
+    assert cli.main(["checksum", str(copy)]) == 0
+    assert "Recorded the sha256 of 6 files" in capsys.readouterr().out
+    verify_preset(copy)
+    weights = copy / "model.weights.h5"
+    shutil.copy(weights, tmp_path / "sound.h5")
+    # Now a flipped byte is caught before loading, by name.
+    _flip_400_bytes_of_the_embedding(copy)
+    assert cli.main(["generate", "--preset", str(copy), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {weights}: corrupted or truncated") and err.count("\n") == 1
+    # `checksum` refuses to bless a file that changed since it was recorded.
+    assert cli.main(["checksum", str(copy)]) == 2
+    assert "corrupted or truncated" in capsys.readouterr().err
+    # Foreign weights without checksums: the warning line, then one error line.
+    shutil.copy(tmp_path / "sound.h5", weights)
+    _drop_checksums(copy)
+    shutil.copy(resolve_preset("glam_tiny_stdlib") + "/model.weights.h5", weights)
+    for argv in (["generate", "--preset", str(copy), "hi"], ["checksum", str(copy)]):
+        assert cli.main(argv) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[-1].startswith(f"error: {weights}: does not fit the model"), lines
+        assert all(line.startswith(("warning: ", "error: ")) for line in lines), lines
+    partial = tmp_path / "run" / "preset.partial"
+    shutil.copytree(copy, partial)
+    assert cli.main(["generate", "--preset", str(partial), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "an incomplete preset" in err and err.count("\n") == 1

@@ -14,8 +14,9 @@ another model or in use by another `train`) prints one `error:` line and
 exits with code 2; a problem of the environment (permissions, a full disk)
 one `error:` line and code 1. A training loss that turns NaN or infinite
 prints the step and the checkpoint kept, and exits with code 3. Ctrl-C
-during `train` writes a checkpoint at the current step and exits with 130
-(rerun the same command to continue; a second Ctrl-C exits at once). `plan`
+(SIGINT) or SIGTERM during `train` writes a checkpoint at the current step
+and exits with 130 or 143 (rerun the same command to continue; a second
+signal exits at once). `plan`
 exits with 1 when the plan does not fit.
 """
 
@@ -23,11 +24,13 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 
 from keras_brainformer.argument_types import positive_float
 from keras_brainformer.argument_types import positive_int
 from keras_brainformer.errors import NonFiniteLossError
 from keras_brainformer.errors import PresetError
+from keras_brainformer.errors import PresetWarning
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.errors import TrainingInterrupted
 from keras_brainformer.preset_folders import human_count as human
@@ -41,7 +44,9 @@ EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-COMMANDS = ("train", "generate", "presets", "compare", "upcycle", "convert", "plan", "search")
+COMMANDS = (
+    "train", "generate", "presets", "compare", "upcycle", "convert", "plan", "search", "checksum"
+)
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
   # the studies of docs/reproducing_the_paper.md (raw results: docs/study_evidence/):
@@ -115,6 +120,12 @@ def _add_train_arguments(parser):
     parser.add_argument(
         "--fsdp", action="store_true", help="also split weights along the batch axis"
     )
+    parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume a run's checkpoint even though its data (corpus, split) changed "
+        "(refused otherwise, saying what changed)",
+    )
     TrainingConfig.add_arguments(parser)
 
 
@@ -144,17 +155,44 @@ def build_parser(only=None):
     _add_train_arguments(train)
 
     generate = commands.add_parser(
-        "generate", parents=[common], help="generate text from a preset"
+        "generate",
+        parents=[common],
+        help="generate text from a preset",
+        description="Generate text from a preset: each prompt is continued up to "
+        "--max-length tokens in all (the prompt, its start token and the new tokens), "
+        "at most the model's max_sequence_length.",
     )
-    generate.add_argument("--preset", required=True, help="preset name or folder")
+    generate.add_argument(
+        "--preset", required=True, help="preset name (see `keras-brainformer presets`) or folder"
+    )
     generate.add_argument("prompt", nargs="+", help="one or more prompts")
-    generate.add_argument("--max-length", type=positive_int, default=64)
-    generate.add_argument("--sampler", default="top_k", help=", ".join(SAMPLERS))
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--max-length", type=positive_int, default=64,
+        help="tokens per output, prompt included (default: %(default)s)",
+    )
+    generate.add_argument(
+        "--sampler", default="top_k",
+        help=f"{', '.join(SAMPLERS)} (default: %(default)s)",
+    )
+    generate.add_argument(
+        "--seed", type=int, default=0, help="random seed of the sampler (default: %(default)s)"
+    )
 
     commands.add_parser(
         "presets", parents=[common], help="list the zoo's presets with parameter counts"
     )
+
+    checksum = commands.add_parser(
+        "checksum",
+        parents=[common],
+        help="record the sha256 of a preset folder's files in its metadata.json",
+        description="Loads the preset folder (its weights must fit its config.json) and "
+        "records the sha256 of every file in its metadata.json, which from_preset, "
+        "generate and train then verify before loading. Only for a folder you trust: a "
+        "checksum proves a file unchanged since now, not sound. A folder whose recorded "
+        "checksums no longer match is refused.",
+    )
+    checksum.add_argument("folder", help="the preset folder")
 
     compare = commands.add_parser(
         "compare",
@@ -288,23 +326,65 @@ def _run_train(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.training.trainer import train_language_model
 
+    if args.out is not None and not args.out.strip():
+        raise TrainingError(
+            f"--out {args.out!r} is empty: give a run folder, or leave --out out for "
+            "runs/<preset>."
+        )
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.preset)))
-    train_language_model(
-        args.preset,
-        out,
-        TrainingConfig.from_args(args),
+    with _errors_on_their_own_line():
+        train_language_model(
+            args.preset,
+            out,
+            TrainingConfig.from_args(args),
         steps=args.steps,
         time_budget=args.time_budget,
         steps_per_epoch=args.steps_per_epoch,
         constant_steps=args.constant_steps,
         warmup_steps=args.warmup_steps,
         mixed_bfloat16=args.mixed_bfloat16,
-        sample_prompt=args.sample_prompt,
-        overwrite=args.overwrite,
-        mesh=args.mesh,
-        experts_on=args.experts_on,
-        fsdp=args.fsdp,
-    )
+            sample_prompt=args.sample_prompt,
+            overwrite=args.overwrite,
+            mesh=args.mesh,
+            experts_on=args.experts_on,
+            fsdp=args.fsdp,
+            allow_data_change=args.allow_data_change,
+        )
+
+
+class _LineTracker:
+    """`sys.stdout` as it was, recording whether its last character ended a
+    line (Keras' progress bar rewrites its line without ending it)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text):
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _errors_on_their_own_line():
+    """An error (or an interruption) raised while a progress bar holds the
+    line ends that line on stdout first, so the `error:` line that follows
+    on stderr starts a line of its own in the terminal."""
+    tracker = _LineTracker(sys.stdout)
+    previous, sys.stdout = sys.stdout, tracker
+    try:
+        yield
+    except BaseException:
+        if not tracker.at_line_start:
+            previous.write("\n")
+            previous.flush()
+        raise
+    finally:
+        sys.stdout = previous
 
 
 def _run_generate(args):
@@ -361,6 +441,29 @@ def _run_generate(args):
     for text in outputs:
         print(text)
         print("-" * 40)
+
+
+def _run_checksum(args):
+    # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
+    from keras_brainformer.models import BrainformerBackbone
+    from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+
+    folder = args.folder
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise TrainingError(
+            f"{folder!r} is not a preset folder (no config.json); `checksum` takes the "
+            "folder of a preset (a `train` run's preset is in RUN/preset)."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PresetWarning)  # what this command fixes
+        # Refuses changed recorded files, a damaged or foreign weights file.
+        BrainformerBackbone.from_preset(folder)
+    files = record_checksums(folder)
+    print(
+        f"Recorded the sha256 of {len(files)} files in {os.path.join(folder, 'metadata.json')}; "
+        "from_preset, generate and train now refuse a preset folder in which any of them "
+        "changed."
+    )
 
 
 def _load_keras_hub_preset(preset):
@@ -522,6 +625,25 @@ def _native_logs_silenced():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _preset_warnings_as_lines():
+    """A `PresetWarning` (a preset folder without checksums) is printed as
+    one `warning:` line on stderr, every time; other warnings as Python
+    prints them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PresetWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, PresetWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "--verbose" in argv:
@@ -542,6 +664,7 @@ def _main(argv):
         "presets": _run_presets,
         "upcycle": _run_upcycle,
         "convert": _run_convert,
+        "checksum": _run_checksum,
     }
     # The handlers import lazily: the Keras stack loads when a command runs,
     # not for `--help` or `presets`.
@@ -558,13 +681,14 @@ def _main(argv):
 
         handlers["search"] = search_command.run
     try:
-        code = handlers[args.command](args)
+        with _preset_warnings_as_lines():
+            code = handlers[args.command](args)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
     except TrainingInterrupted as error:
         print(error, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(error, "exit_code", EXIT_INTERRUPTED)  # 143 after SIGTERM
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED

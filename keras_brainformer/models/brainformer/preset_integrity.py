@@ -10,18 +10,27 @@ training run has its weights. Every failure is a `PresetError` (a
 `ValueError`) naming the file, so a truncated or corrupted download is never
 half-loaded into a live model. Folders without recorded checksums (the
 architecture presets, presets saved by other tools) are still checked for a
-readable `config.json`.
+readable `config.json`; one that holds weights gets a `PresetWarning` naming
+the folder and how to record them (nothing can tell a corrupted weights file
+from a sound one there). A folder still named `*.partial` without checksums
+is a preset whose writing was interrupted (every writer of the package
+records the checksums, then renames the folder) and is refused.
 """
 
 import hashlib
 import json
+import os
 import pathlib
+import warnings
 
 from keras_brainformer.errors import PresetError
+from keras_brainformer.errors import PresetWarning
 from keras_brainformer.preset_folders import METADATA_FILE
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.weights.h5", "model.weights.json")
+PARTIAL_SUFFIX = ".partial"
+RECORD_COMMAND = "keras-brainformer checksum"
 
 
 def _sha256(path):
@@ -37,7 +46,7 @@ def _files(folder):
     return sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != METADATA_FILE
+        if p.is_file() and p.name not in (METADATA_FILE, METADATA_FILE + PARTIAL_SUFFIX)
     )
 
 
@@ -60,9 +69,11 @@ def record_checksums(folder):
         with open(metadata_path) as f:
             metadata = json.load(f)
     metadata["files"] = {name: _sha256(folder / name) for name in _files(folder)}
-    with open(metadata_path, "w") as f:
+    staging = metadata_path.with_name(METADATA_FILE + ".partial")
+    with open(staging, "w") as f:
         json.dump(metadata, f, indent=4)
         f.write("\n")
+    os.replace(staging, metadata_path)  # atomic: the old metadata or the new one
     return metadata["files"]
 
 
@@ -74,10 +85,39 @@ def _load_json(path, what):
         raise PresetError(f"{path}: {what} is not readable JSON ({error}).") from None
 
 
+def _recorded_files(folder):
+    """The `{name: sha256}` recorded in `folder`'s metadata (empty if none)."""
+    metadata_path = pathlib.Path(folder) / METADATA_FILE
+    if not metadata_path.exists():
+        return {}
+    metadata = _load_json(metadata_path, "the preset metadata")
+    recorded = metadata.get("files") if isinstance(metadata, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _check_not_partial(folder):
+    if not folder.name.endswith(PARTIAL_SUFFIX) or _recorded_files(folder):
+        return
+    final = folder.with_name(folder.name[: -len(PARTIAL_SUFFIX)])
+    advice = (
+        f"the complete preset is {str(final)!r}"
+        if (final / CONFIG_FILE).exists()
+        else "write the preset again (rerun the command that wrote it)"
+    )
+    raise PresetError(
+        f"{folder}: an incomplete preset, left by a write that was interrupted (the "
+        f"writer records checksums and renames the folder to {final.name!r} when "
+        f"complete, and this one has none); {advice}."
+    )
+
+
 def verify_preset(folder):
     """Raises `PresetError` naming the first missing or corrupted file of the
-    preset `folder` (see the module docstring); returns None if it is sound."""
+    preset `folder` (see the module docstring); returns None if it is sound.
+    Warns (`PresetWarning`) when the folder holds weights but records no
+    checksum for them."""
     folder = pathlib.Path(folder)
+    _check_not_partial(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.exists():
         raise PresetError(
@@ -92,10 +132,14 @@ def verify_preset(folder):
             f"{sorted(config) if isinstance(config, dict) else '-'}."
         )
     metadata_path = folder / METADATA_FILE
-    if not metadata_path.exists():
-        return
-    metadata = _load_json(metadata_path, "the preset metadata")
-    recorded = metadata.get("files") or {}
+    metadata = {}
+    if metadata_path.exists():
+        metadata = _load_json(metadata_path, "the preset metadata")
+    if not isinstance(metadata, dict):
+        raise PresetError(
+            f"{metadata_path}: expected a JSON object, found {type(metadata).__name__}."
+        )
+    recorded = _recorded_files(folder)
     for name, expected in sorted(recorded.items()):
         path = folder / name
         if not path.exists():
@@ -110,4 +154,14 @@ def verify_preset(folder):
         raise PresetError(
             f"{folder / WEIGHTS_FILES[0]}: missing, but {METADATA_FILE} records a training "
             "run; refusing to fall back to a random initialisation."
+        )
+    unchecked = [f for f in WEIGHTS_FILES if (folder / f).exists() and f not in recorded]
+    if unchecked:
+        warnings.warn(
+            f"Preset folder {str(folder)!r} records no checksum for {unchecked[0]} (no "
+            f"\"files\" in its {METADATA_FILE}): a corrupted or swapped weights file cannot "
+            "be detected before loading. If you trust this folder, record them with "
+            f"`{RECORD_COMMAND} {folder}`.",
+            PresetWarning,
+            stacklevel=3,
         )

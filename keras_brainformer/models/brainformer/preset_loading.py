@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import pathlib
+import warnings
 
 from absl import logging
 
@@ -146,14 +147,25 @@ def zoo_presets(cls):
                 and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
             ):
                 kwargs["preprocessor"] = None
-        try:
+        if not is_folder:
             return parent(preset, *args, **kwargs)
-        except OSError as error:
-            if not is_folder:
+        # Keras warns about every group it cannot match before it fails on a
+        # foreign weights file: held back, and re-issued only on success.
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            try:
+                loaded = parent(preset, *args, **kwargs)
+            except PresetError:
                 raise
-            raise PresetError(
-                f"{preset}: a file of this preset could not be read ({error})."
-            ) from None
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+                failure = load_failure(preset, error)
+            else:
+                failure = None
+        if failure is not None:
+            raise failure from None
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return loaded
 
     from_preset.__doc__ = (
         f"`{cls.__name__}` from a zoo preset name (see `BrainformerBackbone.presets`) "
@@ -162,6 +174,36 @@ def zoo_presets(cls):
     )
     cls.from_preset = classmethod(from_preset)
     return cls
+
+
+def load_failure(folder, error):
+    """The `PresetError` for a preset folder that passed `verify_preset` but
+    failed to load (`error`): one line naming the file and the likely cause.
+
+    h5py raises `OSError`, `RuntimeError` or `KeyError` for a damaged file;
+    Keras a `ValueError` when the weights file holds other variables than
+    the model built from `config.json` (weights saved from another
+    configuration)."""
+    folder = pathlib.Path(folder)
+    weights = next((folder / f for f in WEIGHTS_FILES if (folder / f).exists()), None)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = " ".join(lines[:2]) or type(error).__name__
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    if weights is not None and "could not be loaded" in reason:
+        return PresetError(
+            f"{weights}: does not fit the model that {CONFIG_FILE} describes ({reason}); "
+            "the weights were saved from a model of another configuration, or the file "
+            f"was replaced. Use the weights file written with this {CONFIG_FILE}."
+        )
+    if weights is not None and isinstance(error, (OSError, RuntimeError, KeyError)):
+        return PresetError(
+            f"{weights}: unreadable, corrupted or truncated ({type(error).__name__}: "
+            f"{reason}); download or copy the preset again."
+        )
+    return PresetError(
+        f"{folder}: this preset could not be loaded ({type(error).__name__}: {reason})."
+    )
 
 
 def _parameters(function):
