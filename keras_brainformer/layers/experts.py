@@ -6,7 +6,7 @@ from keras import ops
 from keras_brainformer.layers.activations import canonical_activation
 from keras_brainformer.layers.activations import get_activation
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
-from keras_brainformer.layers.initializers import clone_initializer
+from keras_brainformer.layers.initializers import expert_initializer
 from keras_brainformer.layers.validation import check_positive_int
 
 
@@ -61,17 +61,18 @@ class ExpertBank(AdaptableKernels, keras.layers.Layer):
         model_dim = input_shape[-1]
         E, h = self.num_experts, self.hidden_dim
         names = ("w_in", "w_gate") if self._gated else ("w_in",)
+        # Fans from each expert's own [d, h] / [h, d], not from [E, d, h].
         for name in names:
             self._add_kernel(
                 name,
                 (E, model_dim, h),
-                clone_initializer(self.kernel_initializer),
+                expert_initializer(self.kernel_initializer, E),
                 batch_dims=1,
             )
         self._add_kernel(
             "w_out",
             (E, h, model_dim),
-            clone_initializer(self.kernel_initializer),
+            expert_initializer(self.kernel_initializer, E),
             batch_dims=1,
         )
         self._build_lora()
