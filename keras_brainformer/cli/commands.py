@@ -45,7 +45,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 COMMANDS = (
-    "train", "generate", "presets", "compare", "upcycle", "convert", "plan", "search", "checksum"
+    "train", "generate", "presets", "compare", "upcycle", "convert", "plan", "compile", "search",
+    "checksum",
 )
 COMPARE_EPILOG = """examples:
   keras-brainformer compare --budget 60
@@ -309,6 +310,17 @@ def build_parser(only=None):
         from keras_brainformer.distribution import plan_command
 
         plan_command.add_arguments(plan)
+    compile_parser = commands.add_parser(
+        "compile",
+        parents=[common],
+        help="compile fit's train step for a TPU slice with XLA's TPU compiler "
+        "(needs libtpu; allocates no weight)",
+    )
+    if only in (None, "compile"):
+        # Lazy, as above (loads Keras and JAX).
+        from keras_brainformer.distribution import compile_command
+
+        compile_command.add_arguments(compile_parser)
     search = commands.add_parser(
         "search",
         parents=[common],
@@ -676,6 +688,17 @@ def _main(argv):
         from keras_brainformer.distribution import plan_command  # lazy
 
         handlers["plan"] = plan_command.run
+    if args.command == "compile":
+        from keras_brainformer.distribution import compile_command  # lazy
+        from keras_brainformer.training.trainer import compile_language_model  # lazy
+
+        # `train`'s own compile (optimizer, the paper's schedule at its default
+        # peak 0.01 and 10K constant steps, loss, metrics): the step `fit` runs.
+        handlers["compile"] = lambda a: compile_command.run(
+            a, compile_model=lambda lm, optimizer: compile_language_model(
+                lm, optimizer, 0.01, 10_000
+            ),
+        )
     if args.command == "search":
         from keras_brainformer.search import command as search_command  # lazy
 
