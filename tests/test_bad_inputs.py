@@ -373,6 +373,66 @@ def test_generate_from_text_checks_the_model_limits(preprocessor):
     assert isinstance(matched.generate("def main():", max_length=T), str)
 
 
+@pytest.fixture(scope="module")
+def text_lm(preprocessor):
+    keras.utils.set_random_seed(0)
+    vocab = preprocessor.tokenizer.vocabulary_size()
+    return BrainformerCausalLM(make_backbone(vocab), preprocessor=preprocessor)
+
+
+LONG_PROMPT = "def main(): return 1 " * 2  # 14 tokens with the start token
+TOO_LONG_PROMPT = "def main(): return 1 " * 4  # 26 tokens, more than MAX_LEN
+
+
+@pytest.mark.parametrize(
+    "kwargs, error_type, words",
+    [
+        # keras-hub returned the prompt cut to `max_length`, nothing generated.
+        (dict(inputs=LONG_PROMPT, max_length=10), ValueError,
+         ["14 tokens", "max_length=10 leaves no room", "above 14 (at most 16)",
+          "shorter prompt"]),
+        # Same with the default length (the preprocessor's sequence_length).
+        (dict(inputs=[LONG_PROMPT]), ValueError,
+         ["max_length=None (the preprocessor's sequence_length 8)", "above 14"]),
+        # No length could generate from it: say what is possible.
+        (dict(inputs=TOO_LONG_PROMPT, max_length=MAX_LEN), ValueError,
+         ["26 tokens", f"max_sequence_length {MAX_LEN}", "prompt of at most 14 tokens"]),
+        # keras-hub ignored 0 (a full sample came back).
+        (dict(inputs="def ", max_length=0), ValueError, ["max_length=0", f"[1, {MAX_LEN}]"]),
+        (dict(inputs="def ", max_length=-3), ValueError, ["max_length=-3", f"[1, {MAX_LEN}]"]),
+        (dict(inputs="def ", max_length=2 * MAX_LEN), ValueError,
+         ["max_length=32", f"max_sequence_length {MAX_LEN}"]),
+        (dict(inputs="def ", max_length=4.0), TypeError, ["max_length=4.0", "float"]),
+        (dict(inputs="def ", max_length=True), TypeError, ["max_length=True", "bool"]),
+        # keras-hub failed with "rank 2 ... shape (8,)".
+        (dict(inputs=[]), ValueError, ["`inputs` holds no prompt", "Received: []"]),
+        (dict(inputs=np.array([], dtype=str)), ValueError, ["`inputs` holds no prompt"]),
+    ],
+    ids=["longer_than_max_length", "longer_than_default", "longer_than_the_model",
+         "zero", "negative", "beyond_the_model", "float", "bool", "empty_list",
+         "empty_array"],
+)
+def test_generate_from_text_rejects_bad_arguments(text_lm, kwargs, error_type, words):
+    assert_raises(error_type, words, lambda: text_lm.generate(**kwargs))
+
+
+def test_generate_from_text_still_fills_to_max_length(text_lm):
+    text_lm.compile(sampler="greedy")
+    out = text_lm.generate(["def ", "import"], max_length=T, stop_token_ids=None)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert out[0].startswith("def")
+
+
+def test_generate_from_token_ids_refuses_a_length_it_would_ignore(causal_lm):
+    prompt = inputs(ids(shape=(B, T)), np.array([[1] * 3 + [0] * (T - 3)] * B, "int32"))
+    assert_raises(
+        ValueError, ["length 8", "max_length=12 would be ignored"],
+        lambda: causal_lm.generate(prompt, max_length=12, stop_token_ids=None),
+    )
+    out = causal_lm.generate(prompt, max_length=T, stop_token_ids=None)
+    assert to_numpy(out["token_ids"]).shape == (B, T)
+
+
 # === Text-classifier preprocessor ===
 
 

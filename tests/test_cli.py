@@ -98,6 +98,24 @@ def test_generate_rejects_with_one_line(argv, message, capsys):
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_generate_advice_for_a_prompt_longer_than_the_model_is_possible(capsys):
+    # Was "Use a --max-length above 8500 (at most 256)": no such length exists.
+    code = run_cli(["generate", "--preset", "dense_tiny_stdlib", "x " * 300])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The prompt 'x x x") and err.count("\n") == 1, err
+    assert "max_sequence_length 256 leaves room for at most 255" in err
+    assert "Use a prompt of at most 254 tokens" in err and "above" not in err
+
+
+def test_generate_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 64)", "(default: top_k)", "(default: 0)"):
+        assert default in out, out
+
+
 def test_generate_refuses_a_folder_that_is_not_a_preset(tmp_path, capsys):
     assert run_cli(["generate", "--preset", tmp_path, "hi"]) == 2
     assert "not a zoo preset name" in capsys.readouterr().err

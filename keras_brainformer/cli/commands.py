@@ -405,6 +405,7 @@ def _run_generate(args):
     import keras_hub
 
     from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models.brainformer import brainformer_causal_lm
     from keras_brainformer.models.brainformer.preset_loading import has_weights
     from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 
@@ -428,20 +429,12 @@ def _run_generate(args):
             f"Preset {args.preset!r} has no tokenizer, so it cannot generate text "
             "(full-size presets use the paper's unreleased 256K vocabulary)."
         )
-    maximum = lm.backbone.max_sequence_length
-    if args.max_length > maximum:
-        raise TrainingError(
-            f"--max-length {args.max_length} is longer than the model's "
-            f"max_sequence_length {maximum}. Use at most {maximum}."
+    try:  # the Python API's checks, naming the flag
+        brainformer_causal_lm.check_generate_arguments(
+            lm, args.prompt, args.max_length, name="--max-length"
         )
-    for prompt in args.prompt:
-        tokens = len(lm.preprocessor.tokenizer(prompt)) + 1  # with the start token
-        if tokens >= args.max_length:
-            raise TrainingError(
-                f"The prompt {prompt[:40]!r} is {tokens} tokens, so --max-length "
-                f"{args.max_length} leaves no room to generate. Use a --max-length "
-                f"above {tokens} (at most {maximum})."
-            )
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     if os.path.isdir(directory) and not has_weights(directory):
         print(
             f"warning: preset {args.preset!r} has no trained weights: this text comes "

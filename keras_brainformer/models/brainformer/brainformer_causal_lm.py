@@ -1,6 +1,7 @@
 """Brainformer causal language model task: next-token logits over the vocabulary."""
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 
@@ -17,6 +18,112 @@ from keras_brainformer.models.brainformer.checked_task import checked_task
 from keras_brainformer.models.brainformer.preset_loading import zoo_presets
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
+
+
+def _said(name, value):
+    """How an argument is named in a message: `max_length=0` in Python,
+    `--max-length 0` on the command line."""
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+
+
+def _prompts(inputs):
+    """The prompt strings of concrete text `inputs` (a string, a list of
+    them, a string array or eager string tensor); None for what cannot be
+    read here (a `tf.data.Dataset`, a symbolic tensor, a dict)."""
+    if isinstance(inputs, (str, bytes)):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs)
+    if isinstance(inputs, dict) or not hasattr(inputs, "shape"):
+        return None
+    try:
+        array = np.asarray(inputs)
+    except (TypeError, ValueError, NotImplementedError):
+        return None  # symbolic
+    if array.dtype.kind not in "OSU":
+        return None
+    return [v for v in array.reshape(-1)]
+
+
+def check_generate_arguments(lm, inputs, max_length, name="max_length"):
+    """Checks `generate(inputs, max_length)` of `lm` (a `BrainformerCausalLM`)
+    before anything is tokenized for the model or compiled: raises a
+    `ValueError` (a `TypeError` for a wrong type) naming the argument, the
+    value and what is allowed, where keras-hub would silently truncate the
+    prompt, ignore the length or fail on a shape.
+
+    - `max_length`: None (the preprocessor's `sequence_length`) or an int in
+      `[1, max_sequence_length]`; without a preprocessor, None or the length
+      of the `token_ids` passed (keras-hub ignores it there).
+    - with a preprocessor: at least one prompt, and each prompt (with its
+      start token) shorter than the length to fill, so at least one token is
+      generated.
+
+    `name` names the length in messages (`"--max-length"` on the command line).
+    """
+    maximum = lm.backbone.max_sequence_length
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+            raise TypeError(
+                f"`{name}` must be an int in [1, {maximum}] or None. Received: "
+                f"{_said(name, max_length)} of type {type(max_length).__name__}."
+            )
+        max_length = int(max_length)
+        if max_length > maximum:
+            raise ValueError(
+                f"{_said(name, max_length)} is longer than the model's max_sequence_length "
+                f"{maximum}. Use at most {maximum}."
+            )
+        if max_length < 1:
+            raise ValueError(
+                f"{_said(name, max_length)}: the length of each output, prompt included, "
+                f"must be an int in [1, {maximum}] (the model's max_sequence_length), or "
+                "None for the preprocessor's sequence_length."
+            )
+    preprocessor = lm.preprocessor
+    if preprocessor is None:
+        token_ids = inputs.get("token_ids") if isinstance(inputs, dict) else None
+        shape = getattr(token_ids, "shape", None)
+        if max_length is not None and shape and shape[-1] not in (None, max_length):
+            raise ValueError(
+                f"Without a preprocessor, `generate` fills the `token_ids` passed (length "
+                f"{shape[-1]}), so {_said(name, max_length)} would be ignored: pad "
+                "`token_ids` to the length wanted, or leave the length out."
+            )
+        return
+    prompts = _prompts(inputs)
+    if prompts is None:
+        return
+    if not prompts:
+        raise ValueError(
+            "`inputs` holds no prompt: give a string or a non-empty list of strings. "
+            f"Received: {inputs!r}."
+        )
+    length = max_length if max_length is not None else preprocessor.sequence_length
+    said = _said(name, max_length)
+    if max_length is None:
+        said += f" (the preprocessor's sequence_length {length})"
+    start = 1 if getattr(preprocessor, "add_start_token", True) else 0
+    for prompt in prompts:
+        if not isinstance(prompt, (str, bytes)):
+            return  # the preprocessor's `check_text` names it
+        text = prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else prompt
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        tokens = len(preprocessor.tokenizer(prompt)) + start
+        with_start = " (with the start token)" if start else ""
+        if tokens >= maximum:
+            raise ValueError(
+                f"The prompt {shown} is {tokens} tokens{with_start}, and the model's "
+                f"max_sequence_length {maximum} leaves room for at most {maximum - 1}, so no "
+                f"{name} can generate from it. Use a prompt of at most {maximum - 1 - start} "
+                "tokens (for example its last part)."
+            )
+        if tokens >= length:
+            raise ValueError(
+                f"The prompt {shown} is {tokens} tokens{with_start}, so {said} leaves no "
+                f"room to generate ({name} counts the prompt). Use a {name} above {tokens} "
+                f"(at most {maximum}), or a shorter prompt."
+            )
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -187,6 +294,35 @@ class BrainformerCausalLM(CausalLM):
         return checked_generate_function
 
     # === Generation ===
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """keras-hub's `CausalLM.generate`, with its arguments checked first
+        (`check_generate_arguments`): `max_length` is None or an int in
+        `[1, max_sequence_length]` counting the prompt, there is at least one
+        prompt, and each prompt leaves room for a generated token. Each
+        failure is a `ValueError` naming the argument, the value and what is
+        allowed (keras-hub would return a truncated prompt, ignore the length
+        or fail on a shape).
+
+        Args:
+            inputs: prompt strings (a string, a list of strings, a string
+                tensor or a `tf.data.Dataset`) with a preprocessor; without
+                one, `{"token_ids", "padding_mask"}` `[B, L]`, the prompt
+                being each row's masked-in prefix.
+            max_length: the length of each output, prompt included (default:
+                the preprocessor's `sequence_length`). Without a
+                preprocessor, the length of `token_ids`.
+            stop_token_ids: `"auto"` (the tokenizer's end token), None or a
+                tuple of ids.
+            strip_prompt: return the generated text only.
+        """
+        check_generate_arguments(self, inputs, max_length)
+        return super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Forward pass of new tokens against a decoding cache.
