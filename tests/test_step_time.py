@@ -168,6 +168,16 @@ def test_cli_bad_hardware_is_one_error_line(capsys):
     assert code == 2 and err.startswith("error: --chips 3 does not match the mesh batch=2")
     code, _, err = _cli(capsys, "--preset", "glam_tiny", "--chips", "1")
     assert code == 2 and err.startswith("error: --chips needs --hardware")
+    # Was "give a mesh whose sizes multiply to 0" (issue 32).
+    for chips in ("0", "-2"):
+        code, _, err = _cli(capsys, "--preset", "glam_tiny", "--mesh", "batch=2",
+                            "--hardware", "h100", "--chips", chips)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: --chips must be at least 1") and chips in err
+        assert "multiply to" not in err
+    with pytest.raises(ValueError, match="`chips` .* must be an int of at least 1, the mesh "
+                       "size \\(2 for this mesh\\). Received: 0"):
+        predict_step_time(get_preset_config("glam_tiny"), "batch=2", 2, 64, "h100", chips=0)
 
 
 def test_cli_table_and_json(capsys):

@@ -20,6 +20,7 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.models.brainformer.upcycling import every_nth_ffn_target
 from keras_brainformer.models.brainformer.upcycling import glam_target
 from keras_brainformer.models.brainformer.upcycling import save_upcycled_preset
@@ -173,6 +174,23 @@ def test_what_cannot_be_matched_is_an_error_naming_it(target, message):
         upcycle(dense, target)
 
 
+def test_a_target_that_upcycles_nothing_is_refused():
+    """An MoE source given its own layout was written as an identity copy
+    whose metadata said the experts started from dense FFNs (issue 32)."""
+    source = upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, moe(), ATTENTION, FFN]))
+    same = BlockSpec([ATTENTION, moe(), ATTENTION, FFN])
+    with pytest.raises(ValueError, match="none of the source's 1 dense FFN sublayers into an "
+                       "MoE sublayer.*its 1 MoE sublayers would only be copied"):
+        upcycle(source, same)
+    with pytest.raises(ValueError, match="none of the source's 2 dense FFN"):
+        upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, FFN]))
+    all_moe = upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, moe()]))
+    with pytest.raises(ValueError, match="no dense FFN sublayer to upcycle.*2 MoE sublayers"):
+        upcycle(all_moe, BlockSpec([ATTENTION, moe()]))
+    # Upcycling the remaining FFN of a partly MoE model is still upcycling.
+    assert len(upcycle(source, BlockSpec([ATTENTION, moe()])).moe_layers) == 2
+
+
 def test_lora_or_int8_sources_are_refused():
     dense = dense_backbone(num_blocks=1)
     dense.enable_lora(2)
@@ -216,6 +234,7 @@ def test_cli_upcycle_writes_a_preset_and_errors_leave_nothing(tmp_path, capsys):
     lm = language_model(num_blocks=2)
     source = tmp_path / "dense"
     lm.save_to_preset(str(source))
+    record_checksums(source)  # else every command warns that it has none
     spec = BlockSpec([ATTENTION, moe(capacity_factor=None), ATTENTION, FFN]).to_json()
     out = tmp_path / "up"
     assert cli.main(["upcycle", "--preset", str(source), "--to", spec, "--out", str(out)]) == 0
@@ -235,6 +254,13 @@ def test_cli_upcycle_writes_a_preset_and_errors_leave_nothing(tmp_path, capsys):
         assert code == cli.EXIT_BAD_INPUT
         assert len(err) == 1 and err[0].startswith("error: "), err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+    # An MoE source with its own layout as the target: refused, not copied.
+    code = cli.main(["upcycle", "--preset", str(out), "--to", spec, "--out",
+                     str(tmp_path / "copy")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and len(err) == 1, err
+    assert err[0].startswith("error: The target turns none of the source's 1 dense FFN")
+    assert not (tmp_path / "copy").exists()
 
 
 @pytest.mark.slow

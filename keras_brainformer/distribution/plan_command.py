@@ -86,7 +86,7 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--chips", type=int, default=None,
-        help="number of chips (with --hardware); must equal the mesh size",
+        help="number of chips (with --hardware), at least 1; must equal the mesh size",
     )
     parser.add_argument(
         "--json", action="store_true",
@@ -129,6 +129,11 @@ def plan_pairs(args):
     config = load_config(args.preset)
     hardware_name = getattr(args, "hardware", None)
     chips = getattr(args, "chips", None)
+    if chips is not None and chips < 1:
+        raise TrainingError(
+            f"--chips must be at least 1 (the number of chips whose step time is predicted, "
+            f"equal to the mesh size). Received: --chips {chips}."
+        )
     try:
         hardware = get_hardware(hardware_name) if hardware_name is not None else None
         if chips is not None and hardware is None:

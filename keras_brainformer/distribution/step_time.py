@@ -529,6 +529,13 @@ def predict_step_time(config, mesh, batch_size, sequence_length, hardware,
     if unknown or "batch" not in sizes:
         raise ValueError(f"The mesh {sizes} must have a batch axis and only axes {MESH_AXES}.")
     devices = math.prod(sizes.values())
+    if chips is not None and (
+        isinstance(chips, bool) or not isinstance(chips, int) or chips < 1
+    ):
+        raise ValueError(
+            f"`chips` (--chips) must be an int of at least 1, the mesh size ({devices} "
+            f"for this mesh). Received: {chips!r}."
+        )
     if chips is not None and chips != devices:
         mesh_text = ",".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(

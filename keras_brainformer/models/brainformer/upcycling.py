@@ -221,6 +221,30 @@ def _check_source(backbone):
             )
 
 
+def _check_something_is_upcycled(source_positions, target_positions):
+    """Raises `ValueError` when no dense FFN of the source becomes an MoE
+    sublayer: the result would be a copy of the source, not an upcycled
+    model (for example an MoE preset given as its own target)."""
+    kinds = [s.kind for _, _, s in source_positions]
+    if any(s.kind == "ffn" and t.kind == "moe"
+           for (_, _, s), (_, _, t) in zip(source_positions, target_positions)):
+        return
+    moe = kinds.count("moe")
+    already = f"; its {moe} MoE sublayers would only be copied" if moe else ""
+    if "ffn" not in kinds:
+        raise ValueError(
+            f"The source model has no dense FFN sublayer to upcycle (it is an MoE model "
+            f"with {moe} MoE sublayers already). Upcycling starts "
+            "MoE experts from a trained dense FFN: give a model with dense FFNs."
+        )
+    raise ValueError(
+        f"The target turns none of the source's {kinds.count('ffn')} dense FFN sublayers "
+        f"into an MoE sublayer, so the result would be a copy of the source{already}. "
+        "Give a target in which at least one dense FFN becomes an MoE sublayer (for example "
+        "`glam_target`, or a block spec with `\"kind\": \"moe\"` where the source has an FFN)."
+    )
+
+
 def _copy_layer(source, target, where):
     if len(source.weights) != len(target.weights):
         raise ValueError(f"{where}: the two layers hold different weights.")
@@ -300,7 +324,9 @@ def upcycle(
     Raises:
         ValueError: a sublayer of the target has no counterpart of the same
             kind, width, heads or activation in the source (the message names
-            it), or the backbones differ in width, vocabulary or norm.
+            it), the backbones differ in width, vocabulary or norm, or no
+            dense FFN of the source becomes an MoE sublayer (an MoE source
+            given its own layout would only be copied).
 
     Example:
     >>> import numpy as np
@@ -354,6 +380,7 @@ def upcycle(
     d = config["hidden_dim"]
     for s, t in zip(source_positions, target_positions):
         _check_pair(s, t, d)
+    _check_something_is_upcycled(source_positions, target_positions)
 
     # === The target, with the source's backbone fields ===
     target_config = {
@@ -441,8 +468,9 @@ def save_upcycled_preset(lm, directory, source, target, settings=None, overwrite
     `overwrite`.
     """
     metadata = {
-        "description": f"{source} upcycled to an MoE model (sparse upcycling; "
-        "experts start from the dense FFNs). Not trained after upcycling.",
+        "description": f"{source} upcycled to an MoE model (sparse upcycling: the "
+        "experts of each MoE sublayer that replaces a dense FFN start from that FFN; every "
+        "other weight is copied). Not trained after upcycling.",
         "family": "upcycled",
         "base_preset": str(source),
         "paper": None,
