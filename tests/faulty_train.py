@@ -14,17 +14,29 @@ Faults (a JSON object, any of):
         budget does.
     kill_in_checkpoint: "N:STAGE" — SIGKILL after STAGE (weights, state or
         rename) of the checkpoint written in epoch N (1-based).
+    signal_in_checkpoint: "N:STAGE:SIGNAME" — the process sends itself
+        SIGNAME (SIGTERM, SIGINT) after STAGE of epoch N's checkpoint, i.e.
+        while that checkpoint is being written.
+    disk_full_at_step: K — the disk fills while the checkpoint of step K is
+        written: the first 64 KB of its weights file are written, then every
+        write into `step-K.partial/` fails with ENOSPC (as on a disk that
+        another process filled).
+    file_size_limit: BYTES — a real kernel limit (RLIMIT_FSIZE, SIGXFSZ
+        ignored): writing a file past BYTES fails with EFBIG part way.
 """
 
+import errno
 import functools
 import json
 import os
+import resource
 import signal
 import sys
 
 import keras
 
 from keras_brainformer import cli
+from keras_brainformer.training import checkpointing
 from keras_brainformer.training import trainer
 
 
@@ -82,6 +94,30 @@ class AfterStep(keras.callbacks.Callback):
             self.action(self.model)
 
 
+class _DiskFillsDuring:
+    """`os` for `checkpointing`, whose writes into `folder` fail with ENOSPC
+    once `allowed` bytes are written there."""
+
+    def __init__(self, folder, allowed=1 << 16):
+        self.folder = folder
+        self.allowed = allowed
+
+    def write(self, fd, data):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        if self.folder in path:
+            if self.allowed <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            data = memoryview(data)[: self.allowed]
+            self.allowed -= len(data)
+        return os.write(fd, data)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
 def main(faults, argv):
     extra = []
     if "kill_at_epoch" in faults:
@@ -94,19 +130,30 @@ def main(faults, argv):
     if "stop_at_step" in faults:
         extra.append(AfterStep(int(faults["stop_at_step"]),
                                lambda model: setattr(model, "stop_training", True)))
-    if "kill_in_checkpoint" in faults:
-        wanted = faults["kill_in_checkpoint"]
+    if "file_size_limit" in faults:
+        limit = int(faults["file_size_limit"])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    if "disk_full_at_step" in faults:
+        folder = f"step-{int(faults['disk_full_at_step']):09d}.partial"
+        checkpointing.os = _DiskFillsDuring(folder)
+    if "kill_in_checkpoint" in faults or "signal_in_checkpoint" in faults:
+        kill_at = faults.get("kill_in_checkpoint")
+        signal_at = faults.get("signal_in_checkpoint", "::").rsplit(":", 1)
 
         def on_stage(epoch, stage):
-            if f"{epoch}:{stage}" == wanted:
+            if f"{epoch}:{stage}" == kill_at:
                 _kill()
+            if f"{epoch}:{stage}" == signal_at[0]:
+                os.kill(os.getpid(), getattr(signal, signal_at[1]))
 
         original = trainer.AtomicBackupAndRestore
         trainer.AtomicBackupAndRestore = functools.partial(original, on_stage=on_stage)
     trainer.train_language_model = functools.partial(
         trainer.train_language_model, extra_callbacks=extra
     )
-    return cli.main(argv)
+    sys.argv = [sys.argv[0], *argv]
+    return cli.main()  # as the program runs it (no argv: exits at once when interrupted)
 
 
 if __name__ == "__main__":

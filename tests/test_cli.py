@@ -173,9 +173,9 @@ def test_smoke_train_writes_a_loadable_preset_and_refuses_other_runs(tmp_path, c
     assert json.loads((out / "run.json").read_text())["preset"] == "dense_tiny"
 
 
-def _train_subprocess(out, faults=None):
+def _train_subprocess(out, faults=None, extra=()):
     """`keras-brainformer train` in a subprocess; `faults` (a dict) runs it
-    through `tests/faulty_train.py`, which injects them."""
+    through `tests/faulty_train.py`, which injects them; `extra`: more flags."""
     command = [sys.executable, "-m", "keras_brainformer"]
     if faults:
         command = [sys.executable, str(pathlib.Path(__file__).parent / "faulty_train.py"),
@@ -183,7 +183,7 @@ def _train_subprocess(out, faults=None):
     argv = command + [
         "train", "--preset", "brainformer1_tiny",
         "--steps", "6", "--out", str(out), "--seed", "3",
-    ] + SMOKE  # fmt: skip
+    ] + SMOKE + [str(a) for a in extra]  # fmt: skip
     return subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True,
                           timeout=600)
 
@@ -227,7 +227,7 @@ def test_resume_after_sigkill_ctrl_c_or_a_cut_epoch_ends_like_an_uninterrupted_r
     # written, exit 130 with nothing else written and the lock released.
     ctrl_c = _train_subprocess(tmp_path / "ctrl_c", {"sigint_in_step": 3})
     assert ctrl_c.returncode == 130, ctrl_c.stderr[-2000:]
-    assert "Interrupted: the checkpoint at step 3 is written" in ctrl_c.stderr
+    assert "Interrupted (SIGINT): the checkpoint at step 3 is written" in ctrl_c.stderr
     assert "Run the same command again" in ctrl_c.stderr
     assert "Traceback" not in ctrl_c.stderr
     assert not (tmp_path / "ctrl_c" / "summary.json").exists()
@@ -244,9 +244,28 @@ def test_resume_after_sigkill_ctrl_c_or_a_cut_epoch_ends_like_an_uninterrupted_r
     again_cut = _train_subprocess(tmp_path / "cut")
     assert again_cut.returncode == 0, again_cut.stderr[-2000:]
     assert "at step 3 of 6" in again_cut.stdout
+    assert "Trained 3 steps in" in again_cut.stdout and "(steps 4-6, resumed at step 3)" in \
+        again_cut.stdout
+    # SIGTERM (a scheduler, a preempted VM) while epoch 2's checkpoint is
+    # written: that checkpoint completes, exit 143 with the resume line, no
+    # partial folder, no lock.
+    term = _train_subprocess(tmp_path / "sigterm", {"signal_in_checkpoint": "2:weights:SIGTERM"})
+    assert term.returncode == 143, term.stderr[-2000:]
+    assert "Interrupted (SIGTERM): the checkpoint at step 4 is written" in term.stderr
+    assert "Run the same command again" in term.stderr and "Traceback" not in term.stderr
+    assert not list((tmp_path / "sigterm" / "backup").glob("*.partial"))
+    assert not (tmp_path / "sigterm" / ".lock").exists()
+    again_term = _train_subprocess(tmp_path / "sigterm")
+    assert again_term.returncode == 0, again_term.stderr[-2000:]
+    assert "at step 4 of 6 (after epoch 2 of 3)" in again_term.stdout
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
     a = _weights(tmp_path / "straight" / "preset")
-    for run in ("resumed", "torn", "ctrl_c", "cut"):
+    for run in ("straight", "resumed", "torn", "ctrl_c", "cut", "sigterm"):
+        # One row per epoch, whatever the interruptions (before: the cut
+        # epoch and the epoch of a checkpoint killed half way came twice).
+        with open(tmp_path / run / "history.csv") as f:
+            assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"], run
+    for run in ("resumed", "torn", "ctrl_c", "cut", "sigterm"):
         again = json.loads((tmp_path / run / "summary.json").read_text())
         assert again["steps"] == straight["steps"] == 6
         for key in ("validation_loss_causal", "validation_loss_as_trained"):
@@ -351,6 +370,129 @@ def test_an_environment_failure_is_one_line_and_exit_1(monkeypatch, tmp_path, ca
     assert run_cli(["train", "--preset", "dense_tiny", "--out", tmp_path / "run"]) == 1
     err = capsys.readouterr().err
     assert err == f"error: No space left for a checkpoint: {tmp_path}\n"
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        assert run_cli(["train", "--preset", "dense_tiny", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and "empty" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # no runs/dense_tiny, nothing in the cwd
+
+
+def test_a_corpus_too_small_names_the_flags(tmp_path, capsys):
+    """The message names `train`'s flags (not the corpus functions'
+    `max_bytes` / `validation_fraction`, which are no flags)."""
+    (tmp_path / "tiny.txt").write_text("hello world\nthis is tiny\n")
+    argv = ["train", "--preset", "dense_tiny", "--data", tmp_path / "tiny.txt",
+            "--out", tmp_path / "run"]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The corpus is too small") and err.count("\n") == 1, err
+    assert "--sequence-length" in err and "--data" in err
+    assert "max_bytes" not in err and "validation_fraction" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(monkeypatch, tmp_path, capsys):
+    """Keras' progress bar leaves its line open; the `error:` line that
+    follows must not be glued to it."""
+    import errno
+
+    from keras_brainformer.training import trainer
+
+    def full_disk_mid_epoch(*args, **kwargs):
+        sys.stdout.write("\r1/2 ━━━━━━━━━━ 0s 63ms/step - loss: 9.0149")
+        raise OSError(errno.ENOSPC, "No space left on device while writing the checkpoint")
+
+    monkeypatch.setattr(trainer, "train_language_model", full_disk_mid_epoch)
+    assert run_cli(["train", "--preset", "dense_tiny", "--out", tmp_path / "run"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.endswith("loss: 9.0149\n")
+    assert captured.err == "error: No space left on device while writing the checkpoint\n"
+
+
+def test_the_summary_tells_this_invocation_from_the_run():
+    from keras_brainformer.training.trainer import format_summary
+
+    common = dict(validation_loss_causal=5.0, validation_perplexity_causal=148.4,
+                  has_moe=False, preset_dir="runs/x/preset", sample="def",
+                  seconds_this_run=12.3, tokens_seen=7680)
+    resumed = format_summary(dict(common, steps=60, total_steps=60, steps_this_run=20,
+                                  first_step_this_run=40))
+    assert resumed.splitlines()[0] == (
+        "Trained 20 steps in 12 s this run (steps 41-60, resumed at step 40); all 60 steps "
+        "of the run done (7,680 tokens)."
+    )
+    fresh = format_summary(dict(common, steps=60, total_steps=60, steps_this_run=60,
+                                first_step_this_run=0))
+    assert fresh.splitlines()[0] == "Trained 60 steps (7,680 tokens) in 12 s."
+    stopped = format_summary(dict(common, steps=30, total_steps=60, steps_this_run=30,
+                                  first_step_this_run=0))
+    assert stopped.splitlines()[0].endswith("; 30 of 60 steps done.")
+
+
+@pytest.mark.slow
+def test_a_resume_on_changed_data_is_refused_unless_allowed(tmp_path):
+    """Interrupt, edit the corpus, rerun: refused with one `error:` line
+    naming what changed (before: resumed silently on the new data);
+    `--allow-data-change` continues and records the change."""
+    corpus = tmp_path / "corpus.txt"
+    source = pathlib.Path(json.__file__).parent
+    corpus.write_text("".join(p.read_text() for p in sorted(source.glob("*.py"))))
+    out = tmp_path / "run"
+    data = ["--data", corpus, "--max-corpus-bytes", "1000000"]
+    cut = _train_subprocess(out, {"stop_at_step": 2}, extra=data)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    unchanged = _train_subprocess(out, {"stop_at_step": 3}, extra=data)  # same data: resumes
+    assert unchanged.returncode == 0 and "Resuming" in unchanged.stdout, unchanged.stderr[-2000:]
+    corpus.write_text(corpus.read_text() * 2)
+    refused = _train_subprocess(out, extra=data)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    err = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "The data changed since the checkpoint at step 3" in err[0]
+    assert "the train split went from" in err[0] and f"edited: {corpus.as_posix()}" in err[0]
+    assert "--allow-data-change" in err[0]
+    assert "Resuming" not in refused.stdout
+    allowed = _train_subprocess(out, extra=data + ["--allow-data-change"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "warning: the data changed since the checkpoint at step 3" in allowed.stdout
+    recorded = json.loads((out / "data.json").read_text())
+    assert recorded["accepted_changes"][0]["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, at_first", [
+    ({"file_size_limit": 4_000_000}, True),  # the kernel refuses to write past 4 MB: EFBIG
+    ({"disk_full_at_step": 4}, False),  # the disk fills in the middle of epoch 2's write
+])
+def test_a_disk_filling_during_a_checkpoint_is_one_error_line_and_exit_1(
+    tmp_path, fault, at_first
+):
+    """Before: exit 139 (HDF5 segfaults after a failed write), a multi-line
+    error and six `__dealloc__` tracebacks. Now: exit 1, one `error:` line
+    on a line of its own, no partial folder, no lock, and the rerun resumes
+    from the checkpoint the message names."""
+    out = tmp_path / "run"
+    done = _train_subprocess(out, fault)
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    lines = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "__dealloc__" not in done.stderr
+    assert done.stdout.endswith("\n")  # the progress bar's line is ended first
+    assert not list((out / "backup").glob("*.partial")) and not (out / ".lock").exists()
+    if at_first:
+        assert "File too large while writing the checkpoint at step 2" in lines[0]
+        assert "no earlier checkpoint exists" in lines[0]
+        assert not list((out / "backup").iterdir())
+        return
+    assert "No space left on device while writing the checkpoint at step 4" in lines[0]
+    assert "the checkpoint at step 2 (step-000000002) is intact" in lines[0]
+    again = _train_subprocess(out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Resuming" in again.stdout and "at step 2 of 6" in again.stdout
 
 
 def test_compare_help_examples_parse():

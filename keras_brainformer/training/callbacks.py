@@ -7,6 +7,7 @@ Keras hands one `logs` dict to every callback in list order at epoch end
 by `CSVLogger`, `TensorBoard` and `History` placed after it in the list.
 """
 
+import csv
 import math
 import os
 import time
@@ -385,3 +386,66 @@ class CompilationNotice(keras.callbacks.Callback):
             self._done = True
             print(f"Compiled; the first step took {time.perf_counter() - self._start:.1f} s.",
                   flush=True)
+
+
+class EpochHistoryLogger(keras.callbacks.CSVLogger):
+    """`keras.callbacks.CSVLogger` (appending) that writes one row per
+    *completed* epoch: an epoch cut short (a time budget, Ctrl-C, SIGTERM:
+    fewer batches than `fit`'s steps per epoch) gets no row, the `fit` that
+    completes it after a resume writes it. With `keep_history_rows()` called
+    on a resume (rows of the epochs the checkpoint does not hold are
+    dropped), the file holds each epoch once, whatever the interruptions.
+
+    Args:
+        filename: the CSV file.
+    """
+
+    def __init__(self, filename):
+        super().__init__(filename, append=True)
+        self._last_batch = -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch = -1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_batch = batch
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = self.params.get("steps") if self.params else None
+        if steps is not None and self._last_batch + 1 < steps:
+            return  # cut short: the run that completes the epoch writes its row
+        super().on_epoch_end(epoch, logs)
+
+
+def keep_history_rows(filename, epochs):
+    """Keeps the rows of `history.csv` (a `CSVLogger` file) for epochs
+    `0 .. epochs - 1`, one each (the last written wins), in order; rows of
+    later epochs (trained, then lost with a checkpoint that never
+    completed) and torn rows are dropped. The file is replaced atomically,
+    and only if something changes. Returns the rows dropped."""
+    if not os.path.exists(filename):
+        return 0
+    with open(filename, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "epoch" not in rows[0]:
+        return 0
+    header, body = rows[0], rows[1:]
+    column = header.index("epoch")
+    kept = {}
+    for row in body:
+        try:
+            epoch = int(row[column])
+        except (IndexError, ValueError):
+            continue
+        if len(row) == len(header) and 0 <= epoch < epochs:
+            kept[epoch] = row
+    ordered = [kept[epoch] for epoch in sorted(kept)]
+    if ordered == body:
+        return 0
+    partial = f"{filename}.partial"
+    with open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(ordered)
+    os.replace(partial, filename)
+    return len(body) - len(ordered)

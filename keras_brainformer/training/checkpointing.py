@@ -19,6 +19,16 @@ does not count the cut epoch as completed, so a caller that restarts the
 data at `restored_step` (as `train_language_model` does) resumes exactly.
 A plain `fit` restarts the cut epoch from its first batch, as Keras'
 `BackupAndRestore` does.
+
+A full disk: the free space is checked before a checkpoint starts, and the
+weights file is made in memory (`weights_to_h5_bytes`) and written by plain
+Python, so a disk that fills *during* the write (another process) is an
+`OSError` like any other: the partial folder is removed, the message says
+which checkpoint is kept (if any), and the process exits normally. HDF5
+writing straight to a full disk cannot be recovered from in the process
+(measured: `__dealloc__` tracebacks, then a segfault at exit); that direct
+path is only taken for a checkpoint too large to hold in memory (more than
+a quarter of the memory available).
 """
 
 import errno
@@ -31,6 +41,8 @@ import shutil
 import keras
 import numpy as np
 from absl import logging
+
+from keras_brainformer.upstream_private import weights_to_h5_bytes
 
 WEIGHTS_FILE = "checkpoint.weights.h5"
 STATE_FILE = "state.json"
@@ -69,6 +81,35 @@ def latest_state(backup_dir):
         except (OSError, ValueError, KeyError):
             continue
     return {"step": 0, "epoch": 0}
+
+
+_CHUNK_BYTES = 1 << 24
+
+
+def _write_file(path, data):
+    """Writes `data` (bytes-like) to a new file `path` and flushes it to
+    disk; an `OSError` (a full disk: ENOSPC) propagates cleanly."""
+    view = memoryview(data).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written : written + _CHUNK_BYTES])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _available_memory_bytes():
+    """Memory this machine can still give (Linux `MemAvailable`), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _fsync_tree(folder):
@@ -120,6 +161,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         self.restored_epoch = 0
         self.restored_step = 0
         self._epoch_start_step = 0
+        self._last_saved = None  # (step, folder) of this object's latest save
 
     def _step(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -153,11 +195,9 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.save(epoch)
 
-    def _check_free_space(self):
-        """Refuses to start a checkpoint the disk cannot hold: the HDF5
-        writer does not always fail cleanly on a full disk (measured: a
-        segfault), so the space is checked first, for the variables' bytes
-        plus 5 % and 1 MB of headroom."""
+    def _checkpoint_bytes(self):
+        """About the size of a checkpoint: the variables' bytes plus 5 % and
+        1 MB of headroom."""
         variables = list(self.model.variables)
         if self.model.optimizer is not None:
             variables += list(self.model.optimizer.variables)
@@ -165,16 +205,40 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
             for v in variables
         )
-        needed = int(needed * 1.05) + (1 << 20)
+        return int(needed * 1.05) + (1 << 20)
+
+    def _kept(self):
+        """What a failed checkpoint leaves to resume from, in words."""
+        kept = complete_checkpoints(self.backup_dir)
+        if not kept:
+            return (
+                "no earlier checkpoint exists, so rerunning the same command starts "
+                "again from step 0"
+            )
+        return (
+            f"the checkpoint at step {kept[0][0]} ({kept[0][1].name}) is intact: free "
+            "some space and rerun the same command to resume from it"
+        )
+
+    def _check_free_space(self, step, needed):
+        """Refuses to start a checkpoint the disk cannot hold."""
         free = shutil.disk_usage(self.backup_dir).free
         if free < needed:
             raise OSError(
                 errno.ENOSPC,
-                f"No space left for a checkpoint of about {needed / 1e6:.1f} MB "
-                f"({free / 1e6:.1f} MB free); the previous checkpoint is intact. Free some "
-                "space and rerun the same command to resume",
-                str(self.backup_dir),
+                f"No space left for the checkpoint at step {step} in {self.backup_dir} "
+                f"(about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free); nothing was "
+                f"written, and {self._kept()}.",
             )
+
+    def _write_weights(self, path, needed):
+        available = _available_memory_bytes()
+        if available is not None and needed > available // 4:
+            # Too large to hold a copy in memory: HDF5 writes it (the free
+            # space was checked; a disk filled meanwhile is not recoverable).
+            self.model.save_weights(str(path))
+        else:
+            _write_file(path, weights_to_h5_bytes(self.model))
 
     def save(self, epoch):
         """Writes a checkpoint of the model now (in `fit`, between steps) and
@@ -188,28 +252,37 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         if hasattr(self.model, "jax_state_sync"):
             self.model.jax_state_sync()  # JAX keeps the state apart during an epoch
         step = self._step()
+        final = self.backup_dir / f"step-{step:09d}"
+        if self._last_saved == (step, final) and final.is_dir():
+            return final  # this step is saved already (an epoch's end, then a stop)
         steps = self.params.get("steps") if self.params else None
         completed = steps is None or step - self._epoch_start_step >= steps
         self.backup_dir.mkdir(parents=True, exist_ok=True)
-        final = self.backup_dir / f"step-{step:09d}"
         partial = final.with_name(final.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        self._check_free_space()
-        partial.mkdir()
+        needed = self._checkpoint_bytes()
+        self._check_free_space(step, needed)
         try:
-            self.model.save_weights(str(partial / WEIGHTS_FILE))
+            partial.mkdir()
+            self._write_weights(partial / WEIGHTS_FILE, needed)
             self.on_stage(epoch + 1, "weights")
-            with open(partial / STATE_FILE, "w") as f:
-                json.dump({"step": step, "epoch": epoch + 1 if completed else epoch}, f)
+            state = {"step": step, "epoch": epoch + 1 if completed else epoch}
+            _write_file(partial / STATE_FILE, json.dumps(state).encode("utf-8"))
             self.on_stage(epoch + 1, "state")
             _fsync_tree(partial)
-        except OSError:
+        except OSError as error:
             shutil.rmtree(partial, ignore_errors=True)  # the previous checkpoint stays
-            raise
+            reason = error.strerror or str(error)
+            raise OSError(
+                error.errno,
+                f"{reason} while writing the checkpoint at step {step} into "
+                f"{self.backup_dir}; its partial folder is removed, and {self._kept()}.",
+            ) from None
         if final.exists():  # a rerun of a step already saved
             shutil.rmtree(final)
         os.rename(partial, final)
+        self._last_saved = (step, final)
         self.on_stage(epoch + 1, "rename")
         for _, old in complete_checkpoints(self.backup_dir)[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)

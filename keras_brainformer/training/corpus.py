@@ -31,6 +31,26 @@ DEFAULT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
 _BINARY_PROBE_BYTES = 8192
 
 
+class CorpusTooSmallError(ValueError):
+    """A split of the corpus packs to no window. The message names this
+    module's arguments; the fields let a caller name its own (the command
+    line names its flags).
+
+    Attributes:
+        split: `"train"` or `"validation"`.
+        documents, tokens: the split's documents and tokens.
+        window: tokens in one window (`sequence_length + 1`).
+        total_bytes, total_documents: the corpus used.
+        capped: whether `max_bytes` cut the corpus.
+        source: the corpus, in words.
+    """
+
+    def __init__(self, message, **fields):
+        super().__init__(message)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
 class Document(NamedTuple):
     """One text of the corpus: a stable `name` (what splits are keyed on) and its `text`."""
 
@@ -429,6 +449,7 @@ class LanguageModelData:
         validation_documents=None,
         train_stream_tokens=None,
         validation_stream_tokens=None,
+        document_digests=None,
     ):
         train_windows = np.asarray(train_windows, dtype="int32")
         validation_windows = np.asarray(validation_windows, dtype="int32")
@@ -451,6 +472,7 @@ class LanguageModelData:
         self.validation_documents = validation_documents
         self.train_stream_tokens = train_stream_tokens
         self.validation_stream_tokens = validation_stream_tokens
+        self.document_digests = document_digests
 
     @property
     def train_tokens(self):
@@ -592,6 +614,66 @@ class LanguageModelData:
     def __repr__(self):
         return f"<LanguageModelData {self.summary()}>"
 
+    def fingerprint(self):
+        """What the data is, as JSON-ready values: per split the documents,
+        the tokens, the windows and the SHA-256 of the packed windows (so
+        of the text, the split, the tokenizer and the sequence length), and
+        a short digest of each document's text by name (when known). Two
+        `LanguageModelData` give the same batches at every step exactly
+        when their splits' `sha256` agree; see `data_changes()`."""
+
+        def split(documents, stream_tokens, windows):
+            return {
+                "documents": documents,
+                "tokens": stream_tokens,
+                "windows": int(len(windows)),
+                "sha256": hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest(),
+            }
+
+        return {
+            "train": split(self.train_documents, self.train_stream_tokens, self.train_windows),
+            "validation": split(
+                self.validation_documents, self.validation_stream_tokens,
+                self.validation_windows,
+            ),
+            "sequence_length": self.sequence_length,
+            "documents": dict(self.document_digests) if self.document_digests else None,
+        }
+
+
+def _listed(names, limit=5):
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def data_changes(previous, current):
+    """What differs between two `LanguageModelData.fingerprint()`s, as a
+    list of short phrases (empty when both splits are the same)."""
+    changes = []
+    for name in ("train", "validation"):
+        old, new = previous.get(name) or {}, current.get(name) or {}
+        if old.get("sha256") == new.get("sha256"):
+            continue
+        sizes = []
+        for key in ("documents", "tokens"):
+            if old.get(key) != new.get(key) and None not in (old.get(key), new.get(key)):
+                sizes.append(f"{old[key]:,} to {new[key]:,} {key}")
+        what = f"went from {' and '.join(sizes)}" if sizes else "has the same size, other content"
+        changes.append(f"the {name} split {what}")
+    if changes:
+        old_documents = previous.get("documents") or {}
+        new_documents = current.get("documents") or {}
+        if old_documents and new_documents:
+            edited = [n for n in new_documents if n in old_documents
+                      and new_documents[n] != old_documents[n]]
+            added = [n for n in new_documents if n not in old_documents]
+            removed = [n for n in old_documents if n not in new_documents]
+            for label, names in (("edited", edited), ("added", added), ("removed", removed)):
+                if names:
+                    changes.append(f"{label}: {_listed(names)}")
+    return changes
+
 
 def build_language_model_data(
     tokenizer,
@@ -645,6 +727,13 @@ def build_language_model_data(
                 f"{max_bytes:,} (--max-corpus-bytes)."
             )
     total_bytes = sum(_utf8_size(d.text) for d in documents)
+    if paths is None:  # capped when the cap was reached (to a character's bytes)
+        capped = max_bytes is not None and total_bytes > max_bytes - 4
+    else:
+        capped = total_bytes < sum(_utf8_size(d.text) for d in read)
+    digests = {
+        d.name: hashlib.sha256(d.text.encode("utf-8")).hexdigest()[:16] for d in documents
+    }
     train, validation = split_documents(documents, validation_fraction)
     if verbose:
         print(
@@ -657,14 +746,22 @@ def build_language_model_data(
         stream = tokenize_documents(split, tokenizer, verbose=verbose)
         streams[name] = len(stream)
         if len(stream) < sequence_length + 1:
-            cap = f" (capped by max_bytes={max_bytes:,})" if max_bytes is not None else ""
-            raise ValueError(
+            cap = f" (capped by max_bytes={max_bytes:,})" if capped else ""
+            raise CorpusTooSmallError(
                 f"The {name} split ({len(split):,} documents, {len(stream):,} tokens) is "
                 f"too small for one window of sequence_length + 1 = {sequence_length + 1} "
                 f"tokens. The corpus, {source}, has {total_bytes:,} bytes{cap} in "
                 f"{len(documents):,} documents, split with validation_fraction="
                 f"{validation_fraction}. Use more text, a larger `max_bytes` or "
-                "`validation_fraction`, or a shorter `sequence_length`."
+                "`validation_fraction`, or a shorter `sequence_length`.",
+                split=name,
+                documents=len(split),
+                tokens=len(stream),
+                window=sequence_length + 1,
+                total_bytes=total_bytes,
+                total_documents=len(documents),
+                capped=capped,
+                source=source,
             )
         windows[name] = pack(stream, sequence_length)
     return LanguageModelData(
@@ -675,4 +772,5 @@ def build_language_model_data(
         validation_documents=len(validation),
         train_stream_tokens=streams["train"],
         validation_stream_tokens=streams["validation"],
+        document_digests=digests,
     )

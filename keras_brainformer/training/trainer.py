@@ -8,7 +8,11 @@ One run folder holds everything a run writes:
                     epoch's end and at a stop, see `checkpointing.py`
     logs/           TensorBoard: loss, perplexity, learning rate, tokens/s,
                     per-MoE-layer router statistics
-    history.csv     one row per epoch (appended across resumes)
+    history.csv     one row per completed epoch (appended across resumes;
+                    rows of epochs a resume redoes are replaced)
+    data.json       the data's fingerprint (per split: documents, tokens,
+                    SHA-256 of the windows; a digest per document): a resume
+                    on other data is refused unless `allow_data_change`
     preset/         the trained model as a keras-hub preset (`from_preset`)
     summary.json    final validation loss (causal and as-trained routing),
                     steps, tokens seen, seconds, a sample generation
@@ -17,8 +21,8 @@ One run folder holds everything a run writes:
 
 Resuming: rerunning the same command continues from the newest checkpoint at
 its exact step: an epoch's end, the step a time budget stopped at, or the
-step in flight when Ctrl-C was pressed (a checkpoint is written then; a
-second Ctrl-C exits at once). The data pipeline restarts at that step's
+step in flight when Ctrl-C was pressed or SIGTERM arrived (a checkpoint is
+written then; a second signal exits at once). The data pipeline restarts at that step's
 batch, so no batch is skipped or repeated, and the run ends with the same
 weights and losses as an uninterrupted run with the same seed. A kill
 (SIGKILL) loses the steps since the last checkpoint, which are redone.
@@ -51,13 +55,17 @@ from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.models.brainformer.preset_loading import trained_presets
 from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 from keras_brainformer.training.callbacks import CompilationNotice
+from keras_brainformer.training.callbacks import EpochHistoryLogger
 from keras_brainformer.training.callbacks import RouterStatisticsLogger
 from keras_brainformer.training.callbacks import StopOnNonFiniteLoss
 from keras_brainformer.training.callbacks import ThroughputLogger
+from keras_brainformer.training.callbacks import keep_history_rows
 from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
 from keras_brainformer.training.checkpointing import latest_state
 from keras_brainformer.training.config import TrainingConfig
+from keras_brainformer.training.corpus import CorpusTooSmallError
 from keras_brainformer.training.corpus import build_language_model_data
+from keras_brainformer.training.corpus import data_changes
 from keras_brainformer.training.interruption import StopOnInterrupt
 from keras_brainformer.training.run_lock import LOCK_FILE
 from keras_brainformer.training.run_lock import RunFolderLock
@@ -65,6 +73,8 @@ from keras_brainformer.training.schedules import InverseSquareRootSchedule
 from keras_brainformer.training.schedules import make_optimizer
 
 RUN_FILE = "run.json"
+DATA_FILE = "data.json"
+HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 BACKUP_DIR = "backup"
 PRESET_DIR = "preset"
@@ -124,11 +134,35 @@ def load_data(config, tokenizer, verbose=1):
             verbose=bool(verbose),
         )
         data.check_train_batch_size(config.batch_size)
+    except CorpusTooSmallError as error:
+        raise TrainingError(_too_small_message(error, config)) from None
     except (ValueError, FileNotFoundError) as error:
         raise TrainingError(str(error)) from error
     if verbose:
         print(data.summary(), flush=True)
     return data
+
+
+def _too_small_message(error, config):
+    """The corpus-too-small error in the terms of `train`, `compare` and
+    `search`: their flags (each a `TrainingConfig` field of the same name),
+    not the corpus functions' arguments (`validation_fraction` is no flag)."""
+    cap = f", capped by --max-corpus-bytes {config.max_corpus_bytes:,}" if error.capped else ""
+    fixes = ["more text (--data)"]
+    if error.capped:
+        fixes.append("a larger --max-corpus-bytes")
+    fixes.append(f"a --sequence-length below {config.sequence_length}")
+    about = (
+        " (about 5 % of the documents, or of the lines of a single file, are held out for "
+        "validation)" if error.split == "validation" else ""
+    )
+    return (
+        f"The corpus is too small: its {error.split} split ({error.documents:,} documents, "
+        f"{error.tokens:,} tokens) does not fill one window of --sequence-length "
+        f"{config.sequence_length} + 1 = {error.window} tokens{about}. The corpus, "
+        f"{error.source}, has {error.total_bytes:,} bytes in {error.total_documents:,} "
+        f"documents{cap}. Use {', '.join(fixes[:-1])} or {fixes[-1]}."
+    )
 
 
 def _check_positive(name, value, allow_none=False):
@@ -176,6 +210,7 @@ def train_language_model(
     experts_on=None,
     fsdp=False,
     extra_callbacks=(),
+    allow_data_change=False,
     **training,
 ):
     """Trains a causal LM from a preset on a corpus and writes a run folder.
@@ -209,6 +244,10 @@ def train_language_model(
         fsdp: also split weights along the batch axis.
         extra_callbacks: more Keras callbacks, run after the built-in ones
             (after the epoch's checkpoint is written).
+        allow_data_change: resume from the run folder's checkpoint even if
+            the data (corpus, split, tokens) is not the data it was trained
+            on (`data.json`); otherwise that is refused with a
+            `TrainingError` saying what changed.
         **training: `TrainingConfig` fields that replace those of `config`
             (`train_language_model(p, d, batch_size=8)`).
 
@@ -218,6 +257,10 @@ def train_language_model(
 
     # === Validate everything before touching the run folder ===
     config = TrainingConfig.create(config, **training)
+    if not str(run_dir).strip():
+        raise TrainingError(
+            f"The run folder is empty ({str(run_dir)!r}): give a folder (--out)."
+        )
     for name, value in (("steps", steps), ("steps_per_epoch", steps_per_epoch)):
         _check_positive(name, value)
     _check_positive("time_budget", time_budget, allow_none=True)
@@ -260,6 +303,9 @@ def train_language_model(
         keras.utils.set_random_seed(config.seed)
         text_tokenizer = load_tokenizer(preset, config.tokenizer)
         data = load_data(config, text_tokenizer, verbose)
+        fingerprint = _check_same_data(
+            run_dir, data.fingerprint(), allow_data_change, verbose
+        )
 
         # === Model, training, evaluation ===
         # Weights are created (and split) under the distribution; fit, evaluate
@@ -282,6 +328,7 @@ def train_language_model(
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / RUN_FILE, "w") as f:
                 json.dump(run_settings, f, indent=2)
+            _write_json_atomically(run_dir / DATA_FILE, fingerprint)
             backup_dir = run_dir / BACKUP_DIR
             # Restored once, here: the data then starts at the step restored
             # (a torn newest checkpoint falls back to an older one, and so
@@ -289,6 +336,8 @@ def train_language_model(
             backup = AtomicBackupAndRestore(backup_dir, restore_on_train_begin=False)
             backup.set_model(lm)
             start_step = backup.restore()["step"]
+            # One row per epoch: the rows of epochs this resume redoes go.
+            keep_history_rows(run_dir / HISTORY_FILE, backup.restored_epoch)
             if verbose and start_step:
                 print(
                     f"Resuming {run_dir} at step {start_step} of {total_steps} "
@@ -302,14 +351,14 @@ def train_language_model(
                 # the epoch's checkpoint is never written from broken weights.
                 StopOnNonFiniteLoss(raise_error=True),
                 ThroughputLogger(config.tokens_per_batch),
-                keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+                EpochHistoryLogger(str(run_dir / HISTORY_FILE)),
                 keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
                 RouterStatisticsLogger(str(run_dir / "logs")),
             ]
             if verbose:
                 callbacks.insert(0, CompilationNotice())
             interrupt = StopOnInterrupt(
-                backup, resume_hint="Run the same command again to continue from it."
+                backup, resume_hint="Run the same command again to continue from that step."
             )
             callbacks += [backup, interrupt]
             budget = TimeBudget(time_budget) if time_budget is not None else None
@@ -318,7 +367,11 @@ def train_language_model(
             callbacks.extend(extra_callbacks)
 
             start = time.perf_counter()
-            with interrupt, _reported_non_finite_loss(backup_dir, steps_per_epoch):
+            with (
+                interrupt,
+                _reported_non_finite_loss(backup_dir, steps_per_epoch),
+                _logs_closed_on_error(callbacks),
+            ):
                 # An epoch cut short earlier (time budget, Ctrl-C) is finished
                 # first, from the exact step; then whole epochs.
                 for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
@@ -351,6 +404,9 @@ def train_language_model(
             summary = {
                 "preset": str(preset),
                 "steps": steps_done,
+                "steps_this_run": steps_done - start_step,
+                "first_step_this_run": start_step,
+                "total_steps": total_steps,
                 "tokens_seen": steps_done * config.tokens_per_batch,
                 "seconds_this_run": round(seconds, 2),
                 **_finish_run(lm, run_dir, data, text_tokenizer, config, sample_prompt, verbose),
@@ -433,6 +489,24 @@ def _reported_non_finite_loss(backup_dir, steps_per_epoch):
             "Rerunning the same command resumes from the checkpoint; to change "
             "the learning rate, start a new run (--out or --overwrite)."
         ) from None
+
+
+@contextlib.contextmanager
+def _logs_closed_on_error(callbacks):
+    """`fit` skips `on_train_end` when it raises (a Ctrl-C/SIGTERM stop, a
+    full disk): the logging callbacks (TensorBoard writers, the CSV file)
+    are closed here then, so what they hold is on disk even if the process
+    then exits without tearing down the interpreter (the command line does,
+    after an interruption)."""
+    try:
+        yield
+    except BaseException:
+        for callback in callbacks:
+            if isinstance(callback, (keras.callbacks.TensorBoard, keras.callbacks.CSVLogger,
+                                     RouterStatisticsLogger)):
+                with contextlib.suppress(Exception):
+                    callback.on_train_end()
+        raise
 
 
 def _finish_run(lm, run_dir, data, tokenizer, config, sample_prompt, verbose):
@@ -605,6 +679,63 @@ def _fit_phases(start_step, steps_per_epoch, epochs):
     return phases
 
 
+def _write_json_atomically(path, value):
+    path = pathlib.Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(partial, path)
+
+
+def _check_same_data(run_dir, fingerprint, allow_data_change, verbose):
+    """Refuses (a `TrainingError` saying what changed) to resume the
+    checkpoint of `run_dir` on data other than the data it was trained on,
+    unless `allow_data_change`. Returns the fingerprint to record (with
+    the changes accepted so far)."""
+    backup_dir = run_dir / BACKUP_DIR
+    resuming = latest_state(backup_dir)["step"] > 0
+    path = run_dir / DATA_FILE
+    previous = None
+    if path.exists():
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = None
+    fingerprint = dict(fingerprint)
+    fingerprint["accepted_changes"] = list((previous or {}).get("accepted_changes", []))
+    if not resuming:
+        fingerprint["accepted_changes"] = []
+        return fingerprint
+    step = latest_state(backup_dir)["step"]
+    if previous is None:
+        if verbose:
+            print(
+                f"Note: {run_dir} records no fingerprint of its data ({DATA_FILE}, written "
+                "since issue 32), so resuming cannot check that the data is the same; "
+                "it is recorded now."
+            )
+        return fingerprint
+    changes = data_changes(previous, fingerprint)
+    if not changes:
+        return fingerprint
+    what = "; ".join(changes)
+    if not allow_data_change:
+        raise TrainingError(
+            f"The data changed since the checkpoint at step {step} in {run_dir}: {what}. "
+            "A resume must train on the data the checkpoint was trained on: restore it, use "
+            "another --out (or --overwrite to start again), or pass --allow-data-change to "
+            "continue from the checkpoint on the new data."
+        )
+    if verbose:
+        print(
+            f"warning: the data changed since the checkpoint at step {step} ({what}); "
+            "continuing on the new data (--allow-data-change)."
+        )
+    fingerprint["accepted_changes"].append({"step": step, "changes": changes})
+    return fingerprint
+
+
 def _clear_run_folder(run_dir):
     """Removes what a run folder holds, except the lock this process holds."""
     for child in pathlib.Path(run_dir).iterdir():
@@ -632,9 +763,26 @@ def _save_preset_atomically(lm, directory):
 
 
 def format_summary(summary):
+    """The summary printed at the end of `train`: the steps of this
+    invocation apart from the run's total (a resumed run did only some)."""
+    done, total = summary["steps"], summary.get("total_steps", summary["steps"])
+    this_run = summary.get("steps_this_run", done)
+    first = summary.get("first_step_this_run", 0)
+    seconds = f"{summary['seconds_this_run']:.0f} s"
+    tokens = f"{summary['tokens_seen']:,} tokens"
+    of_total = f"{done} of {total} steps" if done < total else f"all {done} steps"
+    if this_run == done:
+        trained = f"Trained {done} steps ({tokens}) in {seconds}"
+        trained += f"; {of_total} done." if done < total else "."
+    elif this_run == 0:
+        trained = f"Trained no steps this run: resumed at step {first}, {of_total} done ({tokens})."
+    else:
+        trained = (
+            f"Trained {this_run} steps in {seconds} this run (steps {first + 1}-{done}, "
+            f"resumed at step {first}); {of_total} of the run done ({tokens})."
+        )
     lines = [
-        f"Trained {summary['steps']} steps ({summary['tokens_seen']:,} tokens) in "
-        f"{summary['seconds_this_run']:.0f} s this run.",
+        trained,
         f"Validation loss (causal routing, what generation uses): "
         f"{summary['validation_loss_causal']:.4f} "
         f"(perplexity {summary['validation_perplexity_causal']:.2f})",
