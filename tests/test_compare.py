@@ -105,11 +105,48 @@ def test_results_table_gives_both_routings_final_losses():
                                                "batch_size": 4, "sequence_length": 8,
                                                "optimizer": "adafactor", "learning_rate": 0.01}}
     table = compare.results_markdown(study, rows, targets, "glam", None)
-    header = next(line for line in table.splitlines() if line.startswith("| family"))
+    equal_time = table.split("**At equal time**")[1].splitlines()
+    header = next(line for line in equal_time if line.startswith("| family"))
     assert "| final val loss | final val loss as trained |" in header
-    ec = next(line for line in table.splitlines() if line.startswith("| ec |"))
+    ec = next(line for line in equal_time if line.startswith("| ec |"))
     cells = [cell.strip() for cell in ec.strip("|").split("|")]
     assert cells[4].startswith("3.250 [") and cells[5].startswith("2.950 [")
+
+
+def test_results_read_equal_steps_first_with_the_difference_to_the_reference():
+    # Dense steps twice as fast as GLaM: ahead at equal time, behind at
+    # equal steps; the table that compares per step comes first.
+    def run(family, seed, losses, step_seconds):
+        points = [{"step": 100 * i, "seconds": 100 * i * step_seconds, "val_loss": v,
+                   "tokens": 0, "train_loss": v} for i, v in enumerate(losses)]
+        return {"family": family, "seed": seed, "val_loss_causal": losses[-1],
+                "val_loss_as_trained": losses[-1], "step_ms": 1000 * step_seconds,
+                "steps": points[-1]["step"], "train_seconds": points[-1]["seconds"],
+                "params": 2, "activated_params": 1, "curve": points}
+
+    runs = [run("glam", 0, [5.0, 3.0, 2.6, 2.4, 2.2], 0.2),
+            run("glam", 1, [5.0, 3.1, 2.7, 2.5, 2.3], 0.2),
+            run("dense", 0, [5.0, 3.2, 2.8, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1], 0.1),
+            run("dense", 1, [5.0, 3.4, 2.9, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2], 0.1)]
+    rows, targets = summarise(runs, ["glam", "dense"], [0, 1], reference="dense")
+    glam, dense = rows
+    assert list(glam["loss_at_steps"]) == [100, 200, 300, 400]  # glam's last step
+    assert glam["loss_at_steps"][400]["mean"] == pytest.approx(2.25)
+    assert dense["loss_at_steps"][400]["mean"] == pytest.approx(2.55)
+    difference = glam["difference_to_reference_at_steps"][400]
+    assert (difference["mean"], difference["std"]) == (pytest.approx(-0.3), pytest.approx(0.0))
+    assert dense["difference_to_reference_at_steps"][400]["mean"] == 0.0
+    study = {"seeds": [0, 1], "clock": "paired", "budget_seconds": 80.0, "backend": "jax",
+             "target_loss": None, "timing_rounds": 3, "timing_steps": 5,
+             "training": {"tokenizer": "byte", "data_paths": None, "batch_size": 4,
+                          "sequence_length": 8, "optimizer": "adafactor", "learning_rate": 0.01}}
+    table = compare.results_markdown(study, rows, targets, "dense", None)
+    assert table.index("**At equal steps**") < table.index("**At equal time**")
+    equal_steps = table.split("**At equal steps**")[1].split("**At equal time**")[0]
+    header = "| family | step 100 | step 200 | step 300 | step 400 | − dense at step 400 |"
+    assert header in equal_steps
+    glam_row = next(line for line in equal_steps.splitlines() if line.startswith("| glam |"))
+    assert glam_row.split("|")[5].strip().startswith("2.250 [") and "-0.300" in glam_row
 
 
 @pytest.mark.slow

@@ -27,11 +27,15 @@ study killed half way with the runs it has; more `--seeds` extend it):
     runs/<family>/seed-<s>.json   one run: curve, final losses, steps
     curves.csv        family, seed, step, seconds, tokens, train_loss, val_loss
     runs.csv          one row per (family, seed)
-    results.md        per family over seeds: mean and 95 % interval of the
+    results.md        per family over seeds, mean and 95 % interval: first
+                      the validation loss at equal steps (sample
+                      efficiency) and its difference to the reference
+                      family's, seed by seed; then, at equal time, the
                       final loss, the step time, the time to reach the
                       target loss and the reference family's final loss
-    curves.png        validation loss against training seconds, a band
-                      (min to max over seeds) and the mean per family
+    curves.png        validation loss against steps and against training
+                      seconds, a band (min to max over seeds) and the mean
+                      per family
 """
 
 import csv
@@ -51,8 +55,10 @@ from keras_brainformer.models.brainformer.parameter_count import count_parameter
 from keras_brainformer.training.callbacks import StepClock
 from keras_brainformer.training.config import COMPARE_DEFAULT_FAMILIES
 from keras_brainformer.training.config import TrainingConfig
+from keras_brainformer.training.study_statistics import equal_steps
 from keras_brainformer.training.study_statistics import format_interval
 from keras_brainformer.training.study_statistics import interval
+from keras_brainformer.training.study_statistics import loss_at
 from keras_brainformer.training.study_statistics import loss_band
 from keras_brainformer.training.study_statistics import time_to_reach
 from keras_brainformer.training.trainer import check_preset
@@ -422,11 +428,13 @@ def seed_targets(runs, seeds, target_loss):
 
 
 def summarise(runs, labels, seeds, target_loss=None, reference=None):
-    """Per family, over seeds: intervals of the final loss, step time, time
-    to reach the target, and the fraction of the reference's time needed to
-    reach the reference's final loss."""
+    """Per family, over seeds: intervals of the validation loss at equal
+    steps (and its seed-by-seed difference to the reference's), the final
+    loss, step time, time to reach the target, and the fraction of the
+    reference's time needed to reach the reference's final loss."""
     targets = seed_targets(runs, seeds, target_loss)
     by_key = {(r["family"], r["seed"]): r for r in runs}
+    steps = equal_steps([r["curve"] for r in runs]) if all(r["curve"] for r in runs) else []
     rows = []
     for label in labels:
         mine = [by_key[(label, s)] for s in seeds]
@@ -440,8 +448,21 @@ def summarise(runs, labels, seeds, target_loss=None, reference=None):
             "step_ms": interval([r["step_ms"] for r in mine]),
             "steps": interval([r["steps"] for r in mine]),
             "seconds_to_target": interval(reach),
+            # Sample efficiency: the loss after the same number of steps.
+            "loss_at_steps": {
+                step: interval([float(loss_at(r["curve"], [step])[0]) for r in mine])
+                for step in steps
+            },
         }
         if reference is not None:
+            row["difference_to_reference_at_steps"] = {
+                step: interval([
+                    float(loss_at(r["curve"], [step])[0]
+                          - loss_at(by_key[(reference, r["seed"])]["curve"], [step])[0])
+                    for r in mine
+                ])
+                for step in steps
+            }
             fractions = []
             for r in mine:
                 ref = by_key[(reference, r["seed"])]
@@ -485,6 +506,11 @@ def results_markdown(study, rows, targets, reference, timing):
         "seeds reached it.",
         "",
     ]
+    lines += _equal_steps_table(rows, reference)
+    lines += [
+        "**At equal time** (the paper's fixed wall-clock):",
+        "",
+    ]
     header = ["family", "activated / total params", "step time (ms)", "steps",
               "final val loss", "final val loss as trained", "time to target (s)"]
     if reference is not None:
@@ -521,6 +547,30 @@ def results_markdown(study, rows, targets, reference, timing):
     return "\n".join(lines) + "\n"
 
 
+def _equal_steps_table(rows, reference):
+    steps = list(rows[0]["loss_at_steps"]) if rows else []
+    if not steps:
+        return []
+    header = ["family"] + [f"step {step}" for step in steps]
+    if reference is not None:
+        header.append(f"− {reference} at step {steps[-1]}")
+    lines = [
+        "**At equal steps** (sample efficiency): validation loss as `fit` evaluates it, "
+        "the same number of training steps (and tokens) for every family"
+        + (f"; the last column is the difference to {reference}'s, seed by seed "
+           "(negative: ahead of it)." if reference is not None else "."),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row["family"]] + [format_interval(row["loss_at_steps"][s], 3) for s in steps]
+        if reference is not None:
+            cells.append(format_interval(row["difference_to_reference_at_steps"][steps[-1]], 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _write_outputs(out, study, runs, labels, seeds, target_loss, reference, timing, verbose):
     with open(out / "curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -551,23 +601,26 @@ def plot_curves(runs, labels, path, clock):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    for label in labels:
-        curves = [r["curve"] for r in runs if r["family"] == label and r["curve"]]
-        if not curves:
-            continue
-        end = min(c[-1]["seconds"] for c in curves)
-        start = max(c[0]["seconds"] for c in curves)
-        grid = np.linspace(start, end, 100) if end > start else np.array([end])
-        mean, low, high = loss_band(curves, grid)
-        line, = axis.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
-        if len(curves) > 1:
-            axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
-    axis.set_xlabel("training seconds" + (" (paired clock)" if clock == "paired" else ""))
-    axis.set_ylabel("validation loss (nats/token)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    axis.set_title("Fixed training time: mean and min-max band over seeds")
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for axis, x in zip(axes, ("step", "seconds")):
+        for label in labels:
+            curves = [r["curve"] for r in runs if r["family"] == label and r["curve"]]
+            if not curves:
+                continue
+            end = min(c[-1][x] for c in curves)
+            start = max(c[0][x] for c in curves)
+            grid = np.linspace(start, end, 100) if end > start else np.array([end])
+            mean, low, high = loss_band(curves, grid, axis=x)
+            line, = axis.plot(grid, mean, label=f"{label} ({len(curves)} seeds)")
+            if len(curves) > 1:
+                axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+        axis.grid(alpha=0.3)
+    axes[0].set_xlabel("training steps")
+    axes[0].set_title("Equal steps (sample efficiency)")
+    axes[0].set_ylabel("validation loss (nats/token)")
+    axes[0].legend()
+    axes[1].set_xlabel("training seconds" + (" (paired clock)" if clock == "paired" else ""))
+    axes[1].set_title("Equal time: mean and min-max band over seeds")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

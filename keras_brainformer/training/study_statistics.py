@@ -1,8 +1,9 @@
-"""The statistics of a `compare` study: when a curve reaches a loss, and
-intervals over seeds and timing rounds.
+"""The statistics of a `compare` study: when a curve reaches a loss, the
+loss at equal steps, and intervals over seeds and timing rounds.
 
-A curve is a list of points `{"seconds": ..., "val_loss": ...}` in time
-order (validation loss after that many seconds of training).
+A curve is a list of points `{"step": ..., "seconds": ..., "val_loss": ...}`
+in time order (validation loss after that many steps and seconds of
+training).
 """
 
 import math
@@ -84,10 +85,10 @@ def format_interval(summary, digits=3):
     return text
 
 
-def loss_band(curves, grid):
+def loss_band(curves, grid, axis="seconds"):
     """The mean and min/max validation loss of several curves (one per seed)
-    at the seconds of `grid`, each curve interpolated linearly; a grid point
-    after the end of any curve is NaN.
+    at the `axis` values (`"seconds"` or `"step"`) of `grid`, each curve
+    interpolated linearly; a grid point after the end of any curve is NaN.
 
     Returns:
         `(mean, low, high)`, arrays shaped like `grid`.
@@ -99,13 +100,42 @@ def loss_band(curves, grid):
     >>> mean.tolist(), low.tolist(), high.tolist()
     ([4.0, nan], [3.0, nan], [5.0, nan])
     """
-    grid = np.asarray(grid, "float64")
-    rows = []
-    for points in curves:
-        seconds = np.array([p["seconds"] for p in points], "float64")
-        losses = np.array([p["val_loss"] for p in points], "float64")
-        row = np.interp(grid, seconds, losses)
-        row[(grid > seconds[-1]) | (grid < seconds[0])] = np.nan
-        rows.append(row)
-    rows = np.array(rows)  # NaN propagates: a point any curve lacks is NaN
+    rows = np.array([loss_at(points, grid, axis) for points in curves])
+    # NaN propagates: a point any curve lacks is NaN
     return rows.mean(axis=0), rows.min(axis=0), rows.max(axis=0)
+
+
+def loss_at(points, grid, axis="step"):
+    """A curve's validation loss at the `axis` values of `grid`, linearly
+    interpolated between its evaluation points; NaN outside the curve.
+
+    Example:
+    >>> curve = [{"step": 100, "val_loss": 3.0}, {"step": 300, "val_loss": 2.0}]
+    >>> loss_at(curve, [200, 300, 400]).tolist()
+    [2.5, 2.0, nan]
+    """
+    grid = np.asarray(grid, "float64")
+    where = np.array([p[axis] for p in points], "float64")
+    losses = np.array([p["val_loss"] for p in points], "float64")
+    row = np.interp(grid, where, losses)
+    row[(grid > where[-1]) | (grid < where[0])] = np.nan
+    return row
+
+
+def equal_steps(curves, count=4):
+    """Up to `count` step counts every curve has reached: `1/count, 2/count,
+    ..., 1` of the shortest curve's last step, each moved to the nearest of
+    that curve's evaluation steps.
+
+    Example:
+    >>> a = [{"step": s} for s in (50, 100, 150, 200, 250, 300)]
+    >>> b = [{"step": s} for s in (50, 100, 150, 200)]
+    >>> equal_steps([a, b], count=2)
+    [100, 200]
+    """
+    shortest = min(curves, key=lambda points: points[-1]["step"])
+    steps = np.array([p["step"] for p in shortest if p["step"] > 0])
+    if len(steps) <= count:
+        return steps.tolist()
+    wanted = steps[-1] * np.arange(1, count + 1) / count
+    return sorted({int(steps[np.abs(steps - w).argmin()]) for w in wanted})
