@@ -42,6 +42,7 @@ EXIT_ENVIRONMENT = 1
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 # keras-hub's sampler names (`keras_hub.samplers.get`).
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
 COMMANDS = (
@@ -650,11 +651,22 @@ def _preset_warnings_as_lines():
 
 
 def main(argv=None):
+    program = argv is None  # the process is the command (not a Python caller)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if "--verbose" in argv:
-        return _main(argv)
-    with _native_logs_silenced():
-        return _main(argv)
+        code = _main(argv)
+    else:
+        with _native_logs_silenced():
+            code = _main(argv)
+    if program and code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # Interrupted: the checkpoint is on disk, the logs closed and the
+        # run folder's lock released; the interpreter's teardown of
+        # TensorFlow and JAX would keep the process alive for seconds more
+        # (measured 3-8 s, 40 s under load), silently. Exit now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _main(argv):
