@@ -7,6 +7,8 @@ checksums; architecture ones, without) still load."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import h5py
@@ -240,3 +242,30 @@ def test_cli_refusals_are_one_error_line_and_checksum_records_them(copy, tmp_pat
     assert cli.main(["generate", "--preset", str(partial), "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "an incomplete preset" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_cli_subprocess_without_checksums_warns_and_refuses_foreign_weights(copy):
+    """As issue 32 measured it: `keras-brainformer generate` in its own
+    process. Flipped bytes in a folder without checksums: generates, with
+    one `warning:` line. Weights of another config: exit 2, one `error:`
+    line after the warning, no traceback (was exit 1 and a traceback)."""
+    _drop_checksums(copy)
+    _flip_400_bytes_of_the_embedding(copy)
+
+    def generate():
+        argv = [sys.executable, "-m", "keras_brainformer", "generate", "--preset", str(copy),
+                "--max-length", "8", "def "]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+    done = generate()
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: Preset folder '{copy}'"), lines
+    assert done.stdout.startswith("def")
+    shutil.copy(resolve_preset("glam_tiny_stdlib") + "/model.weights.h5", copy)
+    done = generate()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning: "), lines
+    assert lines[1].startswith(f"error: {copy / 'model.weights.h5'}: does not fit the model")
