@@ -38,6 +38,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import os
 import re
 import time
 
@@ -134,6 +135,11 @@ def tpu_devices(topology):
     nothing here."""
     generation, dims = parse_topology(topology)
     check_libtpu()
+    # libtpu lets one process at a time load it (a lock file in /tmp): a second
+    # `compile`, or a test worker, would fail with "Internal error when
+    # accessing libtpu multi-process lockfile". Describing a topology opens no
+    # TPU chip, so sharing is safe here; a value already set is kept.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # Lazy: this module of JAX loads libtpu; only TPU compilation needs it.
     from jax.experimental import topologies
 
@@ -169,6 +175,9 @@ class TpuCompileReport:
         build_rss_increase: growth of this process's peak RSS over the
             abstract build (bytes).
         peak_rss: this process's peak RSS at the end (bytes).
+        compiler_error: the compiler's out-of-memory message when it refused
+            the program (then `memory["peak"]` is the HBM it said it needed,
+            and there is no cost or collective); else "".
     """
 
     preset: str
@@ -197,6 +206,7 @@ class TpuCompileReport:
     compile_seconds: float
     build_rss_increase: int
     peak_rss: int
+    compiler_error: str = ""
 
     @property
     def peak_bytes(self):
@@ -276,6 +286,10 @@ class TpuCompileReport:
             f"{self.plan_over_peak:.2f})",
             f"fits: {'yes' if self.fits else 'NO'}, "
             f"{abs(margin) / gib:.2f} GiB {'to spare' if margin >= 0 else 'too much'}",
+        ]
+        if self.compiler_error:
+            lines.append(f"the TPU compiler refused the program: {self.compiler_error}")
+        lines += [
             "",
             f"FLOPs per chip {self.flops:.4g}, bytes accessed {self.bytes_accessed:.4g}",
         ]
@@ -401,11 +415,25 @@ def compile_train_step(
         if verbose:
             print(f"lowered in {lower_seconds:.1f} s; compiling for {topology}", flush=True)
     start = time.perf_counter()
-    compiled = lowered.compile()
+    compiler_error = ""
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # XLA's error type is not public: match its text
+        used = _out_of_memory(str(error))
+        if used is None:
+            raise
+        compiled, compiler_error = None, str(error).strip().splitlines()[0][:500]
     compile_seconds = time.perf_counter() - start
 
-    memory = _memory(compiled.memory_analysis())
-    cost = _cost(compiled.cost_analysis())
+    if compiled is None:
+        memory = {name: 0 for name in ("argument", "output", "alias", "temp",
+                                       "generated_code", "peak_beyond_arguments_outputs")}
+        memory["peak"] = used
+        cost, found = {}, {}
+    else:
+        memory = _memory(compiled.memory_analysis())
+        cost = _cost(compiled.cost_analysis())
+        found = collectives(compiled.as_text())
     counts = count_parameters(config)
     return TpuCompileReport(
         preset=preset, mesh=sizes, topology=topology, chips=len(devices),
@@ -415,7 +443,7 @@ def compile_train_step(
         peak_flops=hardware.peak("bfloat16"), flops=cost.get("flops", 0.0),
         bytes_accessed=cost.get("bytes accessed", 0.0),
         optimal_seconds=cost.get("optimal_seconds", 0.0),
-        collectives=collectives(compiled.as_text()),
+        collectives=found, compiler_error=compiler_error,
         activated_parameters=counts["activated"], total_parameters=counts["total"],
         plan_total=plan.total, build_seconds=build_seconds, lower_seconds=lower_seconds,
         compile_seconds=compile_seconds, build_rss_increase=build_rss,
@@ -462,6 +490,18 @@ def _memory(analysis):
     # them is the working memory.
     memory["peak_beyond_arguments_outputs"] = max(0, memory["peak"] - live)
     return memory
+
+
+_USED = re.compile(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm")
+
+
+def _out_of_memory(message):
+    """The bytes XLA said it needed when it refused a program for want of HBM
+    (`Used 40.12G of 31.25G hbm`), else None."""
+    match = _USED.search(message)
+    if "RESOURCE_EXHAUSTED" not in message or not match:
+        return None
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
 
 
 def _cost(analysis):

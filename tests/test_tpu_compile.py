@@ -1,0 +1,147 @@
+"""`keras-brainformer compile`: fit's real train step compiled by XLA's TPU
+compiler (libtpu) for a small Cloud TPU slice, on a machine without a TPU.
+
+The compiling tests need libtpu (`pip install -e ".[tpu]"`). Without it they
+skip, unless `KERAS_BRAINFORMER_REQUIRE_LIBTPU=1` (CI sets it), where they
+fail: a CI that lost libtpu must not pass silently. The abstract-build and
+missing-libtpu tests need no libtpu.
+"""
+
+import importlib.util
+import math
+import os
+import resource
+
+import jax
+import pytest
+
+from keras_brainformer.cli import main
+from keras_brainformer.distribution import tpu_compile
+from keras_brainformer.distribution.abstract_build import abstract_build
+from keras_brainformer.distribution.abstract_build import is_abstract
+from keras_brainformer.models import BrainformerBackbone
+from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.models.brainformer.weight_specs import weight_shapes
+
+REQUIRE_ENV = "KERAS_BRAINFORMER_REQUIRE_LIBTPU"
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TOPOLOGY = "v4:2x2x1"  # 4 TPU v4 chips, one host
+
+
+def need_libtpu():
+    if HAS_LIBTPU:
+        return
+    message = 'libtpu is not installed (pip install -e ".[tpu]")'
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {message}")
+    pytest.skip(f"{message}; set {REQUIRE_ENV}=1 to fail instead of skipping")
+
+
+def _compile(mesh, **kwargs):
+    need_libtpu()
+    # The fast tier turns XLA's optimisations off (conftest); a TPU user's
+    # compilation has them on, and the memory and collectives depend on it.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        return tpu_compile.compile_train_step(
+            get_preset_config("glam_tiny"), mesh, TOPOLOGY, batch_size=4,
+            sequence_length=64, optimizer="adafactor", preset="glam_tiny", **kwargs,
+        )
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def expert_axis_report():
+    return _compile("batch=2,expert=2")
+
+
+@pytest.fixture(scope="module")
+def gshard_report():
+    return _compile("batch=4", experts_on="batch")
+
+
+def _moe_layers():
+    config = get_preset_config("glam_tiny")
+    lm = abstract_build(lambda: BrainformerBackbone.from_config(config))
+    return len(lm.moe_layers)
+
+
+def test_fit_step_fits_and_plan_bounds_the_compiler_peak(expert_axis_report, gshard_report):
+    for report in (expert_axis_report, gshard_report):
+        assert report.device_kind == "TPU v4" and report.chips == 4
+        assert report.fits and 0 < report.peak_bytes < report.hbm_bytes
+        assert report.memory["argument"] > 0 and report.flops > 0
+        # The plan is conservative (every activation alive at once) but not
+        # wildly; at this small shape it is even under: measured 0.86 (GShard)
+        # with libtpu 0.0.42.1, batch 4 x 64.
+        assert 0.8 <= report.plan_over_peak <= 1.6, (report.mesh, report.plan_over_peak)
+    # GShard splits the expert banks 4 ways instead of 2: fewer bytes a chip.
+    assert gshard_report.memory["argument"] < expert_axis_report.memory["argument"]
+
+
+def test_gshard_layout_moves_tokens_to_experts_by_all_to_all(gshard_report):
+    # Experts on the batch axis: dispatch and combine, forward and backward,
+    # are all-to-alls (4 a MoE layer at least), and no expert bank is gathered.
+    found = gshard_report.collectives
+    assert found.get("all-to-all", {}).get("count", 0) >= 4 * _moe_layers(), found
+    assert gshard_report.has_optimal_seconds and gshard_report.steps_per_second > 0
+    assert 0 < gshard_report.mfu < 1
+
+
+def test_expert_axis_layout_gathers_expert_outputs_instead(expert_axis_report):
+    # Experts on their own axis: every device of an expert group holds the
+    # same tokens (Keras splits the input along `batch` only), so reaching an
+    # expert is a local slice and the expert outputs are all-gathered
+    # (docs/distributed_training.md); no all-to-all.
+    found = expert_axis_report.collectives
+    assert "all-to-all" not in found, found
+    assert found.get("all-gather", {}).get("count", 0) >= 2 * _moe_layers(), found
+
+
+def test_largest_preset_builds_without_allocating():
+    config = get_preset_config("qwen3_moe_235b_a22b")  # 235B parameters: 940 GB in float32
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def build():
+        return BrainformerCausalLM(BrainformerBackbone.from_config(config), preprocessor=None)
+
+    lm = abstract_build(build)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert grown < 500 * 2**20, grown
+    assert all(is_abstract(v) for v in lm.variables)
+    # Every weight there, with its exact path and shape (the analytic specs).
+    shapes = {v.path: tuple(v.shape) for v in lm.backbone.variables}
+    expected = weight_shapes(config)
+    assert {k: shapes.get(k) for k in expected} == {k: tuple(s) for k, s in expected.items()}
+    assert sum(math.prod(v.shape) for v in lm.trainable_variables) == (
+        count_parameters(config)["total"]
+    )
+
+
+def test_compile_without_libtpu_is_one_error_line(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+    )
+    code = main(["compile", "--preset", "glam_tiny", "--topology", TOPOLOGY,
+                 "--mesh", "batch=2,expert=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error:") and '".[tpu]"' in err[0], err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--topology", "v4:2x2"], "3 positive dimensions"),
+    (["--topology", "v9:2x2x1"], "Invalid TPU topology"),
+    (["--topology", TOPOLOGY, "--mesh", "batch=8"], "has 4 chips"),
+])
+def test_compile_bad_input_is_one_error_line(argv, words, capsys):
+    if "--mesh" in argv:
+        need_libtpu()  # the chip count comes from libtpu's topology
+    code = main(["compile", "--preset", "glam_tiny", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
