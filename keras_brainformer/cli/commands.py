@@ -8,6 +8,7 @@
     keras-brainformer search --budget-per-trial 60 --trials 40 --out runs/search
     keras-brainformer upcycle --preset dense_tiny_stdlib --to target.json --out runs/glam_up
     keras-brainformer convert --preset mixtral_8_7b_en --out runs/mixtral
+    keras-brainformer checksum runs/my_preset
 
 Bad input (unknown preset, missing data, a budget <= 0, a run folder of
 another model or in use by another `train`) prints one `error:` line and
