@@ -336,3 +336,27 @@ def test_history_has_one_row_per_completed_epoch_whatever_the_interruptions(tmp_
               callbacks=[EpochHistoryLogger(str(path))])
     assert epochs() == [0, 1, 2]
     assert keep_history_rows(path, 3) == 0  # nothing to drop: the file is left as is
+
+
+def test_the_preset_write_refuses_a_disk_without_room(tmp_path, monkeypatch):
+    """The preset at the end is written by keras-hub through HDF5 (which
+    segfaults on a disk that fills under it): its space is checked first,
+    and nothing is written when it is short."""
+    import collections
+    import errno
+
+    from keras_brainformer.models import BrainformerBackbone
+    from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.models import dense_transformer_layer
+    from keras_brainformer.training import trainer
+
+    lm = BrainformerCausalLM(BrainformerBackbone(
+        vocabulary_size=64, hidden_dim=16,
+        blocks=dense_transformer_layer(num_heads=2, hidden_dim=32), num_blocks=1))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: usage(1, 1, 1000))
+    with pytest.raises(OSError) as error:
+        trainer._save_preset_atomically(lm, tmp_path / "preset")
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.strerror.startswith("No space left for the preset")
+    assert list(tmp_path.iterdir()) == []

@@ -413,6 +413,30 @@ def test_an_error_under_a_progress_bar_starts_its_own_line(monkeypatch, tmp_path
     assert captured.err == "error: No space left on device while writing the checkpoint\n"
 
 
+def test_sigterm_outside_the_training_steps_releases_the_lock_and_exits_143(
+    monkeypatch, tmp_path, capsys
+):
+    """SIGTERM while the data loads or the model builds (before the steps,
+    where a checkpoint is written instead): 143 with a message and the run
+    folder's lock released (before: killed at once, the lock left)."""
+    import signal
+
+    from keras_brainformer.training import trainer
+    from keras_brainformer.training.run_lock import RunFolderLock
+
+    def terminated_while_loading(preset, out, *args, **kwargs):
+        with RunFolderLock(out):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer, "train_language_model", terminated_while_loading)
+    assert run_cli(["train", "--preset", "dense_tiny", "--out", tmp_path / "run"]) == 143
+    assert "Terminated (SIGTERM)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # lock released, the empty folder removed
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_the_summary_tells_this_invocation_from_the_run():
     from keras_brainformer.training.trainer import format_summary
 

@@ -338,6 +338,7 @@ def build_parser(only=None):
 
 def _run_train(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
+    from keras_brainformer.training.interruption import terminate_as_interrupt
     from keras_brainformer.training.trainer import train_language_model
 
     if args.out is not None and not args.out.strip():
@@ -346,7 +347,7 @@ def _run_train(args):
             "runs/<preset>."
         )
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.preset)))
-    with _errors_on_their_own_line():
+    with _errors_on_their_own_line(), terminate_as_interrupt():
         train_language_model(
             args.preset,
             out,
@@ -718,9 +719,9 @@ def _main(argv):
     except TrainingInterrupted as error:
         print(error, file=sys.stderr)
         return getattr(error, "exit_code", EXIT_INTERRUPTED)  # 143 after SIGTERM
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as error:  # also SIGTERM outside `train`'s steps: 143
+        print(f"\n{error or 'Interrupted.'}", file=sys.stderr)
+        return getattr(error, "exit_code", EXIT_INTERRUPTED)
     except (TrainingError, PresetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

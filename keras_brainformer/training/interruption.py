@@ -16,6 +16,7 @@ apart). `StopOnInterrupt` instead only records the request in its handler
 and acts at the next batch boundary, where the model is consistent.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,6 +33,41 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def exit_code(signum):
     """The shell's exit code of a process stopped by signal `signum`."""
     return 128 + int(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training steps (loading the data, building the
+    model, the evaluation and preset at the end): raised where the main
+    thread is, as SIGINT raises `KeyboardInterrupt`, so that `finally`
+    blocks run (the run folder's lock is released). `exit_code` is 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self):
+        super().__init__(
+            "Terminated (SIGTERM) outside the training steps; the checkpoints on disk are "
+            "complete. Run the same command again to continue."
+        )
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Inside: SIGTERM raises `Terminated` (a `KeyboardInterrupt`) instead
+    of killing the process at once. `StopOnInterrupt` takes over during the
+    training steps, where it stops at a step with a checkpoint instead.
+    Off the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopOnInterrupt(keras.callbacks.Callback):

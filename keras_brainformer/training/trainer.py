@@ -29,6 +29,7 @@ weights and losses as an uninterrupted run with the same seed. A kill
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import time
 
 import keras
 import keras_hub
+import numpy as np
 
 from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import make_distribution
@@ -755,6 +757,20 @@ def _save_preset_atomically(lm, directory):
     staging = directory.with_name(directory.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
+    # keras-hub's preset writer uses HDF5 on the disk, which cannot fail
+    # cleanly on a full disk (see checkpointing.py): refuse to start first.
+    needed = int(sum(
+        int(np.prod(w.shape)) * np.dtype(keras.backend.standardize_dtype(w.dtype)).itemsize
+        for w in lm.weights
+    ) * 1.05) + (8 << 20)  # the weights, and headroom for the tokenizer and configs
+    free = shutil.disk_usage(directory.parent).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left for the preset in {directory} (about {needed / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB free); nothing was written, and the run's checkpoints are "
+            "intact: free some space and rerun the same command to write it.",
+        )
     lm.save_to_preset(str(staging))
     record_checksums(staging)  # verified by from_preset before loading
     if directory.exists():
