@@ -178,6 +178,8 @@ class TpuCompileReport:
         compiler_error: the compiler's out-of-memory message when it refused
             the program (then `memory["peak"]` is the HBM it said it needed,
             and there is no cost or collective); else "".
+        custom_calls: `{target: count}` of the program's custom calls (kept to
+            study negative `optimal_seconds`: see `has_optimal_seconds`).
     """
 
     preset: str
@@ -207,6 +209,7 @@ class TpuCompileReport:
     build_rss_increase: int
     peak_rss: int
     compiler_error: str = ""
+    custom_calls: dict = dataclasses.field(default_factory=dict)
 
     @property
     def peak_bytes(self):
@@ -223,8 +226,9 @@ class TpuCompileReport:
     @property
     def has_optimal_seconds(self):
         """Whether the compiler gave a step time (it reports a negative value,
-        about -1 s, for some programs: seen so far only on meshes with an
-        `expert` axis)."""
+        for some programs: -0.999 s for glam_tiny on `batch=2,expert=2`,
+        -512.94 s for glam_100m_32e on 64 v4 chips; a guess, not checked, is
+        -1 s for each op the cost model cannot time plus the rest)."""
         return self.optimal_seconds > 0
 
     @property
@@ -429,11 +433,13 @@ def compile_train_step(
         memory = {name: 0 for name in ("argument", "output", "alias", "temp",
                                        "generated_code", "peak_beyond_arguments_outputs")}
         memory["peak"] = used
-        cost, found = {}, {}
+        cost, found, calls = {}, {}, {}
     else:
         memory = _memory(compiled.memory_analysis())
         cost = _cost(compiled.cost_analysis())
-        found = collectives(compiled.as_text())
+        text = compiled.as_text()
+        found = collectives(text)
+        calls = custom_calls(text)
     counts = count_parameters(config)
     return TpuCompileReport(
         preset=preset, mesh=sizes, topology=topology, chips=len(devices),
@@ -443,7 +449,7 @@ def compile_train_step(
         peak_flops=hardware.peak("bfloat16"), flops=cost.get("flops", 0.0),
         bytes_accessed=cost.get("bytes accessed", 0.0),
         optimal_seconds=cost.get("optimal_seconds", 0.0),
-        collectives=found, compiler_error=compiler_error,
+        collectives=found, custom_calls=calls, compiler_error=compiler_error,
         activated_parameters=counts["activated"], total_parameters=counts["total"],
         plan_total=plan.total, build_seconds=build_seconds, lower_seconds=lower_seconds,
         compile_seconds=compile_seconds, build_rss_increase=build_rss,
@@ -538,6 +544,17 @@ def collectives(hlo_text):
         entry = found.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += _shape_bytes(shape)
+    return found
+
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def custom_calls(hlo_text):
+    """`{target: count}` of the custom calls in compiled HLO text."""
+    found = {}
+    for target in _CUSTOM_CALL.findall(hlo_text):
+        found[target] = found.get(target, 0) + 1
     return found
 
 
