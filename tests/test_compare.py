@@ -30,6 +30,8 @@ SMALL = dict(sequence_length=32, batch_size=4, eval_every=3, max_corpus_bytes=15
         ({"reference": "primer_tiny"}, "Unknown reference family 'primer_tiny'"),
         ({"target_loss": -1.0}, "`target_loss` must be a loss > 0"),
         ({"eval_every": 0}, "`eval_every` must be a positive integer"),
+        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"steps": 2.5}, "`steps` must be a positive integer"),
         ({"sequence_length": 4096}, "longer than the model's max_sequence_length"),
     ],
 )
@@ -186,6 +188,23 @@ def test_seeded_study_writes_every_output_and_resumes_exactly(tmp_path, capsys):
                                [p["val_loss"] for p in before["curve"]], rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_an_equal_steps_study_trains_every_family_the_same_steps(tmp_path):
+    out = tmp_path / "steps"
+    runs = compare_families(("dense_tiny", "glam_tiny"), out=out, steps=7, seeds=(0,),
+                            **SMALL)
+    assert [(r["family"], r["steps"]) for r in runs] == [("dense_tiny", 7), ("glam_tiny", 7)]
+    # Points at every eval_every steps and at the last step; times measured.
+    assert [p["step"] for p in runs[1]["curve"]] == [3, 6, 7]
+    assert all(p["seconds"] > 0 for p in runs[1]["curve"])
+    assert not (out / "step_times.json").exists()  # no paired timing
+    study = json.loads((out / "study.json").read_text())
+    assert (study["clock"], study["steps"], study["budget_seconds"]) == ("steps", 7, None)
+    table = (out / "results.md").read_text()
+    assert "Budget: 7 steps per family" in table and "equal steps: every family" in table
+    assert "| family | step 3 | step 6 | step 7 |" in table
+
+
 def test_command_line_reaches_every_study_option(monkeypatch, tmp_path):
     from keras_brainformer.cli.commands import main
 
@@ -203,6 +222,10 @@ def test_command_line_reaches_every_study_option(monkeypatch, tmp_path):
     assert (seen["timing_rounds"], seen["timing_steps"]) == (2, 4)
     assert seen["target_loss"] == 5.5 and seen["reference"] is None and seen["overwrite"]
     assert seen["config"].data_paths == (str(corpus),) and seen["config"].tokenizer == "byte"
+    assert seen["steps"] is None
+    assert main(["compare", "--families", "dense_tiny", "--steps", "600",
+                 "--out", str(tmp_path / "o2")]) == 0
+    assert seen["steps"] == 600
 
 
 def test_small_families_share_the_byte_tokenizer_of_their_folders():

@@ -203,7 +203,7 @@ def build_parser(only=None):
         help="train several families for the same training time, per seed, and compare",
         description="The paper's fixed-wall-clock evaluation as a study: every family (a "
         "preset name or folder) trains for the same seconds on the same data, once per "
-        "seed; results per seed and over seeds (mean, 95 %% interval) of the final loss, "
+        "seed; results per seed and over seeds (mean, 95 % interval) of the final loss, "
         "the step time and the time to reach a target loss and the reference family's "
         "final loss. The default paired clock times every family's step side by side and "
         "trains each for budget / step time steps, fair on a shared machine. Rerun the "
@@ -221,6 +221,11 @@ def build_parser(only=None):
     compare.add_argument(
         "--budget", type=positive_float, default=60.0,
         help="seconds of training per family and seed",
+    )
+    compare.add_argument(
+        "--steps", type=positive_int, default=None,
+        help="instead of --budget: train every family for exactly this many steps (equal "
+        "steps, sample efficiency; times are each family's measured steps)",
     )
     compare.add_argument("--out", default="runs/compare")
     compare.add_argument(

@@ -124,10 +124,12 @@ def compare_families(
     reference="auto",
     overwrite=False,
     verbose=1,
+    steps=None,
     **training,
 ):
-    """Trains each family for `budget` seconds of training per seed on the
-    same data and writes the study's outputs to `out` (module docstring).
+    """Trains each family for `budget` seconds of training per seed (or for
+    `steps` steps) on the same data and writes the study's outputs to `out`
+    (module docstring).
 
     Args:
         families: preset names or folders (at least one).
@@ -149,6 +151,10 @@ def compare_families(
             family whose name starts with `glam`, if any; None: none.
         overwrite: replace a study in `out` made with other settings.
         verbose: 0 silent, 1 progress.
+        steps: instead of a time budget, train every family for exactly
+            this many steps (equal steps: sample efficiency; the clock
+            is then `"steps"`, times are each family's measured steps and
+            `budget` is not used).
         **training: `TrainingConfig` fields replacing those of `config`.
 
     Returns:
@@ -157,6 +163,10 @@ def compare_families(
     config = TrainingConfig.create(config, **training)
     families = tuple(str(f) for f in families or ())
     seeds = tuple(seeds) if seeds else (config.seed,)
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise TrainingError(f"`steps` must be a positive integer. Received: steps={steps!r}")
+        budget, clock = None, "steps"
     _check_arguments(families, budget, seeds, eval_every, clock, timing_rounds, timing_steps,
                      target_loss)
     labels = [family_label(f) for f in families]
@@ -177,6 +187,7 @@ def compare_families(
     study = {
         "families": list(families),
         "budget_seconds": budget,
+        "steps": steps,
         "clock": clock,
         "eval_every": eval_every,
         "timing_rounds": timing_rounds,
@@ -207,11 +218,14 @@ def compare_families(
                     print(f"{label}, seed {seed}: done earlier ({path})", flush=True)
                 continue
             if verbose:
-                print(f"\n=== {label}, seed {seed}: {budget:g} s of training "
-                      f"({clock} clock) ===", flush=True)
+                length = f"{steps} steps" if steps else f"{budget:g} s of training ({clock} clock)"
+                print(f"\n=== {label}, seed {seed}: {length} ===", flush=True)
+            run_steps = steps
+            if step_seconds:  # paired clock: budget / the family's step time
+                run_steps = max(1, round(budget / step_seconds[label]))
             run = _train_one(preset, label, seed, data, config, budget, eval_every,
                              step_seconds and step_seconds[label], model_configs[preset],
-                             verbose)
+                             verbose, run_steps)
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_json_atomically(path, run)
             runs.append(run)
@@ -225,7 +239,9 @@ def _check_arguments(families, budget, seeds, eval_every, clock, timing_rounds, 
                      target_loss):
     if not families:
         raise TrainingError("`families` is empty: name at least one preset.")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+    if clock == "steps":
+        pass  # a step count, checked by the caller
+    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise TrainingError(f"`budget` must be > 0 seconds. Received: budget={budget!r}")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -236,7 +252,7 @@ def _check_arguments(families, budget, seeds, eval_every, clock, timing_rounds, 
                         ("timing_steps", timing_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise TrainingError(f"`{name}` must be a positive integer. Received: {value!r}")
-    if clock not in CLOCKS:
+    if clock not in CLOCKS and clock != "steps":
         raise TrainingError(f"Unknown clock {clock!r}. Allowed: 'paired', 'wall'.")
     if target_loss is not None and not (
         isinstance(target_loss, (int, float)) and math.isfinite(target_loss)
@@ -356,15 +372,13 @@ def _paired_timing(out, families, labels, data, config, rounds, steps, verbose):
 
 
 def _train_one(preset, label, seed, data, config, budget, eval_every, step_seconds,
-               model_config, verbose):
+               model_config, verbose, steps=None):
     lm = _build(preset, seed, config)
-    if step_seconds is not None:  # paired clock: a step count
-        steps = max(1, round(budget / step_seconds))
+    if steps is not None:  # a step count: the paired clock's, or equal steps
         recorder = CurveRecorder(math.inf, config.tokens_per_batch, step_seconds)
         epochs, last = divmod(steps, eval_every)
         phases = [(eval_every, epochs)] + ([(last, 1)] if last else [])
     else:
-        steps = None
         recorder = CurveRecorder(budget, config.tokens_per_batch)
         phases = [(eval_every, 100_000)]  # the budget, not the epoch count, ends it
     validation = data.validation_dataset(config.batch_size, max_batches=config.validation_batches)
@@ -475,14 +489,20 @@ def summarise(runs, labels, seeds, target_loss=None, reference=None):
 
 def results_markdown(study, rows, targets, reference, timing):
     seeds = study["seeds"]
-    clock = (
-        f"paired clock: each family trained for budget / its step time steps, the step times "
-        f"measured side by side ({study['timing_rounds']} rounds × {study['timing_steps']} "
-        "steps, rotating order), time = steps × step time"
-        if study["clock"] == "paired"
-        else "wall clock: each family trained for the budget of its own measured step time "
-        "(compilation excluded)"
-    )
+    if study["clock"] == "paired":
+        clock = (
+            "paired clock: each family trained for budget / its step time steps, the step "
+            f"times measured side by side ({study['timing_rounds']} rounds × "
+            f"{study['timing_steps']} steps, rotating order), time = steps × step time"
+        )
+    elif study["clock"] == "wall":
+        clock = ("wall clock: each family trained for the budget of its own measured step "
+                 "time (compilation excluded)")
+    else:
+        clock = ("equal steps: every family trained the same number of steps, time = its "
+                 "own measured steps (compilation excluded)")
+    budget = (f"{study['steps']} steps" if study["clock"] == "steps"
+              else f"{study['budget_seconds']:g} s of training")
     target = (
         f"the target loss {study['target_loss']:g}"
         if study["target_loss"] is not None
@@ -491,7 +511,7 @@ def results_markdown(study, rows, targets, reference, timing):
     )
     training = study["training"]
     lines = [
-        f"Budget: {study['budget_seconds']:g} s of training per family and seed; seeds "
+        f"Budget: {budget} per family and seed; seeds "
         f"{', '.join(map(str, seeds))}; {clock}. Backend {study['backend']}; tokenizer "
         f"{training['tokenizer']}; data {training['data_paths'] or 'the embedded corpus'}; "
         f"batch {training['batch_size']} × {training['sequence_length']} tokens; "
@@ -640,4 +660,5 @@ def run_compare(args):
         target_loss=args.target_loss,
         reference=None if args.reference == "none" else args.reference,
         overwrite=args.overwrite,
+        steps=args.steps,
     )
