@@ -197,6 +197,14 @@ def test_an_equal_steps_study_trains_every_family_the_same_steps(tmp_path):
     # Points at every eval_every steps and at the last step; times measured.
     assert [p["step"] for p in runs[1]["curve"]] == [3, 6, 7]
     assert all(p["seconds"] > 0 for p in runs[1]["curve"])
+    # The routers' statistics ride along an MoE family's curve (0 < entropy
+    # <= log E), never a dense one's.
+    assert all(0 < p["router_entropy"] <= math.log(8) + 1e-6 and p["load_cv"] >= 0
+               for p in runs[1]["curve"])
+    assert not any("router_entropy" in p for p in runs[0]["curve"])
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["router_entropy"] and not rows[0]["router_entropy"]
     assert not (out / "step_times.json").exists()  # no paired timing
     study = json.loads((out / "study.json").read_text())
     assert (study["clock"], study["steps"], study["budget_seconds"]) == ("steps", 7, None)

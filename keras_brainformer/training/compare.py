@@ -25,7 +25,9 @@ study killed half way with the runs it has; more `--seeds` extend it):
     study.json        the settings (a rerun with others is refused)
     step_times.json   the paired timing (per family and round)
     runs/<family>/seed-<s>.json   one run: curve, final losses, steps
-    curves.csv        family, seed, step, seconds, tokens, train_loss, val_loss
+    curves.csv        family, seed, step, seconds, tokens, train_loss, val_loss,
+                      and for MoE families the routers' epoch means
+                      (router_entropy in nats, load_cv, dropped_fraction)
     runs.csv          one row per (family, seed)
     results.md        per family over seeds, mean and 95 % interval: first
                       the validation loss at equal steps (sample
@@ -72,7 +74,12 @@ from keras_brainformer.training.trainer import preset_model_config
 CLOCKS = ("paired", "wall")
 STUDY_FILE = "study.json"
 TIMING_FILE = "step_times.json"
-CSV_FIELDS = ("family", "seed", "step", "seconds", "tokens", "train_loss", "val_loss")
+CSV_FIELDS = ("family", "seed", "step", "seconds", "tokens", "train_loss", "val_loss",
+              "router_entropy", "load_cv", "dropped_fraction")
+# The routers' statistics of an MoE family's curve point: `fit`'s epoch
+# means (all MoE layers averaged) under the names of the curve.
+_ROUTER_LOGS = {"router_entropy": "moe_router_entropy", "load_cv": "moe_load_cv",
+                "dropped_fraction": "moe_dropped_fraction"}
 # Settings a study can be extended in without invalidating its runs.
 _EXTENSIBLE = ("seeds", "target_loss", "reference")
 
@@ -105,6 +112,8 @@ class CurveRecorder(StepClock):
                 "tokens": self.steps * self.tokens_per_batch,
                 "train_loss": float(logs.get("loss", math.nan)),
                 "val_loss": float(logs.get("val_loss", math.nan)),
+                **{key: float(logs[name]) for key, name in _ROUTER_LOGS.items()
+                   if name in logs},
             }
         )
 
