@@ -281,3 +281,36 @@ def test_too_small_corpus_is_a_clear_error(tmp_path):
         build_language_model_data(
             BrainformerByteTokenizer(), 512, paths=[str(tmp_path)], verbose=False
         )
+
+
+def test_the_fingerprint_says_what_changed_between_two_corpora(tmp_path):
+    """What a resume compares (`data.json`): the same files give the same
+    fingerprint; an edited, an added and a removed file are named, with the
+    splits' sizes."""
+    from keras_brainformer.training.corpus import data_changes
+
+    def data():
+        return build_language_model_data(
+            BrainformerByteTokenizer(), 16, paths=str(tmp_path), verbose=False
+        )
+
+    for i in range(40):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i} " * 20)
+    first = data().fingerprint()
+    assert data_changes(first, data().fingerprint()) == []
+    assert data_changes(first, json_roundtrip(first)) == []  # as read back from data.json
+    (tmp_path / "doc03.txt").write_text("edited " * 50)
+    (tmp_path / "doc40.txt").write_text("added " * 50)
+    (tmp_path / "doc05.txt").unlink()
+    changes = data_changes(first, data().fingerprint())
+    assert any(c.startswith("the train split went from") or c.startswith("the validation split")
+               for c in changes), changes
+    names = {c.split(": ")[0]: c.split(": ")[1] for c in changes if ": " in c}
+    assert names["edited"].endswith("doc03.txt") and names["added"].endswith("doc40.txt")
+    assert names["removed"].endswith("doc05.txt")
+
+
+def json_roundtrip(value):
+    import json
+
+    return json.loads(json.dumps(value))
