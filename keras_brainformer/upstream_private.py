@@ -10,6 +10,9 @@ tokenizer or the distributed search.
 keras-hub (imported with the package):
     register_presets: adds preset folders to a class's `presets` registry, so
         keras-hub's generic `from_preset` finds them by name.
+    load_preset_json: a preset's `config.json` (a registered name, a handle
+        or a folder), fetching that file only: `convert` reads the backbone
+        class and config from it to size the model before building it.
     canonicalize_python_token_inputs, convert_to_ragged_batch,
     preprocessing_function: the input conversion keras-hub's own tokenizers
         apply (Python lists, tensors of any backend, `tf.data` tracing).
@@ -38,6 +41,7 @@ import io
 
 from keras.src.saving import saving_lib as _keras_saving_lib
 from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
+from keras_hub.src.utils.preset_utils import load_json as load_preset_json
 from keras_hub.src.utils.preset_utils import register_presets
 from keras_hub.src.utils.tensor_utils import canonicalize_python_token_inputs
 from keras_hub.src.utils.tensor_utils import convert_to_ragged_batch
@@ -47,6 +51,7 @@ from keras_hub.src.utils.tensor_utils import tf
 __all__ = [
     "QwenSparseMoeBlock",
     "canonicalize_python_token_inputs",
+    "load_preset_json",
     "convert_to_ragged_batch",
     "keras_tuner_distribution",
     "preprocessing_function",

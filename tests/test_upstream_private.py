@@ -113,3 +113,11 @@ def test_qwen_sparse_moe_block_is_the_shared_expert_reference():
     }
     out, logits = block(np.ones((1, 2, 4), "float32"))
     assert tuple(out.shape) == (1, 2, 4) and tuple(logits.shape) == (2, 2)
+
+
+def test_load_preset_json_reads_a_zoo_preset_config_by_name_without_building():
+    params = list(inspect.signature(upstream_private.load_preset_json).parameters)
+    assert params[0] == "preset"
+    data = upstream_private.load_preset_json("mixtral_8x7b")  # a registered zoo name
+    assert data["class_name"] == "BrainformerBackbone"
+    assert data["config"]["hidden_dim"] == 4096

@@ -23,6 +23,7 @@ exits with 1 when the plan does not fit.
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -431,6 +432,7 @@ def _run_generate(args):
             "presets`) nor a preset folder with a config.json (a `train` run's preset is "
             "in RUN/preset)."
         )
+    _check_preset_fits_in_memory(args.preset, "Loading")
     lm = BrainformerCausalLM.from_preset(args.preset)
     if lm.preprocessor is None:
         raise TrainingError(
@@ -469,6 +471,7 @@ def _run_checksum(args):
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PresetWarning)  # what this command fixes
+        _check_preset_fits_in_memory(folder, "Checking")
         # Refuses changed recorded files, a damaged or foreign weights file.
         BrainformerBackbone.from_preset(folder)
     files = record_checksums(folder)
@@ -476,6 +479,98 @@ def _run_checksum(args):
         f"Recorded the sha256 of {len(files)} files in {os.path.join(folder, 'metadata.json')}; "
         "from_preset, generate and train now refuse a preset folder in which any of them "
         "changed."
+    )
+
+
+def _sizing_advice(preset):
+    """What the memory refusals of `convert`, `upcycle`, `generate` and
+    `checksum` suggest: the commands that size `preset` without building it."""
+    return (
+        f"Use a machine with more memory: `keras-brainformer plan --preset {preset}` "
+        "sizes it per device on a mesh (add --device-memory), and `keras-brainformer "
+        f"compile --preset {preset} --topology ...` compiles its training step for a TPU "
+        "slice (docs/tpu.md)."
+    )
+
+
+def _check_preset_fits_in_memory(preset, doing, copies=1):
+    """Refuses (one `error:` line, before anything is built or written) to
+    build the zoo preset or preset folder `preset` when `copies` models of its
+    size need more memory than this machine can give. A handle keras-hub
+    downloads, or a folder without a Brainformer `config.json`, is left to the
+    loader (which reports it)."""
+    from keras_brainformer.distribution.memory_plan import check_memory_available
+    from keras_brainformer.distribution.memory_plan import weight_bytes
+    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+
+    path = os.path.join(str(resolve_preset(preset)), "config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("class_name") != "BrainformerBackbone":
+            return
+        needed = copies * weight_bytes(data["config"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # not a preset folder, or a config the loader will refuse by name
+    what = "its weights" if copies == 1 else f"{copies} models of its size at once"
+    check_memory_available(
+        needed, f"{doing} {preset!r}", f"({what})", _sizing_advice(preset)
+    )
+
+
+def _check_conversion_fits_in_memory(preset, max_sequence_length):
+    """Before keras-hub builds `preset`: refuses a class the conversion does
+    not take (nothing is built), and a model whose two copies (keras-hub's
+    and the Brainformer one, alive together while the weights are copied)
+    need more memory than this machine can give. Reads only the preset's
+    `config.json`."""
+    from keras_brainformer.distribution.memory_plan import check_memory_available
+    from keras_brainformer.distribution.memory_plan import weight_bytes
+    from keras_brainformer.models.brainformer import keras_hub_conversion as conversion
+    from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
+
+    try:
+        class_name, config = conversion.keras_hub_preset_config(preset)
+    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError):
+        return  # `_load_keras_hub_preset` reports a preset it cannot load
+    family = conversion.KERAS_HUB_FAMILIES.get(class_name)
+    if family is None:
+        original = {name: entry[0] for name, entry in KERAS_HUB_ARCHITECTURES.items()}
+        hint = ""
+        if str(preset) in original:
+            hint = (
+                f"; {preset!r} is the zoo's architecture preset of keras-hub's "
+                f"{original[str(preset)]!r}: `keras-brainformer convert --preset "
+                f"{original[str(preset)]}` converts the original"
+            )
+        raise TrainingError(
+            f"Cannot convert {preset!r}: it is a {class_name} preset; convert takes a "
+            f"keras-hub backbone of one of the classes {tuple(conversion.KERAS_HUB_FAMILIES)}"
+            f"{hint}."
+        )
+    try:
+        target = conversion.brainformer_config_from_keras_hub(
+            config, family, max_sequence_length
+        )
+        needed = 2 * weight_bytes(target)
+    except (ValueError, TypeError, KeyError):
+        return  # the conversion itself refuses it, by name
+    sizing = next(
+        (name for name, entry in KERAS_HUB_ARCHITECTURES.items() if entry[0] == str(preset)),
+        None,
+    )
+    advice = (
+        _sizing_advice(sizing)
+        if sizing
+        else "Use a machine with more memory; once converted, `keras-brainformer plan "
+        "--preset OUT` and `keras-brainformer compile --preset OUT --topology ...` size "
+        "its training."
+    )
+    check_memory_available(
+        needed,
+        f"Converting {preset!r} ({class_name})",
+        "(keras-hub's model and its Brainformer copy, alive together)",
+        advice,
     )
 
 
@@ -509,6 +604,7 @@ def _run_convert(args):
         preset_writing.check_output_folder(args.out, args.overwrite)
     except ValueError as error:
         raise TrainingError(f"{error} (--out, --overwrite)") from None
+    _check_conversion_fits_in_memory(args.preset, args.max_sequence_length)
     backbone, preprocessor = _load_keras_hub_preset(args.preset)
     try:
         converted = BrainformerBackbone.from_keras_hub(backbone, args.max_sequence_length)
@@ -547,6 +643,7 @@ def _run_upcycle(args):
     if args.expert_noise < 0:
         raise TrainingError(f"--expert-noise must be >= 0. Received: {args.expert_noise}")
     try:
+        _check_upcycle_fits_in_memory(args.preset, args.to)
         lm = BrainformerCausalLM.from_preset(args.preset)
         target = upcycling.target_block_specs(args.to, lm.backbone.get_config())
         upcycled = upcycling.upcycle(
@@ -574,6 +671,29 @@ def _run_upcycle(args):
     print(
         f"Upcycled {args.preset} into {out}: {summary['num_blocks'] or len(summary['blocks'])} "
         f"blocks, {moe} MoE sublayers, {upcycled.backbone.count_params():,} parameters."
+    )
+
+
+def _check_upcycle_fits_in_memory(preset, to):
+    """Refuses (one `error:` line) an upcycling whose dense model and MoE
+    target, alive together, need more memory than this machine can give;
+    from the configs alone, before either is built."""
+    from keras_brainformer.distribution.memory_plan import check_memory_available
+    from keras_brainformer.distribution.memory_plan import weight_bytes
+    from keras_brainformer.models.brainformer import upcycling
+    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+
+    try:
+        with open(os.path.join(str(resolve_preset(preset)), "config.json")) as f:
+            source = json.load(f)["config"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # `from_preset` reports a preset it cannot load
+    target = upcycling.upcycled_config(source, upcycling.target_block_specs(to, source))
+    check_memory_available(
+        weight_bytes(source) + weight_bytes(target),
+        f"Upcycling {preset!r}",
+        "(the dense model and its MoE target, alive together)",
+        _sizing_advice(preset),
     )
 
 

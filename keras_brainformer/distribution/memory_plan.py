@@ -51,6 +51,7 @@ import math
 import re
 
 from keras_brainformer.distribution.mesh import parse_mesh_spec
+from keras_brainformer.errors import TrainingError
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
@@ -604,4 +605,50 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
         optimizer_breakdown=optimizer_groups,
         activation_breakdown=activations,
         shards=shards,
+    )
+
+
+def weight_bytes(config, dtype=None):
+    """Bytes of every weight of `BrainformerBackbone(**config)` in one
+    process (no mesh): what building the model allocates.
+
+    Example:
+    >>> from keras_brainformer.models.brainformer.brainformer_presets import (
+    ...     get_preset_config)
+    >>> round(weight_bytes(get_preset_config("glam_8b_64e")) / 1e9)
+    575
+    """
+    return sum(s.local_bytes for s in shard_weights(config, {"batch": 1}, dtype=dtype).values())
+
+
+def available_memory_bytes():
+    """Memory this machine can still give (Linux `MemAvailable`), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory_available(needed, subject, purpose, advice):
+    """Refuses, before anything is allocated or written, work that needs more
+    memory than this machine can still give, instead of letting the kernel
+    kill the process (exit 137, no message). The one check that `train`,
+    `convert`, `upcycle`, `generate` and `checksum` run.
+
+    Raises a `TrainingError` (one line: `"{subject} needs about X GB of
+    memory {purpose}, more than the Y GB available. {advice}"`) when `needed`
+    bytes exceed `available_memory_bytes()`; does nothing where that is
+    unknown.
+    """
+    available = available_memory_bytes()
+    if available is None or needed <= available:
+        return
+    raise TrainingError(
+        f"{subject} needs about {needed / 1e9:.1f} GB of memory {purpose}, more than "
+        f"the {available / 1e9:.1f} GB available. {advice}"
     )

@@ -42,6 +42,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from keras_brainformer.distribution import memory_plan
 from keras_brainformer.upstream_private import weights_to_h5_bytes
 
 WEIGHTS_FILE = "checkpoint.weights.h5"
@@ -98,18 +99,6 @@ def _write_file(path, data):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _available_memory_bytes():
-    """Memory this machine can still give (Linux `MemAvailable`), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _fsync_tree(folder):
@@ -232,7 +221,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
             )
 
     def _write_weights(self, path, needed):
-        available = _available_memory_bytes()
+        available = memory_plan.available_memory_bytes()
         if available is not None and needed > available // 4:
             # Too large to hold a copy in memory: HDF5 writes it (the free
             # space was checked; a disk filled meanwhile is not recoverable).

@@ -41,6 +41,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from keras_brainformer.distribution.memory_plan import check_memory_available
 from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
@@ -620,26 +621,11 @@ def compile_language_model(
     lm.optimizer.build(lm.trainable_variables)
 
 
-def _available_memory_bytes():
-    """Memory this machine can still give (Linux `MemAvailable`), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_step_fits_in_memory(model_config, config, mixed_bfloat16):
     """Refuses a batch whose training step cannot fit in this machine's
     memory (the analytic plan of `keras-brainformer plan`: weights,
     gradients, optimizer state, activations), before anything is written,
     instead of letting the process be killed mid-run."""
-    available = _available_memory_bytes()
-    if available is None:
-        return
     plan = plan_memory(
         model_config,
         {"batch": 1},
@@ -648,14 +634,13 @@ def _check_step_fits_in_memory(model_config, config, mixed_bfloat16):
         dtype="mixed_bfloat16" if mixed_bfloat16 else "float32",
         optimizer=config.optimizer,
     )
-    if plan.total > available:
-        raise TrainingError(
-            f"--batch-size {config.batch_size} with --sequence-length "
-            f"{config.sequence_length} needs about "
-            f"{plan.total / 1e9:.1f} GB of memory for one training step (weights, optimizer "
-            f"state, activations; see `keras-brainformer plan`), more than the "
-            f"{available / 1e9:.1f} GB available. Use a smaller --batch-size."
-        )
+    check_memory_available(
+        plan.total,
+        f"--batch-size {config.batch_size} with --sequence-length {config.sequence_length}",
+        "for one training step (weights, optimizer state, activations; see "
+        "`keras-brainformer plan`)",
+        "Use a smaller --batch-size.",
+    )
 
 
 def _as_text(value):

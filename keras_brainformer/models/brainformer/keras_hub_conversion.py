@@ -49,6 +49,7 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.upstream_private import load_preset_json
 
 # keras-hub backbone class name -> family name.
 KERAS_HUB_FAMILIES = {
@@ -78,6 +79,15 @@ def keras_hub_family(backbone):
         "Expected a keras-hub backbone of one of the classes "
         f"{tuple(KERAS_HUB_FAMILIES)}. Received: {type(backbone).__name__}"
     )
+
+
+def keras_hub_preset_config(preset):
+    """`(class_name, config)` of the backbone in keras-hub preset `preset`
+    (a keras-hub or zoo preset name, a handle or a folder), from its
+    `config.json` alone: no weights are read or downloaded, nothing is built.
+    Raises what keras-hub raises for a preset it cannot find."""
+    data = load_preset_json(preset)
+    return data.get("class_name"), data.get("config") or {}
 
 
 def _refuse(family, option, value, allowed):

@@ -383,14 +383,7 @@ def upcycle(
     _check_something_is_upcycled(source_positions, target_positions)
 
     # === The target, with the source's backbone fields ===
-    target_config = {
-        key: value for key, value in config.items() if key not in ("name", "trainable")
-    }
-    if all(spec == specs[0] for spec in specs):
-        target_config.update(blocks=specs[0].to_dict(), num_blocks=len(specs))
-    else:
-        target_config.update(blocks=[s.to_dict() for s in specs], num_blocks=None)
-    upcycled = BrainformerBackbone(**target_config)
+    upcycled = BrainformerBackbone(**upcycled_config(config, specs))
 
     # === Copy what has a counterpart ===
     rng = np.random.default_rng(seed)
@@ -418,6 +411,20 @@ def upcycle(
     if lm is None:
         return upcycled
     return BrainformerCausalLM(upcycled, preprocessor=lm.preprocessor)
+
+
+def upcycled_config(source_config, specs):
+    """The backbone config of the upcycled model: the source's backbone
+    fields with `specs` (one `BlockSpec` per block) as its blocks. Builds
+    nothing (`upcycle` builds it; the CLI sizes its memory first)."""
+    target_config = {
+        key: value for key, value in source_config.items() if key not in ("name", "trainable")
+    }
+    if all(spec == specs[0] for spec in specs):
+        target_config.update(blocks=specs[0].to_dict(), num_blocks=len(specs))
+    else:
+        target_config.update(blocks=[s.to_dict() for s in specs], num_blocks=None)
+    return target_config
 
 
 def glam_target(source_config, num_experts, k=2, capacity_factor=None, **moe_fields):
