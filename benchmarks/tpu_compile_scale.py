@@ -3,8 +3,10 @@
 Each row runs `keras-brainformer compile ... --json` in its own process (so
 one compilation's memory is returned before the next) and appends the JSON
 object to `--out` (JSON lines); then a table: XLA's peak memory per chip
-against `plan`'s, `optimal_seconds`, steps/s and each family's steps/s over
-GLaM's. Needs libtpu (`pip install -e ".[tpu]"`).
+against `plan`'s, the compiler's cost-model step time (`estimated_seconds`:
+`optimal_seconds` with the -1 s of each uncosted custom call taken back out;
+docs/tpu.md), steps/s and each family's steps/s over GLaM's, also by the
+roofline of the compiler's FLOPs and bytes. Needs libtpu (`pip install -e ".[tpu]"`).
 
     PYTHONPATH=. python benchmarks/tpu_compile_scale.py --set 100m --out runs/tpu_100m.jsonl
     PYTHONPATH=. python benchmarks/tpu_compile_scale.py --set 8b --out runs/tpu_8b.jsonl
@@ -63,25 +65,31 @@ def table(rows):
         if "error" not in r and r["preset"].startswith("glam_") and "_ec_" not in r["preset"]:
             glam[(r["topology"], json.dumps(r["mesh"]), r["fsdp"])] = r
     print("| preset | slice | mesh | fsdp | batch | XLA peak GiB | plan GiB | plan / XLA | "
-          "fits | optimal ms | steps/s | MFU | vs GLaM steps/s | compile s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+          "fits | optimal_seconds | ConcatBitcast | cost model ms | steps/s | MFU | "
+          "vs GLaM steps/s | roofline ms | vs GLaM (roofline) | compile s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| `{r['preset']}` | error: {r['error'][:120]} |")
             continue
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
         g = glam.get((r["topology"], json.dumps(r["mesh"]), r["fsdp"]))
-        ratio = ""
-        if g and r["steps_per_second"] and g["steps_per_second"]:
+        ratio = roof_ratio = ""
+        if g and r.get("steps_per_second") and g.get("steps_per_second"):
             ratio = f"{r['steps_per_second'] / g['steps_per_second']:.2f}"
-        opt = f"{r['optimal_seconds'] * 1e3:.1f}" if r["steps_per_second"] else "n/a"
+        if g and r.get("roofline_seconds") and g.get("roofline_seconds"):
+            roof_ratio = f"{g['roofline_seconds'] / r['roofline_seconds']:.2f}"
+        est = r.get("estimated_seconds")
+        opt = f"{est * 1e3:.1f}" if est else "n/a"
+        roof = f"{r['roofline_seconds'] * 1e3:.1f}" if r.get("roofline_seconds") else "n/a"
         sps = f"{r['steps_per_second']:.2f}" if r["steps_per_second"] else "n/a"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
         print(
             f"| `{r['preset']}` | {r['topology']} | `{mesh}` | {'on' if r['fsdp'] else 'off'} | "
             f"{r['batch_size']} | {r['peak_bytes'] / gib:.2f} | {r['plan_total'] / gib:.2f} | "
-            f"{r['plan_over_peak']:.2f} | {'yes' if r['fits'] else 'no'} | {opt} | {sps} | "
-            f"{mfu} | {ratio} | {r['compile_seconds']:.0f} |"
+            f"{r['plan_over_peak']:.2f} | {'yes' if r['fits'] else 'no'} | "
+            f"{r['optimal_seconds']:.4g} | {r.get('uncosted_custom_calls', '?')} | {opt} | "
+            f"{sps} | {mfu} | {ratio} | {roof} | {roof_ratio} | {r['compile_seconds']:.0f} |"
         )
 
 

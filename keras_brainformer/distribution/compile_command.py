@@ -11,10 +11,13 @@ Builds the model without allocating a weight (`abstract_build.py`), lowers
 Keras' JAX train step under the same `keras.distribution` as `train --mesh`
 and compiles it with libtpu (`tpu_compile.py`). Prints, per chip, the
 compiler's peak memory against the chip's HBM, the argument / working split,
-FLOPs, bytes accessed, `optimal_seconds` (steps/s, tokens/s, MFU), the
-collectives of the partitioned program and the compile time; `--json` prints
-one object. Exit codes: 0 when the step fits the chip's HBM, 1 when it does
-not or when libtpu is missing (one `error:` line naming the install command),
+FLOPs, bytes accessed, `optimal_seconds` as the compiler returns it (-1 s for
+each custom call its cost model cannot time), the cost model's step time with
+those taken back out (steps/s, tokens/s, MFU; a model, not a measurement:
+docs/tpu.md), the roofline of the FLOPs and bytes, the collectives of the
+partitioned program and the compile time; `--json` prints one object. Exit
+codes: 0 when the step fits the chip's HBM, 1 when it does not or when libtpu
+is missing (one `error:` line naming the install command),
 2 on bad input (one `error:` line).
 """
 

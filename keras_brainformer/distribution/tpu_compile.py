@@ -26,8 +26,21 @@ What it does, in the order `keras-brainformer train --mesh` would:
    update and the metrics.
 5. `.compile()`: XLA's TPU compiler. Its `memory_analysis()` (per chip),
    `cost_analysis()` (per chip: FLOPs, bytes accessed, `optimal_seconds`, the
-   compiler's own estimate of the step time) and the collectives of the
-   partitioned program (`as_text()`) make the `TpuCompileReport`.
+   compiler's cost model's time) and the collectives of the partitioned
+   program (`as_text()`) make the `TpuCompileReport`.
+
+`optimal_seconds` is XLA's `HloCostAnalysis` total: a per-op roofline (each
+op's time is the larger of its FLOPs at the chip's peak and its bytes at HBM
+bandwidth; collectives count as HBM traffic, the interconnect is not
+modelled), summed over the ops with no overlap. A custom call it cannot cost
+adds -1 s (XLA's `HandleCustomCall` marks it "unknown" with -1): the TPU
+compiler's memory-space assignment inserts `ConcatBitcast` custom calls when
+it prefetches a large array in slices, so most real steps come back negative.
+`TpuCompileReport.estimated_seconds` adds those -1 s back (a `ConcatBitcast`
+joins slices already in place: zero cost) and is None when the program holds
+a custom call not known to be costed; `roofline_seconds` is the whole
+program's roofline from its FLOPs and bytes accessed. Both are the
+compiler's model, not a measured time (docs/tpu.md).
 
 Needs `libtpu` (`pip install -e ".[tpu]"`, or `pip install "jax[tpu]==<the
 installed jax version>"`); without it `LibtpuMissing` (an `OSError`) names
@@ -76,6 +89,15 @@ COLLECTIVES = (
     "all-to-all", "ragged-all-to-all", "all-reduce", "all-gather", "reduce-scatter",
     "collective-permute", "collective-broadcast",
 )
+# Custom calls XLA's cost analysis cannot time: each adds -1 s to
+# `optimal_seconds` (`flops` is not lowered by it). ConcatBitcast: with
+# libtpu 0.0.42.1, glam_tiny on v4:2x2x1 `batch=2,expert=2`, 4 x 128 tokens,
+# has one and gives -0.999064; the same step compiled with
+# `xla_tpu_sliced_prefetch_max_slices=0` has none and gives +0.000940.
+UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
+# Custom calls seen in programs with a positive `optimal_seconds` (17 of them
+# in glam_tiny's step; at -1 s each the total could not be positive).
+COSTED_CUSTOM_CALLS = ("AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked")
 _ELEMENT_BYTES = {
     "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
     "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -165,7 +187,10 @@ class TpuCompileReport:
             `alias`, `temp`, `generated_code`, `peak`).
         hbm_bytes: one chip's memory (`hardware.py`).
         flops, bytes_accessed, optimal_seconds: `cost_analysis()` of the
-            per-chip program.
+            per-chip program, as the compiler returns them (`optimal_seconds`
+            is -1 s per uncosted custom call: see `estimated_seconds`).
+        memory_bandwidth: one chip's HBM bytes/s (`hardware.py`), for
+            `roofline_seconds`.
         collectives: `{kind: {"count", "bytes"}}` in the compiled program
             (each op as written once in its text; bytes are its result's).
         activated_parameters: for MFU (`6 · activated · tokens`).
@@ -178,8 +203,8 @@ class TpuCompileReport:
         compiler_error: the compiler's out-of-memory message when it refused
             the program (then `memory["peak"]` is the HBM it said it needed,
             and there is no cost or collective); else "".
-        custom_calls: `{target: count}` of the program's custom calls (kept to
-            study negative `optimal_seconds`: see `has_optimal_seconds`).
+        custom_calls: `{target: count}` of the program's custom calls (the
+            uncosted ones make `optimal_seconds` negative).
     """
 
     preset: str
@@ -210,6 +235,7 @@ class TpuCompileReport:
     peak_rss: int
     compiler_error: str = ""
     custom_calls: dict = dataclasses.field(default_factory=dict)
+    memory_bandwidth: float = 0.0
 
     @property
     def peak_bytes(self):
@@ -224,28 +250,64 @@ class TpuCompileReport:
         return self.batch_size * self.sequence_length
 
     @property
+    def uncosted_custom_calls(self):
+        """How many custom calls the cost model counted as -1 s
+        (`UNCOSTED_CUSTOM_CALLS`)."""
+        return sum(self.custom_calls.get(t, 0) for t in UNCOSTED_CUSTOM_CALLS)
+
+    @property
+    def unknown_custom_calls(self):
+        """Custom-call targets not known to be costed or uncosted: with any,
+        the -1 s they may add cannot be told apart, and there is no
+        `estimated_seconds`."""
+        known = UNCOSTED_CUSTOM_CALLS + COSTED_CUSTOM_CALLS
+        return sorted(t for t in self.custom_calls if t not in known)
+
+    @property
+    def estimated_seconds(self):
+        """The compiler's cost model's step time (`cost_model_seconds`), or
+        None (also when the compiler refused the program)."""
+        if self.compiler_error:
+            return None
+        return cost_model_seconds(self.optimal_seconds, self.custom_calls)
+
+    @property
     def has_optimal_seconds(self):
-        """Whether the compiler gave a step time (it reports a negative value,
-        for some programs: -0.999 s for glam_tiny on `batch=2,expert=2`,
-        -512.94 s for glam_100m_32e on 64 v4 chips; a guess, not checked, is
-        -1 s for each op the cost model cannot time plus the rest)."""
+        """Whether the compiler's `optimal_seconds` is a time as returned
+        (positive: no uncosted custom call); see `estimated_seconds`."""
         return self.optimal_seconds > 0
 
     @property
+    def roofline_seconds(self):
+        """`max(flops / peak, bytes accessed / HBM bandwidth)` of one chip's
+        program: the compiler's FLOPs and bytes at the published peaks
+        (`hardware.py`), as if every op overlapped perfectly; no
+        interconnect time. A lower bound of the cost model's kind, not a
+        measurement. None without cost figures."""
+        if self.flops <= 0 or not self.memory_bandwidth or not self.peak_flops:
+            return None
+        return max(self.flops / self.peak_flops, self.bytes_accessed / self.memory_bandwidth)
+
+    @property
     def steps_per_second(self):
-        return 1.0 / self.optimal_seconds if self.has_optimal_seconds else None
+        """`1 / estimated_seconds` (the cost model's steps/s), or None."""
+        seconds = self.estimated_seconds
+        return 1.0 / seconds if seconds else None
 
     @property
     def tokens_per_second(self):
-        return self.tokens / self.optimal_seconds if self.has_optimal_seconds else None
+        seconds = self.estimated_seconds
+        return self.tokens / seconds if seconds else None
 
     @property
     def mfu(self):
-        """`6 · activated parameters · tokens / (optimal_seconds · chips · peak)`."""
-        if not self.has_optimal_seconds:
+        """`6 · activated parameters · tokens / (estimated_seconds · chips ·
+        peak)`: the cost model's MFU."""
+        seconds = self.estimated_seconds
+        if not seconds:
             return None
         model_flops = 6 * self.activated_parameters * self.tokens
-        return model_flops / (self.optimal_seconds * self.chips * self.peak_flops)
+        return model_flops / (seconds * self.chips * self.peak_flops)
 
     @property
     def plan_over_peak(self):
@@ -256,12 +318,48 @@ class TpuCompileReport:
         out.update(
             peak_bytes=self.peak_bytes, fits=self.fits, steps_per_second=self.steps_per_second,
             tokens_per_second=self.tokens_per_second, mfu=self.mfu,
-            plan_over_peak=self.plan_over_peak,
+            plan_over_peak=self.plan_over_peak, estimated_seconds=self.estimated_seconds,
+            uncosted_custom_calls=self.uncosted_custom_calls,
+            unknown_custom_calls=self.unknown_custom_calls,
+            roofline_seconds=self.roofline_seconds,
         )
         return out
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2)
+
+    def _time_lines(self):
+        """The cost model's times, each labelled for what it is."""
+        if self.compiler_error:
+            return []
+        lines = []
+        n = self.uncosted_custom_calls
+        raw = f"optimal_seconds {self.optimal_seconds:.6g}"
+        if n:
+            raw += (f" (includes -1 s for each of {n} ConcatBitcast custom call"
+                    f"{'s' if n > 1 else ''} the cost model cannot time)")
+        lines.append(raw)
+        seconds = self.estimated_seconds
+        if seconds:
+            lines.append(
+                f"XLA cost-model step time {seconds * 1e3:.3f} ms (sum of per-op rooflines, no "
+                f"overlap, collectives at HBM speed, no interconnect; not measured) -> steps/s "
+                f"{self.steps_per_second:.2f}, tokens/s {self.tokens_per_second:,.0f}, MFU "
+                f"{self.mfu:.1%} (6 x {self.activated_parameters:,} activated parameters x "
+                f"tokens, {self.peak_flops / 1e12:g} TFLOP/s a chip)"
+            )
+        else:
+            why = (f"custom calls of unknown cost: {', '.join(self.unknown_custom_calls)}"
+                   if self.unknown_custom_calls else "not positive")
+            lines.append(f"XLA cost-model step time: no estimate ({why})")
+        roofline = self.roofline_seconds
+        if roofline:
+            lines.append(
+                f"roofline {roofline * 1e3:.3f} ms (max of FLOPs / {self.peak_flops / 1e12:g} "
+                f"TFLOP/s and bytes accessed / {self.memory_bandwidth / 1e9:g} GB/s; a lower "
+                f"bound, no interconnect)"
+            )
+        return lines
 
     def table(self):
         gib = 2**30
@@ -297,17 +395,7 @@ class TpuCompileReport:
             "",
             f"FLOPs per chip {self.flops:.4g}, bytes accessed {self.bytes_accessed:.4g}",
         ]
-        if self.has_optimal_seconds:
-            lines.append(
-                f"optimal_seconds {self.optimal_seconds * 1e3:.3f} ms -> steps/s "
-                f"{self.steps_per_second:.2f}, tokens/s {self.tokens_per_second:,.0f}, "
-                f"MFU {self.mfu:.1%} (6 x {self.activated_parameters:,} activated parameters "
-                f"x tokens, {self.peak_flops / 1e12:g} TFLOP/s a chip)"
-            )
-        else:
-            lines.append(
-                f"optimal_seconds: no estimate (the compiler returned {self.optimal_seconds:.6g})"
-            )
+        lines += self._time_lines()
         lines.append("")
         lines.append(f"{'collective':<22}{'count':>7}{'bytes':>18}")
         if not self.collectives:
@@ -446,7 +534,8 @@ def compile_train_step(
         device_kind=devices[0].device_kind, batch_size=batch_size,
         sequence_length=sequence_length, dtype=dtype, optimizer=optimizer, fsdp=fsdp,
         experts_on=axis or "replicated", memory=memory, hbm_bytes=hardware.memory_bytes,
-        peak_flops=hardware.peak("bfloat16"), flops=cost.get("flops", 0.0),
+        peak_flops=hardware.peak("bfloat16"), memory_bandwidth=hardware.memory_bandwidth,
+        flops=cost.get("flops", 0.0),
         bytes_accessed=cost.get("bytes accessed", 0.0),
         optimal_seconds=cost.get("optimal_seconds", 0.0),
         collectives=found, custom_calls=calls, compiler_error=compiler_error,
@@ -508,6 +597,28 @@ def _out_of_memory(message):
     if "RESOURCE_EXHAUSTED" not in message or not match:
         return None
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
+
+
+def cost_model_seconds(optimal_seconds, calls):
+    """The time of XLA's cost model: `optimal_seconds` with the -1 s of each
+    uncosted custom call (`UNCOSTED_CUSTOM_CALLS`; `calls` is `{target:
+    count}`) taken back out: the sum of the per-op rooflines of every other
+    op (a `ConcatBitcast` joins prefetched slices in place: no cost of its
+    own). None where a custom call of unknown costing is present or the sum
+    is not positive. A model of one chip's time (no overlap between ops,
+    collectives at HBM speed, no interconnect), not a measurement.
+
+    Example:
+    >>> round(cost_model_seconds(-0.999064, {"ConcatBitcast": 1}), 6)
+    0.000936
+    >>> cost_model_seconds(-0.5, {"SomeKernel": 1}) is None
+    True
+    """
+    known = UNCOSTED_CUSTOM_CALLS + COSTED_CUSTOM_CALLS
+    if any(target not in known for target in calls):
+        return None
+    seconds = optimal_seconds + sum(calls.get(t, 0) for t in UNCOSTED_CUSTOM_CALLS)
+    return seconds if seconds > 0 else None
 
 
 def _cost(analysis):
