@@ -587,16 +587,28 @@ def _memory(analysis):
     return memory
 
 
-_USED = re.compile(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm")
+_USED = re.compile(
+    r"(?:Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm"
+    r"|required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds available HBM)"
+)
 
 
 def _out_of_memory(message):
-    """The bytes XLA said it needed when it refused a program for want of HBM
-    (`Used 40.12G of 31.25G hbm`), else None."""
+    """The bytes XLA said it needed when it refused a program for want of HBM,
+    else None: `Used 40.12G of 31.25G hbm`, or (libtpu 0.0.42.1) `the total
+    memory required for HLO temporaries (40.38G) exceeds available HBM
+    (30.75G)`, which counts the temporaries only (a lower bound of the peak).
+
+    Example:
+    >>> _out_of_memory("RESOURCE_EXHAUSTED: ... required for HLO temporaries (1.5G) "
+    ...                "exceeds available HBM (30.75G).") == int(1.5 * 2**30)
+    True
+    """
     match = _USED.search(message)
     if "RESOURCE_EXHAUSTED" not in message or not match:
         return None
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2)))
+    number, unit = (match.group(1), match.group(2)) if match.group(1) else match.group(3, 4)
+    return int(float(number) * 1024 ** " KMGT".index(unit))
 
 
 def cost_model_seconds(optimal_seconds, calls):
