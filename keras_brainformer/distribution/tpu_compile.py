@@ -336,8 +336,8 @@ class TpuCompileReport:
         n = self.uncosted_custom_calls
         raw = f"optimal_seconds {self.optimal_seconds:.6g}"
         if n:
-            raw += (f" (includes -1 s for each of {n} ConcatBitcast custom call"
-                    f"{'s' if n > 1 else ''} the cost model cannot time)")
+            raw += (f" as returned: includes -1 s for each of the program's ConcatBitcast "
+                    f"custom calls ({n}), which the cost model cannot time")
         lines.append(raw)
         seconds = self.estimated_seconds
         if seconds:
