@@ -108,6 +108,10 @@ def test_cost_model_time_is_positive_and_above_the_roofline(expert_axis_report, 
         assert 0 < report.roofline_seconds <= seconds < 1, (report.roofline_seconds, seconds)
     text = expert_axis_report.table()
     assert "XLA cost-model step time" in text and "roofline" in text
+    out = expert_axis_report.to_dict()
+    seconds = expert_axis_report.estimated_seconds
+    assert out["estimated_seconds"] == seconds and out["roofline_seconds"] > 0
+    assert out["steps_per_second"] == pytest.approx(1 / seconds)
 
 
 def test_concat_bitcast_costs_minus_one_second_and_is_taken_back():
