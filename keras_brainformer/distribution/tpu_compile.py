@@ -31,7 +31,7 @@ What it does, in the order `keras-brainformer train --mesh` would:
 
 `optimal_seconds` is XLA's `HloCostAnalysis` total: a per-op roofline (each
 op's time from its FLOPs and its bytes at the compiler's rates for the chip,
-88-100 % of the published peaks in programs compiled here; collectives count
+82-100 % of the published peaks in programs compiled here; collectives count
 as HBM traffic, the interconnect is not modelled), summed over the ops with
 no overlap. A custom call it cannot cost
 adds -1 s (XLA's `HandleCustomCall` marks it "unknown" with -1): the TPU
