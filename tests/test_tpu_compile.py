@@ -114,6 +114,19 @@ def test_cost_model_time_is_positive_and_above_the_roofline(expert_axis_report, 
     assert out["steps_per_second"] == pytest.approx(1 / seconds)
 
 
+def test_cost_model_seconds_counts_only_known_custom_calls():
+    # Measured with libtpu 0.0.42.1 (docs/performance_model.md): the MoE
+    # layer's step on v5e:4x4 gave -6.904853 s with 7 ConcatBitcasts, and
+    # +0.095451 s compiled without sliced prefetch (its AsyncCollective
+    # pair is costed).
+    calls = {"AssumeGatherIndicesInBound": 3, "GatherScatterIndicesBitpacked": 3,
+             "AsyncCollectiveStart": 1, "AsyncCollectiveDone": 1, "ConcatBitcast": 7}
+    assert tpu_compile.cost_model_seconds(-6.904853, calls) == pytest.approx(0.095451, rel=0.01)
+    # A custom call of unknown costing: no estimate rather than a wrong one.
+    assert tpu_compile.cost_model_seconds(-6.904853, {**calls, "SomeKernel": 1}) is None
+    assert tpu_compile.cost_model_seconds(-1.5, {"ConcatBitcast": 1}) is None
+
+
 def test_concat_bitcast_costs_minus_one_second_and_is_taken_back():
     # Why optimal_seconds is negative: the TPU compiler prefetches a large
     # weight in slices and joins them with a ConcatBitcast custom call, which

@@ -97,8 +97,15 @@ COLLECTIVES = (
 # `xla_tpu_sliced_prefetch_max_slices=0` has none and gives +0.000940.
 UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
 # Custom calls seen in programs with a positive `optimal_seconds` (17 of them
-# in glam_tiny's step; at -1 s each the total could not be positive).
-COSTED_CUSTOM_CALLS = ("AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked")
+# in glam_tiny's step; at -1 s each the total could not be positive). The
+# AsyncCollective pair: the MoE layer's step on v5e:4x4 (d=2048, E=64,
+# 262K tokens, benchmarks/tpu_moe_layer.py) holds one of each and gives
+# +0.09545 s compiled without sliced prefetch; with it, 7 ConcatBitcasts and
+# -6.90485 s (+7: 0.09515 s).
+COSTED_CUSTOM_CALLS = (
+    "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked",
+    "AsyncCollectiveStart", "AsyncCollectiveDone",
+)
 _ELEMENT_BYTES = {
     "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
     "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
