@@ -12,6 +12,7 @@ import zipfile
 import keras
 import pytest
 
+from keras_brainformer.errors import PresetError
 from keras_brainformer.layers import MoEFeedForward
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
@@ -72,8 +73,10 @@ def test_preset_naming_a_lambda_is_refused(tmp_path, canary):
 def test_preset_naming_an_arbitrary_import_is_refused(tmp_path, canary, index):
     folder = _preset_copy(tmp_path)
     _inject_tokenizer(folder, _import_configs(canary)[index])
-    with pytest.raises(TypeError, match="could not be deserialized"):
+    # Keras' TypeError, reported as one PresetError naming the folder.
+    with pytest.raises(PresetError, match="could not be deserialized") as refused:
         BrainformerCausalLM.from_preset(str(folder))
+    assert str(folder) in str(refused.value)
 
 
 @pytest.mark.parametrize("index", range(3))
