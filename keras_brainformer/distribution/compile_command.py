@@ -24,11 +24,11 @@ is missing (one `error:` line naming the install command),
 import keras
 
 from keras_brainformer.distribution.memory_plan import OPTIMIZERS
+from keras_brainformer.distribution.plan_command import add_step_shape_arguments
 from keras_brainformer.distribution.plan_command import load_config
 from keras_brainformer.distribution.tpu_compile import compile_train_step
 from keras_brainformer.distribution.tpu_compile import parse_topology
 from keras_brainformer.errors import TrainingError
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
 
 EXIT_DOES_NOT_FIT = 1
 
@@ -56,19 +56,7 @@ def add_arguments(parser):
         "--experts-on", choices=("expert", "batch"), default=None,
         help="mesh axis of the expert banks, as `train --experts-on`",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=None,
-        help="global batch size, divisible by the batch axis (default: one sequence "
-        "per batch shard)",
-    )
-    parser.add_argument(
-        "--seq-len", type=int, default=None,
-        help="tokens per sequence (default: the preset's max_sequence_length)",
-    )
-    parser.add_argument(
-        "--dtype", default="float32", choices=DTYPE_POLICIES,
-        help="dtype policy (mixed_bfloat16: float32 weights, bfloat16 activations)",
-    )
+    add_step_shape_arguments(parser)
     parser.add_argument(
         "--optimizer", default="adafactor", choices=OPTIMIZERS,
         help="optimizer of the train step, as `train --optimizer` (default adafactor)",

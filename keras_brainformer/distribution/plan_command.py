@@ -36,17 +36,8 @@ from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
 EXIT_DOES_NOT_FIT = 1
 
 
-def add_arguments(parser):
-    parser.add_argument(
-        "--preset",
-        required=True,
-        help="zoo preset name (see `keras-brainformer presets`) or a preset folder",
-    )
-    parser.add_argument(
-        "--mesh", default="batch=1",
-        help="device mesh, e.g. batch=16,expert=16 (axes: batch, expert, model; "
-        "default batch=1)",
-    )
+def add_step_shape_arguments(parser):
+    """The training step's shape, the same flags for `plan` and `compile`."""
     parser.add_argument(
         "--batch-size", type=int, default=None,
         help="global batch size, divisible by the batch axis (default: one "
@@ -60,6 +51,20 @@ def add_arguments(parser):
         "--dtype", default="float32", choices=DTYPE_POLICIES,
         help="dtype policy (mixed_bfloat16: float32 weights, bfloat16 activations)",
     )
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--preset",
+        required=True,
+        help="zoo preset name (see `keras-brainformer presets`) or a preset folder",
+    )
+    parser.add_argument(
+        "--mesh", default="batch=1",
+        help="device mesh, e.g. batch=16,expert=16 (axes: batch, expert, model; "
+        "default batch=1)",
+    )
+    add_step_shape_arguments(parser)
     parser.add_argument(
         "--optimizer", default="both", choices=OPTIMIZERS + ("both",),
         help="Keras optimizer whose state is counted (default: both)",
