@@ -285,7 +285,9 @@ def test_quantize_int8_every_family(preset, tmp_path):
     after = to_numpy(lm.predict_on_batch(x))
     assert np.all(np.isfinite(after))
     change = np.abs(after - before).max() / np.abs(before).max()
-    assert 0 < change < 0.15, change
+    # Random initial weights: measured 0.157 for brainformer1_tiny on
+    # TensorFlow once experts start at their per-expert scale (issue 33).
+    assert 0 < change < 0.25, change
     # Cached generation runs on the quantized kernels.
     out = lm.generate(
         {"token_ids": x["token_ids"][:1], "padding_mask": np.array([[1] * 4 + [0] * 8])},

@@ -14,6 +14,7 @@ import resource
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -30,6 +31,8 @@ from keras_brainformer.models.brainformer.brainformer_presets import get_preset_
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 
+ON_JAX = keras.config.backend() == "jax"
+jax_only = pytest.mark.skipif(not ON_JAX, reason="compile lowers Keras' JAX train step")
 REQUIRE_ENV = "KERAS_BRAINFORMER_REQUIRE_LIBTPU"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TOPOLOGY = "v4:2x2x1"  # 4 TPU v4 chips, one host
@@ -164,6 +167,7 @@ def test_expert_axis_layout_gathers_expert_outputs_instead(expert_axis_report):
     assert found.get("all-gather", {}).get("count", 0) >= 2 * _moe_layers(), found
 
 
+@jax_only
 def test_largest_preset_builds_without_allocating():
     config = get_preset_config("qwen3_moe_235b_a22b")  # 235B parameters: 940 GB in float32
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -184,6 +188,7 @@ def test_largest_preset_builds_without_allocating():
     )
 
 
+@jax_only
 def test_compile_without_libtpu_is_one_error_line(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -196,6 +201,7 @@ def test_compile_without_libtpu_is_one_error_line(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and '".[tpu]"' in err[0], err
 
 
+@jax_only
 @pytest.mark.parametrize("argv, words", [
     (["--topology", "v4:2x2"], "3 positive dimensions"),
     (["--topology", "v9:2x2x1"], "Invalid TPU topology"),
@@ -207,3 +213,11 @@ def test_compile_bad_input_is_one_error_line(argv, words, capsys):
     code = main(["compile", "--preset", "glam_tiny", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.skipif(ON_JAX, reason="the other backends' refusal")
+def test_compile_on_another_backend_is_one_error_line(capsys):
+    code = main(["compile", "--preset", "glam_tiny", "--topology", TOPOLOGY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "compile needs the JAX backend" in err[0] and "KERAS_BACKEND=jax" in err[0]
