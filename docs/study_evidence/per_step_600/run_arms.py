@@ -12,7 +12,7 @@ if arm == "new":
     compare_families(("glam_small", "dense_small"), out="docs/study_evidence/per_step_600/fixed_init",
                      reference="dense_small", **common)
 elif arm == "e2":
-    compare_families(("/work/exp/glam_small_2e",), out="docs/study_evidence/per_step_600/fixed_init_2_experts",
+    compare_families(("/work/exp/glam_small_2e",)  # presets/glam_small copied, num_experts 8 -> 2 in config.json, out="docs/study_evidence/per_step_600/fixed_init_2_experts",
                      reference=None, **common)
 elif arm == "old":
     print("the old-init arm runs as 'old_now'")
