@@ -94,7 +94,7 @@ class AfterStep(keras.callbacks.Callback):
             self.action(self.model)
 
 
-class _DiskFillsDuring:
+class DiskFillsDuring:
     """`os` for `checkpointing`, whose writes into `folder` fail with ENOSPC
     once `allowed` bytes are written there."""
 
@@ -136,7 +136,7 @@ def main(faults, argv):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     if "disk_full_at_step" in faults:
         folder = f"step-{int(faults['disk_full_at_step']):09d}.partial"
-        checkpointing.os = _DiskFillsDuring(folder)
+        checkpointing.os = DiskFillsDuring(folder)
     if "kill_in_checkpoint" in faults or "signal_in_checkpoint" in faults:
         kill_at = faults.get("kill_in_checkpoint")
         signal_at = faults.get("signal_in_checkpoint", "::").rsplit(":", 1)

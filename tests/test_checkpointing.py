@@ -5,6 +5,7 @@ unreadable newest checkpoint falls back to the previous one."""
 import keras
 import numpy as np
 import pytest
+from faulty_train import DiskFillsDuring
 
 from keras_brainformer.training import checkpointing
 from keras_brainformer.training.checkpointing import AtomicBackupAndRestore
@@ -178,29 +179,6 @@ def test_a_full_disk_is_a_clean_error_and_keeps_the_previous_checkpoint(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-class _DiskFillsAfter:
-    """`os` for `checkpointing` whose writes fail with ENOSPC once `allowed`
-    bytes are written (another process filled the disk meanwhile)."""
-
-    def __init__(self, allowed):
-        self.allowed = allowed
-
-    def write(self, fd, data):
-        import errno
-        import os
-
-        if self.allowed <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        data = memoryview(data)[: self.allowed]
-        self.allowed -= len(data)
-        return os.write(fd, data)
-
-    def __getattr__(self, name):
-        import os
-
-        return getattr(os, name)
-
-
 @pytest.mark.parametrize("allowed", [0, 100, 10_000])
 def test_a_disk_filling_during_the_write_is_a_clean_error(tmp_path, monkeypatch, allowed):
     """The free-space check passed, then the disk fills part way through the
@@ -212,7 +190,7 @@ def test_a_disk_filling_during_the_write_is_a_clean_error(tmp_path, monkeypatch,
 
     x, y = _data()
     model = _model()
-    monkeypatch.setattr(checkpointing, "os", _DiskFillsAfter(allowed))
+    monkeypatch.setattr(checkpointing, "os", DiskFillsDuring(str(tmp_path), allowed))
     with pytest.raises(OSError) as error:
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
                   callbacks=[AtomicBackupAndRestore(tmp_path)])
@@ -226,7 +204,7 @@ def test_a_disk_filling_during_the_write_is_a_clean_error(tmp_path, monkeypatch,
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
               callbacks=[AtomicBackupAndRestore(tmp_path)])
     kept = _weights(model)
-    monkeypatch.setattr(checkpointing, "os", _DiskFillsAfter(allowed))
+    monkeypatch.setattr(checkpointing, "os", DiskFillsDuring(str(tmp_path), allowed))
     with pytest.raises(OSError) as error:
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
                   callbacks=[AtomicBackupAndRestore(tmp_path)])
