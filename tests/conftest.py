@@ -126,6 +126,19 @@ def _reset_keras_state():
     keras.config.set_dtype_policy("float32")
 
 
+# The tiny preset of each of the zoo's six families, for the tests that run
+# every family (`test_presets` checks these are exactly the registered
+# `*_tiny` presets).
+TINY_PRESETS = (
+    "brainformer1_tiny",
+    "brainformer2_tiny",
+    "glam_tiny",
+    "glam_ec_tiny",
+    "dense_tiny",
+    "primer_tiny",
+)
+
+
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 

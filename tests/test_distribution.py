@@ -21,6 +21,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
@@ -37,21 +38,13 @@ from keras_brainformer.models.brainformer.brainformer_presets import get_preset_
 from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-TINY = (
-    "brainformer1_tiny",
-    "brainformer2_tiny",
-    "glam_tiny",
-    "glam_ec_tiny",
-    "dense_tiny",
-    "primer_tiny",
-)
 jax_only = pytest.mark.skipif(
     keras.config.backend() != "jax", reason="keras.distribution runs on the JAX backend"
 )
 
 
 def _variants():
-    for name in TINY:
+    for name in TINY_PRESETS:
         yield name, get_preset_config(name)
     untied = get_preset_config("glam_tiny")
     untied["tie_embeddings"] = False

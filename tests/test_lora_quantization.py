@@ -5,6 +5,7 @@ then every tiny family end to end (quantize, generate, save/load, LoRA fit)."""
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 from conftest import to_numpy
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
@@ -16,15 +17,6 @@ from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.rotary import apply_rotary
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
-
-FAMILIES = [
-    "brainformer1_tiny",
-    "brainformer2_tiny",
-    "glam_tiny",
-    "glam_ec_tiny",
-    "dense_tiny",
-    "primer_tiny",
-]
 
 
 def _ids(batch=2, length=12, vocab=200, seed=0):
@@ -266,7 +258,7 @@ def _one_fast(presets, fast="brainformer1_tiny"):
     return [p if p == fast else pytest.param(p, marks=pytest.mark.slow) for p in presets]
 
 
-@pytest.mark.parametrize("preset", _one_fast(FAMILIES))
+@pytest.mark.parametrize("preset", _one_fast(TINY_PRESETS))
 def test_quantize_int8_every_family(preset, tmp_path):
     lm = _lm(preset)
     x = _ids()

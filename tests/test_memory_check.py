@@ -12,6 +12,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
 from keras_brainformer import cli
 from keras_brainformer.distribution import memory_plan
@@ -20,11 +21,9 @@ from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
-from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.preset_loading import preset_directory
 
-TINY = sorted(name for name in backbone_presets if name.endswith("_tiny"))
 # dense_tiny's blocks with the FFN turned into 4 experts of the same width.
 UPCYCLE_TO = BlockSpec(
     [AttentionSpec(num_heads=3, head_dim=20),
@@ -77,7 +76,7 @@ def test_the_check_refuses_one_byte_over_and_passes_the_real_tiny_presets(monkey
     monkeypatch.undo()
     available = memory_plan.available_memory_bytes()
     assert available is not None and available > 0  # Linux: MemAvailable is read
-    for name in TINY:  # the presets the tests and the quickstart build all pass here
+    for name in TINY_PRESETS:  # the presets the tests and the quickstart build all pass here
         memory_plan.check_memory_available(
             2 * memory_plan.weight_bytes(get_preset_config(name)), name, "", ""
         )

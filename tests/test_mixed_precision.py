@@ -5,20 +5,13 @@ float32."""
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 from keras import ops
 
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 
-FAMILIES = (
-    "brainformer1_tiny",
-    "brainformer2_tiny",
-    "glam_tiny",
-    "glam_ec_tiny",
-    "dense_tiny",
-    "primer_tiny",
-)
 STEPS, BATCH, LENGTH, VOCABULARY = 200, 4, 32, 256
 
 
@@ -31,7 +24,7 @@ def _data():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_PRESETS)
 def test_mixed_bfloat16_family_trains_finite_with_float32_routers(family):
     config = dict(get_preset_config(family), vocabulary_size=VOCABULARY, dtype="mixed_bfloat16")
     keras.utils.set_random_seed(0)

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
@@ -26,11 +27,7 @@ REGULAR = [
     "glam_ec_100m_32e", "glam_ec_8b_64e", "dense_100m", "dense_1b7", "dense_8b",
     "primer_100m", "primer_1b7",
 ]  # fmt: skip
-TINY = [
-    "brainformer1_tiny", "brainformer2_tiny", "glam_tiny", "glam_ec_tiny",
-    "dense_tiny", "primer_tiny",
-]  # fmt: skip
-SMALL = [name.replace("_tiny", "_small") for name in TINY]
+SMALL = [name.replace("_tiny", "_small") for name in TINY_PRESETS]
 WITH_PAPER = [n for n in REGULAR if backbone_presets[n]["metadata"]["paper"]]
 
 
@@ -48,7 +45,7 @@ def _sublayers(name, kind=None):
 
 def test_preset_names():
     assert set(backbone_presets) == (
-        set(REGULAR) | set(TINY) | set(SMALL) | set(KERAS_HUB_ARCHITECTURES)
+        set(REGULAR) | set(TINY_PRESETS) | set(SMALL) | set(KERAS_HUB_ARCHITECTURES)
     )
     families = {"brainformer1", "brainformer2", "glam", "glam_ec", "dense", "primer",
                 *KERAS_HUB_PRESET_FAMILIES}
@@ -78,7 +75,7 @@ def test_paper_convention_is_the_32k_embedding():
         assert ours["activated"] - paper["activated"] == delta
 
 
-@pytest.mark.parametrize("name", REGULAR + TINY)
+@pytest.mark.parametrize("name", [*REGULAR, *TINY_PRESETS])
 def test_metadata_counts_this_config(name):
     preset = backbone_presets[name]
     counts = count_parameters(preset["config"])
@@ -86,7 +83,7 @@ def test_metadata_counts_this_config(name):
     assert preset["metadata"]["activated_params"] == counts["activated"]
 
 
-@pytest.mark.parametrize("name", REGULAR + TINY)
+@pytest.mark.parametrize("name", [*REGULAR, *TINY_PRESETS])
 def test_config_json_round_trip(name):
     config = backbone_presets[name]["config"]
     assert json.loads(json.dumps(config)) == config
@@ -103,13 +100,13 @@ def test_vocabularies_and_lengths():
         assert config["vocabulary_size"] == 256000
         assert config["max_sequence_length"] == 1024
         assert config["norm"] == "rms" and config["tie_embeddings"] is True
-    for name in TINY:
+    for name in TINY_PRESETS:
         config = backbone_presets[name]["config"]
         assert config["vocabulary_size"] == 8192
         assert config["max_sequence_length"] == 256
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY_PRESETS)
 def test_tiny_preset_builds_with_counted_size(name, tiny_backbone):
     config = backbone_presets[name]["config"]
     backbone = tiny_backbone(name)
@@ -121,7 +118,7 @@ def test_tiny_preset_builds_with_counted_size(name, tiny_backbone):
     assert backbone.count_params() < 3_000_000
 
 
-@pytest.mark.parametrize("tier, names", [("_tiny", TINY), ("_small", SMALL)])
+@pytest.mark.parametrize("tier, names", [("_tiny", TINY_PRESETS), ("_small", SMALL)])
 def test_cpu_tiers_match_activated_parameters(tier, names):
     activated = activated_non_embedding(tier)
     assert set(activated) == set(names)
@@ -136,7 +133,7 @@ def test_small_tier_is_byte_level_and_the_blocks_dominate():
         assert (config["vocabulary_size"], config["max_sequence_length"]) == (256, 512)
         counts = count_parameters(config)
         assert counts["embedding"] / counts["activated"] < 0.04, name
-    for name in TINY:
+    for name in TINY_PRESETS:
         counts = count_parameters(backbone_presets[name]["config"])
         assert counts["embedding"] / counts["activated"] > 0.3, name
 

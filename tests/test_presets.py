@@ -7,6 +7,7 @@ import pathlib
 import keras_hub
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 from conftest import inference_call
 from conftest import to_numpy
 
@@ -19,7 +20,6 @@ from keras_brainformer.models.brainformer.preset_building import backbone_config
 from keras_brainformer.models.brainformer.preset_building import write_preset_directory
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "presets"
-TINY = sorted(name for name in backbone_presets if name.endswith("_tiny"))
 # The zoo's families; keras-hub's (architecture presets named after the
 # originals, keras_hub_presets.py) have no CPU tiers.
 FAMILIES = {
@@ -30,7 +30,8 @@ FAMILIES = {
 
 
 def test_every_family_has_a_tiny_preset():
-    assert {backbone_presets[name]["metadata"]["family"] for name in TINY} == FAMILIES
+    assert set(TINY_PRESETS) == {name for name in backbone_presets if name.endswith("_tiny")}
+    assert {backbone_presets[name]["metadata"]["family"] for name in TINY_PRESETS} == FAMILIES
     assert len(FAMILIES) == 6
 
 
@@ -63,7 +64,7 @@ def test_preset_folders_match_the_registry(name, tmp_path):
     assert shipped == sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY_PRESETS)
 def test_tiny_preset_loads_by_name(name, tiny_backbone):
     backbone = tiny_backbone(name)
     # Trainable weights only: routers also keep statistics variables.
@@ -124,7 +125,7 @@ def _causality_gap(forward, tokens, t):
     return np.abs(y2[:, : t + 1] - y[:, : t + 1]).max(), np.abs(y2 - y).max()
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY_PRESETS)
 def test_every_family_is_causal_in_causal_mode(name, tiny_backbone):
     forward = inference_call(BrainformerCausalLM(tiny_backbone(name)))
     tokens = np.random.default_rng(1).integers(4, 8192, (2, 24)).astype("int32")
@@ -134,7 +135,7 @@ def test_every_family_is_causal_in_causal_mode(name, tiny_backbone):
         assert anywhere > 0.0  # the change is visible after t
 
 
-@pytest.mark.parametrize("name", [n for n in TINY if "brainformer" in n or "_ec" in n])
+@pytest.mark.parametrize("name", [n for n in TINY_PRESETS if "brainformer" in n or "_ec" in n])
 def test_expert_choice_families_leak_in_as_trained_mode(name, tiny_backbone):
     # The same check fails without the causal routing: the test can fail.
     lm = BrainformerCausalLM(tiny_backbone(name))
