@@ -1,7 +1,9 @@
-"""The block-sparse dropless path of MoEFeedForward (`dropless_impl="blocks"`)
-equals the slot path: outputs, auxiliary losses, router statistics and
-gradients, on every backend; its block layout; when "auto" selects it; LoRA
-and int8 banks; the JAX fast path against the portable one."""
+"""The block-sparse dropless path of MoEFeedForward (`dropless_impl="blocks"`):
+its block layout; when "auto" selects it; the JAX fast path against the
+portable one; its config. That it equals the slot path (outputs, auxiliary
+losses, router statistics and gradients, on every backend, LoRA and int8
+banks included) is tested with the other dropless paths in
+test_dropless_paths.py."""
 
 import os
 import pathlib
@@ -12,7 +14,6 @@ import keras
 import numpy as np
 import pytest
 from conftest import MOE_PAIR_SHAPE
-from conftest import assert_path_taken_and_equal_to_slots
 from conftest import moe_pair
 from conftest import moe_pair_inputs
 from conftest import to_numpy
@@ -32,141 +33,6 @@ def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
 
 
 _inputs = moe_pair_inputs
-
-
-def _step(layer, x, mask, training):
-    """`(loss, y, aux losses, new non-trainables, weight grads, input grad)` of
-    `sum(y²) + aux losses` through `stateless_call`, on the current backend
-    (jitted on JAX, eager on TensorFlow)."""
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def forward(trainable, x):
-        y, new_non_trainable, losses = layer.stateless_call(
-            trainable, non_trainable, x, padding_mask=mask, training=training,
-            return_losses=True,
-        )
-        total = ops.sum(ops.square(y)) + sum(losses)
-        return total, y, losses, new_non_trainable
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        def loss_fn(trainable, x):
-            total, *aux = forward(trainable, x)
-            return total, aux
-
-        fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-        (loss, (y, losses, nt)), (g, gx) = fn(trainable, ops.convert_to_tensor(x))
-        return loss, y, losses, nt, g, gx
-    import tensorflow as tf
-
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:  # eager: compiling costs more than it saves here
-        tape.watch(trainable)
-        tape.watch(x)
-        total, y, losses, nt = forward(trainable, x)
-    g, gx = tape.gradient(total, (trainable, x))
-    return total, y, losses, nt, g, gx
-
-
-def assert_same_step(slots, blocks, x, mask, training, rtol=1e-5):
-    loss_s, y_s, losses_s, nt_s, g_s, gx_s = _step(slots, x, mask, training)
-    loss_b, y_b, losses_b, nt_b, g_b, gx_b = _step(blocks, x, mask, training)
-    y_s, y_b = to_numpy(y_s), to_numpy(y_b)
-    np.testing.assert_allclose(y_b, y_s, rtol=rtol, atol=1e-6 * max(1, np.abs(y_s).max()))
-    assert np.abs(y_s).max() > 0
-    if mask is not None:
-        np.testing.assert_array_equal(y_b[1, 11:], 0.0)  # padding: no expert output
-    np.testing.assert_allclose(float(loss_b), float(loss_s), rtol=rtol)
-    assert len(losses_b) == len(losses_s) == (1 if training else 0) + (
-        training and slots.router.z_loss_weight > 0
-    )
-    for a, b in zip(losses_b, losses_s):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6)
-    for a, b in zip(nt_b, nt_s):  # router statistics
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6, atol=1e-7)
-    names = [v.path for v in slots.trainable_variables]
-    assert len(g_s) == len(g_b) == len(names)
-    for name, a, b in zip(names, g_b, g_s):
-        a, b = to_numpy(a), to_numpy(b)
-        # Summation order differs: tolerances relative to the largest entry.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1, np.abs(b).max()),
-                                   err_msg=name)
-        assert np.abs(b).max() > 0, name
-    gx_s = to_numpy(gx_s)
-    np.testing.assert_allclose(to_numpy(gx_b), gx_s, rtol=1e-4,
-                               atol=1e-6 * max(1, np.abs(gx_s).max()))
-
-
-CASES = [
-    # (E, router kwargs, activation, group_size, block size, training)
-    (2, {"k": 1, "capacity_factor": None}, "gelu", None, None, True),
-    (4, {"k": 1, "capacity_factor": None}, "gated_silu", 8, 3, False),
-    (8, {"k": 2, "capacity_factor": None, "z_loss_weight": 1e-3}, "relu", 4, 1, True),
-    (4, {"k": 4, "capacity_factor": None}, "squared_relu", None, 2, True),  # top-k = E
-]
-
-
-@pytest.mark.parametrize(
-    "num_experts,router_kwargs,activation,group_size,block_size,training", CASES)
-def test_blocks_equal_slots_outputs_losses_statistics_gradients(
-    num_experts, router_kwargs, activation, group_size, block_size, training
-):
-    x, mask = _inputs()
-    slots, blocks = _pair(num_experts, router_kwargs, activation, group_size,
-                          block_size=block_size)
-    assert_same_step(slots, blocks, x, mask, training)
-
-
-@pytest.mark.parametrize(
-    "router,router_kwargs",
-    [
-        ("top_k", {"k": 2, "capacity_factor": 1.0}),
-        ("expert_choice", {"capacity_factor": 2.0}),
-    ],
-)
-def test_blocks_serve_causal_inference_routing(router, router_kwargs, monkeypatch):
-    """The causal inference routing is dropless token choice: it takes the
-    block path (also for routers that drop in training) and matches."""
-    x, mask = _inputs(1)
-    slots, blocks = _pair(4, router_kwargs, "gated_relu", router=router, block_size=4)
-    assert_path_taken_and_equal_to_slots(
-        monkeypatch, dropless_blocks, "block_routing", blocks, slots, x, mask
-    )
-
-
-def _forbid_blocks(monkeypatch):
-    def fail(*args):
-        raise AssertionError("the block path must not run here")
-
-    monkeypatch.setattr(dropless_blocks, "block_routing", fail)
-
-
-def test_routing_that_drops_keeps_the_slot_path(monkeypatch):
-    x, mask = _inputs()
-    _, blocks = _pair(4, {"k": 2, "capacity_factor": 1.0})
-    _forbid_blocks(monkeypatch)
-    blocks(x, padding_mask=mask, training=True)  # C < S: slots
-    blocks(x, causal=False)  # as trained at inference: C < S: slots
-    one_hot = MoEFeedForward.from_config({**blocks.get_config(), "dispatch": "one_hot"})
-    one_hot(x)  # the one-hot reference never takes blocks
-
-
-@pytest.mark.parametrize("adapt", ["lora", "int8"])
-def test_lora_and_int8_banks(adapt):
-    """LoRA adapters and int8 weights are gathered per block with their
-    experts (the portable path): same outputs and gradients as slots."""
-    x, mask = _inputs(2)
-    slots, blocks = _pair(4, {"k": 2, "capacity_factor": None}, "gated_silu",
-                          block_size=4)
-    for layer in (slots, blocks):
-        if adapt == "lora":
-            layer.experts.enable_lora(2, b_initializer="ones")
-        else:
-            layer.experts.quantize("int8")
-    blocks.set_weights(slots.get_weights())
-    assert_same_step(slots, blocks, x, mask, training=True)
 
 
 def test_block_layout_is_a_static_bound_and_sparse():
@@ -309,16 +175,6 @@ def test_jax_fast_path_equals_portable_path(activation):
     for a, b in zip(g_fast, g_ref):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(to_numpy(gx_fast), to_numpy(gx_ref), rtol=1e-4, atol=1e-6)
-
-
-def test_blocks_under_mixed_bfloat16():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    x, mask = _inputs()
-    slots, blocks = _pair(4, {"k": 2, "capacity_factor": None}, "gated_silu", block_size=4)
-    y_s = to_numpy(slots(x, padding_mask=mask, training=True)).astype("float32")
-    y_b = blocks(x, padding_mask=mask, training=True)
-    assert keras.backend.standardize_dtype(y_b.dtype) == "bfloat16"
-    np.testing.assert_allclose(to_numpy(y_b).astype("float32"), y_s, rtol=2e-2, atol=2e-3)
 
 
 def test_config_round_trip():

@@ -1,69 +1,27 @@
 """The TensorFlow fast path of the block-sparse dropless experts
-(`dropless_blocks.tf_expert_blocks`) equals the slot path: outputs,
-auxiliary losses, router statistics and gradients w.r.t. inputs and weights,
-eagerly and XLA-compiled, for top-1, top-2 and top-k = E with a padding
-mask; it equals the portable block path (`ExpertBank.call_blocks`) with
-experts that have no blocks and unused trailing blocks, one block per matmul
-and in runs of blocks; LoRA and int8 banks fall back to the portable path;
-inference is exactly causal, the training step causal up to rounding."""
+(`dropless_blocks.tf_expert_blocks`): plain banks take it; its block size
+follows its cost model; it equals the portable block path
+(`ExpertBank.call_blocks`) with experts that have no blocks and unused
+trailing blocks, one block per matmul and in runs of blocks; inference is
+exactly causal, the training step causal up to rounding. That it equals the
+slot path (outputs, auxiliary losses, router statistics and gradients w.r.t.
+inputs and weights, eagerly and XLA-compiled, for top-1, top-2 and top-k = E
+with a padding mask) and that LoRA and int8 banks fall back to the portable
+path is tested with the other dropless paths in test_dropless_paths.py
+(`tf_blocks`)."""
 
 import keras
 import numpy as np
 import pytest
-from conftest import assert_path_taken_and_equal_to_slots
 from conftest import max_leak
 from conftest import moe_pair
-from conftest import moe_pair_inputs
 from conftest import to_numpy
-from keras import ops
 
 from keras_brainformer.layers import dropless_blocks
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="the TensorFlow fast path"
 )
-
-
-def _spy(monkeypatch, name, fail=False):
-    """Counts calls of `dropless_blocks.<name>` (or fails on one)."""
-    calls = []
-    original = getattr(dropless_blocks, name)
-
-    def spy(*args):
-        if fail:
-            raise AssertionError(f"{name} must not run here")
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(dropless_blocks, name, spy)
-    return calls
-
-
-def _step(layer, x, mask, training, compiled):
-    """`(loss, y, aux losses, new non-trainables, weight grads, input grad)`
-    of `sum(y²) + aux losses` through `stateless_call`, eagerly or in a
-    `tf.function(jit_compile=True)` (as `Model.fit` compiles it)."""
-    import tensorflow as tf
-
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def step(trainable, x):
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            tape.watch(x)
-            y, new_non_trainable, losses = layer.stateless_call(
-                trainable, non_trainable, x, padding_mask=mask, training=training,
-                return_losses=True,
-            )
-            total = ops.sum(ops.square(y)) + sum(losses)
-        grads, grad_x = tape.gradient(total, (trainable, x))
-        grads = [tf.convert_to_tensor(g) for g in grads]
-        return total, y, losses, new_non_trainable, grads, grad_x
-
-    if compiled:
-        step = tf.function(step, jit_compile=True)
-    return step(trainable, tf.constant(x))
 
 
 def _close(actual, expected, rtol, err_msg=""):
@@ -73,89 +31,6 @@ def _close(actual, expected, rtol, err_msg=""):
         actual, expected, rtol=rtol, atol=1e-6 * max(1.0, np.abs(expected).max()),
         err_msg=err_msg,
     )
-
-
-def assert_same_step(slots, blocks, x, mask, training, compiled):
-    loss_s, y_s, losses_s, nt_s, g_s, gx_s = _step(slots, x, mask, training, compiled)
-    loss_b, y_b, losses_b, nt_b, g_b, gx_b = _step(blocks, x, mask, training, compiled)
-    _close(y_b, y_s, 1e-5)
-    assert np.abs(to_numpy(y_s)).max() > 0
-    np.testing.assert_array_equal(to_numpy(y_b)[1, 11:], 0.0)  # padding: no expert output
-    np.testing.assert_allclose(float(loss_b), float(loss_s), rtol=1e-5)
-    assert len(losses_b) == len(losses_s) == (1 if training else 0) + (
-        training and slots.router.z_loss_weight > 0
-    )
-    for a, b in zip(losses_b, losses_s):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6)
-    assert len(nt_b) == len(nt_s)
-    for a, b in zip(nt_b, nt_s):  # router statistics
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6, atol=1e-7)
-    names = [v.path for v in slots.trainable_variables]
-    assert len(g_s) == len(g_b) == len(names)
-    for name, a, b in zip(names, g_b, g_s):
-        _close(a, b, 1e-4, err_msg=name)
-        assert np.abs(to_numpy(b)).max() > 0, name
-    _close(gx_b, gx_s, 1e-4)
-
-
-CASES = [
-    # (E, router kwargs, activation, block size, training)
-    (4, {"k": 1, "capacity_factor": None}, "gelu", 3, True),  # top-1
-    (8, {"k": 2, "capacity_factor": None, "z_loss_weight": 1e-3}, "gated_silu", 2, True),
-    (4, {"k": 4, "capacity_factor": None}, "relu", 4, True),  # top-k = E
-    (8, {"k": 2, "capacity_factor": None}, "gated_gelu", 1, False),
-]
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "xla"])
-@pytest.mark.parametrize("num_experts,router_kwargs,activation,block_size,training", CASES)
-def test_fast_path_equals_slots(num_experts, router_kwargs, activation, block_size,
-                                training, compiled, monkeypatch):
-    x, mask = moe_pair_inputs()
-    slots, blocks = moe_pair("blocks", num_experts, router_kwargs, activation,
-                             dropless_block_size=block_size)
-    calls = _spy(monkeypatch, "tf_expert_blocks")
-    assert_same_step(slots, blocks, x, mask, training, compiled)
-    assert calls, "the TensorFlow fast path did not run"
-
-
-@pytest.mark.parametrize(
-    "router,router_kwargs",
-    [("top_k", {"k": 2, "capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 2.0})],
-)
-def test_fast_path_serves_causal_inference_routing(router, router_kwargs, monkeypatch):
-    x, mask = moe_pair_inputs(1)
-    slots, blocks = moe_pair("blocks", 4, router_kwargs, "gated_relu", router=router,
-                             dropless_block_size=4)
-    assert_path_taken_and_equal_to_slots(
-        monkeypatch, dropless_blocks, "tf_expert_blocks", blocks, slots, x, mask
-    )
-
-
-@pytest.mark.parametrize("adapt", ["lora", "int8"])
-def test_lora_and_int8_banks_fall_back_to_the_portable_path(adapt, monkeypatch):
-    """The fast path reads `w_in`/`w_gate`/`w_out` alone: banks with LoRA
-    adapters or int8 weights take `ExpertBank.call_blocks` (and still equal
-    the slot path)."""
-    x, mask = moe_pair_inputs(2)
-    slots, blocks = moe_pair("blocks", 4, {"k": 2, "capacity_factor": None}, "gated_silu",
-                             dropless_block_size=4)
-    for layer in (slots, blocks):
-        if adapt == "lora":
-            layer.experts.enable_lora(2, b_initializer="ones")
-        else:
-            layer.experts.quantize("int8")
-    blocks.set_weights(slots.get_weights())
-    assert dropless_blocks.fast_expert_blocks(blocks.experts) is None
-    _spy(monkeypatch, "tf_expert_blocks", fail=True)
-    portable = []
-    original = type(blocks.experts).call_blocks
-    monkeypatch.setattr(
-        type(blocks.experts), "call_blocks",
-        lambda self, *a: portable.append(1) or original(self, *a),
-    )
-    assert_same_step(slots, blocks, x, mask, training=True, compiled=False)
-    assert portable, "the portable path did not run"
 
 
 def test_plain_bank_takes_the_fast_path():
@@ -248,16 +123,3 @@ def test_fast_path_equals_portable_path_with_empty_experts(activation, chunk_row
         _close(a, b, 1e-4, err_msg=name)
     for name, g in zip(names, g_fast):  # experts without blocks: zero gradient
         np.testing.assert_array_equal(to_numpy(g)[[0, 2]], 0.0, err_msg=name)
-
-
-def test_fast_path_under_mixed_bfloat16(monkeypatch):
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    x, mask = moe_pair_inputs()
-    slots, blocks = moe_pair("blocks", 4, {"k": 2, "capacity_factor": None}, "gated_silu",
-                             dropless_block_size=4)
-    calls = _spy(monkeypatch, "tf_expert_blocks")
-    y_s = to_numpy(slots(x, padding_mask=mask, training=True)).astype("float32")
-    y_b = blocks(x, padding_mask=mask, training=True)
-    assert calls
-    assert keras.backend.standardize_dtype(y_b.dtype) == "bfloat16"
-    np.testing.assert_allclose(to_numpy(y_b).astype("float32"), y_s, rtol=2e-2, atol=2e-3)

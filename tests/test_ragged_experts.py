@@ -1,6 +1,8 @@
-"""The ragged (grouped-matmul) dropless path of MoEFeedForward equals the slot
-path: outputs, auxiliary losses, router statistics and gradients; when it is
-selected; its config and errors."""
+"""The ragged (grouped-matmul) dropless path of MoEFeedForward: when it is
+selected (LoRA and int8 banks keep the slot path); its config and errors.
+That it equals the slot path (outputs, auxiliary losses, router statistics
+and gradients) is tested with the other dropless paths in
+test_dropless_paths.py."""
 
 import types
 
@@ -8,7 +10,6 @@ import keras
 import numpy as np
 import pytest
 from conftest import MOE_PAIR_SHAPE
-from conftest import assert_path_taken_and_equal_to_slots
 from conftest import moe_pair
 from conftest import moe_pair_inputs
 from conftest import to_numpy
@@ -32,109 +33,11 @@ def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
 _inputs = moe_pair_inputs
 
 
-def _step(layer, x, mask, training):
-    """Jitted `(loss, (y, losses, stats)), (weight grads, input grad)` of
-    `sum(y²) + aux losses`, through `stateless_call`."""
-    import jax
-
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def loss_fn(trainable, x):
-        y, new_non_trainable, losses = layer.stateless_call(
-            trainable,
-            non_trainable,
-            x,
-            padding_mask=mask,
-            training=training,
-            return_losses=True,
-        )
-        total = jax.numpy.sum(y**2) + sum(losses)
-        return total, (y, losses, new_non_trainable)
-
-    trainable = [v.value for v in layer.trainable_variables]
-    fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-    return fn(trainable, x)
-
-
-CASES = [
-    # (E, router kwargs, activation, group_size)
-    (2, {"k": 1, "capacity_factor": None}, "gelu", None),
-    (4, {"k": 1, "capacity_factor": None}, "gated_silu", 8),
-    (4, {"k": 2, "capacity_factor": None}, "gelu", 8),
-    (4, {"k": 2, "capacity_factor": None}, "gated_gelu", None),
-    (8, {"k": 2, "capacity_factor": None, "z_loss_weight": 1e-3}, "relu", 4),
-    (8, {"k": 2, "capacity_factor": None, "normalize_gates": False}, "squared_relu", None),
-]
-
-
-@jax_only
-@pytest.mark.parametrize("num_experts,router_kwargs,activation,group_size", CASES)
-@pytest.mark.parametrize("training", [True, False])
-def test_ragged_equals_slots_outputs_losses_statistics_gradients(
-    num_experts, router_kwargs, activation, group_size, training
-):
-    x, mask = _inputs()
-    slots, ragged = _pair(num_experts, router_kwargs, activation, group_size)
-    (loss_s, (y_s, losses_s, nt_s)), (g_s, gx_s) = _step(slots, x, mask, training)
-    (loss_r, (y_r, losses_r, nt_r)), (g_r, gx_r) = _step(ragged, x, mask, training)
-
-    y_s, y_r = to_numpy(y_s), to_numpy(y_r)
-    np.testing.assert_allclose(y_r, y_s, rtol=1e-5, atol=1e-6)
-    assert np.abs(y_s).max() > 0
-    np.testing.assert_array_equal(y_r[1, 11:], 0.0)  # padding gets no expert output
-    np.testing.assert_allclose(float(loss_r), float(loss_s), rtol=1e-5)
-    assert len(losses_r) == len(losses_s) == (2 if training and "z_loss_weight" in router_kwargs
-                                              else 1 if training else 0)
-    for a, b in zip(losses_r, losses_s):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6)
-    for a, b in zip(nt_r, nt_s):  # router statistics
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6, atol=1e-7)
-    names = [v.path.split("/")[-2] + "/" + v.name for v in slots.trainable_variables]
-    assert len(g_s) == len(g_r) == len(names)
-    for name, a, b in zip(names, g_r, g_s):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
-        assert np.abs(to_numpy(b)).max() > 0, name
-    np.testing.assert_allclose(to_numpy(gx_r), to_numpy(gx_s), rtol=1e-4, atol=1e-6)
-
-
-@jax_only
-@pytest.mark.parametrize(
-    "router,router_kwargs",
-    [
-        ("top_k", {"k": 2, "capacity_factor": 1.0}),
-        ("expert_choice", {"capacity_factor": 2.0}),
-    ],
-)
-def test_ragged_serves_causal_inference_routing(router, router_kwargs, monkeypatch):
-    """The causal inference routing is dropless token choice: it takes the
-    ragged path (even for routers that drop in training) and matches."""
-    x, mask = _inputs(1)
-    slots, ragged = _pair(4, router_kwargs, "gated_relu", router=router)
-    assert_path_taken_and_equal_to_slots(
-        monkeypatch, ragged_experts, "ragged_experts_combine", ragged, slots, x, mask
-    )
-
-
 def _forbid_ragged(monkeypatch):
     def fail(*args):
         raise AssertionError("the ragged path must not run here")
 
     monkeypatch.setattr(ragged_experts, "ragged_experts_combine", fail)
-
-
-@jax_only
-def test_routing_that_drops_keeps_the_slot_path(monkeypatch):
-    x, mask = _inputs()
-    _, ragged = _pair(4, {"k": 2, "capacity_factor": 1.0})
-    _, reference = _pair(4, {"k": 2, "capacity_factor": None})
-    _forbid_ragged(monkeypatch)
-    ragged(x, padding_mask=mask, training=True)  # C < S: slots
-    ragged(x, causal=False)  # as trained at inference: C < S: slots
-    one_hot = MoEFeedForward.from_config(
-        {**reference.get_config(), "dispatch": "one_hot"}
-    )
-    one_hot(x, training=True)  # the one-hot reference never goes ragged
 
 
 @jax_only
@@ -227,17 +130,6 @@ def test_auto_picks_ragged_on_tpu_only(monkeypatch):
 def test_auto_is_slots_off_jax(monkeypatch):
     monkeypatch.setattr(keras.config, "backend", lambda: "tensorflow")
     assert not ragged_experts.ragged_is_default()
-
-
-@jax_only
-def test_ragged_under_mixed_bfloat16():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    x, mask = _inputs()
-    slots, ragged = _pair(4, {"k": 2, "capacity_factor": None}, "gated_silu")
-    y_s = to_numpy(slots(x, padding_mask=mask, training=True)).astype("float32")
-    y_r = ragged(x, padding_mask=mask, training=True)
-    assert str(y_r.dtype) == "bfloat16"
-    np.testing.assert_allclose(to_numpy(y_r).astype("float32"), y_s, rtol=2e-2, atol=2e-3)
 
 
 def test_config_round_trip():
