@@ -35,7 +35,7 @@ A token meets only the experts it chose; padding tokens (`token_keep`
 False) take no row. Unused trailing blocks hold zero rows and are assigned
 to the last expert; their gradient contribution is zero. Outputs, losses,
 router statistics and gradients equal the slot path's
-(`tests/test_dropless_blocks.py`, `tests/test_dropless_tensorflow.py`).
+(`tests/test_dropless_paths.py`).
 Inference is exactly causal on every backend: every matmul has the same `b`
 rows, so a token's output does not depend on the other tokens' routing, to
 the bit. TensorFlow's training step trades that for speed (runs of blocks

@@ -23,7 +23,7 @@ supported) it materializes all `E` groups for all `T·k` rows: `k` times the
 slot path's work. So `MoEFeedForward(dropless_impl="auto")` uses it on TPU
 only (`RAGGED_AUTO_PLATFORMS`); `"ragged"` forces it anywhere on JAX.
 Outputs, losses, router statistics and gradients equal the slot path's
-(`tests/test_ragged_experts.py`).
+(`tests/test_dropless_paths.py`, `tests/test_ragged_experts.py`).
 """
 
 import keras
