@@ -66,6 +66,12 @@ from keras_brainformer.models.brainformer.weight_specs import compute_dtype
 from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 OPTIMIZERS = ("adafactor", "adamw")
+# What the activation estimate models: "default" is the step as XLA compiles
+# it on CPU (checked there, docs/memory_planning.md); "tpu" is XLA's TPU
+# compiler, which fuses the norms' float32 copies and the cross-entropy's
+# float32 copies of the logits away (checked against compiled programs,
+# docs/performance_model.md "Plan vs XLA's TPU compiler").
+TARGETS = ("default", "tpu")
 _TEMPLATES = {name: template for name, _, template in WEIGHT_RULES}
 _TENSOR_TEMPLATES = {name: template for name, _, template in TENSOR_RULES}
 # `iterations` (int64 on TensorFlow, int32 on JAX: count 8) + learning rate.
@@ -138,6 +144,7 @@ class MemoryPlan:
         optimizer_breakdown: optimizer variable group -> bytes.
         activation_breakdown: activation group -> bytes.
         shards: path -> `WeightShard`.
+        target: the compiler the activation estimate models (`TARGETS`).
     """
 
     mesh: dict
@@ -156,11 +163,28 @@ class MemoryPlan:
     optimizer_breakdown: dict
     activation_breakdown: dict
     shards: dict = dataclasses.field(repr=False)
+    target: str = "default"
 
     @property
     def total(self):
-        """Parameters + gradients + optimizer state + activations."""
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
+        """Parameters + gradients + optimizer state + activations.
+
+        With `target="tpu"`, XLA's TPU schedule is modelled instead of
+        counting everything as alive at once: the forward pass's saved
+        activations are freed during the backward pass while each weight's
+        gradient is used by its optimizer update and freed, and Adafactor's
+        `velocity` (written, never read, so not an argument of the step) is
+        only written at the end. The peak is then the larger of the two
+        phases: parameters + optimizer state that is read + max(activations,
+        gradients + the written `velocity`)."""
+        if self.target != "tpu":
+            return self.parameters + self.gradients + self.optimizer_state + self.activations
+        written = sum(
+            n for group, n in self.optimizer_breakdown.items()
+            if self.optimizer == "adafactor" and group.startswith("velocity")
+        )
+        return (self.parameters + self.optimizer_state - written
+                + max(self.activations, self.gradients + written))
 
     def fits(self, device_memory):
         """Whether `total` fits in `device_memory` (bytes, or a string such
@@ -186,7 +210,9 @@ class MemoryPlan:
             f"mesh {mesh} ({math.prod(self.mesh.values())} devices), global batch "
             f"{self.batch_size} ({self.local_batch} per batch shard) x "
             f"{self.sequence_length} tokens, dtype {self.dtype}, optimizer "
-            f"{self.optimizer}, fsdp {'on' if self.fsdp else 'off'}",
+            f"{self.optimizer}, fsdp {'on' if self.fsdp else 'off'}"
+            + (", activations and peak as XLA's TPU compiler schedules them"
+               if self.target == "tpu" else ""),
             f"{'per device':<42}{'bytes':>16}",
         ]
 
@@ -203,7 +229,8 @@ class MemoryPlan:
         row("activations (estimate)", self.activations)
         for kind, n in self.activation_breakdown.items():
             row(kind, n, 2)
-        row("total", self.total)
+        row("total (peak of the two phases, see MemoryPlan.total)"
+            if self.target == "tpu" else "total", self.total)
         if device_memory is not None:
             lines.append(self.verdict(device_memory))
         return "\n".join(lines)
@@ -389,7 +416,7 @@ def moe_dispatch_geometry(sub, batch_size, sequence_length, sizes, tensor_axes):
 
 def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                      fsdp=False, batch_dim_name="batch", model_dim_name="model",
-                     expert_dim_name="expert", shards=None):
+                     expert_dim_name="expert", shards=None, target="default"):
     """Estimated per-device activation bytes of one training step, by group.
 
     The local batch is `b = batch_size / mesh[batch]`, `N = b · T` tokens;
@@ -420,6 +447,21 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
       matmuls use (`params / 2`), and with `fsdp`, two sublayers' weights
       gathered across the batch axis at a time (prefetch).
 
+    With `target="tpu"` (XLA's TPU compiler, which fuses elementwise work
+    into the matmuls and the cross-entropy), three terms differ, each as
+    the buffers of compiled TPU programs show (docs/performance_model.md):
+
+    - each norm keeps only its compute-dtype input: `N·d·a`;
+    - attention keeps the float32 probabilities and one compute-dtype copy
+      per score: `b·H·T²·(f + a)`;
+    - the logits are kept once in the compute dtype plus a one-byte mask
+      per two entries: `b·T·V·(a + 1/2)` (measured 2.5 bytes per logit
+      entry under `mixed_bfloat16` by compiling two vocabulary sizes);
+    - a dense FFN keeps half its hidden tensors (`N·h·a`, `2·N·h·a`
+      gated), and so do the experts; the MoE layer keeps the dispatched
+      tokens and expert outputs (`2·E·G·C·d·a`) but no float32 combine,
+      and the router no float32 copy of its input.
+
     Not counted: XLA's working buffers, the gradient of the activations
     in flight during the backward pass (about one sublayer's worth), and
     rematerialisation (which lowers the real figure).
@@ -428,11 +470,15 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
         config, mesh, batch_size, sequence_length, dtype, fsdp, *_dim_name:
             as in `plan_memory`.
         shards: `shard_weights(...)`'s result, if already computed.
+        target: `"default"` or `"tpu"` (see above).
 
     Returns:
         dict group name -> bytes.
     """
 
+    if target not in TARGETS:
+        raise ValueError(f"Unknown `target`={target!r}. Allowed values: {TARGETS}.")
+    tpu = target == "tpu"
     sizes = axis_sizes(mesh)
     names = tuple(sizes)
     shards = shards or shard_weights(
@@ -454,7 +500,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
         (k, 0) for k in ("norms", "attention", "attention scores", "dense ffn", "moe router",
                          "moe dispatched tokens", "moe experts", "embedding and logits")
     )
-    norm = N * d * (2 * a + f)
+    norm = N * d * a if tpu else N * d * (2 * a + f)
     groups["norms"] += norm  # final norm
     heads_axis = axes("attention_qkv")[1]
     ffn_axis = axes("ffn_in")[1]
@@ -473,10 +519,11 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 # key/value head (grouped-query attention shares them).
                 per_token = 3 * H + 3 * Hkv + (6 * H if sub.depthwise_conv_kernel else 0)
                 groups["attention"] += per_token * N * hd * a
-                groups["attention scores"] += b * H * T * T * (2 * f + a)
+                groups["attention scores"] += b * H * T * T * ((f + a) if tpu else (2 * f + a))
             elif sub.kind == "ffn":
                 h = _split(sub.hidden_dim, ffn_axis, sizes)
-                groups["dense ffn"] += (4 if is_gated(sub.activation) else 2) * N * h * a
+                per_token = 4 if is_gated(sub.activation) else 2
+                groups["dense ffn"] += (per_token // 2 if tpu else per_token) * N * h * a
             else:
                 E = sub.num_experts
                 _, E_local, _, G_local, _, C = moe_dispatch_geometry(
@@ -484,20 +531,24 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 )
                 slots_local = E_local * G_local * C
                 h = _split(sub.hidden_dim, expert_axes[2], sizes)
-                router = 3 * N * E * f + (N * d * f if a < f else 0)
+                router = 3 * N * E * f + (N * d * f if a < f and not tpu else 0)
                 groups["moe router"] += router
-                groups["moe dispatched tokens"] += (
-                    2 * slots_local * d * a + 2 * slots_local * d * f + N * d * (f + a)
+                groups["moe dispatched tokens"] += 2 * slots_local * d * a + (
+                    0 if tpu else 2 * slots_local * d * f + N * d * (f + a)
                 )
                 hidden_tensors = 4 if is_gated(sub.activation) else 2
-                groups["moe experts"] += hidden_tensors * slots_local * h * a
+                groups["moe experts"] += (
+                    hidden_tensors // 2 if tpu else hidden_tensors
+                ) * slots_local * h * a
                 if sub.shared_expert_hidden_dim is not None:
                     # The shared expert, a dense FFN on every token (split
                     # like one), plus its gate and gated output.
                     hs = _split(sub.shared_expert_hidden_dim, ffn_axis, sizes)
                     groups["moe experts"] += hidden_tensors * N * hs * a + 2 * N * d * a
     vocab_axis = axes("embedding")[0]
-    groups["embedding and logits"] = N * d * a + b * T * _split(V, vocab_axis, sizes) * (a + 3 * f)
+    logits = b * T * _split(V, vocab_axis, sizes)
+    logits_bytes = logits * a + logits // 2 if tpu else logits * (a + 3 * f)
+    groups["embedding and logits"] = N * d * a + logits_bytes
     trainable = [s for s in shards.values() if s.trainable]
     if dtype == "mixed_bfloat16":
         groups["bfloat16 weight copies"] = sum(math.prod(s.local_shape) * 2 for s in trainable)
@@ -526,7 +577,7 @@ def _check_int(name, value):
 
 def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
                 optimizer="adafactor", fsdp=False, batch_dim_name="batch",
-                model_dim_name="model", expert_dim_name="expert"):
+                model_dim_name="model", expert_dim_name="expert", target="default"):
     """Per-device memory of training the backbone of `config` on `mesh`.
 
     Allocates nothing and builds no mesh: a 256-device plan runs on a laptop.
@@ -544,6 +595,8 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
         optimizer: `"adafactor"` or `"adamw"` (Keras' own).
         fsdp: also split weights along the batch axis (`get_layout_map`).
         batch_dim_name, model_dim_name, expert_dim_name: mesh axis names.
+        target: `"default"` (the activation estimate checked on CPU) or
+            `"tpu"` (XLA's TPU compiler; see `activation_bytes`).
 
     Returns:
         A `MemoryPlan`.
@@ -586,7 +639,7 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
     optimizer_groups = optimizer_state_bytes(shards, optimizer)
     activations = activation_bytes(
         config, sizes, batch_size, sequence_length, dtype, fsdp,
-        batch_dim_name, model_dim_name, expert_dim_name, shards=shards,
+        batch_dim_name, model_dim_name, expert_dim_name, shards=shards, target=target,
     )
     return MemoryPlan(
         mesh=sizes,
@@ -605,6 +658,7 @@ def plan_memory(config, mesh, batch_size, sequence_length, dtype="float32",
         optimizer_breakdown=optimizer_groups,
         activation_breakdown=activations,
         shards=shards,
+        target=target,
     )
 
 

@@ -152,9 +152,13 @@ def plan_pairs(args):
         axis = expert_axis(mesh, args.experts_on, args.fsdp)
         pairs = []
         for optimizer in optimizers:
+            # On a TPU, the activations and peak as XLA's TPU compiler
+            # schedules them (checked against compiled programs).
+            on_tpu = hardware is not None and hardware.name.startswith("tpu")
+            target = "tpu" if on_tpu else "default"
             memory = plan_memory(
                 config, mesh, batch_size, seq_len, dtype=args.dtype,
-                optimizer=optimizer, fsdp=args.fsdp, expert_dim_name=axis,
+                optimizer=optimizer, fsdp=args.fsdp, expert_dim_name=axis, target=target,
             )
             step = None
             if hardware is not None:

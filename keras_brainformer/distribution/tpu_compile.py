@@ -203,6 +203,8 @@ class TpuCompileReport:
             (each op as written once in its text; bytes are its result's).
         activated_parameters: for MFU (`6 · activated · tokens`).
         plan_total: `plan_memory`'s total for the same step (bytes), for comparison.
+        plan_tpu_total: the same with `target="tpu"` (the activation terms
+            and phases of XLA's TPU programs; 0 when not computed).
         build_seconds, lower_seconds, compile_seconds: wall time of the
             abstract build, the lowering (tracing) and XLA's compilation.
         build_rss_increase: growth of this process's peak RSS over the
@@ -244,6 +246,7 @@ class TpuCompileReport:
     compiler_error: str = ""
     custom_calls: dict = dataclasses.field(default_factory=dict)
     memory_bandwidth: float = 0.0
+    plan_tpu_total: int = 0
 
     @property
     def peak_bytes(self):
@@ -321,12 +324,19 @@ class TpuCompileReport:
     def plan_over_peak(self):
         return self.plan_total / self.peak_bytes if self.peak_bytes else None
 
+    @property
+    def plan_tpu_over_peak(self):
+        if not (self.plan_tpu_total and self.peak_bytes):
+            return None
+        return self.plan_tpu_total / self.peak_bytes
+
     def to_dict(self):
         out = dataclasses.asdict(self)
         out.update(
             peak_bytes=self.peak_bytes, fits=self.fits, steps_per_second=self.steps_per_second,
             tokens_per_second=self.tokens_per_second, mfu=self.mfu,
-            plan_over_peak=self.plan_over_peak, estimated_seconds=self.estimated_seconds,
+            plan_over_peak=self.plan_over_peak, plan_tpu_over_peak=self.plan_tpu_over_peak,
+            estimated_seconds=self.estimated_seconds,
             uncosted_custom_calls=self.uncosted_custom_calls,
             unknown_custom_calls=self.unknown_custom_calls,
             roofline_seconds=self.roofline_seconds,
@@ -394,6 +404,14 @@ class TpuCompileReport:
             f"{'plan (keras-brainformer plan)':<34}{self.plan_total:>18,}"
             f"{self.plan_total / gib:>10.2f} GiB  (plan / compiler peak "
             f"{self.plan_over_peak:.2f})",
+        ]
+        if self.plan_tpu_total:
+            lines.append(
+                f"{'plan for TPU (target tpu)':<34}{self.plan_tpu_total:>18,}"
+                f"{self.plan_tpu_total / gib:>10.2f} GiB  (plan / compiler peak "
+                f"{self.plan_tpu_over_peak:.2f})"
+            )
+        lines += [
             f"fits: {'yes' if self.fits else 'NO'}, "
             f"{abs(margin) / gib:.2f} GiB {'to spare' if margin >= 0 else 'too much'}",
         ]
@@ -478,6 +496,10 @@ def compile_train_step(
         config, sizes, batch_size, sequence_length, dtype=dtype, optimizer=optimizer,
         fsdp=fsdp, expert_dim_name=axis,
     )
+    plan_tpu = plan_memory(
+        config, sizes, batch_size, sequence_length, dtype=dtype, optimizer=optimizer,
+        fsdp=fsdp, expert_dim_name=axis, target="tpu",
+    )
     hardware = topology_hardware(topology)
     distribution = make_distribution(sizes, experts_on=experts_on, fsdp=fsdp, devices=devices)
     compile_model = compile_model or default_compile_model
@@ -548,8 +570,8 @@ def compile_train_step(
         optimal_seconds=cost.get("optimal_seconds", 0.0),
         collectives=found, custom_calls=calls, compiler_error=compiler_error,
         activated_parameters=counts["activated"], total_parameters=counts["total"],
-        plan_total=plan.total, build_seconds=build_seconds, lower_seconds=lower_seconds,
-        compile_seconds=compile_seconds, build_rss_increase=build_rss,
+        plan_total=plan.total, plan_tpu_total=plan_tpu.total, build_seconds=build_seconds,
+        lower_seconds=lower_seconds, compile_seconds=compile_seconds, build_rss_increase=build_rss,
         peak_rss=peak_rss_bytes(),
     )
 
