@@ -313,6 +313,10 @@ def test_tpu_target_arithmetic():
     assert adamw.total == (adamw.parameters + adamw.optimizer_state
                            + max(adamw.activations, adamw.gradients))
     assert "as XLA's TPU compiler schedules them" in tpu.table()
+    assert "warning" not in tpu.table()
+    fsdp = plan_memory(config, {"batch": 2}, 4, T, dtype="mixed_bfloat16", fsdp=True,
+                       target="tpu")
+    assert "warning: with fsdp" in fsdp.table() and "global batch" in fsdp.table()
     with pytest.raises(ValueError, match="target"):
         plan_memory(*args, target="gpu")
 
