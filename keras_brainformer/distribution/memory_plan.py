@@ -235,7 +235,7 @@ class MemoryPlan:
             lines.append(
                 "warning: with fsdp, XLA's TPU compiler partitions this layout's step on the "
                 "global batch (the embedding's fsdp split reaches the hidden states): its peak "
-                "was 3.1-3.4x this plan at 1B; see docs/performance_model.md, \"Plan vs XLA's "
+                "was 3.1-4.6x this plan at 1B; see docs/performance_model.md, \"Plan vs XLA's "
                 "TPU compiler\""
             )
         if device_memory is not None:
