@@ -9,8 +9,10 @@ from conftest import to_numpy
 
 from keras_brainformer.layers import CausalSelfAttention
 from keras_brainformer.layers import ExpertBank
+from keras_brainformer.layers import ExpertChoiceRouter
 from keras_brainformer.layers import FeedForward
 from keras_brainformer.layers import MoEFeedForward
+from keras_brainformer.layers import TopKRouter
 from keras_brainformer.layers.initializers import expert_initializer
 from keras_brainformer.models import AttentionSpec
 from keras_brainformer.models import BlockSpec
@@ -147,3 +149,20 @@ def test_a_glam_preset_starts_its_experts_like_its_dense_ffns():
     assert experts and dense
     np.testing.assert_allclose(np.concatenate(experts), np.sqrt(2), rtol=0.1)
     np.testing.assert_allclose(dense, np.sqrt(2), rtol=0.1)
+
+
+@pytest.mark.parametrize("router_cls", [TopKRouter, ExpertChoiceRouter])
+def test_router_kernel_starts_like_gshards_gate(router_cls):
+    # std 1/sqrt(d) (GShard); Switch's scale 0.1 before issue 33 gave 0.32/sqrt(d).
+    d = 256
+    router = router_cls(num_experts=64)
+    router.build((1, 8, d))
+    np.testing.assert_allclose(to_numpy(router.kernel).std(), 1 / np.sqrt(d), rtol=0.03)
+    small = router_cls(
+        num_experts=64,
+        kernel_initializer=keras.initializers.VarianceScaling(0.1, "fan_in", "truncated_normal"),
+    )
+    small.build((1, 8, d))
+    np.testing.assert_allclose(to_numpy(small.kernel).std(), np.sqrt(0.1 / d), rtol=0.03)
+    restored = router_cls.from_config(small.get_config())
+    assert restored.kernel_initializer.get_config()["scale"] == 0.1

