@@ -12,6 +12,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
 from keras_brainformer.cli import main
 from keras_brainformer.distribution.memory_plan import dispatched_tensor_axes
@@ -29,15 +30,6 @@ from keras_brainformer.models.brainformer.brainformer_presets import get_preset_
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 from keras_brainformer.models.brainformer.weight_specs import weight_specs
-
-TINY_PRESETS = (
-    "brainformer1_tiny",
-    "brainformer2_tiny",
-    "glam_tiny",
-    "glam_ec_tiny",
-    "dense_tiny",
-    "primer_tiny",
-)
 
 
 def small_config(**overrides):
