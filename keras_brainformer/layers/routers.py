@@ -219,7 +219,7 @@ class Router(keras.layers.Layer):
             raise TypeError(f"`seed` must be an int or None. Received: seed={seed!r}")
         self.seed = seed
         # GShard's gate: std 1/sqrt(d) (docs/moe_layers.md#initialisation).
-        # Switch's scale 0.1 (the default up to 0.1) kept routers near uniform
+        # Switch's scale 0.1 (the default up to release 0.1.0) kept routers near uniform
         # under Adafactor, whose updates scale with a weight's RMS (issue 33).
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
