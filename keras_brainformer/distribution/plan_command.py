@@ -150,12 +150,12 @@ def plan_pairs(args):
         )
         optimizers = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
         axis = expert_axis(mesh, args.experts_on, args.fsdp)
+        # On a TPU, the activations and peak as XLA's TPU compiler schedules
+        # them (checked against compiled programs).
+        on_tpu = hardware is not None and hardware.name.startswith("tpu")
+        target = "tpu" if on_tpu else "default"
         pairs = []
         for optimizer in optimizers:
-            # On a TPU, the activations and peak as XLA's TPU compiler
-            # schedules them (checked against compiled programs).
-            on_tpu = hardware is not None and hardware.name.startswith("tpu")
-            target = "tpu" if on_tpu else "default"
             memory = plan_memory(
                 config, mesh, batch_size, seq_len, dtype=args.dtype,
                 optimizer=optimizer, fsdp=args.fsdp, expert_dim_name=axis, target=target,
