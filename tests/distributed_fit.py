@@ -6,20 +6,25 @@ devices (the variable must be set before JAX starts):
 
     python tests/distributed_fit.py --model glam --meshes batch=8 batch=2,expert=4 batch=8@batch
 
-(`MESH@AXIS` puts the expert banks on mesh axis AXIS, e.g. GShard's layout.)
+(`MESH@AXIS` puts the expert banks on mesh axis AXIS, e.g. GShard's layout;
+`MESH+fsdp` also splits the weights along the batch axis.)
 
 For each mesh (and once without any distribution, the reference) it builds
 the model under the distribution, trains `--steps` steps on fixed data with
 AdamW, and records the per-step losses, the final weights' checksum, and the
-local shard shape of every weight and of its optimizer slots.
+local shard shape of every weight and of its optimizer slots. With fsdp it
+also records the shapes `[B, T, x]` (B the global batch) in the compiled
+train step: the tensors a device computes for the whole global batch.
 """
 
 import argparse
 import json
+import re
 
 import keras
 import numpy as np
 
+from keras_brainformer.distribution import tpu_compile
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import glam_layer_pair
@@ -67,8 +72,25 @@ def spec_of(variable):
     return [None if a is None else str(a) for a in spec] if spec is not None else None
 
 
-def run(config, mesh, steps, batch_size, length, experts_on, lora=0):
-    distribution = None if mesh == "none" else make_distribution(mesh, experts_on=experts_on)
+def global_batch_shapes(lm, distribution, batch_size, length):
+    """The distinct `[batch_size, length, x]` shapes in `fit`'s compiled step
+    (per-device shapes: the partitioned program)."""
+    lm.make_train_function()
+    step = tpu_compile._jitted_train_step(lm)
+    data = tpu_compile._batch_structs(distribution, (batch_size, length))
+    state = lm._get_jax_state(
+        trainable_variables=True, non_trainable_variables=True,
+        optimizer_variables=True, metrics_variables=True,
+    )
+    text = step.lower(state, data).compile().as_text()
+    found = re.findall(r"\w+\[%d,%d,(\d+)\]" % (batch_size, length), text)
+    return sorted({int(x) for x in found})
+
+
+def run(config, mesh, steps, batch_size, length, experts_on, lora=0, fsdp=False):
+    distribution = (
+        None if mesh == "none" else make_distribution(mesh, experts_on=experts_on, fsdp=fsdp)
+    )
     keras.utils.set_random_seed(0)
     scope = distribution.scope() if distribution else _null()
     with scope:
@@ -111,7 +133,11 @@ def run(config, mesh, steps, batch_size, length, experts_on, lora=0):
         checksum = float(
             sum(np.abs(keras.ops.convert_to_numpy(v.value)).sum() for v in lm.backbone.weights)
         )
-    return {"losses": per_step, "weights": weights, "slots": slots, "checksum": checksum}
+        result = {"losses": per_step, "weights": weights, "slots": slots, "checksum": checksum}
+        if fsdp:
+            result["global_batch_shapes"] = global_batch_shapes(
+                lm, distribution, batch_size, length)
+    return result
 
 
 class _null:
@@ -134,11 +160,13 @@ def main():
     config = model_config(args.model)
     results = {"devices": len(keras.distribution.list_devices())}
     for key in ["none"] + args.meshes:
-        # "batch=8@batch": the mesh, with the experts on the batch axis.
-        mesh, _, experts_on = key.partition("@")
+        # "batch=8@batch": the mesh, with the experts on the batch axis;
+        # "batch=4,model=2+fsdp": the mesh with fsdp.
+        spec, _, fsdp = key.partition("+")
+        mesh, _, experts_on = spec.partition("@")
         results[key] = run(
             config, mesh, args.steps, args.batch_size, args.length, experts_on or None,
-            lora=args.lora,
+            lora=args.lora, fsdp=fsdp == "fsdp",
         )
     print("RESULT " + json.dumps(results))
 

@@ -144,6 +144,18 @@ def test_resolve_axes_drops_missing_and_repeated_axes():
                         True) == ("expert", "batch", "model")
 
 
+def test_fsdp_keeps_the_embedding_output_on_the_batch_axis():
+    """Only fsdp constrains the token embedding's output (and the logits of its
+    reversed call) to the batch axis; the slow test below shows why."""
+    devices = keras.distribution.list_devices()[:1]
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), devices)
+    path = "brainformer_causal_lm/brainformer_backbone/token_embedding/output"
+    assert get_layout_map(mesh, fsdp=True)[path].axes == ("batch", None, "model")
+    assert get_layout_map(mesh)[path] is None
+    batch_only = keras.distribution.DeviceMesh((1,), ("batch",), devices)
+    assert get_layout_map(batch_only, fsdp=True)[path].axes == ("batch", None, None)
+
+
 def test_mesh_spec_parsing_and_errors():
     assert parse_mesh_spec("batch=2,expert=4") == {"batch": 2, "expert": 4}
     assert parse_mesh_spec(" model = 2 ") == {"batch": 1, "model": 2}
@@ -316,6 +328,35 @@ def test_lora_under_expert_parallelism_trains_like_one_device():
 def test_gshard_layout_experts_on_the_batch_axis(mesh_runs):
     result = mesh_runs("glam")
     _check_run(result[GSHARD], result["none"], {"batch": 8}, "batch")
+
+
+FSDP = "batch=4,model=2+fsdp"
+
+
+@pytest.mark.slow
+@jax_only
+def test_fsdp_trains_like_one_device_on_its_local_batch():
+    """`fsdp=True` on `batch=4,model=2` (experts on the batch axis): the same
+    losses as one device, weights split along `d` over the batch axis, and no
+    device computing hidden states or logits for the global batch. Without the
+    `token_embedding/output` rule the embedding's fsdp split of `d` reached
+    the hidden states and every device computed the logits `[8, 32, V/2]` of
+    all 8 sequences (749 such tensors in this step; 55 small ones with it)."""
+    result = _run("distributed_fit.py", "--model", "glam", "--meshes", FSDP, env=JAX8)
+    reference, sharded = result["none"], result[FSDP]
+    np.testing.assert_allclose(sharded["losses"], reference["losses"], rtol=RTOL)
+    assert sharded["checksum"] == pytest.approx(reference["checksum"], rel=RTOL)
+    weights = sharded["weights"]
+    d, V = 64, 1024
+    assert weights["block_0/0_attention/w_query"]["local"] == [d // 4, 2, 16]
+    assert weights["token_embedding/embeddings"]["local"] == [V // 2, d // 4]
+    # Experts on the batch axis: fsdp has no axis left for their d.
+    assert weights["block_0/1_moe/experts/w_in"]["local"] == [2, d, 256 // 2]
+    # Global-batch tensors left: token ids and the embedding gather's d/4
+    # slice (fsdp's gather), router choices, and the MoE gathers of d/2.
+    shapes = sharded["global_batch_shapes"]
+    assert shapes and max(shapes) <= d // 2, shapes
+    assert not {d, V // 2, V} & set(shapes), shapes
 
 
 HLO_SCRIPT = """

@@ -231,13 +231,6 @@ class MemoryPlan:
             row(kind, n, 2)
         row("total (peak of two phases)"
             if self.target == "tpu" else "total", self.total)
-        if self.target == "tpu" and self.fsdp and self.local_batch < self.batch_size:
-            lines.append(
-                "warning: with fsdp, XLA's TPU compiler partitions this layout's step on the "
-                "global batch (the embedding's fsdp split reaches the hidden states): its peak "
-                "was 3.1-4.6x this plan at 1B; see docs/performance_model.md, \"Plan vs XLA's "
-                "TPU compiler\""
-            )
         if device_memory is not None:
             lines.append(self.verdict(device_memory))
         return "\n".join(lines)

@@ -38,6 +38,14 @@ Two intermediate tensors are constrained too, by the MoE layer (see
 None)` when experts live on the batch axis, the GShard layout — so that XLA
 moves *tokens* to the devices holding their experts (all-to-all) rather than
 gathering expert weights.
+
+With `fsdp=True` one more: the token embedding's output (`[B, T, d]`, and the
+logits `[B, T, V]` of its reversed call, which share the path) gets
+`(batch, None, model)`. Without it the table's fsdp split of `d` over the
+batch axis reaches the hidden states, and XLA partitions the whole step along
+`d`: each device computes every sequence of the global batch (at 1B on 64 TPU
+v4 chips the compiled step needed 28.5 GiB a chip instead of 8.0;
+docs/performance_model.md).
 """
 
 import re
@@ -86,6 +94,10 @@ WEIGHT_RULES = (
 TENSOR_RULES = (
     ("moe_dispatched", _SUBLAYER + r"moe/(?:dispatched|expert_outputs)",
      ("expert", "batch", None, None)),
+)
+# Added only with fsdp (the module docstring says why).
+FSDP_TENSOR_RULES = (
+    ("embedding_output", _PREFIX + r"token_embedding/output", ("batch", None, "model")),
 )
 
 
@@ -174,7 +186,8 @@ def get_layout_map(
         expert_dim_name=expert_dim_name,
     )
     layout_map = keras.distribution.LayoutMap(device_mesh)
-    for _, pattern, template in WEIGHT_RULES + TENSOR_RULES:
+    rules = WEIGHT_RULES + TENSOR_RULES + (FSDP_TENSOR_RULES if fsdp else ())
+    for _, pattern, template in rules:
         layout_map[pattern] = resolve_axes(
             template, axes, batch_dim_name, model_dim_name, expert_dim_name, fsdp
         )
