@@ -32,8 +32,9 @@ FAMILIES_8B = ("brainformer1_8b", "glam_8b_64e", "glam_ec_8b_64e", "dense_8b")
 SETS = {
     "tiny": (("brainformer1_tiny", "glam_tiny"), "v4:2x2x1", "batch=4", False, 16),
     "100m": (FAMILIES_100M, "v4:4x4x4", "batch=32,model=2", False, 64),
-    # 64 v5e chips with v4's mesh (16 GiB chips; with --fsdp, GLaM's step on
-    # v5e:4x4 needs 45 GB: docs/performance_model.md, "Plan vs XLA's TPU compiler").
+    # 64 v5e chips with v4's mesh (16 GiB chips). GLaM's --fsdp step on
+    # v5e:4x4 needed 45 GB before the fsdp layout fix and 9.25 GiB with it
+    # (docs/performance_model.md, "Plan vs XLA's TPU compiler").
     "100m-v5e": (FAMILIES_100M, "v5e:8x8", "batch=32,model=2", False, 64),
     "1b": (FAMILIES_1B, "v4:4x4x4", "batch=32,model=2", True, 64),
     "8b": (FAMILIES_8B, "v4:8x8x8", "batch=64,model=8", True, 64),

@@ -352,8 +352,10 @@ def test_fsdp_trains_like_one_device_on_its_local_batch():
     assert weights["token_embedding/embeddings"]["local"] == [V // 2, d // 4]
     # Experts on the batch axis: fsdp has no axis left for their d.
     assert weights["block_0/1_moe/experts/w_in"]["local"] == [2, d, 256 // 2]
-    # Global-batch tensors left: token ids and the embedding gather's d/4
-    # slice (fsdp's gather), router choices, and the MoE gathers of d/2.
+    # Global-batch tensors left: the token ids and the embedding lookup of
+    # each device's d/4 slice (fsdp's gather of a d-split table), the router
+    # choices (k=2) and probabilities (E=8), and the MoE layer's token
+    # gathers at d/2 (without fsdp this CPU program has them at d).
     shapes = sharded["global_batch_shapes"]
     assert shapes and max(shapes) <= d // 2, shapes
     assert not {d, V // 2, V} & set(shapes), shapes
