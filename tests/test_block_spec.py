@@ -12,6 +12,7 @@ from keras_brainformer.models import FeedForwardSpec
 from keras_brainformer.models import MoESpec
 from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models import glam_layer_pair
+from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 
 
 def brainformer_like_spec():
@@ -42,7 +43,18 @@ def test_json_round_trip_is_exact():
 def test_named_specs_are_just_specs():
     glam = glam_layer_pair(num_heads=4, hidden_dim=64, num_experts=8)
     assert [s.kind for s in glam.sublayers] == ["attention", "moe", "attention", "ffn"]
-    assert glam.sublayers[1].k == 2 and glam.sublayers[1].activation == "gated_gelu"
+    # GLaM's recipe: plain GELU experts, gated GELU dense FFN, top-2 with a
+    # load-balance loss; the glam_* presets are built from it.
+    moe, ffn = glam.sublayers[1], glam.sublayers[3]
+    assert (moe.k, moe.activation, ffn.activation) == (2, "gelu", "gated_gelu")
+    assert (moe.capacity_factor, moe.load_balance_loss_weight) == (2.0, 0.01)
+    ec = glam_layer_pair(4, 64, 8, router="expert_choice")
+    assert ec.sublayers[1].router == "expert_choice"
+    preset = get_preset_config("glam_tiny")
+    assert BlockSpec.from_dict(preset["blocks"]).to_dict() == glam_layer_pair(
+        5, 280, 8, head_dim=14).to_dict()
+    with pytest.raises(TypeError, match="expert_activation"):
+        glam_layer_pair(4, 64, 8, activation="gelu")
     dense = dense_transformer_layer(num_heads=4, hidden_dim=64)
     assert [s.kind for s in dense.sublayers] == ["attention", "ffn"]
     assert glam.count("moe") == 1 and dense.count("moe") == 0

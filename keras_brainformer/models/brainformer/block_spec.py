@@ -417,30 +417,68 @@ def dense_transformer_layer(num_heads, hidden_dim, activation="gelu", head_dim=N
     )
 
 
+# GLaM's MoE settings (Du et al. 2022, §3 and Table 4).
+GLAM_CAPACITY_FACTOR = 2.0
+GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
+
+
 def glam_layer_pair(
     num_heads,
     hidden_dim,
     num_experts,
-    activation="gated_gelu",
     router="top_k",
-    capacity_factor=2.0,
+    capacity_factor=GLAM_CAPACITY_FACTOR,
     head_dim=None,
+    expert_activation="gelu",
+    ffn_activation="gated_gelu",
     **moe_kwargs,
 ):
     """GLaM's repeating unit: two decoder layers, the first with its FFN
-    replaced by a top-2 MoE (attention, MoE, attention, dense FFN)."""
+    replaced by the MoE (attention, MoE, attention, dense FFN).
+
+    The one GLaM recipe: every `glam_*` preset is built from it. The experts
+    are plain two-matrix GELU FFNs and the dense FFN is gated GELU: the GLaM
+    paper puts the gated linear unit "in the non-MoE Transformer feed-forward
+    sub-layers", and praxis' GLaM (`layers/glam.py`) sets gated GELU on the
+    dense FFN only (docs/moe_layers.md#initialisation).
+
+    Args:
+        num_heads: attention heads of both attention sublayers.
+        hidden_dim: hidden width of each expert and of the dense FFN.
+        num_experts: experts of the MoE sublayer.
+        router: `"top_k"` (GLaM: top-2 with a load-balance loss of
+            `GLAM_LOAD_BALANCE_LOSS_WEIGHT`) or `"expert_choice"`.
+        capacity_factor: the MoE's training capacity factor.
+        head_dim: per-head width (None: model width / heads).
+        expert_activation: the experts' activation.
+        ffn_activation: the dense FFN's activation.
+        **moe_kwargs: any other `MoESpec` field (they override the top-2
+            defaults, e.g. `k=1`).
+
+    Example:
+    >>> spec = glam_layer_pair(num_heads=4, hidden_dim=64, num_experts=8)
+    >>> [s.kind for s in spec.sublayers], spec.sublayers[1].activation
+    (['attention', 'moe', 'attention', 'ffn'], 'gelu')
+    """
+    if "activation" in moe_kwargs:
+        raise TypeError(
+            "glam_layer_pair() takes `expert_activation` and `ffn_activation` (since 0.1.0's "
+            f"`activation` set both). Received: activation={moe_kwargs['activation']!r}"
+        )
+    moe = {"router": router, "capacity_factor": capacity_factor}
+    if router == "top_k":
+        moe.update(k=2, load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT)
+    moe.update(moe_kwargs)
     return BlockSpec(
         [
             AttentionSpec(num_heads=num_heads, head_dim=head_dim),
             MoESpec(
                 num_experts=num_experts,
                 hidden_dim=hidden_dim,
-                activation=activation,
-                router=router,
-                capacity_factor=capacity_factor,
-                **moe_kwargs,
+                activation=expert_activation,
+                **moe,
             ),
             AttentionSpec(num_heads=num_heads, head_dim=head_dim),
-            FeedForwardSpec(hidden_dim=hidden_dim, activation=activation),
+            FeedForwardSpec(hidden_dim=hidden_dim, activation=ffn_activation),
         ]
     )

@@ -20,10 +20,13 @@ The zoo's table (the one in `docs/presets.md`) is `preset_table.py`.
 
 import copy
 
+from keras_brainformer.models.brainformer.block_spec import GLAM_CAPACITY_FACTOR
+from keras_brainformer.models.brainformer.block_spec import GLAM_LOAD_BALANCE_LOSS_WEIGHT
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.models.brainformer.block_spec import glam_layer_pair
 from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
 from keras_brainformer.models.brainformer.keras_hub_presets import keras_hub_architecture_config
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
@@ -62,8 +65,6 @@ CPU_TIERS = {
 }
 CPU_TIER_WORDS = {"tiny": "", "small": "byte-level: "}
 
-GLAM_CAPACITY_FACTOR = 2.0
-GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
 PRIMER_DEPTHWISE_CONV_KERNEL = 3
 
 # === The Brainformer reconstruction ===
@@ -149,24 +150,7 @@ def _brainformer_block(
 
 
 def _glam_block(num_heads, head_dim, hidden_dim, num_experts, router="top_k"):
-    """GLaM's repeating unit: two decoder layers, the first with its FFN
-    replaced by the MoE (plain GELU experts, gated GELU dense FFN)."""
-    moe_kwargs = {"router": router, "capacity_factor": GLAM_CAPACITY_FACTOR}
-    if router == "top_k":
-        moe_kwargs.update(k=2, load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT)
-    return BlockSpec(
-        [
-            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
-            MoESpec(
-                num_experts=num_experts,
-                hidden_dim=hidden_dim,
-                activation="gelu",
-                **moe_kwargs,
-            ),
-            AttentionSpec(num_heads=num_heads, head_dim=head_dim),
-            FeedForwardSpec(hidden_dim=hidden_dim, activation="gated_gelu"),
-        ]
-    )
+    return glam_layer_pair(num_heads, hidden_dim, num_experts, router=router, head_dim=head_dim)
 
 
 def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
