@@ -417,7 +417,8 @@ def dense_transformer_layer(num_heads, hidden_dim, activation="gelu", head_dim=N
     )
 
 
-# GLaM's MoE settings (Du et al. 2022, §3 and Table 4).
+# GLaM's MoE settings in praxis' GLaM configs (the expert-choice paper's §3.4
+# describes them): top-2 gating, capacity factor 2, load-balance loss 0.01.
 GLAM_CAPACITY_FACTOR = 2.0
 GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
 
@@ -462,8 +463,9 @@ def glam_layer_pair(
     """
     if "activation" in moe_kwargs:
         raise TypeError(
-            "glam_layer_pair() takes `expert_activation` and `ffn_activation` (since 0.1.0's "
-            f"`activation` set both). Received: activation={moe_kwargs['activation']!r}"
+            "glam_layer_pair() takes `expert_activation` and `ffn_activation`; 0.1.0's "
+            "`activation`, which set both, is gone. "
+            f"Received: activation={moe_kwargs['activation']!r}"
         )
     moe = {"router": router, "capacity_factor": capacity_factor}
     if router == "top_k":
