@@ -1,17 +1,24 @@
-"""Study 2 before -> after issue 33's initialisation fixes: the same (family, seed) runs, the same step
-counts (this folder reuses study 2's step_times.json), final validation loss, causal and as trained.
-Dense and Primer have no experts or routers: their seed-0 reruns equal study 2's runs exactly, so their
-seed-1 and seed-2 files here are copies of study 2's.
+"""A study before -> after issue 33's initialisation fixes: the same (family, seed) runs, the same step
+counts (the rerun's folder reuses the study's step_times.json), final validation loss, causal and as
+trained. Dense and Primer have no experts or routers: in study 2 their seed-0 reruns equal the original
+runs exactly, so their seed-1 and seed-2 files here are copies of study 2's, and study 3's rerun copies
+all of its dense and Primer runs.
 
     python docs/study_evidence/small_bytes_300s_fixed_init/before_after.py > .../before_after.md
+
+The same for study 3's rerun (keras source), with the two folders given:
+
+    python .../before_after.py docs/study_evidence/keras_bytes_300s_fixed_init \
+        docs/study_evidence/keras_bytes_300s > docs/study_evidence/keras_bytes_300s_fixed_init/before_after.md
 """
 import json
 import pathlib
 import statistics
+import sys
 
-HERE = pathlib.Path(__file__).parent
-BEFORE = HERE.parent / "small_bytes_300s" / "runs"
-print("| family | seed | steps | causal: study 2 | now | now − study 2 | as trained: study 2 | now | now − study 2 |")
+HERE = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).parent
+BEFORE = (pathlib.Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "small_bytes_300s") / "runs"
+print("| family | seed | steps | causal: before | now | change | as trained: before | now | change |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 deltas = {}
 for run in sorted((HERE / "runs").glob("*/seed-*.json")):
