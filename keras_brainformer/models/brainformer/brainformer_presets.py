@@ -149,10 +149,6 @@ def _brainformer_block(
     return BlockSpec(sublayers)
 
 
-def _glam_block(num_heads, head_dim, hidden_dim, num_experts, router="top_k"):
-    return glam_layer_pair(num_heads, hidden_dim, num_experts, router=router, head_dim=head_dim)
-
-
 def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
     """A decoder layer: attention then FFN (gated GELU; Primer: squared ReLU
     and a depthwise convolution after Q/K/V)."""
@@ -269,8 +265,8 @@ def _build_presets():
     }
     for name, (layers, d, hidden, heads, head_dim, experts, paper) in glam.items():
         ec = name.startswith("glam_ec")
-        block = _glam_block(
-            heads, head_dim, hidden, experts, router="expert_choice" if ec else "top_k"
+        block = glam_layer_pair(
+            heads, hidden, experts, router="expert_choice" if ec else "top_k", head_dim=head_dim
         )
         routing = (
             f"expert-choice routing (capacity factor {GLAM_CAPACITY_FACTOR:g})"
@@ -340,7 +336,7 @@ def _build_presets():
             )
         d, heads, head_dim = shapes["glam"]
         for family, router in (("glam", "top_k"), ("glam_ec", "expert_choice")):
-            block = _glam_block(heads, head_dim, 4 * d, TINY_EXPERTS, router=router)
+            block = glam_layer_pair(heads, 4 * d, TINY_EXPERTS, router=router, head_dim=head_dim)
             presets[f"{family}_{tier}"] = _preset(
                 f"{words}of {'GLaM with expert choice' if router != 'top_k' else 'GLaM'}: "
                 f"4 layers (2 x [attention, MoE, attention, FFN]), d={d}, FFN and "
