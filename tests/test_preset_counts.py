@@ -11,14 +11,14 @@ from conftest import TINY_PRESETS
 
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
-from keras_brainformer.models.brainformer.brainformer_presets import PAPER_VOCABULARY_SIZE
-from keras_brainformer.models.brainformer.brainformer_presets import activated_non_embedding
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
-from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
-from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_PRESET_FAMILIES
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.preset_table import markdown_table
+from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_ARCHITECTURES
+from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_PRESET_FAMILIES
+from keras_brainformer.zoo.preset_recipes import PAPER_VOCABULARY_SIZE
+from keras_brainformer.zoo.preset_recipes import activated_non_embedding
+from keras_brainformer.zoo.preset_recipes import paper_convention_counts
+from keras_brainformer.zoo.preset_table import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGULAR = [
@@ -50,7 +50,7 @@ def test_preset_names():
     families = {"brainformer1", "brainformer2", "glam", "glam_ec", "dense", "primer",
                 *KERAS_HUB_PRESET_FAMILIES}
     for preset in backbone_presets.values():
-        assert set(preset) == {"metadata", "config"}
+        assert set(preset) == {"metadata", "kaggle_handle", "config"}
         assert preset["metadata"]["family"] in families
         assert "random initialisation (architecture preset)" in (
             preset["metadata"]["description"].lower()
@@ -120,7 +120,7 @@ def test_tiny_preset_builds_with_counted_size(name, tiny_backbone):
 
 @pytest.mark.parametrize("tier, names", [("_tiny", TINY_PRESETS), ("_small", SMALL)])
 def test_cpu_tiers_match_activated_parameters(tier, names):
-    activated = activated_non_embedding(tier)
+    activated = activated_non_embedding(backbone_presets, tier)
     assert set(activated) == set(names)
     assert max(activated.values()) / min(activated.values()) < 1.05
 

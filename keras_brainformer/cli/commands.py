@@ -527,7 +527,7 @@ def _check_conversion_fits_in_memory(preset, max_sequence_length):
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
     from keras_brainformer.models.brainformer import keras_hub_conversion as conversion
-    from keras_brainformer.models.brainformer.keras_hub_presets import KERAS_HUB_ARCHITECTURES
+    from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_ARCHITECTURES
 
     try:
         class_name, config = conversion.keras_hub_preset_config(preset)

@@ -27,15 +27,15 @@ import pathlib
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.brainformer_presets import PAPER_SEQUENCE_LENGTH
-from keras_brainformer.models.brainformer.brainformer_presets import PAPER_TRAINING_VOCABULARY_SIZE
-from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.preset_building import backbone_config_json
 from keras_brainformer.search.space import LAYER_LETTERS
 from keras_brainformer.search.space import SearchSpace
 from keras_brainformer.search.space import slot_gene
+from keras_brainformer.zoo.preset_building import backbone_config_json
+from keras_brainformer.zoo.preset_recipes import PAPER_SEQUENCE_LENGTH
+from keras_brainformer.zoo.preset_recipes import PAPER_TRAINING_VOCABULARY_SIZE
+from keras_brainformer.zoo.preset_recipes import paper_convention_counts
 
 CSV_FIELDS = (
     "trial_id", "status", "origin", "in_population", "block", "model_dim", "reward",
@@ -144,7 +144,7 @@ def paper_scale_config(space, genome, target_activated=DEFAULT_TARGET_ACTIVATED,
     Widths are divided by `space.scale` (model dim, hidden dims, head width),
     the expert count becomes `num_experts`, and the block is stacked N times,
     N the count whose activated parameters (paper convention: 32K tied
-    embedding, see `brainformer_presets.paper_convention_counts`) are closest
+    embedding, see `zoo.preset_recipes.paper_convention_counts`) are closest
     to `target_activated`. The config's own vocabulary is the paper's 256K.
 
     Returns:

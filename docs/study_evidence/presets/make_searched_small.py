@@ -18,7 +18,7 @@ import pathlib
 import shutil
 
 from keras_brainformer.models import BlockSpec
-from keras_brainformer.models.brainformer.brainformer_presets import _config
+from keras_brainformer.zoo.preset_recipes import backbone_config
 from keras_brainformer.search.results import write_preset_folder
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -34,7 +34,7 @@ def main():
             sublayer["hidden_dim"] = round(sublayer["hidden_dim"] * D / 64)
         if sublayer["kind"] == "attention":
             sublayer["head_dim"] = HEAD_DIM
-    config = _config(BlockSpec.from_dict(scaled), NUM_BLOCKS, D, "small")
+    config = backbone_config(BlockSpec.from_dict(scaled), NUM_BLOCKS, D, "small")
     out = HERE / "searched_small"
     description = (
         "The 30-minute search's best block (docs/search_evidence/rank1.block.json, trial 25, "

@@ -1,6 +1,6 @@
 """Loading the zoo's presets by name: folders, registration and `from_preset`.
 
-Every preset of `brainformer_presets.backbone_presets` is a keras-hub preset
+Every preset folder (the registry, read by `brainformer_presets.py`) is a keras-hub preset
 folder: `config.json` (the backbone), `metadata.json` (description, parameter
 counts, the paper's figures) and, for presets that use the shipped 8K
 vocabulary, `tokenizer.json`, `preprocessor.json` and
@@ -104,7 +104,7 @@ def resolve_preset(preset):
 def register_brainformer_presets(backbone_cls, presets):
     """Registers every zoo preset with keras-hub (names → packaged folders):
     the architecture presets of `presets` (the registry,
-    `brainformer_presets.backbone_presets`) and the trained ones among the
+    `brainformer_presets.backbone_presets`, read from the folders) and the trained ones among the
     packaged folders."""
     entries = {
         name: {"metadata": entry["metadata"], "kaggle_handle": str(PRESETS_ROOT / name)}

@@ -1,15 +1,16 @@
 """The zoo's table: one row per architecture preset with our parameter
-counts, the paper-convention counts and the paper's figures.
+counts (recorded in its folder's `metadata.json`), the paper-convention
+counts and the paper's figures.
 
 Print it (the table in `docs/presets.md`, which a test keeps in sync) with
-`python -m keras_brainformer.models.brainformer.preset_table`.
+`python -m keras_brainformer.zoo.preset_table`.
 """
 
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
-from keras_brainformer.models.brainformer.brainformer_presets import activated_non_embedding
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.brainformer_presets import paper_convention_counts
 from keras_brainformer.preset_folders import human_count
+from keras_brainformer.zoo.preset_recipes import activated_non_embedding
+from keras_brainformer.zoo.preset_recipes import paper_convention_counts
 
 
 def _layout(config):
@@ -96,6 +97,6 @@ if __name__ == "__main__":
     print()
     for tier in ("_tiny", "_small"):
         print(f"\n*{tier} presets, activated non-embedding parameters:")
-        for name, n in activated_non_embedding(tier).items():
+        for name, n in activated_non_embedding(backbone_presets, tier).items():
             total = backbone_presets[name]["metadata"]["params"]
             print(f"- `{name}`: {n:,} activated non-embedding; {total:,} total")

@@ -1,9 +1,10 @@
 """Writing the zoo's architecture presets as keras-hub preset folders.
 
 Used at build time by `presets/build_presets.py` (the folders are committed
-under `presets/` and ship inside the wheel) and by tests that check the
-committed folders still match the registry. Loading never writes: see
-`preset_loading.py`.
+under `presets/`, ship inside the wheel and are the family's registry) and by
+tests that check the committed folders still match their recipes
+(`preset_recipes.py`). Loading never writes: see
+`models/brainformer/preset_loading.py`.
 """
 
 import json
@@ -16,7 +17,6 @@ from keras_brainformer.models.brainformer.brainformer_byte_tokenizer import Brai
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
@@ -33,15 +33,13 @@ def backbone_config_json(config):
     }
 
 
-def write_preset_directory(name, directory):
-    """Writes preset `name`'s folder (config, metadata, and the tokenizer of
-    a preset whose vocabulary is the shipped SentencePiece one or bytes) into
-    `directory`. Files are written to
-    a temporary folder first and moved in place, so a failure leaves nothing
-    half-written."""
-    if name not in backbone_presets:
-        raise ValueError(f"Unknown preset {name!r}. Available presets: {sorted(backbone_presets)}.")
-    entry = backbone_presets[name]
+def write_preset_directory(name, entry, directory):
+    """Writes preset `name`'s folder into `directory`: `config.json` from
+    `entry["config"]`, `metadata.json` from `entry["metadata"]` (a recipe of
+    `preset_recipes.recipe_presets()`), and the tokenizer of a preset whose
+    vocabulary is the shipped SentencePiece one or bytes. Files are written
+    to a temporary folder first and moved in place, so a failure leaves
+    nothing half-written."""
     directory = pathlib.Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     if staging.exists():
