@@ -16,12 +16,12 @@ from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
-from keras_brainformer.layers.validation import check_token_ids
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_block import BrainformerBlock
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.keras_hub_conversion import convert_keras_hub_backbone
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.models.brainformer.task_data_checks import check_token_ids
 
 
 def resolve_block_specs(blocks, num_blocks):
@@ -62,7 +62,6 @@ def check_task_inputs(task, x):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
 class BrainformerBackbone(Backbone):
     """A decoder-only stack of Brainformer blocks.
 
@@ -111,6 +110,14 @@ class BrainformerBackbone(Backbone):
     })  # [2, 16, 32]
     ```
     """
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerBackbone` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(
         self,

@@ -7,15 +7,17 @@ from keras_hub.models import CausalLM
 
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
-from keras_brainformer.layers.validation import check_class_labels
-from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.checked_task import checked_task
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
+from keras_brainformer.models.brainformer.task_data_checks import check_fit_arguments
+from keras_brainformer.models.brainformer.task_data_checks import uses_sparse_labels
+from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
@@ -127,8 +129,6 @@ def check_generate_arguments(lm, inputs, max_length, name="max_length"):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
-@checked_task
 class BrainformerCausalLM(CausalLM):
     """A `BrainformerBackbone` with a tied output projection to token logits,
     trainable with `fit` and sampling text with `generate()`.
@@ -183,6 +183,14 @@ class BrainformerCausalLM(CausalLM):
 
     backbone_cls = BrainformerBackbone
     preprocessor_cls = BrainformerCausalLMPreprocessor
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerCausalLM` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===
@@ -280,6 +288,42 @@ class BrainformerCausalLM(CausalLM):
                 y, self.backbone.vocabulary_size, limit_name="vocabulary_size"
             )
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, with concrete data checked first and in-memory
+        data shuffled every epoch.
+
+        NumPy arrays, lists and eager tensors in `x`/`y`, and the same in a
+        `validation_data` tuple, go through `check_data` before training
+        starts (`task_data_checks.check_fit_arguments`): a bad value raises a
+        `TypeError`/`ValueError` naming the field, the value and the allowed
+        range, and nothing is trained. A `tf.data.Dataset`, generator or
+        `keras.utils.PyDataset` passes unchecked; check such data when
+        building it. In-memory data is shuffled every epoch when
+        `shuffle=True` (the default), as `keras.Model.fit` does and keras-hub's
+        preprocessing pipeline does not (`in_memory_shuffle.py`); the order
+        follows `keras.utils.set_random_seed`.
+        """
+        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
+        x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, with concrete data checked first (`check_data`)."""
+        self.check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`, with concrete token ids checked first."""
+        check_task_inputs(self, x)
+        return super().predict(x, *args, **kwargs)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
+        FFN and expert kernel and the token embedding (routers and norms stay
+        float32); it works straight after `from_preset` (`task_quantization.py`).
+        Quantize the task rather than its backbone, so the task's compiled
+        functions are rebuilt."""
+        return quantize_task(self, super().quantize, mode, config=config, filters=filters, **kwargs)
     def make_generate_function(self):
         if self.generate_function is not None:
             return self.generate_function

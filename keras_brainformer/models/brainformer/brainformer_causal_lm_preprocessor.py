@@ -8,7 +8,7 @@ from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 
 
 def check_preprocessor_arguments(
@@ -56,7 +56,6 @@ def check_text(x, where):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
 class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
     """Brainformer causal-LM preprocessor.
 
@@ -109,6 +108,14 @@ class BrainformerCausalLMPreprocessor(CausalLMPreprocessor):
 
     backbone_cls = BrainformerBackbone
     tokenizer_cls = BrainformerTokenizer
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerCausalLMPreprocessor` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(
         self,

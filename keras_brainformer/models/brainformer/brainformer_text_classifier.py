@@ -8,16 +8,18 @@ from keras_hub.models import TextClassifier
 
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
-from keras_brainformer.layers.validation import check_class_labels
 from keras_brainformer.layers.validation import check_rate
-from keras_brainformer.layers.validation import uses_sparse_labels
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
-from keras_brainformer.models.brainformer.checked_task import checked_task
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
+from keras_brainformer.models.brainformer.task_data_checks import check_fit_arguments
+from keras_brainformer.models.brainformer.task_data_checks import uses_sparse_labels
+from keras_brainformer.models.brainformer.task_quantization import quantize_task
 
 
 def last_token_selection(padding_mask):
@@ -68,8 +70,6 @@ def check_num_classes(num_classes):
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
-@checked_task
 class BrainformerTextClassifier(TextClassifier):
     """A `BrainformerBackbone` with a classification head, for fine-tuning.
 
@@ -145,6 +145,14 @@ class BrainformerTextClassifier(TextClassifier):
     backbone_cls = BrainformerBackbone
     preprocessor_cls = BrainformerTextClassifierPreprocessor
 
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerTextClassifier` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
+
     def __init__(
         self,
         backbone,
@@ -198,6 +206,42 @@ class BrainformerTextClassifier(TextClassifier):
         if y is not None and uses_sparse_labels(getattr(self, "loss", None)):
             check_class_labels(y, self.num_classes)
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, with concrete data checked first and in-memory
+        data shuffled every epoch.
+
+        NumPy arrays, lists and eager tensors in `x`/`y`, and the same in a
+        `validation_data` tuple, go through `check_data` before training
+        starts (`task_data_checks.check_fit_arguments`): a bad value raises a
+        `TypeError`/`ValueError` naming the field, the value and the allowed
+        range, and nothing is trained. A `tf.data.Dataset`, generator or
+        `keras.utils.PyDataset` passes unchecked; check such data when
+        building it. In-memory data is shuffled every epoch when
+        `shuffle=True` (the default), as `keras.Model.fit` does and keras-hub's
+        preprocessing pipeline does not (`in_memory_shuffle.py`); the order
+        follows `keras.utils.set_random_seed`.
+        """
+        check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
+        x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, with concrete data checked first (`check_data`)."""
+        self.check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`, with concrete token ids checked first."""
+        check_task_inputs(self, x)
+        return super().predict(x, *args, **kwargs)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
+        FFN and expert kernel and the token embedding (routers and norms stay
+        float32); it works straight after `from_preset` (`task_quantization.py`).
+        Quantize the task rather than its backbone, so the task's compiled
+        functions are rebuilt."""
+        return quantize_task(self, super().quantize, mode, config=config, filters=filters, **kwargs)
     def set_inference_routing(self, mode):
         """`"causal"` (default) or `"as_trained"` routing of every MoE
         sublayer at inference (`predict`, `evaluate`); resets the compiled

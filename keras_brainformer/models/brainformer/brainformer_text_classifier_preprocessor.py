@@ -5,7 +5,6 @@ import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import TextClassifierPreprocessor
 
-from keras_brainformer.layers.validation import check_class_labels
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
@@ -13,12 +12,12 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
 )
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import check_text
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
 from keras_brainformer.upstream_private import preprocessing_function
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
 class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
     """Brainformer text-classifier preprocessor.
 
@@ -81,6 +80,14 @@ class BrainformerTextClassifierPreprocessor(TextClassifierPreprocessor):
 
     backbone_cls = BrainformerBackbone
     tokenizer_cls = BrainformerTokenizer
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerTextClassifierPreprocessor` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
-from keras_brainformer.models.brainformer.preset_loading import zoo_presets
+from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 
 # SentencePiece trainer options that give the family's special-token ids.
 SPECIAL_TOKEN_TRAINER_OPTIONS = dict(
@@ -77,7 +77,6 @@ def default_vocabulary():
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
-@zoo_presets
 class BrainformerTokenizer(SentencePieceTokenizer):
     """Brainformer tokenizer layer based on SentencePiece.
 
@@ -133,6 +132,14 @@ class BrainformerTokenizer(SentencePieceTokenizer):
     """
 
     backbone_cls = BrainformerBackbone
+
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """A `BrainformerTokenizer` from a zoo preset name (see `presets`)
+        or a preset folder; an architecture preset (no weights) builds a
+        random initialisation. Other arguments as in keras-hub's
+        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(self, proto=None, **kwargs):
         self._add_special_token("<s>", "start_token")

@@ -17,8 +17,9 @@ their `metadata.json`) are registered by name too.
 The names are registered with keras-hub, so `BrainformerBackbone.presets`
 lists them and `from_preset("brainformer1_tiny")` resolves them like built-in
 keras-hub presets. Architecture presets carry no weights: our classes'
-`from_preset` (`zoo_presets`) then builds a random initialisation (with a log line) instead of
-failing on a missing weights file. The generic
+`from_preset` (each class overrides it explicitly, calling `load_zoo_preset`)
+then builds a random initialisation (with a log line) instead of failing on a
+missing weights file. The generic
 `keras_hub.models.CausalLM.from_preset(name, load_weights=False)` also works.
 """
 
@@ -116,64 +117,57 @@ def register_brainformer_presets(backbone_cls, presets):
     register_presets(entries, backbone_cls)
 
 
-def zoo_presets(cls):
-    """Class decorator: `cls.from_preset` also accepts zoo preset names and
-    weightless architecture presets (then builds a random initialisation).
+def load_zoo_preset(cls, parent_from_preset, preset, *args, **kwargs):
+    """What every family class's explicit `from_preset` does: keras-hub's
+    `from_preset` (`parent_from_preset`, the base class's, bound to `cls`)
+    that also accepts zoo preset names and weightless architecture presets
+    (then builds a random initialisation, with a log line).
 
-    A decorator rather than a mixin base, so that keras-hub still sees the
-    class's real base (it lists a preset's tasks by `cls.__base__`).
+    A preset folder is verified before anything is built (`verify_preset`);
+    a folder that then fails to load raises one `PresetError` naming the file
+    (`load_failure`), and Keras' warnings about unmatched weights are only
+    re-issued when loading succeeds. A task loaded from a folder without a
+    tokenizer comes without a preprocessor.
     """
-
-    def from_preset(klass, preset, *args, **kwargs):
-        parent = super(cls, klass).from_preset
-        preset = resolve_preset(preset)
-        is_folder = isinstance(preset, str) and os.path.isdir(preset)
-        if is_folder:
-            # Missing, unreadable or corrupted files fail here, naming the
-            # file, before any weight is created.
-            verify_preset(preset)
-            weights_requested = kwargs.get("load_weights", True)
-            if "load_weights" in _parameters(parent) and weights_requested:
-                if not has_weights(preset):
-                    logging.info(
-                        "Preset %s has no weights (architecture preset): "
-                        "building a random initialisation.",
-                        preset,
-                    )
-                    kwargs["load_weights"] = False
-            if (
-                "preprocessor" in _parameters(klass.__init__)
-                and "preprocessor" not in kwargs
-                and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
-            ):
-                kwargs["preprocessor"] = None
-        if not is_folder:
-            return parent(preset, *args, **kwargs)
-        # Keras warns about every group it cannot match before it fails on a
-        # foreign weights file: held back, and re-issued only on success.
-        with warnings.catch_warnings(record=True) as held:
-            warnings.simplefilter("always")
-            try:
-                loaded = parent(preset, *args, **kwargs)
-            except PresetError:
-                raise
-            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
-                failure = load_failure(preset, error)
-            else:
-                failure = None
-        if failure is not None:
-            raise failure from None
-        for w in held:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        return loaded
-
-    from_preset.__doc__ = (
-        f"`{cls.__name__}` from a zoo preset name (see `BrainformerBackbone.presets`) "
-        "or a preset folder; architecture presets without weights build a random "
-        "initialisation. Other arguments as in keras-hub's `from_preset`."
-    )
-    cls.from_preset = classmethod(from_preset)
-    return cls
+    preset = resolve_preset(preset)
+    is_folder = isinstance(preset, str) and os.path.isdir(preset)
+    if not is_folder:
+        return parent_from_preset(preset, *args, **kwargs)
+    # Missing, unreadable or corrupted files fail here, naming the file,
+    # before any weight is created.
+    verify_preset(preset)
+    weights_requested = kwargs.get("load_weights", True)
+    if "load_weights" in _parameters(parent_from_preset) and weights_requested:
+        if not has_weights(preset):
+            logging.info(
+                "Preset %s has no weights (architecture preset): "
+                "building a random initialisation.",
+                preset,
+            )
+            kwargs["load_weights"] = False
+    if (
+        "preprocessor" in _parameters(cls.__init__)
+        and "preprocessor" not in kwargs
+        and not (pathlib.Path(preset) / TOKENIZER_FILE).exists()
+    ):
+        kwargs["preprocessor"] = None
+    # Keras warns about every group it cannot match before it fails on a
+    # foreign weights file: held back, and re-issued only on success.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            loaded = parent_from_preset(preset, *args, **kwargs)
+        except PresetError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+            failure = load_failure(preset, error)
+        else:
+            failure = None
+    if failure is not None:
+        raise failure from None
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return loaded
 
 
 def load_failure(folder, error):
