@@ -64,7 +64,7 @@ from machine_peak import matmul_gflops  # noqa: E402
 from keras_brainformer.models import BrainformerBackbone  # noqa: E402
 from keras_brainformer.models import BrainformerCausalLM  # noqa: E402
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config  # noqa: E402
-from keras_brainformer.models.brainformer.parameter_count import count_parameters  # noqa: E402
+from keras_brainformer.zoo.parameter_count import count_parameters  # noqa: E402
 
 # family: (tiny preset, ~100M preset); the small tier is `<family>_small`.
 FAMILIES = {

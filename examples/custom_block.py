@@ -18,10 +18,10 @@ import numpy as np
 from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models import count_parameters
 from keras_brainformer.training.builtin_text import BYTE_VOCABULARY_SIZE
 from keras_brainformer.training.builtin_text import byte_lm_arrays
 from keras_brainformer.training.builtin_text import pydoc_text
+from keras_brainformer.zoo import count_parameters
 
 BLOCK_JSON = """
 {"sublayers": [

@@ -49,13 +49,13 @@ from keras_brainformer.models import BrainformerTokenizer  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import BlockSpec  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import MoESpec  # noqa: E402
-from keras_brainformer.models.brainformer.upcycling import glam_target  # noqa: E402
-from keras_brainformer.models.brainformer.upcycling import upcycle  # noqa: E402
 from keras_brainformer.training.corpus import LanguageModelData  # noqa: E402
 from keras_brainformer.training.corpus import build_language_model_data  # noqa: E402
 from keras_brainformer.training.evaluation import heldout_windows  # noqa: E402
 from keras_brainformer.training.evaluation import windows_loss  # noqa: E402
 from keras_brainformer.training.trainer import compile_language_model  # noqa: E402
+from keras_brainformer.zoo.upcycling import glam_target  # noqa: E402
+from keras_brainformer.zoo.upcycling import upcycle  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = "dense_tiny_stdlib"

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import MoESpec  # noqa: E402
-from keras_brainformer.models.brainformer.parameter_count import sublayer_parameters  # noqa: E402
+from keras_brainformer.zoo.parameter_count import sublayer_parameters  # noqa: E402
 
 PAPER_VOCABULARY_SIZE = 32000
 BASE_WIDTHS = (1536, 2048, 3072, 4096)

@@ -417,7 +417,7 @@ def test_attention_spec_depthwise_conv_serialisation():
 
 def test_parameter_count_with_depthwise_conv_equals_built_model():
     from keras_brainformer.models import BrainformerBackbone
-    from keras_brainformer.models import count_parameters
+    from keras_brainformer.zoo import count_parameters
 
     primer = BlockSpec(
         [

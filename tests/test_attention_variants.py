@@ -20,7 +20,7 @@ from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import MoESpec
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 EPS = 1e-6
 

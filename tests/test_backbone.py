@@ -14,9 +14,9 @@ from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import FeedForwardSpec
 from keras_brainformer.models import MoESpec
-from keras_brainformer.models import count_parameters
 from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models import glam_layer_pair
+from keras_brainformer.zoo import count_parameters
 
 
 def tiny_brainformer_spec():

@@ -210,7 +210,7 @@ def test_layer_level_arguments_are_validated():
     from keras_brainformer.layers import MoEFeedForward
     from keras_brainformer.layers import TopKRouter
     from keras_brainformer.layers.normalization import make_norm
-    from keras_brainformer.models import count_parameters
+    from keras_brainformer.zoo import count_parameters
 
     with pytest.raises(TypeError, match="batch_prioritized"):
         TopKRouter(4, batch_prioritized="no")

@@ -35,7 +35,7 @@ from keras_brainformer.models.brainformer.brainformer_layout_map import get_layo
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
 from keras_brainformer.models.brainformer.brainformer_layout_map import resolve_axes
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 jax_only = pytest.mark.skipif(

@@ -25,11 +25,11 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
-from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.weight_specs import weight_shapes
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
+from keras_brainformer.zoo.parameter_count import count_parameters
+from keras_brainformer.zoo.weight_specs import weight_shapes
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 
 def small_config(**overrides):

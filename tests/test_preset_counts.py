@@ -12,9 +12,9 @@ from conftest import TINY_PRESETS
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_ARCHITECTURES
 from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_PRESET_FAMILIES
+from keras_brainformer.zoo.parameter_count import count_parameters
 from keras_brainformer.zoo.preset_recipes import PAPER_VOCABULARY_SIZE
 from keras_brainformer.zoo.preset_recipes import activated_non_embedding
 from keras_brainformer.zoo.preset_recipes import paper_convention_counts

@@ -13,8 +13,8 @@ from conftest import to_numpy
 
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models import count_parameters
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.zoo import count_parameters
 from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_PRESET_FAMILIES
 from keras_brainformer.zoo.preset_building import backbone_config_json
 from keras_brainformer.zoo.preset_building import write_preset_directory

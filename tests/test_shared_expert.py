@@ -25,10 +25,10 @@ from keras_brainformer.models.brainformer.block_spec import sublayer_from_dict
 from keras_brainformer.models.brainformer.block_spec import sublayer_to_dict
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.parameter_count import sublayer_parameters
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
 from keras_brainformer.upstream_private import QwenSparseMoeBlock
+from keras_brainformer.zoo.parameter_count import count_parameters
+from keras_brainformer.zoo.parameter_count import sublayer_parameters
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 D, E, H, HS, K = 8, 4, 6, 10, 2
 VOCAB, T = 64, 12

@@ -24,7 +24,7 @@ from keras_brainformer.distribution.step_time import step_terms
 from keras_brainformer.distribution.step_time import term_seconds
 from keras_brainformer.models import dense_transformer_layer
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 

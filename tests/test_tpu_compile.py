@@ -28,8 +28,8 @@ from keras_brainformer.distribution.abstract_build import is_abstract
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.weight_specs import weight_shapes
+from keras_brainformer.zoo.parameter_count import count_parameters
+from keras_brainformer.zoo.weight_specs import weight_shapes
 
 ON_JAX = keras.config.backend() == "jax"
 jax_only = pytest.mark.skipif(not ON_JAX, reason="compile lowers Keras' JAX train step")

@@ -21,10 +21,10 @@ from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
-from keras_brainformer.models.brainformer.upcycling import every_nth_ffn_target
-from keras_brainformer.models.brainformer.upcycling import glam_target
-from keras_brainformer.models.brainformer.upcycling import save_upcycled_preset
-from keras_brainformer.models.brainformer.upcycling import upcycle
+from keras_brainformer.zoo.upcycling import every_nth_ffn_target
+from keras_brainformer.zoo.upcycling import glam_target
+from keras_brainformer.zoo.upcycling import save_upcycled_preset
+from keras_brainformer.zoo.upcycling import upcycle
 from tests.conftest import to_numpy
 
 D, HIDDEN, VOCAB = 16, 32, 64

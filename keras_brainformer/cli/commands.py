@@ -598,7 +598,7 @@ def _run_convert(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.models import BrainformerBackbone
     from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.models.brainformer import preset_writing
+    from keras_brainformer.zoo import preset_writing
 
     try:
         preset_writing.check_output_folder(args.out, args.overwrite)
@@ -632,8 +632,8 @@ def _run_convert(args):
 def _run_upcycle(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.models.brainformer import preset_writing
-    from keras_brainformer.models.brainformer import upcycling
+    from keras_brainformer.zoo import preset_writing
+    from keras_brainformer.zoo import upcycling
 
     out = args.out
     try:
@@ -680,8 +680,8 @@ def _check_upcycle_fits_in_memory(preset, to):
     from the configs alone, before either is built."""
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
-    from keras_brainformer.models.brainformer import upcycling
     from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.zoo import upcycling
 
     try:
         with open(os.path.join(str(resolve_preset(preset)), "config.json")) as f:

@@ -18,10 +18,10 @@ from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import FeedForwardSpec
 from keras_brainformer.models import MoESpec
-from keras_brainformer.models import count_parameters
 from keras_brainformer.training.builtin_text import BYTE_VOCABULARY_SIZE
 from keras_brainformer.training.builtin_text import byte_lm_arrays
 from keras_brainformer.training.builtin_text import pydoc_text
+from keras_brainformer.zoo import count_parameters
 
 
 def tiny_brainformer_block(hidden_dim=64, num_experts=8):

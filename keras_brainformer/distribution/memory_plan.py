@@ -55,15 +55,15 @@ from keras_brainformer.errors import TrainingError
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
-from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
 from keras_brainformer.models.brainformer.brainformer_layout_map import resolve_axes
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_BYTES
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
-from keras_brainformer.models.brainformer.weight_specs import compute_dtype
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
+from keras_brainformer.zoo.weight_specs import DTYPE_BYTES
+from keras_brainformer.zoo.weight_specs import DTYPE_POLICIES
+from keras_brainformer.zoo.weight_specs import compute_dtype
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 OPTIMIZERS = ("adafactor", "adamw")
 # What the activation estimate models: "default" is the step as XLA compiles

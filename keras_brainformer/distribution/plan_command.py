@@ -31,7 +31,7 @@ from keras_brainformer.distribution.step_time import predict_step_time
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
+from keras_brainformer.zoo.weight_specs import DTYPE_POLICIES
 
 EXIT_DOES_NOT_FIT = 1
 

@@ -4,7 +4,7 @@ roofline per sublayer plus the collectives its layout implies.
 `predict_step_time(config, mesh, batch_size, sequence_length, hardware, ...)`
 returns a `StepTimePlan`. Like the memory planner it reads the config only:
 every matmul's shape is the per-device shape of a weight from
-`shard_weights` (the analytic weight model of `models/brainformer/weight_specs.py` under the
+`shard_weights` (the analytic weight model of `zoo/weight_specs.py` under the
 layout map), every MoE tensor's from `moe_dispatch_geometry` (the router's
 own `compute_capacity`), so an 8B plan takes milliseconds.
 
@@ -76,12 +76,12 @@ from keras_brainformer.distribution.memory_plan import moe_dispatch_geometry
 from keras_brainformer.distribution.memory_plan import shard_weights
 from keras_brainformer.distribution.mesh import MESH_AXES
 from keras_brainformer.layers.activations import is_gated
-from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_BYTES
-from keras_brainformer.models.brainformer.weight_specs import DTYPE_POLICIES
-from keras_brainformer.models.brainformer.weight_specs import compute_dtype
-from keras_brainformer.models.brainformer.weight_specs import variable_dtype
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.zoo.parameter_count import count_parameters
+from keras_brainformer.zoo.weight_specs import DTYPE_BYTES
+from keras_brainformer.zoo.weight_specs import DTYPE_POLICIES
+from keras_brainformer.zoo.weight_specs import compute_dtype
+from keras_brainformer.zoo.weight_specs import variable_dtype
 
 PARTS = (
     "attention",

@@ -71,7 +71,7 @@ from keras_brainformer.distribution.mesh import mesh_size
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 INSTALL_HINT = (
     'pip install -e ".[tpu]" (from a checkout), or '

@@ -12,8 +12,5 @@ from keras_brainformer.models.brainformer import BrainformerTextClassifierPrepro
 from keras_brainformer.models.brainformer import BrainformerTokenizer
 from keras_brainformer.models.brainformer import FeedForwardSpec
 from keras_brainformer.models.brainformer import MoESpec
-from keras_brainformer.models.brainformer import count_parameters
 from keras_brainformer.models.brainformer import dense_transformer_layer
 from keras_brainformer.models.brainformer import glam_layer_pair
-from keras_brainformer.models.brainformer import weight_shapes
-from keras_brainformer.models.brainformer import weight_specs

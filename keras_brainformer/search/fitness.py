@@ -28,11 +28,11 @@ import numpy as np
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.search.training_proxy import SEARCH_TRAINING
 from keras_brainformer.training.callbacks import StepClock
 from keras_brainformer.training.config import TrainingConfig
 from keras_brainformer.training.trainer import compile_language_model
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 REJECTED_REWARD = -1.0
 

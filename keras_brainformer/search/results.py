@@ -28,10 +28,10 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
     BrainformerCausalLMPreprocessor,
 )
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.search.space import LAYER_LETTERS
 from keras_brainformer.search.space import SearchSpace
 from keras_brainformer.search.space import slot_gene
+from keras_brainformer.zoo.parameter_count import count_parameters
 from keras_brainformer.zoo.preset_building import backbone_config_json
 from keras_brainformer.zoo.preset_recipes import PAPER_SEQUENCE_LENGTH
 from keras_brainformer.zoo.preset_recipes import PAPER_TRAINING_VOCABULARY_SIZE

@@ -53,7 +53,6 @@ import numpy as np
 
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.training.callbacks import StepClock
 from keras_brainformer.training.config import COMPARE_DEFAULT_FAMILIES
 from keras_brainformer.training.config import TrainingConfig
@@ -70,6 +69,7 @@ from keras_brainformer.training.trainer import compile_language_model
 from keras_brainformer.training.trainer import load_data
 from keras_brainformer.training.trainer import load_tokenizer
 from keras_brainformer.training.trainer import preset_model_config
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 CLOCKS = ("paired", "wall")
 STUDY_FILE = "study.json"

@@ -56,7 +56,6 @@ from keras_brainformer.models.brainformer.brainformer_presets import backbone_pr
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.models.brainformer.preset_loading import trained_presets
-from keras_brainformer.models.brainformer.weight_specs import weight_shapes
 from keras_brainformer.training.callbacks import CompilationNotice
 from keras_brainformer.training.callbacks import EpochHistoryLogger
 from keras_brainformer.training.callbacks import RouterStatisticsLogger
@@ -74,6 +73,7 @@ from keras_brainformer.training.run_lock import LOCK_FILE
 from keras_brainformer.training.run_lock import RunFolderLock
 from keras_brainformer.training.schedules import InverseSquareRootSchedule
 from keras_brainformer.training.schedules import make_optimizer
+from keras_brainformer.zoo.weight_specs import weight_shapes
 
 RUN_FILE = "run.json"
 DATA_FILE = "data.json"

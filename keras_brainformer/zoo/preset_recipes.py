@@ -32,9 +32,9 @@ from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.block_spec import glam_layer_pair
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_ARCHITECTURES
 from keras_brainformer.zoo.keras_hub_presets import keras_hub_architecture_config
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 # The paper's training vocabulary (SentencePiece 256K) and sequence length.
 PAPER_TRAINING_VOCABULARY_SIZE = 256000

@@ -19,10 +19,6 @@ from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocess
     BrainformerTextClassifierPreprocessor,
 )
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
-from keras_brainformer.models.brainformer.upcycling import upcycle
-from keras_brainformer.models.brainformer.weight_specs import weight_shapes
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
 
 register_brainformer_presets(BrainformerBackbone, backbone_presets)

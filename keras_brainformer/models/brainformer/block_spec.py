@@ -484,3 +484,24 @@ def glam_layer_pair(
             FeedForwardSpec(hidden_dim=hidden_dim, activation=ffn_activation),
         ]
     )
+
+
+def resolve_block_specs(blocks, num_blocks):
+    """Turns `blocks` (one spec, or a list of specs, or their dicts) and
+    `num_blocks` into the list of block specs of the stack."""
+    if isinstance(blocks, (BlockSpec, dict)):
+        spec = BlockSpec.from_dict(blocks)
+        count = 1 if num_blocks is None else check_positive_int("num_blocks", num_blocks)
+        return [spec] * count
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError(
+            "`blocks` must be a BlockSpec, its dict, or a non-empty list of "
+            f"them. Received: blocks={blocks!r}"
+        )
+    specs = [BlockSpec.from_dict(b) for b in blocks]
+    if num_blocks is not None and num_blocks != len(specs):
+        raise ValueError(
+            f"`num_blocks`={num_blocks!r} must be None or equal to the number "
+            f"of block specs given ({len(specs)})."
+        )
+    return specs

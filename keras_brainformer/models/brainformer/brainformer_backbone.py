@@ -16,49 +16,12 @@ from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
-from keras_brainformer.models.brainformer.block_spec import BlockSpec
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_block import BrainformerBlock
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.keras_hub_conversion import convert_keras_hub_backbone
 from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 from keras_brainformer.models.brainformer.task_data_checks import check_token_ids
-
-
-def resolve_block_specs(blocks, num_blocks):
-    """Turns `blocks` (one spec, or a list of specs, or their dicts) and
-    `num_blocks` into the list of block specs of the stack."""
-    if isinstance(blocks, (BlockSpec, dict)):
-        spec = BlockSpec.from_dict(blocks)
-        count = 1 if num_blocks is None else check_positive_int("num_blocks", num_blocks)
-        return [spec] * count
-    if not isinstance(blocks, (list, tuple)) or not blocks:
-        raise ValueError(
-            "`blocks` must be a BlockSpec, its dict, or a non-empty list of "
-            f"them. Received: blocks={blocks!r}"
-        )
-    specs = [BlockSpec.from_dict(b) for b in blocks]
-    if num_blocks is not None and num_blocks != len(specs):
-        raise ValueError(
-            f"`num_blocks`={num_blocks!r} must be None or equal to the number "
-            f"of block specs given ({len(specs)})."
-        )
-    return specs
-
-
-def check_task_inputs(task, x):
-    """Checks token-id inputs a task's `predict` / `generate` received, on
-    concrete values before tracing (on JAX an out-of-range id would otherwise
-    be clamped silently by XLA's gather). Strings meant for the task's
-    preprocessor, datasets and generators pass through unchecked."""
-    if isinstance(x, dict) and "token_ids" in x:
-        task.backbone.check_inputs(x)
-    elif isinstance(x, tuple) and x and isinstance(x[0], dict):
-        check_task_inputs(task, x[0])  # an `(x, y, sample_weight)` tuple
-    elif hasattr(x, "dtype") and hasattr(x, "shape"):
-        dtype = str(getattr(x.dtype, "name", x.dtype))
-        is_text = dtype == "object" or dtype.startswith(("str", "bytes", "<U", "|S"))
-        if not (is_text and getattr(task, "preprocessor", None) is not None):
-            task.backbone.check_inputs(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

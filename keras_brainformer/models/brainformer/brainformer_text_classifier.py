@@ -10,7 +10,6 @@ from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
-from keras_brainformer.models.brainformer.brainformer_backbone import check_task_inputs
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
@@ -18,6 +17,7 @@ from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_
 from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
 from keras_brainformer.models.brainformer.task_data_checks import check_fit_arguments
+from keras_brainformer.models.brainformer.task_data_checks import check_task_inputs
 from keras_brainformer.models.brainformer.task_data_checks import uses_sparse_labels
 from keras_brainformer.models.brainformer.task_quantization import quantize_task
 

@@ -205,3 +205,19 @@ def check_fit_arguments(fit, check_data, x, y, args, kwargs):
     if isinstance(validation_data, (tuple, list)) and 2 <= len(validation_data) <= 3:
         with errors_prefixed("In `validation_data`: "):
             check_data(validation_data[0], validation_data[1])
+
+
+def check_task_inputs(task, x):
+    """Checks token-id inputs a task's `predict` / `generate` received, on
+    concrete values before tracing (on JAX an out-of-range id would otherwise
+    be clamped silently by XLA's gather). Strings meant for the task's
+    preprocessor, datasets and generators pass through unchecked."""
+    if isinstance(x, dict) and "token_ids" in x:
+        task.backbone.check_inputs(x)
+    elif isinstance(x, tuple) and x and isinstance(x[0], dict):
+        check_task_inputs(task, x[0])  # an `(x, y, sample_weight)` tuple
+    elif hasattr(x, "dtype") and hasattr(x, "shape"):
+        dtype = str(getattr(x.dtype, "name", x.dtype))
+        is_text = dtype == "object" or dtype.startswith(("str", "bytes", "<U", "|S"))
+        if not (is_text and getattr(task, "preprocessor", None) is not None):
+            task.backbone.check_inputs(x)

@@ -53,7 +53,7 @@ import math
 
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
-from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 
 DTYPE_POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}

@@ -6,9 +6,9 @@ import os
 import pathlib
 import shutil
 
-from keras_brainformer.models.brainformer.parameter_count import count_parameters
 from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+from keras_brainformer.zoo.parameter_count import count_parameters
 
 
 def check_output_folder(directory, overwrite=False):

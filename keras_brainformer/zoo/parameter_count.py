@@ -18,9 +18,9 @@ model, checked against built backbones): trainable weights only, so the
 routers' statistics are not parameters.
 """
 
-from keras_brainformer.models.brainformer.brainformer_backbone import resolve_block_specs
-from keras_brainformer.models.brainformer.weight_specs import sublayer_weight_specs
-from keras_brainformer.models.brainformer.weight_specs import weight_specs
+from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.zoo.weight_specs import sublayer_weight_specs
+from keras_brainformer.zoo.weight_specs import weight_specs
 
 
 def _inactive_expert_share(sub, bank_size):

@@ -60,7 +60,7 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm import Brainform
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
-from keras_brainformer.models.brainformer.preset_writing import write_task_preset
+from keras_brainformer.zoo.preset_writing import write_task_preset
 
 ROUTER_INITS = ("small_random", "zeros")
 EXPERT_CHOICE_SCALES = ("compensate", "none")
