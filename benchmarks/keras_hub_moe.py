@@ -4,7 +4,7 @@ peak memory, same config, same data; and expert sharding under each layout map.
 Step (JAX backend, CPU is fine): a tiny Mixtral-style backbone (2 layers,
 d=128, 4 query / 2 key-value heads, expert width 256, 1024 tokens per step) is
 built with keras-hub's `MixtralBackbone` for each `E` in {8, 64} and `k` in
-{2, 8}, converted with `BrainformerBackbone.from_keras_hub`, and each variant's
+{2, 8}, converted with `backbone_from_keras_hub`, and each variant's
 training step — `value_and_grad` of the next-token cross-entropy (tied-off
 output matrix, as Mixtral) w.r.t. every trainable weight, through
 `stateless_call(training=True)` — is `jax.jit`-compiled once and timed in
@@ -53,9 +53,8 @@ import numpy as np  # noqa: E402
 
 from keras_brainformer.models import BrainformerBackbone  # noqa: E402
 from keras_brainformer.models.brainformer.block_spec import BlockSpec  # noqa: E402
-from keras_brainformer.models.brainformer.keras_hub_conversion import (  # noqa: E402
-    brainformer_config_from_keras_hub,
-)
+from keras_brainformer.zoo.keras_hub_conversion import backbone_from_keras_hub  # noqa: E402
+from keras_brainformer.zoo.keras_hub_conversion import brainformer_config_from_keras_hub  # noqa: E402
 
 VOCAB = 512
 
@@ -70,7 +69,7 @@ def variants(num_experts, k):
     keras.utils.set_random_seed(0)
     config = mixtral_config(num_experts, k)
     theirs = keras_hub.models.MixtralBackbone(**config)
-    dropless = BrainformerBackbone.from_keras_hub(theirs)
+    dropless = backbone_from_keras_hub(theirs)
     kwargs = brainformer_config_from_keras_hub(config, "mixtral")
     spec = kwargs["blocks"]
     attention, moe = spec.sublayers

@@ -16,6 +16,7 @@ from keras_brainformer.models.brainformer import brainformer_text_classifier_pre
 from keras_brainformer.models.brainformer import brainformer_tokenizer
 from keras_brainformer.training import callbacks
 from keras_brainformer.training import classification_data
+from keras_brainformer.zoo import keras_hub_conversion
 
 MODULES = [
     brainformer_backbone,
@@ -27,15 +28,17 @@ MODULES = [
     brainformer_text_classifier_preprocessor,
     classification_data,
     callbacks,
+    keras_hub_conversion,
 ]
 
 
 def python_examples(module):
-    """The ```python blocks of a module's docstring and of its classes'."""
+    """The ```python blocks of a module's docstring and of its classes' and
+    functions'."""
     docstrings = [module.__doc__ or ""] + [
         obj.__doc__
         for obj in vars(module).values()
-        if isinstance(obj, type) and obj.__module__ == module.__name__ and obj.__doc__
+        if callable(obj) and getattr(obj, "__module__", None) == module.__name__ and obj.__doc__
     ]
     return [
         block for doc in docstrings for block in re.findall(r"```python\n(.*?)```", doc, flags=re.S)

@@ -17,9 +17,9 @@ import keras_brainformer
 from keras_brainformer import cli
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.keras_hub_conversion import (
-    brainformer_config_from_keras_hub,
-)
+from keras_brainformer.zoo.keras_hub_conversion import backbone_from_keras_hub
+from keras_brainformer.zoo.keras_hub_conversion import brainformer_config_from_keras_hub
+from keras_brainformer.zoo.keras_hub_conversion import causal_lm_from_keras_hub
 
 VOCAB = 64
 
@@ -93,7 +93,7 @@ def logits(backbone, x):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_converted_backbone_computes_keras_hubs_logits(name, tmp_path):
     source = keras_hub_backbone(name)
-    converted = BrainformerBackbone.from_keras_hub(source)
+    converted = backbone_from_keras_hub(source)
     x = batch()
     expected = logits(source, x)
     real = x["padding_mask"].astype(bool)
@@ -119,7 +119,7 @@ def test_greedy_generation_is_token_for_token_keras_hubs(name):
     source = keras_hub_backbone(name, **overrides)
     _, task_cls, _ = CONFIGS[name]
     theirs = task_cls(backbone=source, preprocessor=None)
-    ours = BrainformerCausalLM(BrainformerBackbone.from_keras_hub(source))
+    ours = BrainformerCausalLM(backbone_from_keras_hub(source))
     prompt = {
         "token_ids": np.array([[5, 9, 2, 0, 0, 0, 0, 0, 0, 0], [7, 1, 3, 8, 0, 0, 0, 0, 0, 0]],
                               "int32"),
@@ -169,12 +169,12 @@ def test_what_cannot_be_converted_exactly_is_refused_by_name():
     with pytest.raises(ValueError, match="family"):
         brainformer_config_from_keras_hub(kwargs, "llama")
     with pytest.raises(TypeError, match="MixtralBackbone"):
-        BrainformerBackbone.from_keras_hub(BrainformerBackbone.from_preset("dense_tiny"))
+        backbone_from_keras_hub(BrainformerBackbone.from_preset("dense_tiny"))
     # A model with weights the mapping does not know (here LoRA adapters).
     source = keras_hub_backbone("mixtral")
     source.enable_lora(2)
     with pytest.raises(ValueError, match="lora"):
-        BrainformerBackbone.from_keras_hub(source)
+        backbone_from_keras_hub(source)
 
 
 SPM = str(pathlib.Path(keras_brainformer.__file__).parent / "assets" / "brainformer_stdlib_8k.spm")
@@ -200,7 +200,7 @@ def mixtral_task():
 
 def test_causal_lm_from_keras_hub_keeps_the_tokenizer_and_generates_the_same_text():
     theirs = mixtral_task()
-    ours = BrainformerCausalLM.from_keras_hub(theirs)
+    ours = causal_lm_from_keras_hub(theirs)
     assert ours.preprocessor is theirs.preprocessor
     for lm in (theirs, ours):
         lm.compile(sampler="greedy")

@@ -141,9 +141,7 @@ def test_convert_is_refused_from_the_config_alone_and_writes_nothing(
     save_tiny_mixtral(source)
     with open(source / "config.json") as f:
         config = json.load(f)["config"]
-    from keras_brainformer.models.brainformer.keras_hub_conversion import (
-        brainformer_config_from_keras_hub,
-    )
+    from keras_brainformer.zoo.keras_hub_conversion import brainformer_config_from_keras_hub
 
     one_copy = memory_plan.weight_bytes(brainformer_config_from_keras_hub(config, "mixtral"))
     # Room for one copy, not for keras-hub's model and the converted one.

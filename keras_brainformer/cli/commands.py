@@ -526,7 +526,7 @@ def _check_conversion_fits_in_memory(preset, max_sequence_length):
     `config.json`."""
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
-    from keras_brainformer.models.brainformer import keras_hub_conversion as conversion
+    from keras_brainformer.zoo import keras_hub_conversion as conversion
     from keras_brainformer.zoo.keras_hub_presets import KERAS_HUB_ARCHITECTURES
 
     try:
@@ -596,8 +596,8 @@ def _load_keras_hub_preset(preset):
 
 def _run_convert(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
-    from keras_brainformer.models import BrainformerBackbone
     from keras_brainformer.models import BrainformerCausalLM
+    from keras_brainformer.zoo import keras_hub_conversion as conversion
     from keras_brainformer.zoo import preset_writing
 
     try:
@@ -607,7 +607,7 @@ def _run_convert(args):
     _check_conversion_fits_in_memory(args.preset, args.max_sequence_length)
     backbone, preprocessor = _load_keras_hub_preset(args.preset)
     try:
-        converted = BrainformerBackbone.from_keras_hub(backbone, args.max_sequence_length)
+        converted = conversion.backbone_from_keras_hub(backbone, args.max_sequence_length)
         lm = BrainformerCausalLM(converted, preprocessor=preprocessor)
         metadata = {
             "description": f"keras-hub's {args.preset} ({type(backbone).__name__}) converted "

@@ -10,9 +10,7 @@ checks; they let `plan` and the step-time model size these models on any mesh
 without a download.
 """
 
-from keras_brainformer.models.brainformer.keras_hub_conversion import (
-    brainformer_config_from_keras_hub,
-)
+from keras_brainformer.zoo.keras_hub_conversion import brainformer_config_from_keras_hub
 
 # Our name: (keras-hub preset, family, keras-hub backbone config, keras-hub's
 # parameter count, longest context).

@@ -19,7 +19,6 @@ from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_block import BrainformerBlock
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
-from keras_brainformer.models.brainformer.keras_hub_conversion import convert_keras_hub_backbone
 from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 from keras_brainformer.models.brainformer.task_data_checks import check_token_ids
 
@@ -182,31 +181,6 @@ class BrainformerBackbone(Backbone):
         self.rotary_max_wavelength = rotary_max_wavelength
         self.rotary_scaling_factor = rotary_scaling_factor
         self.tie_embeddings = tie_embeddings
-
-    @classmethod
-    def from_keras_hub(cls, backbone, max_sequence_length=None):
-        """The Brainformer form of a keras-hub `MixtralBackbone`,
-        `QwenMoeBackbone` or `Qwen3MoeBackbone`: the same function (logits
-        equal within float32 rounding, dropless routing), its weights copied
-        exactly; options it cannot compute exactly are refused by name.
-        See `keras_brainformer.models.brainformer.keras_hub_conversion`.
-
-        Args:
-            backbone: the keras-hub backbone (built, with its weights).
-            max_sequence_length: the longest input the converted model
-                accepts (default 32768).
-
-        Example:
-        ```python
-        import keras_hub
-        mixtral = keras_hub.models.MixtralBackbone(
-            vocabulary_size=64, num_layers=2, num_query_heads=4,
-            num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
-            num_experts=4)
-        backbone = BrainformerBackbone.from_keras_hub(mixtral)
-        ```
-        """
-        return convert_keras_hub_backbone(cls, backbone, max_sequence_length)
 
     def check_inputs(self, inputs):
         """Checks `{"token_ids", "padding_mask"}` (or bare token ids) at the

@@ -209,21 +209,6 @@ class BrainformerCausalLM(CausalLM):
             for name in ROUTING_METRICS
         } if backbone.moe_layers else {}
 
-    @classmethod
-    def from_keras_hub(cls, causal_lm, max_sequence_length=None):
-        """The Brainformer form of a keras-hub `MixtralCausalLM`,
-        `QwenMoeCausalLM` or `Qwen3MoeCausalLM`: its backbone converted by
-        `BrainformerBackbone.from_keras_hub` (same logits, weights copied)
-        and its preprocessor (keras-hub's tokenizer) kept as it is, so
-        `generate("text")` returns what keras-hub's greedy `generate` does.
-
-        Args:
-            causal_lm: the keras-hub task (with or without a preprocessor).
-            max_sequence_length: passed to `BrainformerBackbone.from_keras_hub`.
-        """
-        backbone = cls.backbone_cls.from_keras_hub(causal_lm.backbone, max_sequence_length)
-        return cls(backbone=backbone, preprocessor=causal_lm.preprocessor)
-
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):

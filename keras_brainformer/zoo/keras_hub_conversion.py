@@ -5,7 +5,7 @@ decoder stacks whose layer is "attention, then an MoE (or dense) SwiGLU FFN",
 pre-norm with RMS norms: a Brainformer block of two sublayers. This module
 turns their config into block specs and backbone arguments
 (`brainformer_config_from_keras_hub`) and copies every weight across
-(`convert_keras_hub_backbone`), path by path: each keras-hub weight is used
+(`backbone_from_keras_hub`, `causal_lm_from_keras_hub`), path by path: each keras-hub weight is used
 exactly once and each Brainformer weight is written exactly once, or the
 conversion fails naming the weight. Options a Brainformer cannot compute
 exactly are refused by name, never approximated.
@@ -49,6 +49,8 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
+from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
 from keras_brainformer.upstream_private import load_preset_json
 
 # keras-hub backbone class name -> family name.
@@ -344,12 +346,54 @@ def copy_keras_hub_weights(source, target, family):
         variable.assign(value)
 
 
-def convert_keras_hub_backbone(cls, backbone, max_sequence_length=None):
-    """A `cls` (`BrainformerBackbone`) computing what keras-hub `backbone`
-    computes, with its weights (see the module docstring)."""
+def backbone_from_keras_hub(backbone, max_sequence_length=None):
+    """The Brainformer form of a keras-hub `MixtralBackbone`,
+    `QwenMoeBackbone` or `Qwen3MoeBackbone`: the same function (logits
+    equal within float32 rounding, dropless routing), its weights copied
+    exactly; options it cannot compute exactly are refused by name.
+
+    Args:
+        backbone: the keras-hub backbone (built, with its weights).
+        max_sequence_length: the longest input the converted model
+            accepts (default 32768).
+
+    Returns:
+        A `BrainformerBackbone`.
+
+    Example:
+    ```python
+    import keras_hub
+    from keras_brainformer.zoo.keras_hub_conversion import backbone_from_keras_hub
+    mixtral = keras_hub.models.MixtralBackbone(
+        vocabulary_size=64, num_layers=2, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+        num_experts=4)
+    backbone = backbone_from_keras_hub(mixtral)
+    ```
+    """
     family = keras_hub_family(backbone)
     config = backbone.get_config()
     paths = [v.path for v in backbone.weights]
-    target = cls(**brainformer_config_from_keras_hub(config, family, max_sequence_length, paths))
+    target = BrainformerBackbone(
+        **brainformer_config_from_keras_hub(config, family, max_sequence_length, paths)
+    )
     copy_keras_hub_weights(backbone, target, family)
     return target
+
+
+def causal_lm_from_keras_hub(causal_lm, max_sequence_length=None):
+    """The Brainformer form of a keras-hub `MixtralCausalLM`,
+    `QwenMoeCausalLM` or `Qwen3MoeCausalLM`: its backbone converted by
+    `backbone_from_keras_hub` (same logits, weights copied) and its
+    preprocessor (keras-hub's tokenizer) kept as it is, so
+    `generate("text")` returns what keras-hub's greedy `generate` does.
+
+    Args:
+        causal_lm: the keras-hub task (with or without a preprocessor).
+        max_sequence_length: passed to `backbone_from_keras_hub`.
+
+    Returns:
+        A `BrainformerCausalLM`.
+    """
+    backbone = backbone_from_keras_hub(causal_lm.backbone, max_sequence_length)
+    return BrainformerCausalLM(backbone=backbone, preprocessor=causal_lm.preprocessor)
