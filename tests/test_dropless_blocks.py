@@ -99,15 +99,15 @@ def test_auto_rule(monkeypatch):
     routing = auto.router(x, training=True)
     T = SHAPE[0] * SHAPE[1]
     expected = "blocks" if dropless_blocks.blocks_pay(T, 1, 8) else "slots"
-    assert auto._dropless_path(routing, SHAPE[1], T) == expected
+    assert auto.expert_path(routing, SHAPE[1], T) == expected
     monkeypatch.setattr(dropless_blocks, "blocks_pay", lambda *a: True)
-    assert auto._dropless_path(routing, SHAPE[1], T) == "blocks"
-    assert auto._dropless_path(routing, SHAPE[1], None) == "slots"  # unknown T
+    assert auto.expert_path(routing, SHAPE[1], T) == "blocks"
+    assert auto.expert_path(routing, SHAPE[1], None) == "slots"  # unknown T
     np.testing.assert_allclose(
         to_numpy(auto(x, padding_mask=mask, training=True)),
         to_numpy(slots(x, padding_mask=mask, training=True)), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(dropless_blocks, "blocks_pay", lambda *a: False)
-    assert auto._dropless_path(routing, SHAPE[1], T) == "slots"
+    assert auto.expert_path(routing, SHAPE[1], T) == "slots"
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution is JAX")
@@ -128,15 +128,15 @@ def test_distribution_falls_back_to_slots(monkeypatch):
     monkeypatch.setattr(dropless_blocks, "blocks_pay", lambda *a: True)
     devices = jax.devices()[:1]
     with keras.distribution.DataParallel(devices=devices).scope():
-        assert auto._dropless_path(routing, SHAPE[1], T) == "slots"
-        assert blocks._dropless_path(routing, SHAPE[1], T) == "blocks"
+        assert auto.expert_path(routing, SHAPE[1], T) == "slots"
+        assert blocks.expert_path(routing, SHAPE[1], T) == "blocks"
     mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "expert"), devices)
     layout_map = get_layout_map(mesh)
     distribution = keras.distribution.ModelParallel(layout_map=layout_map)
     monkeypatch.setattr(type(blocks), "path", property(lambda self: "block_0/1_moe"))
     with distribution.scope():
         assert blocks._expert_parallel()
-        assert blocks._dropless_path(routing, SHAPE[1], T) == "slots"
+        assert blocks.expert_path(routing, SHAPE[1], T) == "slots"
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the fast path is JAX")
@@ -153,7 +153,7 @@ def test_jax_fast_path_equals_portable_path(activation):
     rows = ops.reshape(
         ops.take(ops.reshape(x, (-1, 8)), np.maximum(row_token, 0), axis=0), (-1, 4, 8)
     ) * ops.reshape(ops.cast(row_choice >= 0, "float32"), (-1, 4, 1))
-    names = ["w_in", "w_gate", "w_out"] if blocks.experts._gated else ["w_in", "w_out"]
+    names = ["w_in", "w_gate", "w_out"] if blocks.experts.gated else ["w_in", "w_out"]
     bank = blocks.experts
 
     def run(fn):

@@ -1,7 +1,7 @@
 """The dropless block path under an expert-parallel layout (issue 21).
 
 With the expert banks split on an `expert` mesh axis, `MoEFeedForward`
-keeps the slot path for dropless routing (`_dropless_path`), whose
+keeps the slot path for dropless routing (`expert_path`), whose
 dispatched tensors are constrained to the expert axis: each device computes
 its own experts' slots, token tensors are all-reduced, and no device gathers
 a whole expert bank. The block path mixes
@@ -43,8 +43,8 @@ def compiled_hlo(force_blocks, impl):
         tv = [v.value for v in moe.trainable_variables]
         ntv = [v.value for v in moe.non_trainable_variables]
         paths = []
-        choose = moe._dropless_path
-        moe._dropless_path = lambda *a: paths.append(choose(*a)) or paths[-1]
+        choose = moe.expert_path
+        moe.expert_path = lambda *a: paths.append(choose(*a)) or paths[-1]
 
         def loss(tv, ntv, x):
             return (moe.stateless_call(tv, ntv, x, training=True)[0] ** 2).mean()

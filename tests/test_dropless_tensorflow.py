@@ -100,7 +100,7 @@ def test_fast_path_equals_portable_path_with_empty_experts(activation, chunk_row
     rows = rng.normal(size=(12, 4, 8)).astype("float32")
     rows[len(used):] = 0.0  # unused blocks hold zero rows
     rows[2, 3:] = 0.0  # and part-filled blocks zero rows
-    names = ["w_in", "w_gate", "w_out"] if bank._gated else ["w_in", "w_out"]
+    names = ["w_in", "w_gate", "w_out"] if bank.gated else ["w_in", "w_out"]
     weights = [getattr(bank, name) for name in names]
 
     @tf.function(jit_compile=True)

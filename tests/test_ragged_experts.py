@@ -72,14 +72,14 @@ def test_adapted_bank_is_never_read_raw(attribute, value, monkeypatch):
     layer.build(SHAPE)
     layer.dropless_impl = "ragged"  # skip the constructor's backend check
     routing = layer.router(x, training=True)
-    assert layer._uses_ragged(routing, SHAPE[1])
+    assert layer.expert_path(routing, SHAPE[1], None) == "ragged"
     if attribute == "quantization_mode":  # a read-only Layer property
         monkeypatch.setattr(
             type(layer.experts), attribute, property(lambda self: value)
         )
     else:
         monkeypatch.setattr(layer.experts, attribute, value)
-    assert not layer._uses_ragged(routing, SHAPE[1])
+    assert layer.expert_path(routing, SHAPE[1], None) == "slots"
 
 
 def test_bank_supports_ragged():

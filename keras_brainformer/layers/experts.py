@@ -77,6 +77,16 @@ class ExpertBank(AdaptableKernels, keras.layers.Layer):
         )
         self._build_lora()
 
+    @property
+    def activation_fn(self):
+        """The activation function (the gate's, for a gated activation)."""
+        return self._activation_fn
+
+    @property
+    def gated(self):
+        """Whether the activation is gated (a `w_gate` kernel per expert)."""
+        return self._gated
+
     def call(self, x):
         # x: [E, ..., d] -> [E, N, d]: one plain batched matmul per weight.
         shape = ops.shape(x)

@@ -3,9 +3,9 @@
 import keras
 from keras import ops
 
-import keras_brainformer.layers.dispatch as dispatch_lib
 import keras_brainformer.layers.dropless_blocks as dropless_blocks
-import keras_brainformer.layers.ragged_experts as ragged_experts
+from keras_brainformer.layers.expert_computation import choose_expert_path
+from keras_brainformer.layers.expert_computation import routed_output
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
@@ -262,41 +262,16 @@ class MoEFeedForward(keras.layers.Layer):
             dropless_blocks.block_cost_rows(self.experts, training),
         )
 
-    def _dropless_path(self, routing, group_size, num_tokens):
-        """`"slots"`, `"ragged"` or `"blocks"`: how this call computes its
-        experts. Anything but slots needs dropless token choice (every
-        choice fits, `C = S`), the index dispatch and no expert-parallel
-        layout; ragged also a plain float expert bank, blocks a static number
-        of tokens (`num_tokens` an int)."""
-        if self.dropless_impl == "slots" or self.dispatch != "index":
-            return "slots"
-        if routing.token_expert is None or routing.capacity < group_size:
-            return "slots"
-        if self._expert_parallel():
-            return "slots"
-        ragged = ragged_experts.bank_supports_ragged(self.experts)
-        blocks = isinstance(num_tokens, int)
-        if self.dropless_impl == "ragged":
-            return "ragged" if ragged else "slots"
-        if self.dropless_impl == "blocks":
-            return "blocks" if blocks else "slots"
-        if ragged and ragged_experts.ragged_is_default():
-            return "ragged"
-        if not blocks or keras.distribution.distribution() is not None:
-            return "slots"
-        k = ops.shape(routing.token_expert)[-1]
-        # The rule of inference's one-block-per-matmul cost model, for
-        # training too: TensorFlow's runs of blocks were measured against
-        # other block sizes, not against the slot path.
-        if dropless_blocks.blocks_pay(
-            num_tokens, k, self.num_experts, self._block_size(num_tokens, k)
-        ):
-            return "blocks"
-        return "slots"
-
-    def _uses_ragged(self, routing, group_size):
-        """Whether this call computes the experts with grouped matmuls."""
-        return self._dropless_path(routing, group_size, None) == "ragged"
+    def expert_path(self, routing, group_size, num_tokens):
+        """The path this call computes its experts on (`"one_hot"`,
+        `"slots"`, `"blocks"` or `"ragged"`), chosen by
+        `expert_computation.choose_expert_path` from the layer's settings,
+        the routing, the bank and the active distribution."""
+        return choose_expert_path(
+            routing, group_size, num_tokens, self.experts, dispatch=self.dispatch,
+            dropless_impl=self.dropless_impl, expert_parallel=self._expert_parallel(),
+            block_size=lambda k: self._block_size(num_tokens, k),
+        )
 
     def call(self, x, padding_mask=None, training=False, causal=None):
         out = self._routed(x, padding_mask, training, causal)
@@ -324,38 +299,14 @@ class MoEFeedForward(keras.layers.Layer):
         routing = self.router(groups, token_mask=mask, training=training, causal=causal)
         num_groups = ops.shape(groups)[0]
         num_tokens = num_groups * S if isinstance(num_groups, int) else None
-        path = self._dropless_path(routing, S, num_tokens)
+        path = self.expert_path(routing, S, num_tokens)
+        block_size = None
         if path == "blocks":
-            k = ops.shape(routing.token_expert)[-1]
-            out = dropless_blocks.blocks_combine(
-                groups, routing, self.experts, self._block_size(num_tokens, k, training),
-                training,
-            )
-            return ops.reshape(ops.cast(out, self.compute_dtype), shape)
-        if path == "ragged":
-            k = ops.shape(routing.token_expert)[-1]
-            out = ragged_experts.ragged_experts_combine(
-                ops.reshape(groups, (-1, d)),
-                ops.reshape(routing.token_expert, (-1, k)),
-                ops.reshape(routing.token_gate, (-1, k)),
-                ops.reshape(routing.token_keep, (-1, k)),
-                self.experts,
-            )
-            return ops.reshape(ops.cast(out, self.compute_dtype), shape)
-
-        if self.dispatch == "index":
-            expert_in = dispatch_lib.dispatch(groups, routing.slot_token)
-        else:
-            dispatch_mask, gates = dispatch_lib.one_hot_dispatch_mask(routing, S)
-            expert_in = dispatch_lib.one_hot_dispatch(groups, dispatch_mask)
-        expert_in = self._constrain(expert_in, "dispatched")
-        expert_out = self._constrain(self.experts(expert_in), "expert_outputs")  # [E, G, C, d]
-        if self.dispatch == "index":
-            out = dispatch_lib.combine(
-                expert_out, routing.slot_token, routing.slot_gate, S
-            )
-        else:
-            out = dispatch_lib.one_hot_combine(expert_out, gates)
+            block_size = self._block_size(num_tokens, ops.shape(routing.token_expert)[-1], training)
+        out = routed_output(
+            path, groups, routing, self.experts, block_size=block_size, training=training,
+            constrain=self._constrain,
+        )
         return ops.reshape(ops.cast(out, self.compute_dtype), shape)
 
     def compute_output_shape(self, input_shape):
