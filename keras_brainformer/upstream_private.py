@@ -31,6 +31,10 @@ Keras (imported with the package):
         fails cleanly on a full disk; HDF5 writing to a full disk poisons
         the library (measured: an `OSError`, then `__dealloc__` tracebacks
         and a segfault at exit, whatever is closed).
+    sublayers: every layer nested inside a layer, depth first, itself
+        excluded (Keras' private `Layer._flatten_layers`; the public
+        `Model.layers` lists only direct children, and a plain `Layer` has
+        none).
 
 KerasTuner's distributed oracle (`keras_tuner_distribution()`): imported on
 first use only, since it pulls in gRPC, which nothing but a distributed
@@ -59,6 +63,11 @@ __all__ = [
     "tf",
     "weights_to_h5_bytes",
 ]
+
+
+def sublayers(layer):
+    """Every layer nested inside `layer`, depth first, `layer` excluded."""
+    return list(layer._flatten_layers(include_self=False))
 
 
 def weights_to_h5_bytes(model):

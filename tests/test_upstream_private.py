@@ -20,7 +20,24 @@ def test_no_module_but_the_adapter_imports_a_private_upstream_module():
         text = path.read_text(encoding="utf-8")
         if any(f"{name}.src" in text for name in ("keras", "keras_hub", "keras_tuner")):
             offenders.append(str(path.relative_to(PACKAGE)))
+        if "._flatten_layers(" in text:  # Keras' private traversal: `sublayers`
+            offenders.append(str(path.relative_to(PACKAGE)))
     assert offenders == []
+
+
+def test_sublayers_lists_every_nested_layer_depth_first():
+    import keras
+
+    from keras_brainformer.layers import MoEFeedForward
+    from keras_brainformer.upstream_private import sublayers
+
+    moe = MoEFeedForward(4, 8)
+    moe.build((None, 5, 6))
+    names = [layer.name for layer in sublayers(moe)]
+    assert moe.name not in names
+    assert {moe.router.name, moe.experts.name} <= set(names)
+    outer = keras.Sequential([keras.layers.Dense(2), keras.Sequential([keras.layers.Dense(3)])])
+    assert len(sublayers(outer)) == 3  # the nested Sequential and both Dense layers
 
 
 def test_register_presets_makes_our_presets_visible_to_keras_hub():

@@ -60,6 +60,7 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm import Brainform
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+from keras_brainformer.upstream_private import sublayers
 from keras_brainformer.zoo.preset_writing import write_task_preset
 
 ROUTER_INITS = ("small_random", "zeros")
@@ -208,7 +209,7 @@ def _check_pair(source, target, d):
 
 
 def _check_source(backbone):
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in sublayers(backbone):
         if getattr(layer, "lora_enabled", False):
             raise ValueError(
                 f"Layer {layer.name!r} of the dense model has LoRA adapters enabled; "

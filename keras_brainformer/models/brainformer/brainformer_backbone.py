@@ -21,6 +21,7 @@ from keras_brainformer.models.brainformer.brainformer_block import BrainformerBl
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
 from keras_brainformer.models.brainformer.task_data_checks import check_token_ids
+from keras_brainformer.upstream_private import sublayers
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -250,7 +251,7 @@ class BrainformerBackbone(Backbone):
         return sorted(
             {
                 layer.name
-                for layer in self._flatten_layers(include_self=False)
+                for layer in sublayers(self)
                 if isinstance(layer, AdaptableKernels)
             }
         )

@@ -12,13 +12,14 @@ import numpy as np
 from keras import ops
 
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
+from keras_brainformer.upstream_private import sublayers
 
 
 def lora_layers(backbone):
     """`{path: layer}` of the LoRA-enabled layers of `backbone`."""
     return {
         layer.path: layer
-        for layer in backbone._flatten_layers(include_self=False)
+        for layer in sublayers(backbone)
         if isinstance(layer, AdaptableKernels) and layer.lora_enabled
     }
 

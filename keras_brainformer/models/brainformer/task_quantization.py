@@ -9,13 +9,15 @@ packer and must still run."""
 
 import keras
 
+from keras_brainformer.upstream_private import sublayers
+
 
 def quantize_task(task, quantize, mode=None, config=None, filters=None, **kwargs):
     """Runs `quantize` (the task's `keras.Model.quantize`) after marking the
     preprocessor's weightless layers that have nothing to build as built."""
     preprocessor = getattr(task, "preprocessor", None)
     if preprocessor is not None:
-        for layer in preprocessor._flatten_layers(include_self=False):
+        for layer in sublayers(preprocessor):
             if not layer.weights and type(layer).build is keras.layers.Layer.build:
                 layer.built = True
     return quantize(mode, config=config, filters=filters, **kwargs)
