@@ -186,10 +186,7 @@ class BrainformerCausalLM(CausalLM):
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
-        """A `BrainformerCausalLM` from a zoo preset name (see `presets`)
-        or a preset folder; an architecture preset (no weights) builds a
-        random initialisation. Other arguments as in keras-hub's
-        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        """keras-hub's `from_preset`; weightless zoo presets build a random init."""
         return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(self, backbone, preprocessor=None, **kwargs):

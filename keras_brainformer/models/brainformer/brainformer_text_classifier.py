@@ -147,10 +147,7 @@ class BrainformerTextClassifier(TextClassifier):
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
-        """A `BrainformerTextClassifier` from a zoo preset name (see `presets`)
-        or a preset folder; an architecture preset (no weights) builds a
-        random initialisation. Other arguments as in keras-hub's
-        `from_preset` (see `preset_loading.load_zoo_preset`)."""
+        """keras-hub's `from_preset`; weightless zoo presets build a random init."""
         return load_zoo_preset(cls, super().from_preset, preset, *args, **kwargs)
 
     def __init__(
@@ -207,40 +204,25 @@ class BrainformerTextClassifier(TextClassifier):
             check_class_labels(y, self.num_classes)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, with concrete data checked first and in-memory
-        data shuffled every epoch.
-
-        NumPy arrays, lists and eager tensors in `x`/`y`, and the same in a
-        `validation_data` tuple, go through `check_data` before training
-        starts (`task_data_checks.check_fit_arguments`): a bad value raises a
-        `TypeError`/`ValueError` naming the field, the value and the allowed
-        range, and nothing is trained. A `tf.data.Dataset`, generator or
-        `keras.utils.PyDataset` passes unchecked; check such data when
-        building it. In-memory data is shuffled every epoch when
-        `shuffle=True` (the default), as `keras.Model.fit` does and keras-hub's
-        preprocessing pipeline does not (`in_memory_shuffle.py`); the order
-        follows `keras.utils.set_random_seed`.
-        """
+        """`keras.Model.fit` with concrete token ids and labels checked first
+        (`check_data`, also on a `validation_data` tuple) and in-memory data
+        shuffled every epoch, as `BrainformerCausalLM.fit` does."""
         check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
         x, y, kwargs = shuffled_fit_arguments(x, y, args, kwargs)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.evaluate`, with concrete data checked first (`check_data`)."""
+        """`keras.Model.evaluate`; concrete ids and labels are checked first."""
         self.check_data(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
-        """`keras.Model.predict`, with concrete token ids checked first."""
+        """`keras.Model.predict`; concrete token ids are checked first."""
         check_task_inputs(self, x)
         return super().predict(x, *args, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """`keras.Model.quantize`. `"int8"` reaches every attention, dense
-        FFN and expert kernel and the token embedding (routers and norms stay
-        float32); it works straight after `from_preset` (`task_quantization.py`).
-        Quantize the task rather than its backbone, so the task's compiled
-        functions are rebuilt."""
+        """`keras.Model.quantize` of the whole task, as `BrainformerCausalLM.quantize`."""
         return quantize_task(self, super().quantize, mode, config=config, filters=filters, **kwargs)
     def set_inference_routing(self, mode):
         """`"causal"` (default) or `"as_trained"` routing of every MoE
