@@ -88,14 +88,14 @@ VARIANTS = {
     "window": dict(sliding_window=3),
     "bias": dict(use_qkv_bias=True),
     "qk_norm": dict(qk_norm=True),
-    "rope_scaling": dict(rotary_scaling_factor=4.0),
+    "rope_scaling": dict(rope_scaling_factor=4.0),
     "all": dict(num_key_value_heads=2, sliding_window=4, use_qkv_bias=True, qk_norm=True,
-                rotary_scaling_factor=2.0),
+                rope_scaling_factor=2.0),
 }
 
 
 def make_layer(kwargs, heads=4, head_dim=6):
-    return CausalSelfAttention(num_heads=heads, head_dim=head_dim, norm_epsilon=EPS, **kwargs)
+    return CausalSelfAttention(num_heads=heads, head_dim=head_dim, layer_norm_epsilon=EPS, **kwargs)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -109,7 +109,7 @@ def test_variant_matches_numpy_reference(variant):
     expected = numpy_attention(
         x, w, 4, kwargs.get("num_key_value_heads") or 4, 6,
         window=kwargs.get("sliding_window"), bias=kwargs.get("use_qkv_bias", False),
-        qk_norm=kwargs.get("qk_norm", False), scaling=kwargs.get("rotary_scaling_factor", 1.0),
+        qk_norm=kwargs.get("qk_norm", False), scaling=kwargs.get("rope_scaling_factor", 1.0),
         mask=mask,
     )
     got = to_numpy(layer(x, padding_mask=mask))
@@ -222,11 +222,11 @@ def test_attention_variants_are_causal():
         (dict(sliding_window=2.5), "sliding_window"),
         (dict(use_qkv_bias="yes"), "use_qkv_bias"),
         (dict(qk_norm=1), "qk_norm"),
-        (dict(rotary_scaling_factor=0.5), "rotary_scaling_factor"),
-        (dict(rotary_scaling_factor=float("nan")), "rotary_scaling_factor"),
-        (dict(rotary_scaling_factor=float("inf")), "rotary_scaling_factor"),
-        (dict(rotary_scaling_factor=True), "rotary_scaling_factor"),
-        (dict(norm_epsilon=-1.0), "norm_epsilon"),
+        (dict(rope_scaling_factor=0.5), "rope_scaling_factor"),
+        (dict(rope_scaling_factor=float("nan")), "rope_scaling_factor"),
+        (dict(rope_scaling_factor=float("inf")), "rope_scaling_factor"),
+        (dict(rope_scaling_factor=True), "rope_scaling_factor"),
+        (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon"),
     ],
 )
 def test_bad_layer_arguments_name_the_field(kwargs, field):
@@ -259,9 +259,9 @@ def test_spec_round_trip_and_old_dicts():
     assert spec.kv_heads == 2 and AttentionSpec(num_heads=4).kv_heads == 4
     old = BlockSpec.from_dict({"sublayers": [{"kind": "attention", "num_heads": 4}]})
     assert old.sublayers[0] == AttentionSpec(num_heads=4)
-    with pytest.raises(ValueError, match="rotary_scaling_factor"):
+    with pytest.raises(ValueError, match="rope_scaling_factor"):
         BrainformerBackbone(vocabulary_size=8, hidden_dim=8, blocks=block,
-                            rotary_scaling_factor=0.0)
+                            rope_scaling_factor=0.0)
 
 
 QWEN_LIKE = BlockSpec(
@@ -278,7 +278,7 @@ def qwen_like_backbone(seed=0):
     keras.utils.set_random_seed(seed)
     backbone = BrainformerBackbone(
         vocabulary_size=64, hidden_dim=16, blocks=QWEN_LIKE, num_blocks=2,
-        rotary_scaling_factor=2.0, tie_embeddings=False, norm_epsilon=1e-5,
+        rope_scaling_factor=2.0, tie_embeddings=False, layer_norm_epsilon=1e-5,
     )
     for block in backbone.transformer_blocks:
         for layer in block.attention_layers:
@@ -348,7 +348,7 @@ def test_causal_lm_with_variants_generates_like_full_passes():
         best = logits[:, index - 1].argmax(-1)
         expected[:, index] = np.where(mask[:, index].astype(bool), expected[:, index], best)
     np.testing.assert_array_equal(out, expected)
-    assert json.loads(json.dumps(backbone.get_config()))["rotary_scaling_factor"] == 2.0
+    assert json.loads(json.dumps(backbone.get_config()))["rope_scaling_factor"] == 2.0
 
 
 def test_a_model_axis_that_does_not_divide_the_key_value_heads_is_refused_by_name():

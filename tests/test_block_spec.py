@@ -191,7 +191,7 @@ def test_backbone_rejects_heads_not_dividing_model_dim_before_building():
         ({"norm": "batch"}, "norm"),
         ({"dropout": 1.0}, "dropout"),
         ({"max_sequence_length": 0}, "max_sequence_length"),
-        ({"rotary_max_wavelength": 0}, "rotary_max_wavelength"),
+        ({"rope_max_wavelength": 0}, "rope_max_wavelength"),
         ({"tie_embeddings": "no"}, "tie_embeddings"),
     ],
 )
@@ -216,7 +216,7 @@ def test_layer_level_arguments_are_validated():
         TopKRouter(4, batch_prioritized="no")
     with pytest.raises(TypeError, match="seed"):
         TopKRouter(4, seed="abc")
-    with pytest.raises(ValueError, match="norm_epsilon"):
+    with pytest.raises(ValueError, match="layer_norm_epsilon"):
         make_norm("rms", -1.0, "norm")
     with pytest.raises(TypeError, match="router_kwargs"):
         MoEFeedForward(4, 8, router_kwargs=[("k", 1)])

@@ -154,8 +154,8 @@ def test_the_spec_follows_keras_hubs_layer_rules():
     assert attention.qkv_bias and attention.sliding_window == 5 and not attention.qk_norm
     assert moe.shared_expert_hidden_dim == 18 and moe.normalize_gates is False
     mixtral = brainformer_config_from_keras_hub(CONFIGS["mixtral"][2], "mixtral")
-    assert mixtral["num_blocks"] == 2 and mixtral["rotary_scaling_factor"] == 2.0
-    assert mixtral["norm_epsilon"] == 1e-5 and mixtral["tie_embeddings"] is False
+    assert mixtral["num_blocks"] == 2 and mixtral["rope_scaling_factor"] == 2.0
+    assert mixtral["layer_norm_epsilon"] == 1e-5 and mixtral["tie_embeddings"] is False
 
 
 def test_what_cannot_be_converted_exactly_is_refused_by_name():

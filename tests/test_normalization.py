@@ -55,5 +55,5 @@ def test_a_config_saved_with_the_former_layer_loads_into_keras_layer():
 
 @pytest.mark.parametrize("epsilon", [-1.0, float("nan")])
 def test_bad_epsilon_is_refused(epsilon):
-    with pytest.raises(ValueError, match="norm_epsilon"):
+    with pytest.raises(ValueError, match="layer_norm_epsilon"):
         make_norm("rms", epsilon, "norm")

@@ -180,7 +180,7 @@ BACKBONE_ARGS = {
     "max_sequence_length": ((LENGTH, 64), (0, -8, 8.5, None)),
     "norm": (("rms", "layer"), ("batch", None)),
     "dropout": ((0.0, 0.1), (1.0, -0.5, NAN, None)),
-    "rotary_max_wavelength": ((10000,), (0, -1, 1e4, None)),
+    "rope_max_wavelength": ((10000,), (0, -1, 1e4, None)),
     "tie_embeddings": ((True, False), (1, "yes", None)),
 }
 

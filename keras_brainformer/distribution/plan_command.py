@@ -31,6 +31,7 @@ from keras_brainformer.distribution.step_time import predict_step_time
 from keras_brainformer.errors import TrainingError
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
+from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
 from keras_brainformer.zoo.weight_specs import DTYPE_POLICIES
 
 EXIT_DOES_NOT_FIT = 1
@@ -110,11 +111,7 @@ def load_config(preset):
             f"Unknown preset {preset!r}: not a zoo preset nor a preset folder "
             f"with a config.json. Zoo presets: {sorted(backbone_presets)}."
         )
-    with open(path) as f:
-        entry = json.load(f)
-    config = dict(entry.get("config", entry))
-    for key in ("name", "trainable"):
-        config.pop(key, None)
+    config = read_backbone_config(preset)
     if not {"vocabulary_size", "hidden_dim", "blocks"} <= set(config):
         raise TrainingError(f"{path} is not a BrainformerBackbone config.")
     return config

@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.rotary import apply_rotary
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_optional_positive_int
@@ -150,7 +151,7 @@ def check_key_value_heads(num_heads, num_key_value_heads, depthwise_conv_kernel=
     return num_key_value_heads
 
 
-def check_rotary_scaling_factor(value):
+def check_rope_scaling_factor(value):
     """Linear RoPE scaling: a float >= 1 (positions are divided by it)."""
     if (
         isinstance(value, bool)
@@ -159,8 +160,8 @@ def check_rotary_scaling_factor(value):
         or value < 1
     ):
         raise ValueError(
-            "`rotary_scaling_factor` must be a number >= 1 (1 = no scaling; "
-            f"positions are divided by it). Received: rotary_scaling_factor={value!r}"
+            "`rope_scaling_factor` must be a number >= 1 (1 = no scaling; "
+            f"positions are divided by it). Received: rope_scaling_factor={value!r}"
         )
     return float(value)
 
@@ -221,7 +222,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             `model_dim // num_heads` (then `num_heads` must divide the model
             dim). Set it explicitly to decouple heads from the model width
             (the paper searches 12/16/20 heads at model dim 1024).
-        rotary_max_wavelength: int, RoPE base wavelength.
+        rope_max_wavelength: int, RoPE base wavelength.
         dropout: float, dropout on attention probabilities.
         kernel_initializer: initializer of the projections.
         depthwise_conv_kernel: int >= 0, width of Primer's causal depthwise
@@ -237,7 +238,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             `sliding_window` positions only (itself included: position `i`
             sees `j` with `i - sliding_window < j <= i`), Mistral/Mixtral's
             sliding-window attention. None: the whole prefix.
-        rotary_scaling_factor: float >= 1, linear RoPE scaling (position
+        rope_scaling_factor: float >= 1, linear RoPE scaling (position
             interpolation): rotary frequencies divided by it, keras-hub's
             `RotaryEmbedding(scaling_factor=...)`.
         use_qkv_bias: bool, add a bias to the Q, K and V projections (Qwen,
@@ -246,7 +247,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         qk_norm: bool, RMS-normalise each head's query and key over the
             head dim before RoPE, with learned scales `query_norm`,
             `key_norm` `[hd]` (Qwen3).
-        norm_epsilon: float, epsilon of the Q/K norms.
+        layer_norm_epsilon: float, epsilon of the Q/K norms.
         lora_rank: int or None. Builds the layer with LoRA adapters of this
             rank on the Q, K, V and output projections.
         lora_alpha: LoRA scale numerator (default `lora_rank`).
@@ -288,16 +289,16 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         self,
         num_heads,
         head_dim=None,
-        rotary_max_wavelength=10000,
+        rope_max_wavelength=10000,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         depthwise_conv_kernel=0,
         num_key_value_heads=None,
         sliding_window=None,
-        rotary_scaling_factor=1.0,
+        rope_scaling_factor=1.0,
         use_qkv_bias=False,
         qk_norm=False,
-        norm_epsilon=1e-6,
+        layer_norm_epsilon=1e-6,
         lora_rank=None,
         lora_alpha=None,
         **kwargs,
@@ -313,18 +314,18 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             self.num_heads, num_key_value_heads, self.depthwise_conv_kernel
         )
         self.sliding_window = check_optional_positive_int("sliding_window", sliding_window)
-        self.rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
+        self.rope_scaling_factor = check_rope_scaling_factor(rope_scaling_factor)
         for field, value in (("use_qkv_bias", use_qkv_bias), ("qk_norm", qk_norm)):
             if not isinstance(value, bool):
                 raise TypeError(f"`{field}` must be a bool. Received: {field}={value!r}")
         self.use_qkv_bias = use_qkv_bias
         self.qk_norm = qk_norm
-        self.norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
+        self.layer_norm_epsilon = check_non_negative_float("layer_norm_epsilon", layer_norm_epsilon)
         self.head_dim = check_optional_positive_int("head_dim", head_dim)
         if self.head_dim is not None:
             resolve_head_dim(None, self.num_heads, self.head_dim)
-        self.rotary_max_wavelength = check_positive_int(
-            "rotary_max_wavelength", rotary_max_wavelength
+        self.rope_max_wavelength = check_positive_int(
+            "rope_max_wavelength", rope_max_wavelength
         )
         self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -424,7 +425,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         """Per-head RMS norm of `x [B, T, heads, hd]` in float32 (Qwen3)."""
         scale = ops.cast(getattr(self, f"{name}_norm"), "float32")
         out = ops.rms_normalization(
-            ops.cast(x, "float32"), scale=scale, axis=-1, epsilon=self.norm_epsilon
+            ops.cast(x, "float32"), scale=scale, axis=-1, epsilon=self.layer_norm_epsilon
         )
         return ops.cast(out, x.dtype)
 
@@ -500,7 +501,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             )
         if self.qk_norm:
             q, k = self._head_norm("query", q), self._head_norm("key", k)
-        rotary = (self.rotary_max_wavelength, self.compute_dtype, self.rotary_scaling_factor)
+        rotary = (self.rope_max_wavelength, self.compute_dtype, self.rope_scaling_factor)
         q = apply_rotary(q, start, *rotary)
         k = apply_rotary(k, start, *rotary)
         if cache is not None:
@@ -548,7 +549,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
             {
                 "num_heads": self.num_heads,
                 "head_dim": self.head_dim,
-                "rotary_max_wavelength": self.rotary_max_wavelength,
+                "rope_max_wavelength": self.rope_max_wavelength,
                 "dropout": self.dropout,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
@@ -556,11 +557,17 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
                 "depthwise_conv_kernel": self.depthwise_conv_kernel,
                 "num_key_value_heads": self.num_key_value_heads,
                 "sliding_window": self.sliding_window,
-                "rotary_scaling_factor": self.rotary_scaling_factor,
+                "rope_scaling_factor": self.rope_scaling_factor,
                 "use_qkv_bias": self.use_qkv_bias,
                 "qk_norm": self.qk_norm,
-                "norm_epsilon": self.norm_epsilon,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
                 **self._adaptable_config(),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Also reads configs written by 0.1 (its argument names, see
+        `layers/renamed_arguments.py`)."""
+        return super().from_config(with_current_names(config, cls.__name__))

@@ -32,7 +32,7 @@ def make_norm(kind, epsilon, name, dtype=None):
     >>> type(norm).__name__, tuple(norm(np.ones((2, 3, 4), "float32")).shape)
     ('RMSNormalization', (2, 3, 4))
     """
-    epsilon = check_non_negative_float("norm_epsilon", epsilon)
+    epsilon = check_non_negative_float("layer_norm_epsilon", epsilon)
     if kind == "rms":
         return keras.layers.RMSNormalization(epsilon=epsilon, name=name, dtype=dtype)
     if kind == "layer":

@@ -53,6 +53,7 @@ from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
 from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.models.brainformer.preset_loading import trained_presets
@@ -191,8 +192,7 @@ def check_preset(preset):
 def preset_model_config(preset):
     """The backbone config of a preset name or folder (read from its
     `config.json`; nothing is built)."""
-    with open(pathlib.Path(resolve_preset(preset)) / "config.json") as f:
-        return json.load(f)["config"]
+    return read_backbone_config(resolve_preset(preset))
 
 
 def train_language_model(

@@ -225,11 +225,11 @@ def brainformer_config_from_keras_hub(config, family, max_sequence_length=None,
         "num_blocks": num_blocks,
         "max_sequence_length": max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
         "norm": "rms",
-        "norm_epsilon": float(config.get("layer_norm_epsilon", 1e-6)),
-        "rotary_max_wavelength": _whole(
+        "layer_norm_epsilon": float(config.get("layer_norm_epsilon", 1e-6)),
+        "rope_max_wavelength": _whole(
             family, "rope_max_wavelength", config.get("rope_max_wavelength", 10000)
         ),
-        "rotary_scaling_factor": float(config.get("rope_scaling_factor", 1.0)),
+        "rope_scaling_factor": float(config.get("rope_scaling_factor", 1.0)),
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         "dtype": dtype,
     }

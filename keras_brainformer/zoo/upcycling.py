@@ -70,9 +70,9 @@ SHARED_FIELDS = (
     "vocabulary_size",
     "hidden_dim",
     "norm",
-    "norm_epsilon",
-    "rotary_max_wavelength",
-    "rotary_scaling_factor",
+    "layer_norm_epsilon",
+    "rope_max_wavelength",
+    "rope_scaling_factor",
     "tie_embeddings",
 )
 # The upcycled router kernel's scale, variance 0.1 / d: Switch's scale 0.1

@@ -75,7 +75,7 @@ class AttentionSpec:
             (Mixtral); None (the default) for the whole prefix.
         qkv_bias: biases on the Q, K and V projections (Qwen-MoE).
         qk_norm: per-head RMS norm of queries and keys before RoPE (Qwen3),
-            with the backbone's `norm_epsilon`.
+            with the backbone's `layer_norm_epsilon`.
 
     Dicts without the later keys (every field after `head_dim`) get their
     defaults, which are the layer of before.

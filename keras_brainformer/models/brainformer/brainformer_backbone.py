@@ -5,10 +5,11 @@ from keras_hub.models import Backbone
 
 import keras_brainformer.models.brainformer.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
-from keras_brainformer.layers.causal_self_attention import check_rotary_scaling_factor
+from keras_brainformer.layers.causal_self_attention import check_rope_scaling_factor
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.normalization import NORMS
 from keras_brainformer.layers.normalization import make_norm
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.reversible_embedding import ReversibleEmbedding
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.validation import check_choice
@@ -44,10 +45,10 @@ class BrainformerBackbone(Backbone):
         max_sequence_length: int, the longest sequence the model is meant for
             (used to size generation caches; positions are rotary).
         norm: `"rms"` or `"layer"`.
-        norm_epsilon: float.
+        layer_norm_epsilon: float.
         dropout: residual dropout (0 in the paper).
-        rotary_max_wavelength: int, RoPE base wavelength.
-        rotary_scaling_factor: float >= 1, linear RoPE scaling (position
+        rope_max_wavelength: int, RoPE base wavelength.
+        rope_scaling_factor: float >= 1, linear RoPE scaling (position
             interpolation, keras-hub's `rope_scaling_factor`); 1 is off.
         tie_embeddings: bool, share input and output embeddings.
         dtype: dtype policy of the model (for example `"mixed_bfloat16"`);
@@ -87,10 +88,10 @@ class BrainformerBackbone(Backbone):
         num_blocks=None,
         max_sequence_length=2048,
         norm="rms",
-        norm_epsilon=1e-6,
+        layer_norm_epsilon=1e-6,
         dropout=0.0,
-        rotary_max_wavelength=10000,
-        rotary_scaling_factor=1.0,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
         tie_embeddings=True,
         dtype=None,
         **kwargs,
@@ -104,12 +105,12 @@ class BrainformerBackbone(Backbone):
             "max_sequence_length", max_sequence_length
         )
         check_choice("norm", norm, NORMS)
-        norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
+        layer_norm_epsilon = check_non_negative_float("layer_norm_epsilon", layer_norm_epsilon)
         dropout = check_rate("dropout", dropout)
-        rotary_max_wavelength = check_positive_int(
-            "rotary_max_wavelength", rotary_max_wavelength
+        rope_max_wavelength = check_positive_int(
+            "rope_max_wavelength", rope_max_wavelength
         )
-        rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
+        rope_scaling_factor = check_rope_scaling_factor(rope_scaling_factor)
         if not isinstance(tie_embeddings, bool):
             raise TypeError(
                 f"`tie_embeddings` must be a bool. Received: tie_embeddings={tie_embeddings!r}"
@@ -135,16 +136,16 @@ class BrainformerBackbone(Backbone):
             BrainformerBlock(
                 spec,
                 norm=norm,
-                norm_epsilon=norm_epsilon,
+                layer_norm_epsilon=layer_norm_epsilon,
                 dropout=dropout,
-                rotary_max_wavelength=rotary_max_wavelength,
-                rotary_scaling_factor=rotary_scaling_factor,
+                rope_max_wavelength=rope_max_wavelength,
+                rope_scaling_factor=rope_scaling_factor,
                 dtype=dtype,
                 name=f"block_{i}",
             )
             for i, spec in enumerate(specs)
         ]
-        self.final_norm = make_norm(norm, norm_epsilon, "final_norm", dtype=dtype)
+        self.final_norm = make_norm(norm, layer_norm_epsilon, "final_norm", dtype=dtype)
 
         # === Functional Model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -174,10 +175,10 @@ class BrainformerBackbone(Backbone):
         self.num_blocks = len(specs)
         self.max_sequence_length = max_sequence_length
         self.norm = norm
-        self.norm_epsilon = norm_epsilon
+        self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
-        self.rotary_max_wavelength = rotary_max_wavelength
-        self.rotary_scaling_factor = rotary_scaling_factor
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
         self.tie_embeddings = tie_embeddings
 
     def check_inputs(self, inputs):
@@ -337,11 +338,17 @@ class BrainformerBackbone(Backbone):
                 "num_blocks": num_blocks,
                 "max_sequence_length": self.max_sequence_length,
                 "norm": self.norm,
-                "norm_epsilon": self.norm_epsilon,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
-                "rotary_max_wavelength": self.rotary_max_wavelength,
-                "rotary_scaling_factor": self.rotary_scaling_factor,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
                 "tie_embeddings": self.tie_embeddings,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Also reads configs written by 0.1 (its argument names, see
+        `layers/renamed_arguments.py`)."""
+        return super().from_config(with_current_names(config, cls.__name__))

@@ -4,12 +4,13 @@ import keras
 from keras import ops
 
 from keras_brainformer.layers.causal_self_attention import CausalSelfAttention
-from keras_brainformer.layers.causal_self_attention import check_rotary_scaling_factor
+from keras_brainformer.layers.causal_self_attention import check_rope_scaling_factor
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
 from keras_brainformer.layers.normalization import NORMS
 from keras_brainformer.layers.normalization import make_norm
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
 from keras_brainformer.layers.validation import check_positive_int
@@ -25,10 +26,10 @@ class BrainformerBlock(keras.layers.Layer):
     Args:
         spec: a `BlockSpec` (or its dict form).
         norm: `"rms"` (RMSNorm, as GLaM) or `"layer"` (LayerNorm).
-        norm_epsilon: float.
+        layer_norm_epsilon: float.
         dropout: residual dropout rate (the paper trains without dropout).
-        rotary_max_wavelength: RoPE wavelength of the attention sublayers.
-        rotary_scaling_factor: their linear RoPE scaling (>= 1; 1 is off).
+        rope_max_wavelength: RoPE wavelength of the attention sublayers.
+        rope_scaling_factor: their linear RoPE scaling (>= 1; 1 is off).
         kernel_initializer: initializer of every projection and expert.
 
     Call arguments:
@@ -59,28 +60,28 @@ class BrainformerBlock(keras.layers.Layer):
         self,
         spec,
         norm="rms",
-        norm_epsilon=1e-6,
+        layer_norm_epsilon=1e-6,
         dropout=0.0,
-        rotary_max_wavelength=10000,
-        rotary_scaling_factor=1.0,
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.spec = BlockSpec.from_dict(spec)
         self.norm = check_choice("norm", norm, NORMS)
-        self.norm_epsilon = check_non_negative_float("norm_epsilon", norm_epsilon)
+        self.layer_norm_epsilon = check_non_negative_float("layer_norm_epsilon", layer_norm_epsilon)
         self.dropout = check_rate("dropout", dropout)
-        self.rotary_max_wavelength = check_positive_int(
-            "rotary_max_wavelength", rotary_max_wavelength
+        self.rope_max_wavelength = check_positive_int(
+            "rope_max_wavelength", rope_max_wavelength
         )
-        self.rotary_scaling_factor = check_rotary_scaling_factor(rotary_scaling_factor)
+        self.rope_scaling_factor = check_rope_scaling_factor(rope_scaling_factor)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.norms, self.sublayers = [], []
         for i, sub in enumerate(self.spec.sublayers):
             name = f"{i}_{sub.kind}"
             self.norms.append(
-                make_norm(norm, norm_epsilon, f"{name}_norm", dtype=self.dtype_policy)
+                make_norm(norm, layer_norm_epsilon, f"{name}_norm", dtype=self.dtype_policy)
             )
             self.sublayers.append(self._make_sublayer(sub, name))
         self.residual_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
@@ -94,9 +95,9 @@ class BrainformerBlock(keras.layers.Layer):
         if sub.kind == "attention":
             return CausalSelfAttention(
                 **sub.layer_kwargs(),
-                rotary_max_wavelength=self.rotary_max_wavelength,
-                rotary_scaling_factor=self.rotary_scaling_factor,
-                norm_epsilon=self.norm_epsilon,
+                rope_max_wavelength=self.rope_max_wavelength,
+                rope_scaling_factor=self.rope_scaling_factor,
+                layer_norm_epsilon=self.layer_norm_epsilon,
                 **common,
             )
         if sub.kind == "ffn":
@@ -173,13 +174,19 @@ class BrainformerBlock(keras.layers.Layer):
             {
                 "spec": self.spec.to_dict(),
                 "norm": self.norm,
-                "norm_epsilon": self.norm_epsilon,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
-                "rotary_max_wavelength": self.rotary_max_wavelength,
-                "rotary_scaling_factor": self.rotary_scaling_factor,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Also reads configs written by 0.1 (its argument names, see
+        `layers/renamed_arguments.py`)."""
+        return super().from_config(with_current_names(config, cls.__name__))

@@ -17,7 +17,9 @@ family's `__init__`.
 
 import copy
 import json
+import pathlib
 
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.preset_folders import PRESETS_ROOT
 from keras_brainformer.preset_folders import preset_folder_metadata
@@ -29,6 +31,17 @@ _WRITING_KEYS = ("keras_brainformer_preset", "keras_version")
 _LAYER_KEYS = ("name", "trainable")
 
 
+def read_backbone_config(folder):
+    """The backbone constructor kwargs a preset folder's `config.json` holds
+    (Keras' `name` and `trainable` left out; 0.1's argument names translated,
+    see `layers/renamed_arguments.py`). Nothing is built."""
+    with open(pathlib.Path(folder) / CONFIG_FILE) as f:
+        entry = json.load(f)
+    config = entry.get("config", entry)
+    config = {k: v for k, v in config.items() if k not in _LAYER_KEYS}
+    return with_current_names(config, f"{pathlib.Path(folder) / CONFIG_FILE}")
+
+
 def read_architecture_presets(root=PRESETS_ROOT):
     """`{name: {"metadata", "kaggle_handle", "config"}}` of the architecture
     presets among the preset folders under `root` (folders without a
@@ -38,12 +51,10 @@ def read_architecture_presets(root=PRESETS_ROOT):
         if "training" in metadata:
             continue
         folder = root / name
-        with open(folder / CONFIG_FILE) as f:
-            config = json.load(f)["config"]
         presets[name] = {
             "metadata": {k: v for k, v in metadata.items() if k not in _WRITING_KEYS},
             "kaggle_handle": str(folder),
-            "config": {k: v for k, v in config.items() if k not in _LAYER_KEYS},
+            "config": read_backbone_config(folder),
         }
     return presets
 
