@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -137,6 +138,17 @@ TINY_PRESETS = (
     "dense_tiny",
     "primer_tiny",
 )
+
+
+def rewrite_keras_config(source, target, edit):
+    """Copies the `.keras` archive `source` to `target` with its
+    `config.json` replaced by `edit(config_text)`."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                data = edit(data.decode()).encode()
+            dst.writestr(item, data)
 
 
 def to_numpy(x):

@@ -4,10 +4,10 @@
 `.keras` files written by 0.1 keep loading, to the same model."""
 
 import json
-import zipfile
 
 import numpy as np
 import pytest
+from conftest import rewrite_keras_config
 from conftest import to_numpy
 
 from keras_brainformer.layers import CausalSelfAttention
@@ -80,16 +80,14 @@ def test_a_0_1_keras_file_loads(tmp_path):
     path = tmp_path / "new.keras"
     lm.save(path)
     old_path = tmp_path / "old.keras"
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(old_path, "w") as target:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "config.json":
-                text = data.decode()
-                for old, new in RENAMED_AFTER_0_1.items():
-                    text = text.replace(f'"{new}"', f'"{old}"')
-                assert '"norm_epsilon"' in text and '"layer_norm_epsilon"' not in text
-                data = text.encode()
-            target.writestr(item, data)
+
+    def with_0_1_names(text):
+        for old, new in RENAMED_AFTER_0_1.items():
+            text = text.replace(f'"{new}"', f'"{old}"')
+        assert '"norm_epsilon"' in text and '"layer_norm_epsilon"' not in text
+        return text
+
+    rewrite_keras_config(path, old_path, with_0_1_names)
     loaded = keras.saving.load_model(old_path)
     assert loaded.backbone.rope_max_wavelength == 5000
     np.testing.assert_allclose(to_numpy(loaded(tokens)), expected, rtol=1e-6, atol=1e-6)

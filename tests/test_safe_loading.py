@@ -7,10 +7,10 @@ every load must be refused with an error and the canary must not exist.
 import json
 import os
 import shutil
-import zipfile
 
 import keras
 import pytest
+from conftest import rewrite_keras_config
 
 from keras_brainformer.errors import PresetError
 from keras_brainformer.layers import MoEFeedForward
@@ -119,17 +119,16 @@ def test_keras_file_with_a_lambda_is_refused(tmp_path, canary):
     good = tmp_path / "model.keras"
     model.save(good)
     bad = tmp_path / "crafted.keras"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == "config.json":
-                config = json.loads(data)
-                config["config"]["layers"][1] = dict(
-                    _lambda_config(canary), name="dense", inbound_nodes=
-                    config["config"]["layers"][1]["inbound_nodes"]
-                )
-                data = json.dumps(config).encode()
-            dst.writestr(item, data)
+
+    def with_a_lambda(text):
+        config = json.loads(text)
+        config["config"]["layers"][1] = dict(
+            _lambda_config(canary), name="dense", inbound_nodes=
+            config["config"]["layers"][1]["inbound_nodes"]
+        )
+        return json.dumps(config)
+
+    rewrite_keras_config(good, bad, with_a_lambda)
     with pytest.raises(ValueError, match="(?i)lambda"):
         keras.saving.load_model(bad)
     assert os.path.exists(good)
