@@ -9,7 +9,7 @@ with the defaults; `--cpu` runs the same on small shapes in tens of seconds):
    backward, `moe_layer.make_step`) of `MoEFeedForward` with top-2, capacity
    factor 1.25 and index (slot) dispatch, and dropless top-2 with the
    `ragged_dot` path (`dropless_impl="ragged"`), each against
-   `FeedForward(hidden_dim=2·h)`, as median paired ratios (`moe_layer.time_pair`);
+   `FeedForward(intermediate_dim=2·h)`, as median paired ratios (`moe_layer.time_pair`);
 3. **training throughput**: Keras' jitted `train_step` (Adam, as in
    `training_throughput.py`) of the ~100M presets (GPU: full size, 32
    experts, 256K vocabulary, `mixed_bfloat16`, batch 8 x 1024; `--cpu`: the
@@ -108,12 +108,12 @@ def section_moe(s):
                     keras.config.dtype_policy().compute_dtype)
 
     def moe(capacity_factor, impl):
-        return MoEFeedForward(num_experts=E, expert_hidden_dim=h, activation="gelu",
-                              router_kwargs={"k": 2, "capacity_factor": capacity_factor},
+        return MoEFeedForward(num_experts=E, intermediate_dim=h, activation="gelu",
+                              router_kwargs={"top_k": 2, "capacity_factor": capacity_factor},
                               dropless_impl=impl)
 
     variants = {
-        "dense": make_step(FeedForward(hidden_dim=2 * h, activation="gelu"), x),
+        "dense": make_step(FeedForward(intermediate_dim=2 * h, activation="gelu"), x),
         "slots cf1.25": make_step(moe(1.25, "auto"), x),
         "dropless ragged": make_step(moe(None, "ragged"), x),
     }

@@ -14,7 +14,7 @@ milliseconds and the median of the per-round ratios.
 Variants per (tokens `T`, experts `E`, `k`), expert hidden `h`, one routing
 group per sequence of 512 tokens:
 
-  dense   `FeedForward(hidden_dim=k*h)`: the activated FLOPs of top-k.
+  dense   `FeedForward(intermediate_dim=k*h)`: the activated FLOPs of top-k.
   cf      top-k with `capacity_factor=1.25` (the slot path; drops tokens).
   blocks  top-k dropless, `dropless_impl="blocks"` (block size the layer's
           own pick for a training step, or `--block-size`; on TensorFlow the
@@ -279,7 +279,7 @@ def main():
     for T in tokens:
         x = rng.standard_normal((T // length, length, d)).astype("float32")
         for k in ks:
-            dense = make_step(FeedForward(hidden_dim=k * h, activation="gelu"), x)
+            dense = make_step(FeedForward(intermediate_dim=k * h, activation="gelu"), x)
             for E in experts:
                 if k > E:
                     continue
@@ -287,7 +287,7 @@ def main():
 
                 def moe(cf, impl="auto", b=None, E=E, k=k):
                     return MoEFeedForward(
-                        E, h, router_kwargs={"k": k, "capacity_factor": cf},
+                        E, h, router_kwargs={"top_k": k, "capacity_factor": cf},
                         activation="gelu", dropless_impl=impl, dropless_block_size=b)
 
                 variants = {"dense": dense}

@@ -11,7 +11,7 @@ Rows per number of experts `E` (top-k routing, `k=2`, capacity factor 1.25,
 group = one sequence):
 
   (a) ours (index dispatch) / dense FFN with the same activated FLOPs
-      (`FeedForward(hidden_dim=k*h)`). Target <= 1.3; the capacity padding
+      (`FeedForward(intermediate_dim=k*h)`). Target <= 1.3; the capacity padding
       alone makes it >= ~1.25 (`C = ceil(k*S*cf/E)` slots per expert).
   (a') the same with the dense FFN fed flattened `[B*T, d]` tokens
       (information: a 2-D matmul is faster than a 3-D one on XLA CPU).
@@ -221,8 +221,8 @@ def main():
     def moe(E, router="top_k", router_kwargs=None, dispatch="index",
             dropless_impl="auto"):
         return MoEFeedForward(
-            num_experts=E, expert_hidden_dim=h, router=router,
-            router_kwargs=router_kwargs or {"k": k, "capacity_factor": cf},
+            num_experts=E, intermediate_dim=h, router=router,
+            router_kwargs=router_kwargs or {"top_k": k, "capacity_factor": cf},
             activation="gelu", dispatch=dispatch, dropless_impl=dropless_impl,
         )
 
@@ -235,12 +235,12 @@ def main():
     for E in experts:
         print(f"E={E}:", flush=True)
         variants = {
-            "dense": make_step(FeedForward(hidden_dim=dense_hidden,
+            "dense": make_step(FeedForward(intermediate_dim=dense_hidden,
                                            activation="gelu"), x),
             # The same dense FFN fed the flattened `[B*T, d]` tokens: on XLA
             # CPU a 2-D matmul (and its weight gradient) is markedly faster
             # than the 3-D one, so this is the stricter baseline.
-            "dense_flat": make_step(FeedForward(hidden_dim=dense_hidden,
+            "dense_flat": make_step(FeedForward(intermediate_dim=dense_hidden,
                                                 activation="gelu"),
                                     jnp.reshape(x, (-1, d))),
             "ours": make_step(moe(E), x),
@@ -253,12 +253,12 @@ def main():
             "dropless": make_step(
                 # The slot path (C = S); dropless_blocks.py times the
                 # block path that "auto" now picks.
-                moe(E, router_kwargs={"k": k, "capacity_factor": None},
+                moe(E, router_kwargs={"top_k": k, "capacity_factor": None},
                     dropless_impl="slots"), x),
         }
         if ec_hidden != dense_hidden:
             variants["dense_ec"] = make_step(
-                FeedForward(hidden_dim=ec_hidden, activation="gelu"), x)
+                FeedForward(intermediate_dim=ec_hidden, activation="gelu"), x)
         compile_all(variants)
         C = math.ceil(k * length * cf / E)
         C_ec = math.ceil(length * ec_cf / E)

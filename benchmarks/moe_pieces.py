@@ -38,7 +38,7 @@ def main():
         args.experts, args.batch, args.length, args.model_dim, args.hidden_dim, 2
     )
     x = jnp.asarray(np.random.default_rng(0).standard_normal((G, S, d)), "float32")
-    router = TopKRouter(num_experts=E, k=k, capacity_factor=args.capacity_factor)
+    router = TopKRouter(num_experts=E, top_k=k, capacity_factor=args.capacity_factor)
     router.build((None, None, d))
     bank = ExpertBank(E, h)
     bank.build((E, None, None, d))

@@ -47,8 +47,8 @@ TARGET = 1.15
 
 # name: (router, router kwargs, activated expert slots per token)
 ROUTERS = {
-    "top-2 cf1.25": ("top_k", {"k": 2, "capacity_factor": 1.25}, 2),
-    "top-1 cf1.25": ("top_k", {"k": 1, "capacity_factor": 1.25}, 1),
+    "top-2 cf1.25": ("top_k", {"top_k": 2, "capacity_factor": 1.25}, 2),
+    "top-1 cf1.25": ("top_k", {"top_k": 1, "capacity_factor": 1.25}, 1),
     "expert choice cf1": ("expert_choice", {"capacity_factor": 1.0}, 1),
     "expert choice cf2": ("expert_choice", {"capacity_factor": 2.0}, 2),
 }
@@ -56,7 +56,7 @@ ROUTERS = {
 
 def capacity(router, kwargs, E, S):
     if router == "top_k":
-        return math.ceil(kwargs["k"] * S * kwargs["capacity_factor"] / E)
+        return math.ceil(kwargs["top_k"] * S * kwargs["capacity_factor"] / E)
     return math.ceil(S * kwargs["capacity_factor"] / E)
 
 
@@ -107,12 +107,12 @@ def main():
             print(f"{G * S} tokens ({G} x {S}), d={d}, h={h}, {name}:", flush=True)
             if slots not in dense:
                 dense[slots] = make_step(
-                    FeedForward(hidden_dim=slots * h, activation="gelu"), x_flat)
+                    FeedForward(intermediate_dim=slots * h, activation="gelu"), x_flat)
                 compile_all({f"dense h={slots * h}": dense[slots]})
             variants = {}
             for E in experts:
                 variants[E] = make_step(
-                    MoEFeedForward(num_experts=E, expert_hidden_dim=h, router=router,
+                    MoEFeedForward(num_experts=E, intermediate_dim=h, router=router,
                                    router_kwargs=dict(kwargs), activation="gelu"), x)
             compile_all({f"E={E}": v for E, v in variants.items()})
             entries = list(variants.items()) + [("dense", dense[slots])]

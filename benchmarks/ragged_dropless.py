@@ -12,7 +12,7 @@ of the per-round ratios.
 Variants, per number of experts `E` (top-k, `k=2`, `capacity_factor=None`,
 one routing group per sequence):
 
-  dense   `FeedForward(hidden_dim=k*h)`: the activated FLOPs of top-2.
+  dense   `FeedForward(intermediate_dim=k*h)`: the activated FLOPs of top-2.
   slots   `MoEFeedForward(dropless_impl="slots")`: `C = S` slots per expert.
   ragged  `MoEFeedForward(dropless_impl="ragged")`: sort + `jax.lax.ragged_dot`.
 
@@ -73,14 +73,14 @@ def main():
 
     def moe(E, impl):
         return MoEFeedForward(
-            num_experts=E, expert_hidden_dim=h, router="top_k",
-            router_kwargs={"k": k, "capacity_factor": None},
+            num_experts=E, intermediate_dim=h, router="top_k",
+            router_kwargs={"top_k": k, "capacity_factor": None},
             activation="gelu", dropless_impl=impl,
         )
 
     for E in experts:
         variants = {
-            "dense": make_step(FeedForward(hidden_dim=k * h, activation="gelu"), x),
+            "dense": make_step(FeedForward(intermediate_dim=k * h, activation="gelu"), x),
             "slots": make_step(moe(E, "slots"), x),
             "ragged": make_step(moe(E, "ragged"), x),
         }

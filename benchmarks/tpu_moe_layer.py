@@ -34,11 +34,11 @@ VARIANTS = ("dense", "moe", "dropless")
 def variant_config(name, d, experts, k, expert_hidden, capacity_factor, vocab, seq_len,
                    dropless_impl="auto"):
     if name == "dense":
-        sublayer = {"kind": "ffn", "hidden_dim": k * expert_hidden, "activation": "gelu"}
+        sublayer = {"kind": "ffn", "intermediate_dim": k * expert_hidden, "activation": "gelu"}
     else:
         sublayer = {
-            "kind": "moe", "num_experts": experts, "hidden_dim": expert_hidden,
-            "activation": "gelu", "router": "top_k", "k": k,
+            "kind": "moe", "num_experts": experts, "intermediate_dim": expert_hidden,
+            "activation": "gelu", "router": "top_k", "top_k": k,
             "capacity_factor": None if name == "dropless" else capacity_factor,
             "eval_capacity_factor": "same", "load_balance_loss_weight": 0.01,
             "z_loss_weight": 0.0, "group_size": None, "jitter": 0.0,
@@ -46,7 +46,7 @@ def variant_config(name, d, experts, k, expert_hidden, capacity_factor, vocab, s
         }
     return {
         "vocabulary_size": vocab, "hidden_dim": d, "blocks": {"sublayers": [sublayer]},
-        "num_blocks": 1, "max_sequence_length": seq_len, "norm": "rms",
+        "num_layers": 1, "max_sequence_length": seq_len, "norm": "rms",
         "tie_embeddings": True,
     }
 

@@ -81,7 +81,7 @@ SCALES = ("tiny", "small", "100m")
 # a third of the depth (Brainformer 1 of 3 blocks, GLaM 2 of 6 two-layer
 # blocks, dense / Primer 4 of 12 layers), vocabulary 32000, 4 experts.
 TRIM_100M = {
-    "num_blocks": {"brainformer1": 1, "brainformer2": 1, "glam": 2, "glam_ec": 2,
+    "num_layers": {"brainformer1": 1, "brainformer2": 1, "glam": 2, "glam_ec": 2,
                    "primer": 4, "dense": 4},
     "vocabulary_size": 32000,
     "num_experts": 4,
@@ -111,7 +111,7 @@ def family_config(family, scale, length):
         config = get_preset_config(f"{family}_small")
     else:
         config = get_preset_config(big_name)
-        config["num_blocks"] = TRIM_100M["num_blocks"][family]
+        config["num_layers"] = TRIM_100M["num_layers"][family]
         config["vocabulary_size"] = TRIM_100M["vocabulary_size"]
         _set_experts(config["blocks"], TRIM_100M["num_experts"])
     config["max_sequence_length"] = max(length, 16)

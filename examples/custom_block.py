@@ -26,13 +26,13 @@ from keras_brainformer.zoo import count_parameters
 BLOCK_JSON = """
 {"sublayers": [
   {"kind": "attention", "num_heads": 4},
-  {"kind": "moe", "num_experts": 8, "hidden_dim": 128, "router": "top_k", "k": 1,
+  {"kind": "moe", "num_experts": 8, "intermediate_dim": 128, "router": "top_k", "top_k": 1,
    "capacity_factor": null, "activation": "squared_relu"},
-  {"kind": "ffn", "hidden_dim": 96, "activation": "swiglu"},
+  {"kind": "ffn", "intermediate_dim": 96, "activation": "swiglu"},
   {"kind": "attention", "num_heads": 2},
-  {"kind": "moe", "num_experts": 8, "hidden_dim": 64, "router": "top_k", "k": 2,
+  {"kind": "moe", "num_experts": 8, "intermediate_dim": 64, "router": "top_k", "top_k": 2,
    "capacity_factor": 1.25, "z_loss_weight": 0.001},
-  {"kind": "moe", "num_experts": 8, "hidden_dim": 64, "router": "expert_choice",
+  {"kind": "moe", "num_experts": 8, "intermediate_dim": 64, "router": "expert_choice",
    "capacity_factor": 2.0}
 ]}
 """
@@ -42,7 +42,7 @@ def main():
     keras.utils.set_random_seed(0)
     spec = BlockSpec.from_json(BLOCK_JSON)
     config = dict(
-        vocabulary_size=BYTE_VOCABULARY_SIZE, hidden_dim=64, blocks=spec, num_blocks=2
+        vocabulary_size=BYTE_VOCABULARY_SIZE, hidden_dim=64, blocks=spec, num_layers=2
     )
     counts = count_parameters(config)
     print(f"before building: {counts['total']:,} parameters, {counts['activated']:,} activated")

@@ -67,7 +67,7 @@ def fallback_config(vocabulary_size):
         "vocabulary_size": vocabulary_size,
         "hidden_dim": 64,
         "blocks": block.to_dict(),
-        "num_blocks": 2,
+        "num_layers": 2,
         "max_sequence_length": 256,
     }
 

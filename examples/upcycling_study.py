@@ -70,7 +70,7 @@ EXPERTS = 8
 
 def glam_spec(source_config, capacity_factor=2.0):
     return glam_target(
-        source_config, EXPERTS, k=2, capacity_factor=capacity_factor,
+        source_config, EXPERTS, top_k=2, capacity_factor=capacity_factor,
         load_balance_loss_weight=0.01,
     )
 
@@ -81,7 +81,7 @@ def brainformer_spec(source_config, capacity_factor=2.0):
     attention = AttentionSpec(num_heads=3, head_dim=20)
     ffn = BlockSpec.from_dict(source_config["blocks"]).sublayers[1]
     moe = MoESpec(
-        num_experts=EXPERTS, hidden_dim=ffn.hidden_dim, activation=ffn.activation,
+        num_experts=EXPERTS, intermediate_dim=ffn.intermediate_dim, activation=ffn.activation,
         router="expert_choice", capacity_factor=capacity_factor,
     )
     return BlockSpec([attention, moe, attention, moe, attention, ffn])

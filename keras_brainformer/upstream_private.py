@@ -19,7 +19,7 @@ keras-hub (imported with the package):
     tf: keras-hub's handle on TensorFlow (the module, or None without it).
     QwenSparseMoeBlock: Qwen-MoE's sparse block (routed experts plus the
         sigmoid-gated shared expert), the reference our `MoEFeedForward` with
-        `shared_expert_hidden_dim` is tested against (`tests/
+        `shared_expert_intermediate_dim` is tested against (`tests/
         test_shared_expert.py`); keras-hub imports its module with the
         package, so naming it here costs nothing.
 

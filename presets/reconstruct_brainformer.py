@@ -83,11 +83,11 @@ def _sublayer_counts(kind, gated, width, scale, capacity_factor):
     convention (the project's own `sublayer_parameters`)."""
     d = scale["d"]
     if kind == "ffn":
-        spec = FeedForwardSpec(hidden_dim=width, activation=ACTIVATIONS[gated])
+        spec = FeedForwardSpec(intermediate_dim=width, activation=ACTIVATIONS[gated])
     else:
         spec = MoESpec(
             num_experts=scale["experts"],
-            hidden_dim=width,
+            intermediate_dim=width,
             activation=ACTIVATIONS[gated],
             router="expert_choice",
             capacity_factor=capacity_factor,
@@ -298,14 +298,14 @@ def block_sublayers(candidate, fit, scale, capacity_factor):
         gated, width = queues[kind].pop(0)
         if kind == "ffn":
             sublayers.append(
-                {"kind": "ffn", "hidden_dim": width, "activation": ACTIVATIONS[gated]}
+                {"kind": "ffn", "intermediate_dim": width, "activation": ACTIVATIONS[gated]}
             )
         else:
             sublayers.append(
                 {
                     "kind": "moe",
                     "num_experts": scale["experts"],
-                    "hidden_dim": width,
+                    "intermediate_dim": width,
                     "activation": ACTIVATIONS[gated],
                     "router": "expert_choice",
                     "capacity_factor": capacity_factor,
@@ -321,7 +321,7 @@ def _short(sublayers):
             parts.append("A")
         else:
             tag = "g" if s["activation"].startswith("gated") else ""
-            parts.append(f"{'M' if s['kind'] == 'moe' else 'F'}{tag}{s['hidden_dim']}")
+            parts.append(f"{'M' if s['kind'] == 'moe' else 'F'}{tag}{s['intermediate_dim']}")
     return " ".join(parts)
 
 

@@ -199,7 +199,7 @@ def moe_pair(impl, num_experts, router_kwargs, activation="gelu", group_size=Non
 
     slots = MoEFeedForward(
         num_experts=num_experts,
-        expert_hidden_dim=12,
+        intermediate_dim=12,
         router=router,
         router_kwargs=router_kwargs,
         activation=activation,

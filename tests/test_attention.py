@@ -66,7 +66,7 @@ def test_block_cache_path_matches_full_forward():
     spec = BlockSpec(
         [
             AttentionSpec(num_heads=2),
-            MoESpec(4, 16, k=2, capacity_factor=None),
+            MoESpec(4, 16, top_k=2, capacity_factor=None),
             AttentionSpec(num_heads=3, head_dim=6),
             FeedForwardSpec(16, activation="gated_relu"),
         ]
@@ -331,7 +331,7 @@ def test_block_cache_path_with_depthwise_conv():
     spec = BlockSpec(
         [
             AttentionSpec(num_heads=2, depthwise_conv_kernel=3),
-            MoESpec(4, 16, k=2, capacity_factor=None),
+            MoESpec(4, 16, top_k=2, capacity_factor=None),
             AttentionSpec(num_heads=2),
         ]
     )
@@ -424,11 +424,11 @@ def test_parameter_count_with_depthwise_conv_equals_built_model():
             AttentionSpec(num_heads=2, depthwise_conv_kernel=3),
             FeedForwardSpec(24, activation="squared_relu"),
             AttentionSpec(num_heads=3, head_dim=6, depthwise_conv_kernel=2),
-            MoESpec(4, 16, k=2),
+            MoESpec(4, 16, top_k=2),
         ]
     )
     backbone = BrainformerBackbone(
-        vocabulary_size=32, hidden_dim=16, blocks=primer, num_blocks=2
+        vocabulary_size=32, hidden_dim=16, blocks=primer, num_layers=2
     )
     counts = count_parameters(backbone.get_config())
     # Trainable weights: `count_params()` would add the routers' non-trainable
@@ -437,9 +437,9 @@ def test_parameter_count_with_depthwise_conv_equals_built_model():
     assert counts["total"] == trainable
     no_conv = count_parameters(
         BrainformerBackbone(
-            vocabulary_size=32, hidden_dim=16, num_blocks=2, blocks=BlockSpec(
+            vocabulary_size=32, hidden_dim=16, num_layers=2, blocks=BlockSpec(
                 [AttentionSpec(num_heads=2), FeedForwardSpec(24, activation="squared_relu"),
-                 AttentionSpec(num_heads=3, head_dim=6), MoESpec(4, 16, k=2)]
+                 AttentionSpec(num_heads=3, head_dim=6), MoESpec(4, 16, top_k=2)]
             )
         ).get_config()
     )

@@ -268,7 +268,7 @@ QWEN_LIKE = BlockSpec(
     [
         AttentionSpec(num_heads=4, head_dim=4, num_key_value_heads=2, qkv_bias=True,
                       qk_norm=True, sliding_window=5),
-        MoESpec(4, 16, k=2, capacity_factor=None, normalize_gates=False,
+        MoESpec(4, 16, top_k=2, capacity_factor=None, normalize_gates=False,
                 activation="gated_silu"),
     ]
 )
@@ -277,7 +277,7 @@ QWEN_LIKE = BlockSpec(
 def qwen_like_backbone(seed=0):
     keras.utils.set_random_seed(seed)
     backbone = BrainformerBackbone(
-        vocabulary_size=64, hidden_dim=16, blocks=QWEN_LIKE, num_blocks=2,
+        vocabulary_size=64, hidden_dim=16, blocks=QWEN_LIKE, num_layers=2,
         rope_scaling_factor=2.0, tie_embeddings=False, layer_norm_epsilon=1e-5,
     )
     for block in backbone.transformer_blocks:
@@ -353,7 +353,7 @@ def test_causal_lm_with_variants_generates_like_full_passes():
 
 def test_a_model_axis_that_does_not_divide_the_key_value_heads_is_refused_by_name():
     config = {"vocabulary_size": 64, "hidden_dim": 16, "blocks": QWEN_LIKE.to_dict(),
-              "num_blocks": 1}
+              "num_layers": 1}
     shards = shard_weights(config, {"batch": 1, "model": 2})
     assert shards["block_0/0_attention/w_key"].local_shape == (16, 1, 4)
     with pytest.raises(ValueError, match=r"block_0/0_attention/w_key.*'model' of size 4"):

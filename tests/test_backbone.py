@@ -25,13 +25,13 @@ def tiny_brainformer_spec():
             AttentionSpec(num_heads=2),
             MoESpec(4, 32, router="expert_choice", capacity_factor=1.0, activation="relu"),
             FeedForwardSpec(24, activation="gated_gelu"),
-            MoESpec(4, 16, k=2, capacity_factor=1.25, z_loss_weight=1e-3),
+            MoESpec(4, 16, top_k=2, capacity_factor=1.25, z_loss_weight=1e-3),
         ]
     )
 
 
 def tiny_backbone(**kwargs):
-    args = dict(vocabulary_size=32, hidden_dim=16, blocks=tiny_brainformer_spec(), num_blocks=2)
+    args = dict(vocabulary_size=32, hidden_dim=16, blocks=tiny_brainformer_spec(), num_layers=2)
     args.update(kwargs)
     return BrainformerBackbone(**args)
 
@@ -68,29 +68,29 @@ def test_output_shape_and_counts_match_built_model():
 
 
 @pytest.mark.parametrize(
-    "blocks,num_blocks,norm,tied",
+    "blocks,num_layers,norm,tied",
     [
         (dense_transformer_layer(4, 24, activation="squared_relu"), 3, "layer", False),
         (glam_layer_pair(2, 16, 8), 2, "rms", True),
         ([tiny_brainformer_spec(), glam_layer_pair(4, 8, 2)], None, "rms", True),
     ],
 )
-def test_parameter_count_equals_built_model(blocks, num_blocks, norm, tied):
-    backbone = tiny_backbone(blocks=blocks, num_blocks=num_blocks, norm=norm, tie_embeddings=tied)
+def test_parameter_count_equals_built_model(blocks, num_layers, norm, tied):
+    backbone = tiny_backbone(blocks=blocks, num_layers=num_layers, norm=norm, tie_embeddings=tied)
     trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_variables)
     assert count_parameters(backbone.get_config())["total"] == trainable
 
 
 def test_list_of_block_specs_and_config_round_trip():
     specs = [tiny_brainformer_spec(), glam_layer_pair(2, 16, 4)]
-    backbone = tiny_backbone(blocks=specs, num_blocks=None)
-    assert backbone.num_blocks == 2
+    backbone = tiny_backbone(blocks=specs, num_layers=None)
+    assert backbone.num_layers == 2
     config = backbone.get_config()
     clone = BrainformerBackbone.from_config(config)
     assert clone.get_config() == config
     assert [b.spec for b in clone.transformer_blocks] == specs
-    with pytest.raises(ValueError, match="num_blocks"):
-        tiny_backbone(blocks=specs, num_blocks=3)
+    with pytest.raises(ValueError, match="num_layers"):
+        tiny_backbone(blocks=specs, num_layers=3)
 
 
 def test_config_and_keras_file_round_trips_reproduce_outputs(tmp_path):

@@ -34,7 +34,7 @@ def make_backbone(vocabulary_size=VOCAB):
         vocabulary_size=vocabulary_size,
         hidden_dim=D,
         blocks=SPEC,
-        num_blocks=1,
+        num_layers=1,
         max_sequence_length=MAX_LEN,
     )
 

@@ -21,7 +21,7 @@ def brainformer_like_spec():
             AttentionSpec(num_heads=4),
             MoESpec(8, 64, router="expert_choice", capacity_factor=1.0),
             FeedForwardSpec(48, activation="geglu"),
-            MoESpec(8, 32, activation="relu", k=1, capacity_factor=None),
+            MoESpec(8, 32, activation="relu", top_k=1, capacity_factor=None),
             AttentionSpec(num_heads=3, head_dim=8),
             MoESpec(8, 64, batch_prioritized=True, z_loss_weight=1e-3, jitter=0.01),
         ]
@@ -34,19 +34,19 @@ def test_json_round_trip_is_exact():
     assert BlockSpec.from_json(text) == spec
     assert json.loads(text)["sublayers"][2] == {
         "kind": "ffn",
-        "hidden_dim": 48,
+        "intermediate_dim": 48,
         "activation": "gated_gelu",  # aliases are canonicalised
     }
     assert BlockSpec.from_dict(json.loads(text)).to_dict() == spec.to_dict()
 
 
 def test_named_specs_are_just_specs():
-    glam = glam_layer_pair(num_heads=4, hidden_dim=64, num_experts=8)
+    glam = glam_layer_pair(num_heads=4, intermediate_dim=64, num_experts=8)
     assert [s.kind for s in glam.sublayers] == ["attention", "moe", "attention", "ffn"]
     # GLaM's recipe: plain GELU experts, gated GELU dense FFN, top-2 with a
     # load-balance loss; the glam_* presets are built from it.
     moe, ffn = glam.sublayers[1], glam.sublayers[3]
-    assert (moe.k, moe.activation, ffn.activation) == (2, "gelu", "gated_gelu")
+    assert (moe.top_k, moe.activation, ffn.activation) == (2, "gelu", "gated_gelu")
     assert (moe.capacity_factor, moe.load_balance_loss_weight) == (2.0, 0.01)
     ec = glam_layer_pair(4, 64, 8, router="expert_choice")
     assert ec.sublayers[1].router == "expert_choice"
@@ -55,13 +55,13 @@ def test_named_specs_are_just_specs():
         5, 280, 8, head_dim=14).to_dict()
     with pytest.raises(TypeError, match="expert_activation"):
         glam_layer_pair(4, 64, 8, activation="gelu")
-    dense = dense_transformer_layer(num_heads=4, hidden_dim=64)
+    dense = dense_transformer_layer(num_heads=4, intermediate_dim=64)
     assert [s.kind for s in dense.sublayers] == ["attention", "ffn"]
     assert glam.count("moe") == 1 and dense.count("moe") == 0
 
 
 def test_experts_per_token():
-    assert MoESpec(8, 4, k=2).experts_per_token == 2
+    assert MoESpec(8, 4, top_k=2).experts_per_token == 2
     assert MoESpec(8, 4, router="expert_choice", capacity_factor=1.5).experts_per_token == 1.5
 
 
@@ -94,7 +94,7 @@ def test_spec_defaults_are_the_layers_defaults():
 
 def test_every_moe_and_router_option_is_reachable_from_a_spec():
     spec = MoESpec(
-        4, 8, k=1, normalize_gates=True, inference_routing="as_trained",
+        4, 8, top_k=1, normalize_gates=True, inference_routing="as_trained",
         load_balance_loss_mode="pooled", dispatch="one_hot", dropless_impl="slots",
         dropless_block_size=16, capacity_factor=None,
     )
@@ -103,11 +103,12 @@ def test_every_moe_and_router_option_is_reachable_from_a_spec():
         "one_hot", "slots", 16
     )
     router = layer.router
-    assert router.normalize_gates is True and router.k == 1
+    assert router.normalize_gates is True and router.top_k == 1
     assert router.inference_routing == "as_trained"
     assert router.load_balance_loss_mode == "pooled"
     assert router.capacity_factor is None
-    # A spec dict written before these fields existed loads with the defaults.
+    # A spec dict written by 0.1 (`hidden_dim`, before these fields existed)
+    # loads, with the defaults.
     old = {"kind": "moe", "num_experts": 4, "hidden_dim": 8, "router": "expert_choice",
            "capacity_factor": 1.0}
     loaded = BlockSpec([old]).sublayers[0]
@@ -128,13 +129,13 @@ def test_block_config_round_trip():
         (lambda: BlockSpec([]), "sublayers"),
         (lambda: BlockSpec("attention"), "sublayers"),
         (lambda: BlockSpec([{"kind": "conv"}]), "kind"),
-        (lambda: BlockSpec([{"kind": "ffn", "hidden_dim": 8, "width": 2}]), "width"),
-        (lambda: BlockSpec([{"kind": "ffn", "hidden_dim": 0}]), "hidden_dim"),
+        (lambda: BlockSpec([{"kind": "ffn", "intermediate_dim": 8, "width": 2}]), "width"),
+        (lambda: BlockSpec([{"kind": "ffn", "intermediate_dim": 0}]), "intermediate_dim"),
         (lambda: BlockSpec([{"kind": "attention", "num_heads": -2}]), "num_heads"),
         (lambda: AttentionSpec(num_heads=2.5), "num_heads"),
         (lambda: AttentionSpec(num_heads=2, head_dim=7), "head_dim"),
         (lambda: FeedForwardSpec(8, activation="tanh"), "activation"),
-        (lambda: MoESpec(4, 8, k=5), "k"),
+        (lambda: MoESpec(4, 8, top_k=5), "k"),
         (lambda: MoESpec(4, 8, capacity_factor=0), "capacity_factor"),
         (lambda: MoESpec(4, 8, capacity_factor=-1.0), "capacity_factor"),
         (lambda: MoESpec(4, 8, router="expert_choice", capacity_factor=None), "capacity_factor"),
@@ -165,7 +166,8 @@ def test_invalid_specs_raise_naming_the_field(build, field):
 def test_nested_errors_say_which_sublayer():
     with pytest.raises(ValueError, match=r"sublayers\[1\].*k"):
         BlockSpec(
-            [{"kind": "attention"}, {"kind": "moe", "num_experts": 2, "hidden_dim": 4, "k": 3}]
+            [{"kind": "attention"},
+             {"kind": "moe", "num_experts": 2, "intermediate_dim": 4, "top_k": 3}]
         )
 
 
@@ -186,7 +188,7 @@ def test_backbone_rejects_heads_not_dividing_model_dim_before_building():
     [
         ({"vocabulary_size": 0}, "vocabulary_size"),
         ({"hidden_dim": -4}, "hidden_dim"),
-        ({"num_blocks": 0}, "num_blocks"),
+        ({"num_layers": 0}, "num_layers"),
         ({"blocks": []}, "blocks"),
         ({"norm": "batch"}, "norm"),
         ({"dropout": 1.0}, "dropout"),
@@ -222,8 +224,8 @@ def test_layer_level_arguments_are_validated():
         MoEFeedForward(4, 8, router_kwargs=[("k", 1)])
     with pytest.raises(ValueError, match="num_experts"):
         MoEFeedForward(4, 8, router_kwargs={"num_experts": 8})
-    with pytest.raises(ValueError, match="num_blocks"):
+    with pytest.raises(ValueError, match="num_layers"):
         count_parameters(
-            {"vocabulary_size": 8, "hidden_dim": 4, "num_blocks": 0,
+            {"vocabulary_size": 8, "hidden_dim": 4, "num_layers": 0,
              "blocks": dense_transformer_layer(2, 8).to_dict()}
         )

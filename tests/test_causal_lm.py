@@ -27,7 +27,7 @@ SPECS = {
     "top2_dropping": BlockSpec(
         [
             AttentionSpec(num_heads=2),
-            MoESpec(4, 24, k=2, capacity_factor=0.5),
+            MoESpec(4, 24, top_k=2, capacity_factor=0.5),
             FeedForwardSpec(24, activation="squared_relu"),
         ]
     ),
@@ -38,7 +38,7 @@ SPECS = {
 def make_lm(kind, seed=0):
     keras.utils.set_random_seed(seed)
     backbone = BrainformerBackbone(
-        vocabulary_size=VOCAB, hidden_dim=D, blocks=SPECS[kind], num_blocks=2
+        vocabulary_size=VOCAB, hidden_dim=D, blocks=SPECS[kind], num_layers=2
     )
     # Larger weights than the default init so that greedy choices are far
     # from ties and routing spreads over experts.

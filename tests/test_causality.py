@@ -18,13 +18,13 @@ T, D = 16, 8
 
 
 CAUSAL = [
-    ("top_k", {"k": 2, "capacity_factor": None}),  # dropless
-    ("top_k", {"k": 2, "capacity_factor": 4.0}),  # C = 2*16*4/4 >= S: nothing dropped
-    ("top_k", {"k": 1, "capacity_factor": 0.5}),  # drops, but only by earlier tokens
+    ("top_k", {"top_k": 2, "capacity_factor": None}),  # dropless
+    ("top_k", {"top_k": 2, "capacity_factor": 4.0}),  # C = 2*16*4/4 >= S: nothing dropped
+    ("top_k", {"top_k": 1, "capacity_factor": 0.5}),  # drops, but only by earlier tokens
 ]
 NOT_CAUSAL = [
-    ("top_k", {"k": 2, "capacity_factor": 0.5}),  # second choices wait for later firsts
-    ("top_k", {"k": 1, "capacity_factor": 0.5, "batch_prioritized": True}),
+    ("top_k", {"top_k": 2, "capacity_factor": 0.5}),  # second choices wait for later firsts
+    ("top_k", {"top_k": 1, "capacity_factor": 0.5, "batch_prioritized": True}),
     ("expert_choice", {"capacity_factor": 1.0}),
 ]
 AS_TRAINED = {"inference_routing": "as_trained"}
@@ -95,7 +95,7 @@ def test_group_spanning_sequences_couples_them():
         4,
         16,
         router="top_k",
-        router_kwargs={"k": 1, "capacity_factor": 0.5, **AS_TRAINED},
+        router_kwargs={"top_k": 1, "capacity_factor": 0.5, **AS_TRAINED},
         group_size=2 * T,
     )
     layer.build((2, T, D))
@@ -119,12 +119,12 @@ def test_dropless_backbone_is_exactly_causal():
     spec = BlockSpec(
         [
             AttentionSpec(num_heads=2),
-            MoESpec(4, 16, k=2, capacity_factor=None),
+            MoESpec(4, 16, top_k=2, capacity_factor=None),
             FeedForwardSpec(16),
-            MoESpec(4, 16, k=1, capacity_factor=0.5),
+            MoESpec(4, 16, top_k=1, capacity_factor=0.5),
         ]
     )
-    backbone = BrainformerBackbone(vocabulary_size=50, hidden_dim=D, blocks=spec, num_blocks=2)
+    backbone = BrainformerBackbone(vocabulary_size=50, hidden_dim=D, blocks=spec, num_layers=2)
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, 50, (2, T)).astype("int32")
     mask = np.ones((2, T), "int32")

@@ -330,7 +330,7 @@ def test_the_preset_write_refuses_a_disk_without_room(tmp_path, monkeypatch):
 
     lm = BrainformerCausalLM(BrainformerBackbone(
         vocabulary_size=64, hidden_dim=16,
-        blocks=dense_transformer_layer(num_heads=2, hidden_dim=32), num_blocks=1))
+        blocks=dense_transformer_layer(num_heads=2, intermediate_dim=32), num_layers=1))
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: usage(1, 1, 1000))
     with pytest.raises(OSError) as error:

@@ -56,7 +56,7 @@ def _variants():
     shared = get_preset_config("glam_tiny")
     blocks = BlockSpec.from_dict(shared["blocks"])
     shared["blocks"] = BlockSpec([
-        dataclasses.replace(s, shared_expert_hidden_dim=32) if s.kind == "moe" else s
+        dataclasses.replace(s, shared_expert_intermediate_dim=32) if s.kind == "moe" else s
         for s in blocks.sublayers
     ]).to_dict()
     yield "glam_tiny shared expert", shared
@@ -118,7 +118,7 @@ def test_replicated_rules_are_exactly_the_small_weights():
 def test_lora_adapters_and_int8_scales_match_exactly_one_rule(preset, mode):
     # One block has every sublayer kind of the preset (the rules match
     # within a block; block indices are a wildcard).
-    config = dict(get_preset_config(preset), vocabulary_size=256, num_blocks=1)
+    config = dict(get_preset_config(preset), vocabulary_size=256, num_layers=1)
     backbone = BrainformerBackbone(**config)
     if "int8" in mode:
         backbone.quantize("int8")
@@ -372,7 +372,7 @@ for constrain in (True, False):
         del dist._layout_map[next(k for k in dist._layout_map if "dispatched" in k)]
     with dist.scope():
         with keras.name_scope("block_0"):
-            moe = MoEFeedForward(8, 128, router_kwargs={"k": 2}, name="1_moe")
+            moe = MoEFeedForward(8, 128, router_kwargs={"top_k": 2}, name="1_moe")
             moe.build((None, 64, 64))
         x = np.random.rand(16, 64, 64).astype("float32")
         x = jax.device_put(x, dist.get_data_layout(x.shape).backend_layout)

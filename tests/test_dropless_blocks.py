@@ -92,7 +92,7 @@ def test_auto_rule(monkeypatch):
     assert dropless_blocks.blocks_pay(4096, 2, 32)
     assert not dropless_blocks.blocks_pay(4096, 2, 2)  # E = k: slots are exact
     x, mask = _inputs()
-    slots, auto = _pair(8, {"k": 1, "capacity_factor": None})
+    slots, auto = _pair(8, {"top_k": 1, "capacity_factor": None})
     auto = MoEFeedForward.from_config({**slots.get_config(), "dropless_impl": "auto"})
     auto.build(SHAPE)
     auto.set_weights(slots.get_weights())
@@ -120,7 +120,7 @@ def test_distribution_falls_back_to_slots(monkeypatch):
     from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
 
     x, _ = _inputs()
-    slots, blocks = _pair(4, {"k": 2, "capacity_factor": None})
+    slots, blocks = _pair(4, {"top_k": 2, "capacity_factor": None})
     auto = MoEFeedForward.from_config({**slots.get_config(), "dropless_impl": "auto"})
     auto.build(SHAPE)
     routing = blocks.router(x, training=True)
@@ -145,7 +145,7 @@ def test_jax_fast_path_equals_portable_path(activation):
     import jax
 
     x, mask = _inputs(4)
-    _, blocks = _pair(8, {"k": 2, "capacity_factor": None}, activation, block_size=4)
+    _, blocks = _pair(8, {"top_k": 2, "capacity_factor": None}, activation, block_size=4)
     routing = blocks.router(ops.reshape(x, (-1, 16, 8)), training=True)
     choice_row, row_choice, block_expert, counts = dropless_blocks.block_routing(
         routing.token_expert, routing.token_position, routing.token_keep, 8, 4)

@@ -159,8 +159,8 @@ def assert_same_step(path, slots, other, x, mask, training, compiled=False):
 def _case_id(path, num_experts, router_kwargs, activation, group_size, block_size,
              training, compiled):
     extra = "".join(f"-{key}={value}" for key, value in router_kwargs.items()
-                    if key not in ("k", "capacity_factor"))
-    return (f"{path}-E{num_experts}-k{router_kwargs['k']}-{activation}{extra}"
+                    if key not in ("top_k", "capacity_factor"))
+    return (f"{path}-E{num_experts}-k{router_kwargs['top_k']}-{activation}{extra}"
             + (f"-group{group_size}" if group_size else "")
             + (f"-block{block_size}" if block_size else "")
             + ("-train" if training else "-infer") + ("-xla" if compiled else ""))
@@ -171,7 +171,7 @@ def _cases(path, cases):
 
 
 def _dropless(k, **kwargs):
-    return {"k": k, "capacity_factor": None, **kwargs}
+    return {"top_k": k, "capacity_factor": None, **kwargs}
 
 
 # (E, router kwargs, activation, group size, block size, training, compiled)
@@ -227,7 +227,7 @@ def test_path_equals_slots_outputs_losses_statistics_gradients(
 
 @pytest.mark.parametrize(
     "router,router_kwargs",
-    [("top_k", {"k": 2, "capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 2.0})],
+    [("top_k", {"top_k": 2, "capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 2.0})],
     ids=["top_k", "expert_choice"],
 )
 @pytest.mark.parametrize("path", [path_param(name) for name in PATHS])
@@ -247,7 +247,7 @@ def test_path_serves_causal_inference_routing(path, router, router_kwargs, monke
 def test_routing_that_drops_keeps_the_slot_path(path, monkeypatch):
     path = PATHS[path]
     x, mask = moe_pair_inputs()
-    _, dropping = pair(path, 4, {"k": 2, "capacity_factor": 1.0})
+    _, dropping = pair(path, 4, {"top_k": 2, "capacity_factor": 1.0})
     _, dropless = pair(path, 4, _dropless(2))
     spy(monkeypatch, path, fail=True)
     dropping(x, padding_mask=mask, training=True)  # C < S: slots

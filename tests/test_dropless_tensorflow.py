@@ -34,7 +34,7 @@ def _close(actual, expected, rtol, err_msg=""):
 
 
 def test_plain_bank_takes_the_fast_path():
-    _, blocks = moe_pair("blocks", 4, {"k": 2, "capacity_factor": None})
+    _, blocks = moe_pair("blocks", 4, {"top_k": 2, "capacity_factor": None})
     assert dropless_blocks.fast_expert_blocks(blocks.experts) is dropless_blocks.tf_expert_blocks
 
 
@@ -43,8 +43,8 @@ def test_block_size_follows_the_paths_cost_model():
     blocks cost `TF_CHUNKED_BLOCK_COST_ROWS` beyond their rows and the layer
     picks smaller ones; inference (one block per matmul) and a LoRA bank
     (portable path) keep `BLOCK_COST_ROWS`."""
-    _, plain = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
-    _, lora = moe_pair("auto", 32, {"k": 2, "capacity_factor": None})
+    _, plain = moe_pair("auto", 32, {"top_k": 2, "capacity_factor": None})
+    _, lora = moe_pair("auto", 32, {"top_k": 2, "capacity_factor": None})
     lora.experts.enable_lora(2)
     chunked, one = dropless_blocks.TF_CHUNKED_BLOCK_COST_ROWS, dropless_blocks.BLOCK_COST_ROWS
     assert dropless_blocks.chunk_rows(plain.experts, True) == dropless_blocks.TF_CHUNK_ROWS
@@ -64,7 +64,7 @@ def test_training_step_is_causal_up_to_rounding_and_inference_exactly(monkeypatc
     only rounding may move (far below the 1e-4 of a real leak)."""
     import tensorflow as tf
 
-    _, layer = moe_pair("blocks", 4, {"k": 2, "capacity_factor": None}, "gelu",
+    _, layer = moe_pair("blocks", 4, {"top_k": 2, "capacity_factor": None}, "gelu",
                         dropless_block_size=2)
     runs = []
     original = dropless_blocks.tf_expert_blocks
@@ -90,7 +90,7 @@ def test_fast_path_equals_portable_path_with_empty_experts(activation, chunk_row
     one block per matmul and runs of up to 2 and 4 blocks."""
     import tensorflow as tf
 
-    _, blocks = moe_pair("blocks", 6, {"k": 1, "capacity_factor": None}, activation)
+    _, blocks = moe_pair("blocks", 6, {"top_k": 1, "capacity_factor": None}, activation)
     bank = blocks.experts
     # 9 used blocks of 12; expert 1's 6 blocks take the largest run twice.
     counts = np.array([0, 6, 0, 1, 2, 0], "int32")

@@ -41,14 +41,14 @@ def _model(sublayer):
     block = BlockSpec([attention, sublayer, attention,
                        FeedForwardSpec(H, activation="gated_gelu")])
     backbone = BrainformerBackbone(vocabulary_size=256, hidden_dim=D, blocks=block,
-                                   num_blocks=1, max_sequence_length=SEQUENCE)
+                                   num_layers=1, max_sequence_length=SEQUENCE)
     return BrainformerCausalLM(backbone, preprocessor=None)
 
 
 VARIANTS = {
-    "8 experts": lambda: MoESpec(8, H, activation="gelu", router="top_k", k=2,
+    "8 experts": lambda: MoESpec(8, H, activation="gelu", router="top_k", top_k=2,
                                  capacity_factor=2.0),
-    "2 experts": lambda: MoESpec(2, H, activation="gelu", router="top_k", k=2,
+    "2 experts": lambda: MoESpec(2, H, activation="gelu", router="top_k", top_k=2,
                                  capacity_factor=2.0),
     "dense": lambda: FeedForwardSpec(2 * H, activation="gelu"),
 }

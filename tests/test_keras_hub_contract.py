@@ -50,9 +50,9 @@ TOKENS = keras.ops.convert_to_tensor(
 BLOCK = BlockSpec(
     [
         AttentionSpec(num_heads=2),
-        MoESpec(num_experts=4, hidden_dim=32, router="expert_choice", capacity_factor=1.0),
-        FeedForwardSpec(hidden_dim=32, activation="gated_gelu"),
-        MoESpec(num_experts=4, hidden_dim=32, router="top_k", k=2, capacity_factor=1.25),
+        MoESpec(num_experts=4, intermediate_dim=32, router="expert_choice", capacity_factor=1.0),
+        FeedForwardSpec(intermediate_dim=32, activation="gated_gelu"),
+        MoESpec(num_experts=4, intermediate_dim=32, router="top_k", top_k=2, capacity_factor=1.25),
     ]
 )
 # Backbones and tasks use a two-sublayer block (compile time dominates the
@@ -60,7 +60,7 @@ BLOCK = BlockSpec(
 SMALL_BLOCK = BlockSpec(
     [
         AttentionSpec(num_heads=2),
-        MoESpec(num_experts=4, hidden_dim=32, router="expert_choice", capacity_factor=1.0),
+        MoESpec(num_experts=4, intermediate_dim=32, router="expert_choice", capacity_factor=1.0),
     ]
 )
 TEXTS = ["def f(x):\n    return x", "the quick brown fox"]
@@ -88,7 +88,7 @@ def _backbone_kwargs(vocabulary_size=64):
         "vocabulary_size": vocabulary_size,
         "hidden_dim": D,
         "blocks": SMALL_BLOCK,
-        "num_blocks": 1,
+        "num_layers": 1,
         "max_sequence_length": 32,
     }
 
@@ -96,15 +96,15 @@ def _backbone_kwargs(vocabulary_size=64):
 class LayerContractTest(TestCase):
     def test_moe_feed_forward(self):
         for router, router_kwargs in (
-            ("top_k", {"k": 2, "capacity_factor": 1.25}),
-            ("top_k", {"k": 2, "capacity_factor": None}),
+            ("top_k", {"top_k": 2, "capacity_factor": 1.25}),
+            ("top_k", {"top_k": 2, "capacity_factor": None}),
             ("expert_choice", {"capacity_factor": 1.0}),
         ):
             self.run_layer_test(
                 cls=MoEFeedForward,
                 init_kwargs={
                     "num_experts": 4,
-                    "expert_hidden_dim": 32,
+                    "intermediate_dim": 32,
                     "router": router,
                     "router_kwargs": router_kwargs,
                 },
@@ -132,7 +132,7 @@ class LayerContractTest(TestCase):
     def test_feed_forward(self):
         self.run_layer_test(
             cls=FeedForward,
-            init_kwargs={"hidden_dim": 32, "activation": "gated_gelu"},
+            init_kwargs={"intermediate_dim": 32, "activation": "gated_gelu"},
             input_data=TOKENS,
             expected_output_shape=(2, 8, D),
             expected_num_trainable_weights=3,
@@ -152,7 +152,7 @@ class LayerContractTest(TestCase):
     def test_expert_bank(self):
         self.run_layer_test(
             cls=ExpertBank,
-            init_kwargs={"num_experts": 4, "hidden_dim": 32},
+            init_kwargs={"num_experts": 4, "intermediate_dim": 32},
             input_data=keras.ops.ones((4, 2, 3, D)),  # [E, G, C, d]
             expected_output_shape=(4, 2, 3, D),
             expected_num_trainable_weights=2,
@@ -161,7 +161,7 @@ class LayerContractTest(TestCase):
     def _run_router_test(self, cls, init_kwargs, capacity, token_choice):
         G, S = TOKENS.shape[:2]
         E = init_kwargs["num_experts"]
-        k = init_kwargs.get("k", 1)
+        k = init_kwargs.get("top_k", 1)
         if token_choice:
             expected = RoutingInstructions(
                 *[(G, E, capacity)] * 2, *[(G, S, k)] * 4
@@ -188,12 +188,13 @@ class LayerContractTest(TestCase):
         # ceil(2 * 8 * 1.25 / 4) = 5 slots per expert.
         self._run_router_test(
             TopKRouter,
-            {"num_experts": 4, "k": 2, "capacity_factor": 1.25, "inference_routing": "as_trained"},
+            {"num_experts": 4, "top_k": 2, "capacity_factor": 1.25,
+             "inference_routing": "as_trained"},
             5,
             True,
         )
         # The causal inference routing is dropless: C = S = 8.
-        self._run_router_test(TopKRouter, {"num_experts": 4, "k": 2}, 8, True)
+        self._run_router_test(TopKRouter, {"num_experts": 4, "top_k": 2}, 8, True)
 
     def test_expert_choice_router(self):
         # ceil(8 * 2.0 / 4) = 4 slots per expert.
@@ -206,7 +207,7 @@ class LayerContractTest(TestCase):
 
     def test_router_variables_follow_a_pure_low_precision_policy(self):
         for policy in ("bfloat16", "float16"):
-            moe = MoEFeedForward(num_experts=4, expert_hidden_dim=32, dtype=policy)
+            moe = MoEFeedForward(num_experts=4, intermediate_dim=32, dtype=policy)
             out = moe(TOKENS)
             self.assertDTypeEqual(out, policy)
             for weight in moe.weights:
@@ -216,7 +217,7 @@ class LayerContractTest(TestCase):
             self.assertDTypeEqual(routing.slot_gate, "float32")
             self.assertDTypeEqual(routing.token_gate, "float32")
         # Mixed policy: float32 variables, bfloat16 outputs.
-        moe = MoEFeedForward(num_experts=4, expert_hidden_dim=32, dtype="mixed_bfloat16")
+        moe = MoEFeedForward(num_experts=4, intermediate_dim=32, dtype="mixed_bfloat16")
         self.assertDTypeEqual(moe(TOKENS), "bfloat16")
         for weight in moe.weights:
             self.assertDTypeEqual(weight, "float32")

@@ -142,19 +142,19 @@ def test_the_spec_follows_keras_hubs_layer_rules():
     assert attention.sliding_window is None and not attention.qkv_bias
     windowed = brainformer_config_from_keras_hub(dict(kwargs, sliding_window_size=6), "qwen3_moe")
     assert windowed["blocks"][0].sublayers[0].sliding_window == 6
-    assert (moe.k, moe.capacity_factor, moe.normalize_gates) == (2, None, True)
+    assert (moe.top_k, moe.capacity_factor, moe.normalize_gates) == (2, None, True)
     assert moe.activation == "gated_silu"
     qwen = brainformer_config_from_keras_hub(
         dict(CONFIGS["qwen_moe"][2], decoder_sparse_step=2), "qwen_moe")
     # keras-hub 0.32's QwenMoeBackbone applies the step to index 0 for every
     # layer: with decoder_sparse_step=2 all layers are dense.
-    assert qwen["num_blocks"] == 2 and qwen["blocks"].sublayers[1].kind == "ffn"
+    assert qwen["num_layers"] == 2 and qwen["blocks"].sublayers[1].kind == "ffn"
     qwen = brainformer_config_from_keras_hub(CONFIGS["qwen_moe"][2], "qwen_moe")
     attention, moe = qwen["blocks"].sublayers
     assert attention.qkv_bias and attention.sliding_window == 5 and not attention.qk_norm
-    assert moe.shared_expert_hidden_dim == 18 and moe.normalize_gates is False
+    assert moe.shared_expert_intermediate_dim == 18 and moe.normalize_gates is False
     mixtral = brainformer_config_from_keras_hub(CONFIGS["mixtral"][2], "mixtral")
-    assert mixtral["num_blocks"] == 2 and mixtral["rope_scaling_factor"] == 2.0
+    assert mixtral["num_layers"] == 2 and mixtral["rope_scaling_factor"] == 2.0
     assert mixtral["layer_norm_epsilon"] == 1e-5 and mixtral["tie_embeddings"] is False
 
 

@@ -72,7 +72,7 @@ def _reference_int8(x, w):
 def test_int8_feed_forward_equals_numpy_reference_and_grad_uses_dequantized_kernel():
     rng = np.random.RandomState(1)
     x = rng.randn(3, 5, 6).astype("float32")
-    ffn = FeedForward(hidden_dim=10, activation="relu")
+    ffn = FeedForward(intermediate_dim=10, activation="relu")
     ffn.build(x.shape)
     w_in, w_out = to_numpy(ffn.w_in), to_numpy(ffn.w_out)
     ffn.quantize("int8")
@@ -93,7 +93,7 @@ def test_int8_gradient_with_respect_to_inputs_is_the_straight_through_one():
         pytest.skip("gradient check written for jax and tensorflow")
     rng = np.random.RandomState(2)
     x = rng.randn(4, 6).astype("float32")
-    ffn = FeedForward(hidden_dim=5, activation="relu")
+    ffn = FeedForward(intermediate_dim=5, activation="relu")
     ffn.build(x.shape)
     ffn.quantize("int8")
     w_in = to_numpy(ffn.w_in).astype("float32") / to_numpy(ffn.w_in_scale)[0]
@@ -119,7 +119,7 @@ def test_int8_gradient_with_respect_to_inputs_is_the_straight_through_one():
 
 def test_int8_expert_bank_scales_each_expert_on_its_own():
     rng = np.random.RandomState(3)
-    bank = ExpertBank(num_experts=3, hidden_dim=4, activation="relu")
+    bank = ExpertBank(num_experts=3, intermediate_dim=4, activation="relu")
     x = rng.randn(3, 2, 5, 6).astype("float32")
     bank.build(x.shape)
     # Expert 1 has weights 1000x larger: with a shared scale the other
@@ -144,7 +144,7 @@ def test_quantize_replaces_the_float_kernels_without_keeping_them_tracked():
     """`quantize` drops each float kernel through Keras' untracking (not
     `delattr`, whose per-variable `gc.collect()` made quantizing a tiny model
     take 16 s): the old variables must be gone from every weight list."""
-    ffn = FeedForward(hidden_dim=8, activation="gated_gelu")
+    ffn = FeedForward(intermediate_dim=8, activation="gated_gelu")
     ffn.build((None, 4))
     old = {name: getattr(ffn, name) for name in ("w_in", "w_gate", "w_out")}
     ffn.quantize("int8")
@@ -170,9 +170,10 @@ def _effective(layer, name):
 def test_lora_output_equals_layer_with_merged_kernels(kind):
     rng = np.random.RandomState(4)
     if kind == "ffn":
-        layer, shape = FeedForward(hidden_dim=8, activation="gated_gelu"), (2, 5, 6)
+        layer, shape = FeedForward(intermediate_dim=8, activation="gated_gelu"), (2, 5, 6)
     elif kind == "experts":
-        layer, shape = ExpertBank(num_experts=3, hidden_dim=8, activation="swiglu"), (3, 2, 4, 6)
+        layer = ExpertBank(num_experts=3, intermediate_dim=8, activation="swiglu")
+        shape = (3, 2, 4, 6)
     else:
         layer, shape = CausalSelfAttention(num_heads=2, depthwise_conv_kernel=3), (2, 5, 8)
     x = rng.randn(*shape).astype("float32")
@@ -207,7 +208,7 @@ def test_lora_output_equals_layer_with_merged_kernels(kind):
 
 
 def test_lora_and_quantize_errors_are_clear():
-    ffn = FeedForward(hidden_dim=4)
+    ffn = FeedForward(intermediate_dim=4)
     with pytest.raises(ValueError, match="before it is built"):
         ffn.enable_lora(2)
     ffn.build((None, 3))
@@ -224,7 +225,7 @@ def test_lora_and_quantize_errors_are_clear():
     with pytest.raises(ValueError, match="already quantized"):
         ffn.quantize("int8")
     with pytest.raises(ValueError, match="lora_alpha"):
-        FeedForward(hidden_dim=4, lora_alpha=2)
+        FeedForward(intermediate_dim=4, lora_alpha=2)
 
 
 def test_single_layer_config_round_trip_keeps_lora_and_saved_kernels_are_merged(
@@ -233,7 +234,7 @@ def test_single_layer_config_round_trip_keeps_lora_and_saved_kernels_are_merged(
     rng = np.random.RandomState(5)
     x = rng.randn(2, 4, 6).astype("float32")
     inputs = keras.Input((4, 6))
-    model = keras.Model(inputs, FeedForward(hidden_dim=8, name="ffn")(inputs))
+    model = keras.Model(inputs, FeedForward(intermediate_dim=8, name="ffn")(inputs))
     ffn = model.get_layer("ffn")
     ffn.enable_lora(2)
     ffn.w_in_lora_b.assign(rng.randn(2, 8).astype("float32"))

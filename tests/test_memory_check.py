@@ -27,7 +27,7 @@ from keras_brainformer.models.brainformer.preset_loading import preset_directory
 # dense_tiny's blocks with the FFN turned into 4 experts of the same width.
 UPCYCLE_TO = BlockSpec(
     [AttentionSpec(num_heads=3, head_dim=20),
-     MoESpec(num_experts=4, hidden_dim=240, activation="gated_gelu")]
+     MoESpec(num_experts=4, intermediate_dim=240, activation="gated_gelu")]
 ).to_json()
 
 

@@ -38,15 +38,15 @@ def small_config(**overrides):
     spec = BlockSpec(
         [
             AttentionSpec(num_heads=4),
-            MoESpec(num_experts=4, hidden_dim=64, activation="gated_gelu"),
-            FeedForwardSpec(hidden_dim=64),
+            MoESpec(num_experts=4, intermediate_dim=64, activation="gated_gelu"),
+            FeedForwardSpec(intermediate_dim=64),
         ]
     )
     config = {
         "vocabulary_size": 64,
         "hidden_dim": 32,
         "blocks": spec.to_dict(),
-        "num_blocks": 2,
+        "num_layers": 2,
         "max_sequence_length": 16,
     }
     config.update(overrides)

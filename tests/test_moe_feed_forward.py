@@ -14,11 +14,11 @@ from keras_brainformer.layers import TopKRouter
 from keras_brainformer.layers import dispatch as dispatch_lib
 
 ROUTER_CASES = [
-    ("top_k", {"k": 1, "capacity_factor": 1.0}),
-    ("top_k", {"k": 2, "capacity_factor": 1.25}),
-    ("top_k", {"k": 2, "capacity_factor": 0.5}),
-    ("top_k", {"k": 2, "capacity_factor": None}),
-    ("top_k", {"k": 3, "capacity_factor": 1.0, "batch_prioritized": True}),
+    ("top_k", {"top_k": 1, "capacity_factor": 1.0}),
+    ("top_k", {"top_k": 2, "capacity_factor": 1.25}),
+    ("top_k", {"top_k": 2, "capacity_factor": 0.5}),
+    ("top_k", {"top_k": 2, "capacity_factor": None}),
+    ("top_k", {"top_k": 3, "capacity_factor": 1.0, "batch_prioritized": True}),
     ("expert_choice", {"capacity_factor": 1.0}),
     ("expert_choice", {"capacity_factor": 2.0}),
     ("expert_choice", {"capacity_factor": 0.25}),
@@ -28,7 +28,7 @@ ROUTER_CASES = [
 def _pair(router, kwargs, activation="gelu", group_size=None, shape=(2, 16, 8)):
     layer = MoEFeedForward(
         num_experts=4,
-        expert_hidden_dim=12,
+        intermediate_dim=12,
         router=router,
         router_kwargs=kwargs,
         activation=activation,
@@ -115,7 +115,7 @@ def test_experts_only_see_routed_tokens():
         E,
         12,
         router="top_k",
-        router_kwargs={"k": 2, "capacity_factor": 1.0, "inference_routing": "as_trained"},
+        router_kwargs={"top_k": 2, "capacity_factor": 1.0, "inference_routing": "as_trained"},
     )
     layer.experts = CountingExperts(E, 12, name="experts")
     x = np.random.default_rng(2).normal(size=(1, S, d)).astype("float32")
@@ -138,7 +138,7 @@ def test_unrouted_tokens_get_zero_output():
         2,
         8,
         router="top_k",
-        router_kwargs={"k": 1, "capacity_factor": 0.1, "inference_routing": "as_trained"},
+        router_kwargs={"top_k": 1, "capacity_factor": 0.1, "inference_routing": "as_trained"},
     )
     x = np.random.default_rng(3).normal(size=(1, 10, 4)).astype("float32")
     y = to_numpy(layer(x))
@@ -185,7 +185,7 @@ def test_config_round_trip_reproduces_outputs():
     layer = MoEFeedForward(
         4,
         8,
-        router=TopKRouter(4, k=1, capacity_factor=2.0, jitter=0.1, seed=3),
+        router=TopKRouter(4, top_k=1, capacity_factor=2.0, jitter=0.1, seed=3),
         activation="squared_relu",
     )
     x = np.random.default_rng(7).normal(size=(2, 8, 4)).astype("float32")
@@ -200,18 +200,18 @@ def test_config_round_trip_reproduces_outputs():
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        ({"num_experts": 0, "expert_hidden_dim": 8}, "num_experts"),
-        ({"num_experts": 4, "expert_hidden_dim": -1}, "expert_hidden_dim"),
-        ({"num_experts": 4, "expert_hidden_dim": 8, "router": "hash"}, "router"),
-        ({"num_experts": 4, "expert_hidden_dim": 8, "activation": "tanh"}, "activation"),
-        ({"num_experts": 4, "expert_hidden_dim": 8, "dispatch": "dense"}, "dispatch"),
-        ({"num_experts": 4, "expert_hidden_dim": 8, "group_size": 0}, "group_size"),
+        ({"num_experts": 0, "intermediate_dim": 8}, "num_experts"),
+        ({"num_experts": 4, "intermediate_dim": -1}, "intermediate_dim"),
+        ({"num_experts": 4, "intermediate_dim": 8, "router": "hash"}, "router"),
+        ({"num_experts": 4, "intermediate_dim": 8, "activation": "tanh"}, "activation"),
+        ({"num_experts": 4, "intermediate_dim": 8, "dispatch": "dense"}, "dispatch"),
+        ({"num_experts": 4, "intermediate_dim": 8, "group_size": 0}, "group_size"),
         (
-            {"num_experts": 4, "expert_hidden_dim": 8, "router_kwargs": {"k": 5}},
+            {"num_experts": 4, "intermediate_dim": 8, "router_kwargs": {"top_k": 5}},
             "k",
         ),
         (
-            {"num_experts": 4, "expert_hidden_dim": 8, "router": TopKRouter(2)},
+            {"num_experts": 4, "intermediate_dim": 8, "router": TopKRouter(2)},
             "num_experts",
         ),
     ],
@@ -222,7 +222,9 @@ def test_bad_arguments_raise_naming_the_field(kwargs, field):
 
 
 def test_one_hot_mask_has_one_entry_per_kept_choice():
-    layer = MoEFeedForward(4, 8, router="top_k", router_kwargs={"k": 2, "capacity_factor": 0.75})
+    layer = MoEFeedForward(
+        4, 8, router="top_k", router_kwargs={"top_k": 2, "capacity_factor": 0.75}
+    )
     x = np.random.default_rng(8).normal(size=(2, 8, 4)).astype("float32")
     layer.build(x.shape)
     routing = layer.router(ops.reshape(x, (2, 8, 4)))

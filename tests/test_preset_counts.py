@@ -34,7 +34,7 @@ WITH_PAPER = [n for n in REGULAR if backbone_presets[n]["metadata"]["paper"]]
 def _specs(config):
     blocks = config["blocks"]
     if isinstance(blocks, dict):
-        return [BlockSpec.from_dict(blocks)] * config["num_blocks"]
+        return [BlockSpec.from_dict(blocks)] * config["num_layers"]
     return [BlockSpec.from_dict(b) for b in blocks]
 
 
@@ -89,7 +89,7 @@ def test_config_json_round_trip(name):
     assert json.loads(json.dumps(config)) == config
     assert json.loads(json.dumps(backbone_presets[name]["metadata"]))
     specs = _specs(config)
-    assert len(specs) == config["num_blocks"]
+    assert len(specs) == config["num_layers"]
     # A spec rebuilt from its dict gives back the same dict.
     assert specs[0].to_dict() == BlockSpec.from_dict(specs[0].to_dict()).to_dict()
 
@@ -154,9 +154,9 @@ def test_brainformer_facts():
         "brainformer2_100m": (3, 1024, 32),
     }
     kinds = None
-    for name, (num_blocks, d, experts) in scales.items():
+    for name, (num_layers, d, experts) in scales.items():
         config = backbone_presets[name]["config"]
-        assert config["num_blocks"] == num_blocks
+        assert config["num_layers"] == num_layers
         assert config["hidden_dim"] == d
         sublayers = _sublayers(name)
         assert len(sublayers) == 8
@@ -170,7 +170,7 @@ def test_brainformer_facts():
             assert all(m.capacity_factor == 1.0 for m in moes)
         else:
             assert all(m.capacity_factor > 1.0 for m in moes)
-        widths = [s.hidden_dim for s in sublayers if s.kind != "attention"]
+        widths = [s.intermediate_dim for s in sublayers if s.kind != "attention"]
         base = (1536, 2048, 3072, 4096)
         assert set(widths) <= {w * d // 1024 for w in base}
         if name.endswith("_100m"):
@@ -188,7 +188,7 @@ def test_glam_dense_and_primer_facts():
         assert kinds == ["attention", "moe", "attention", "ffn"]
         (moe,) = _sublayers(name, "moe")
         (ffn,) = _sublayers(name, "ffn")
-        assert (moe.router, moe.k, moe.capacity_factor) == ("top_k", 2, 2.0)
+        assert (moe.router, moe.top_k, moe.capacity_factor) == ("top_k", 2, 2.0)
         assert moe.load_balance_loss_weight == 0.01
         assert (moe.activation, ffn.activation) == ("gelu", "gated_gelu")
     # GLaM-EC: identical to its GLaM twin but for the router.
@@ -198,11 +198,11 @@ def test_glam_dense_and_primer_facts():
         assert (ec_moe.router, ec_moe.capacity_factor) == ("expert_choice", 2.0)
         assert [s.kind for s in _sublayers(ec)] == [s.kind for s in _sublayers(glam)]
         (moe,) = _sublayers(glam, "moe")
-        assert (ec_moe.num_experts, ec_moe.hidden_dim, ec_moe.activation) == (
-            moe.num_experts, moe.hidden_dim, moe.activation)
-        for key in ("hidden_dim", "num_blocks", "vocabulary_size"):
+        assert (ec_moe.num_experts, ec_moe.intermediate_dim, ec_moe.activation) == (
+            moe.num_experts, moe.intermediate_dim, moe.activation)
+        for key in ("hidden_dim", "num_layers", "vocabulary_size"):
             assert backbone_presets[ec]["config"][key] == backbone_presets[glam]["config"][key]
-    assert backbone_presets["glam_100m_32e"]["config"]["num_blocks"] == 6
+    assert backbone_presets["glam_100m_32e"]["config"]["num_layers"] == 6
     for name in ("primer_100m", "primer_1b7", "primer_tiny"):
         (attention,) = _sublayers(name, "attention")
         (ffn,) = _sublayers(name, "ffn")

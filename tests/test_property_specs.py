@@ -36,7 +36,7 @@ ATTENTION_FIELDS = {
     "depthwise_conv_kernel": ((ABSENT, 0, 3), (-1, 1.5, True, None)),
 }
 FFN_FIELDS = {
-    "hidden_dim": ((8, 24), (0, -8, 8.0, True, None, "8")),
+    "intermediate_dim": ((8, 24), (0, -8, 8.0, True, None, "8")),
     "activation": (
         (ABSENT, "gelu", "relu", "gated_gelu", "swiglu", "squared_relu"),
         ("nope", "", 3, None),
@@ -44,10 +44,10 @@ FFN_FIELDS = {
 }
 MOE_FIELDS = {
     "num_experts": ((1, 2, 4), (0, -1, 2.5, True, None)),
-    "hidden_dim": ((8, 24), (0, -8, 8.0, False, None)),
+    "intermediate_dim": ((8, 24), (0, -8, 8.0, False, None)),
     "activation": ((ABSENT, "relu", "gated_gelu"), ("gated_nope", 1)),
     "router": ((ABSENT, "top_k", "expert_choice"), ("hash", None, 1)),
-    "k": ((ABSENT, 1, 2), (0, -1, 1.0, True, None)),
+    "top_k": ((ABSENT, 1, 2), (0, -1, 1.0, True, None)),
     "capacity_factor": ((ABSENT, None, 0.5, 1.0, 2), (0, -1.0, NAN, INF, "1", True)),
     "eval_capacity_factor": ((ABSENT, "same", None, 1.0, 3), (0.0, -2, NAN, "auto", False)),
     "load_balance_loss_weight": ((ABSENT, None, 0.0, 0.01), (-0.1, INF, "0", True)),
@@ -61,7 +61,7 @@ KINDS = {"attention": ATTENTION_FIELDS, "ffn": FFN_FIELDS, "moe": MOE_FIELDS}
 # heads not dividing the width, dropless expert choice, ...): a rejection
 # may name any of these.
 RELATIONAL = {
-    "num_heads", "head_dim", "k", "num_experts", "router", "capacity_factor",
+    "num_heads", "head_dim", "top_k", "num_experts", "router", "capacity_factor",
     "eval_capacity_factor", "batch_prioritized", "hidden_dim", "group_size",
 }
 
@@ -122,7 +122,7 @@ def block_dicts(draw, bad_rate=0.15):
     if shape == "dict":
         return {"sublayers": sublayers[0]}, {"sublayers"}
     if shape == "extra_key":
-        return {"sublayers": sublayers, "num_blocks": 2}, {"sublayers"}
+        return {"sublayers": sublayers, "num_layers": 2}, {"sublayers"}
     return {"sublayers": sublayers}, bad
 
 
@@ -176,7 +176,7 @@ def test_block_spec_dicts_accepted_or_rejected_by_name(case):
 
 BACKBONE_ARGS = {
     "vocabulary_size": ((VOCAB,), (0, -1, 32.0, True, None, "32")),
-    "num_blocks": ((None, 1), (0, -1, 1.0, True, "1")),
+    "num_layers": ((None, 1), (0, -1, 1.0, True, "1")),
     "max_sequence_length": ((LENGTH, 64), (0, -8, 8.5, None)),
     "norm": (("rms", "layer"), ("batch", None)),
     "dropout": ((0.0, 0.1), (1.0, -0.5, NAN, None)),

@@ -44,7 +44,7 @@ def _forbid_ragged(monkeypatch):
 @pytest.mark.parametrize("adapt", ["lora", "int8"])
 def test_lora_or_quantized_bank_keeps_the_slot_path(adapt, monkeypatch):
     x, _ = _inputs()
-    slots, ragged = _pair(4, {"k": 2, "capacity_factor": None})
+    slots, ragged = _pair(4, {"top_k": 2, "capacity_factor": None})
     for layer in (slots, ragged):
         if adapt == "lora":
             layer.experts.enable_lora(2, b_initializer="ones")
@@ -101,7 +101,7 @@ def test_auto_picks_ragged_on_tpu_only(monkeypatch):
     import jax
 
     x, _ = _inputs()
-    slots, _ = _pair(4, {"k": 2, "capacity_factor": None})
+    slots, _ = _pair(4, {"top_k": 2, "capacity_factor": None})
     auto = MoEFeedForward.from_config({**slots.get_config(), "dropless_impl": "auto"})
     auto.build(SHAPE)
     auto.set_weights(slots.get_weights())

@@ -1,9 +1,11 @@
-"""Arguments renamed after 0.1 to keras-hub's names (`norm_epsilon` ->
-`layer_norm_epsilon`, `rotary_max_wavelength` -> `rope_max_wavelength`,
-`rotary_scaling_factor` -> `rope_scaling_factor`): configs, preset folders and
-`.keras` files written by 0.1 keep loading, to the same model."""
+"""Arguments renamed after 0.1 to keras-hub's names (`num_blocks` ->
+`num_layers`, `norm_epsilon` -> `layer_norm_epsilon`, `rotary_*` -> `rope_*`,
+the FFN width `hidden_dim` / `expert_hidden_dim` -> `intermediate_dim`, `k` ->
+`top_k`): configs, block-spec JSON, preset folders and `.keras` files written
+by 0.1 keep loading, to the same model; code gets one clear error."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,22 +13,46 @@ from conftest import rewrite_keras_config
 from conftest import to_numpy
 
 from keras_brainformer.layers import CausalSelfAttention
+from keras_brainformer.layers import ExpertBank
+from keras_brainformer.layers import FeedForward
+from keras_brainformer.layers import MoEFeedForward
+from keras_brainformer.layers import TopKRouter
 from keras_brainformer.layers.renamed_arguments import RENAMED_AFTER_0_1
 from keras_brainformer.layers.renamed_arguments import with_current_names
+from keras_brainformer.models import BlockSpec
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
+from keras_brainformer.models.brainformer.block_spec import current_backbone_config
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
 from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
 from keras_brainformer.preset_folders import PRESETS_ROOT
 
 NEW = {"layer_norm_epsilon": 1e-5, "rope_max_wavelength": 5000, "rope_scaling_factor": 2.0}
 OLD = {"norm_epsilon": 1e-5, "rotary_max_wavelength": 5000, "rotary_scaling_factor": 2.0}
+# A GLaM-like block in 0.1's spec keys, and the same in today's.
+OLD_BLOCK = {"sublayers": [
+    {"kind": "attention", "num_heads": 2},
+    {"kind": "moe", "num_experts": 4, "hidden_dim": 24, "router": "top_k", "k": 1,
+     "shared_expert_hidden_dim": 8},
+    {"kind": "ffn", "hidden_dim": 20, "activation": "gated_gelu"},
+]}
+NEW_BLOCK = {"sublayers": [
+    {"kind": "attention", "num_heads": 2},
+    {"kind": "moe", "num_experts": 4, "intermediate_dim": 24, "router": "top_k", "top_k": 1,
+     "shared_expert_intermediate_dim": 8},
+    {"kind": "ffn", "intermediate_dim": 20, "activation": "gated_gelu"},
+]}
 
 
 def test_every_old_name_maps_to_a_new_one():
-    assert with_current_names(OLD, "here") == NEW
-    assert with_current_names(NEW, "here") == NEW
-    assert set(RENAMED_AFTER_0_1) == set(OLD)
+    assert with_current_names(OLD, "CausalSelfAttention") == NEW
+    assert with_current_names(NEW, "CausalSelfAttention") == NEW
+    assert with_current_names({**OLD, "num_blocks": 2}, "BrainformerBackbone") == {
+        **NEW, "num_layers": 2}
+    for kind, renames in RENAMED_AFTER_0_1.items():
+        assert renames and not set(renames) & set(renames.values()), kind
+    # The backbone keeps `hidden_dim`: it is the model width there, as in keras-hub.
+    assert "hidden_dim" not in RENAMED_AFTER_0_1["BrainformerBackbone"]
 
 
 def test_both_names_at_once_is_one_clear_error():
@@ -34,6 +60,79 @@ def test_both_names_at_once_is_one_clear_error():
         BrainformerBackbone.from_config(
             {**get_preset_config("dense_tiny"), "norm_epsilon": 1e-5, "layer_norm_epsilon": 1e-6}
         )
+    with pytest.raises(ValueError, match=r"sublayers\[1\].*`k`.*`top_k`"):
+        BlockSpec.from_dict({"sublayers": [
+            {"kind": "attention"},
+            {"kind": "moe", "num_experts": 2, "intermediate_dim": 4, "k": 1, "top_k": 2}]})
+
+
+@pytest.mark.parametrize(
+    "build,old,new",
+    [
+        (lambda **kw: FeedForward(4, **kw), "hidden_dim", "intermediate_dim"),
+        (lambda **kw: ExpertBank(2, 4, **kw), "hidden_dim", "intermediate_dim"),
+        (lambda **kw: MoEFeedForward(2, 4, **kw), "expert_hidden_dim", "intermediate_dim"),
+        (lambda **kw: MoEFeedForward(2, 4, **kw), "shared_expert_hidden_dim",
+         "shared_expert_intermediate_dim"),
+        (lambda **kw: TopKRouter(4, **kw), "k", "top_k"),
+        (lambda **kw: MoEFeedForward(4, 4, router_kwargs=kw), "k", "top_k"),
+        (lambda **kw: BrainformerBackbone(
+            vocabulary_size=8, hidden_dim=8, blocks=NEW_BLOCK, **kw), "num_blocks", "num_layers"),
+        (lambda **kw: CausalSelfAttention(num_heads=2, **kw), "norm_epsilon",
+         "layer_norm_epsilon"),
+    ],
+)
+def test_code_passing_an_old_name_is_told_the_new_one(build, old, new):
+    with pytest.raises(TypeError, match=rf"`{old}` was renamed `{new}`"):
+        build(**{old: 2})
+
+
+def test_an_old_name_in_place_of_a_required_argument_names_the_new_one():
+    # Python's own error, before the layer's: it names the argument by its new name.
+    with pytest.raises(TypeError, match="intermediate_dim"):
+        FeedForward(hidden_dim=32)
+    with pytest.raises(TypeError, match="intermediate_dim"):
+        MoEFeedForward(4, expert_hidden_dim=32)
+
+
+def test_0_1_layer_configs_load_to_the_same_layers():
+    ffn = FeedForward(16, activation="gated_gelu")
+    old = {**ffn.get_config()}
+    old["hidden_dim"] = old.pop("intermediate_dim")
+    assert FeedForward.from_config(old).get_config() == ffn.get_config()
+
+    bank = ExpertBank(4, 16)
+    old = {**bank.get_config()}
+    old["hidden_dim"] = old.pop("intermediate_dim")
+    assert ExpertBank.from_config(old).get_config() == bank.get_config()
+
+    router = TopKRouter(4, top_k=1, capacity_factor=2.0)
+    old = {**router.get_config()}
+    old["k"] = old.pop("top_k")
+    assert TopKRouter.from_config(old).get_config() == router.get_config()
+
+    moe = MoEFeedForward(4, 12, shared_expert_intermediate_dim=8,
+                         router_kwargs={"top_k": 1, "capacity_factor": 2.0})
+    old = {**moe.get_config()}
+    old["expert_hidden_dim"] = old.pop("intermediate_dim")
+    old["shared_expert_hidden_dim"] = old.pop("shared_expert_intermediate_dim")
+    old["router"] = {**old["router"], "config": {**old["router"]["config"]}}
+    old["router"]["config"]["k"] = old["router"]["config"].pop("top_k")
+    loaded = MoEFeedForward.from_config(old)
+    assert loaded.get_config() == moe.get_config()
+    assert loaded.router.top_k == 1
+    # 0.1's `router_kwargs` spelling, in a config written by hand.
+    by_name = MoEFeedForward.from_config(
+        {"num_experts": 4, "expert_hidden_dim": 12, "router": "top_k",
+         "router_kwargs": {"k": 1, "capacity_factor": 2.0}})
+    assert (by_name.intermediate_dim, by_name.router.top_k) == (12, 1)
+
+
+def test_a_0_1_block_spec_loads_to_today_s():
+    assert BlockSpec.from_dict(OLD_BLOCK) == BlockSpec.from_dict(NEW_BLOCK)
+    assert BlockSpec.from_dict(OLD_BLOCK).to_dict() == BlockSpec.from_dict(NEW_BLOCK).to_dict()
+    written = BlockSpec.from_dict(OLD_BLOCK).to_json()
+    assert '"hidden_dim"' not in written and '"k"' not in written
 
 
 def test_a_0_1_backbone_config_builds_the_same_model():
@@ -45,6 +144,39 @@ def test_a_0_1_backbone_config_builds_the_same_model():
         1e-5, 5000, 2.0,
     )
     assert not set(OLD) & set(new.get_config())
+    base = {"vocabulary_size": 16, "hidden_dim": 8, "name": "b"}
+    old = BrainformerBackbone.from_config({**base, "blocks": OLD_BLOCK, "num_blocks": 2})
+    new = BrainformerBackbone.from_config({**base, "blocks": NEW_BLOCK, "num_layers": 2})
+    assert old.get_config() == new.get_config()
+    assert old.num_layers == 2 and old.count_params() == new.count_params()
+
+
+def test_0_1_and_today_s_backbone_configs_compare_equal_in_today_s_form():
+    """What a `train` run's resume compares (its recorded model config)."""
+    old = {"vocabulary_size": 16, "hidden_dim": 8, "blocks": OLD_BLOCK, "num_blocks": 2, **OLD}
+    new = {"vocabulary_size": 16, "hidden_dim": 8, "blocks": NEW_BLOCK, "num_layers": 2, **NEW}
+    assert current_backbone_config(old) == current_backbone_config(new)
+    assert current_backbone_config(new) != current_backbone_config({**new, "num_layers": 3})
+
+
+def test_the_tools_read_a_0_1_config_like_today_s():
+    """Counts, weight specs, the memory plan and the step-time model read a
+    config without building it: `num_blocks` is not silently one block."""
+    from keras_brainformer.distribution.memory_plan import activation_bytes
+    from keras_brainformer.distribution.step_time import step_terms
+    from keras_brainformer.zoo import count_parameters
+    from keras_brainformer.zoo import weight_specs
+
+    old = {"vocabulary_size": 16, "hidden_dim": 8, "blocks": OLD_BLOCK, "num_blocks": 3}
+    new = {"vocabulary_size": 16, "hidden_dim": 8, "blocks": NEW_BLOCK, "num_layers": 3}
+    assert count_parameters(old) == count_parameters(new)
+    assert len(weight_specs(old)) == len(weight_specs(new))
+    assert sorted(weight_specs(old)) == sorted(weight_specs(new))
+    mesh = {"batch": 1}
+    assert activation_bytes(old, mesh, 2, 8) == activation_bytes(new, mesh, 2, 8)
+    assert len(step_terms(old, mesh, 2, 8)) == len(step_terms(new, mesh, 2, 8))
+    one = {**new, "num_layers": 1}
+    assert count_parameters(old) != count_parameters(one)
 
 
 def test_a_0_1_attention_layer_config_loads():
@@ -56,14 +188,21 @@ def test_a_0_1_attention_layer_config_loads():
 
 def test_the_shipped_0_1_trained_preset_loads_with_its_old_names():
     """glam_tiny_stdlib's config.json was written by 0.1: it still says
-    `norm_epsilon` (its checksums are recorded, so it is kept as written)."""
+    `norm_epsilon`, `num_blocks`, and `hidden_dim` / `k` in its block (its
+    checksums are recorded, so it is kept as written)."""
     with open(PRESETS_ROOT / "glam_tiny_stdlib" / "config.json") as f:
         raw = json.load(f)["config"]
-    assert set(OLD) <= set(raw)
+    assert set(OLD) <= set(raw) and "num_blocks" in raw
+    raw_moe = raw["blocks"]["sublayers"][1]
+    assert {"hidden_dim", "k"} <= set(raw_moe)
     config = read_backbone_config(PRESETS_ROOT / "glam_tiny_stdlib")
     assert config["layer_norm_epsilon"] == raw["norm_epsilon"]
+    assert config["num_layers"] == raw["num_blocks"]
+    moe = config["blocks"]["sublayers"][1]
+    assert (moe["intermediate_dim"], moe["top_k"]) == (raw_moe["hidden_dim"], raw_moe["k"])
     backbone = BrainformerBackbone.from_preset("glam_tiny_stdlib")
     assert backbone.layer_norm_epsilon == raw["norm_epsilon"]
+    assert backbone.num_layers == raw["num_blocks"]
 
 
 def test_a_0_1_keras_file_loads(tmp_path):
@@ -72,7 +211,9 @@ def test_a_0_1_keras_file_loads(tmp_path):
     import keras
 
     lm = BrainformerCausalLM(
-        BrainformerBackbone(**{**get_preset_config("dense_tiny"), **NEW}), preprocessor=None
+        BrainformerBackbone(vocabulary_size=64, hidden_dim=8, blocks=NEW_BLOCK, num_layers=2,
+                            **NEW),
+        preprocessor=None,
     )
     tokens = {"token_ids": np.array([[5, 6, 7, 8]], "int32"),
               "padding_mask": np.ones((1, 4), "int32")}
@@ -82,12 +223,17 @@ def test_a_0_1_keras_file_loads(tmp_path):
     old_path = tmp_path / "old.keras"
 
     def with_0_1_names(text):
-        for old, new in RENAMED_AFTER_0_1.items():
+        for old, new in RENAMED_AFTER_0_1["BrainformerBackbone"].items():
             text = text.replace(f'"{new}"', f'"{old}"')
+        text = text.replace('"shared_expert_intermediate_dim"', '"shared_expert_hidden_dim"')
+        text = text.replace('"intermediate_dim"', '"hidden_dim"')
+        text = re.sub(r'"top_k"(\s*:)', r'"k"\1', text)  # the key, not the router's name
         assert '"norm_epsilon"' in text and '"layer_norm_epsilon"' not in text
+        assert '"num_blocks"' in text and '"k"' in text and '"intermediate_dim"' not in text
         return text
 
     rewrite_keras_config(path, old_path, with_0_1_names)
     loaded = keras.saving.load_model(old_path)
     assert loaded.backbone.rope_max_wavelength == 5000
+    assert loaded.backbone.num_layers == 2
     np.testing.assert_allclose(to_numpy(loaded(tokens)), expected, rtol=1e-6, atol=1e-6)

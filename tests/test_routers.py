@@ -196,28 +196,28 @@ def test_compute_capacity(num_tokens, group_size, capacity_factor, num_experts, 
 
 
 def test_top_k_capacity_train_vs_eval_factor():
-    router = TopKRouter(4, k=2, capacity_factor=1.0, eval_capacity_factor=1.5)
+    router = TopKRouter(4, top_k=2, capacity_factor=1.0, eval_capacity_factor=1.5)
     assert router.capacity(8, training=True) == 4  # ceil(2 * 8 * 1.0 / 4)
     assert router.capacity(8, training=False) == 6  # ceil(2 * 8 * 1.5 / 4)
     assert router.capacity(8) == 6  # default is inference
-    same = TopKRouter(4, k=1, capacity_factor=1.25)
+    same = TopKRouter(4, top_k=1, capacity_factor=1.25)
     assert same.eval_capacity_factor == 1.25
     assert same.capacity(8, training=True) == same.capacity(8, training=False) == 3
 
 
 def test_top_k_dropless_capacity_is_group_size():
-    router = TopKRouter(4, k=2, capacity_factor=None)
+    router = TopKRouter(4, top_k=2, capacity_factor=None)
     assert router.capacity(8, training=True) == 8
     assert router.capacity(8, training=False) == 8
     # Dropless only at inference.
-    router = TopKRouter(4, k=1, capacity_factor=1.0, eval_capacity_factor=None)
+    router = TopKRouter(4, top_k=1, capacity_factor=1.0, eval_capacity_factor=None)
     assert router.capacity(8, training=True) == 2
     assert router.capacity(8, training=False) == 8
 
 
 def test_top_k_capacity_bounds():
-    assert TopKRouter(8, k=1, capacity_factor=0.1).capacity(4) == 1
-    assert TopKRouter(2, k=2, capacity_factor=3.0).capacity(4) == 4
+    assert TopKRouter(8, top_k=1, capacity_factor=0.1).capacity(4) == 1
+    assert TopKRouter(2, top_k=2, capacity_factor=3.0).capacity(4) == 4
 
 
 def test_expert_choice_capacity():
@@ -230,7 +230,7 @@ def test_expert_choice_capacity():
 
 
 def test_call_uses_training_or_eval_capacity():
-    router = make_router(TopKRouter, 4, k=2, capacity_factor=1.0, eval_capacity_factor=1.5)
+    router = make_router(TopKRouter, 4, top_k=2, capacity_factor=1.0, eval_capacity_factor=1.5)
     logits = np.random.default_rng(0).normal(size=(2, 8, 4))
     r = route(router, logits, training=True)
     assert r.capacity == 4
@@ -265,7 +265,7 @@ SWITCH_LOGITS = np.array(
 
 
 def test_switch_routes_to_argmax_and_drops_later_tokens():
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=1.0)
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=1.0)
     r = route(router, SWITCH_LOGITS)
     probs = np_softmax(SWITCH_LOGITS)
     assert r.capacity == 2
@@ -288,7 +288,7 @@ def test_switch_routes_to_argmax_and_drops_later_tokens():
 
 
 def test_switch_statistics():
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=1.0)
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=1.0)
     route(router, SWITCH_LOGITS)
     stats = router.routing_statistics()
     load = np.array([2, 2, 0, 1]) / 5
@@ -302,7 +302,7 @@ def test_switch_statistics():
 
 
 def test_switch_enough_capacity_drops_nothing():
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=2.0)  # C = 3
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=2.0)  # C = 3
     r = route(router, SWITCH_LOGITS)
     np.testing.assert_array_equal(
         to_np(r.slot_token)[0], [[0, 2, 3], [1, 5, 6], [6, 6, 6], [4, 6, 6]]
@@ -311,7 +311,7 @@ def test_switch_enough_capacity_drops_nothing():
 
 
 def test_switch_dropless_keeps_every_token():
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=None)
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=None)
     logits = np.array([[3.0, 0.0, 0.0, 0.0]] * 5 + [[0.0, 0.0, 0.0, 1.0]], "float32")
     r = route(router, logits, training=True)
     assert r.capacity == 6
@@ -332,7 +332,7 @@ def test_kernel_is_used_permutation():
     kernel = np.zeros((4, 4), "float32")
     for i, e in enumerate(perm):
         kernel[i, e] = 1.0
-    router = make_router(TopKRouter, 4, kernel=kernel, k=1, capacity_factor=1.0)  # C = 2
+    router = make_router(TopKRouter, 4, kernel=kernel, top_k=1, capacity_factor=1.0)  # C = 2
     x = 2.0 * np.eye(4, dtype="float32")[[0, 1, 2, 3, 0, 2]]
     r = route(router, x)
     np.testing.assert_array_equal(to_np(r.token_expert)[0, :, 0], [2, 0, 3, 1, 2, 3])
@@ -341,7 +341,7 @@ def test_kernel_is_used_permutation():
 
 
 def test_switch_normalize_gates_true_gives_unit_gates():
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=None, normalize_gates=True)
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=None, normalize_gates=True)
     r = route(router, SWITCH_LOGITS)
     np.testing.assert_allclose(to_np(r.token_gate), 1.0, rtol=1e-6)
     gates = to_np(r.slot_gate)
@@ -355,7 +355,7 @@ def test_switch_normalize_gates_true_gives_unit_gates():
 
 
 def test_top2_gates_renormalised_to_sum_one():
-    router = make_router(TopKRouter, 4, k=2, capacity_factor=None)
+    router = make_router(TopKRouter, 4, top_k=2, capacity_factor=None)
     r = route(router, SWITCH_LOGITS)
     probs = np_softmax(SWITCH_LOGITS)
     top2 = -np.sort(-probs, axis=-1)[:, :2]
@@ -373,7 +373,7 @@ def test_top2_gates_renormalised_to_sum_one():
 
 
 def test_top2_without_normalisation_keeps_raw_probabilities():
-    router = make_router(TopKRouter, 4, k=2, capacity_factor=None, normalize_gates=False)
+    router = make_router(TopKRouter, 4, top_k=2, capacity_factor=None, normalize_gates=False)
     r = route(router, SWITCH_LOGITS)
     probs = np_softmax(SWITCH_LOGITS)
     np.testing.assert_allclose(to_np(r.token_gate)[0], -np.sort(-probs, axis=-1)[:, :2], rtol=1e-6)
@@ -385,7 +385,7 @@ def test_top2_all_first_choices_before_any_second_choice():
     # Expert 1 receives the first choices of tokens 1 and 2 before token 0's
     # second choice, which is therefore dropped although token 0 comes first.
     logits = np.array([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 3.0, 1.5]], "float32")
-    router = make_router(TopKRouter, 3, k=2, capacity_factor=1.0)
+    router = make_router(TopKRouter, 3, top_k=2, capacity_factor=1.0)
     r = route(router, logits)
     probs = np_softmax(logits)
     assert r.capacity == 2
@@ -421,7 +421,7 @@ def test_batch_prioritized_confident_tokens_win():
     probs = np_softmax(SWITCH_LOGITS)
     conf = probs.max(-1)
     assert conf[3] > conf[0] > conf[2] and conf[5] > conf[1]
-    router = make_router(TopKRouter, 4, k=1, capacity_factor=1.0, batch_prioritized=True)
+    router = make_router(TopKRouter, 4, top_k=1, capacity_factor=1.0, batch_prioritized=True)
     r = route(router, SWITCH_LOGITS)
     # Token 3 (most confident) now wins a slot and the later-but-less-sure
     # token 2 is dropped instead; slots are filled in confidence order.
@@ -438,8 +438,8 @@ def test_batch_prioritized_confident_tokens_win():
 def test_batch_prioritized_last_token_can_beat_first():
     # Every token wants expert 0 (C = 1); the last one is the most confident.
     logits = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [4.0, 0.0]], "float32")
-    by_position = make_router(TopKRouter, 2, k=1, capacity_factor=0.5)
-    by_confidence = make_router(TopKRouter, 2, k=1, capacity_factor=0.5, batch_prioritized=True)
+    by_position = make_router(TopKRouter, 2, top_k=1, capacity_factor=0.5)
+    by_confidence = make_router(TopKRouter, 2, top_k=1, capacity_factor=0.5, batch_prioritized=True)
     assert to_np(route(by_position, logits).slot_token)[0].tolist() == [[0], [4]]
     assert to_np(route(by_confidence, logits).slot_token)[0].tolist() == [[3], [4]]
     # A padded token never wins, however confident.
@@ -452,7 +452,7 @@ def test_batch_prioritized_top2_still_serves_first_choices_first():
     # choose expert 1 first; token 2 chooses expert 0 first and expert 1
     # second. Confidences: token 2 (0.99) > token 1 (0.88) > token 0 (0.73).
     logits = np.array([[0.0, 1.0], [0.0, 2.0], [5.0, 0.0]], "float32")
-    router = make_router(TopKRouter, 2, k=2, capacity_factor=0.5, batch_prioritized=True)
+    router = make_router(TopKRouter, 2, top_k=2, capacity_factor=0.5, batch_prioritized=True)
     r = route(router, logits)
     assert r.capacity == 2
     # Token 2 is the most confident, but its second choice (expert 1) comes
@@ -466,7 +466,7 @@ def test_batch_prioritized_top2_still_serves_first_choices_first():
     np.testing.assert_array_equal(to_np(r.slot_token)[0], [[2, 1], [1, 0]])
     check_slot_table_consistency(r, 3)
     # In position order token 0's second choice gets that slot instead.
-    by_position = make_router(TopKRouter, 2, k=2, capacity_factor=0.5)
+    by_position = make_router(TopKRouter, 2, top_k=2, capacity_factor=0.5)
     r = route(by_position, logits)
     np.testing.assert_array_equal(
         to_np(r.token_keep)[0], [[True, True], [True, False], [True, False]]
@@ -484,7 +484,7 @@ def test_padding_never_occupies_a_slot(batch_prioritized):
     # All four tokens want expert 0; C = ceil(4 * 1.0 / 2) = 2.
     logits = np.array([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0]], "float32")
     router = make_router(
-        TopKRouter, 2, k=1, capacity_factor=1.0, batch_prioritized=batch_prioritized
+        TopKRouter, 2, top_k=1, capacity_factor=1.0, batch_prioritized=batch_prioritized
     )
     r = route(router, logits)
     np.testing.assert_array_equal(to_np(r.slot_token)[0], [[0, 1], [4, 4]])
@@ -510,7 +510,7 @@ def test_padding_never_occupies_a_slot(batch_prioritized):
 def test_padding_top2_frees_capacity_for_real_tokens():
     # Without the mask, the padded token 0 would take expert 1's slot first.
     logits = np.array([[0.0, 2.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]], "float32")
-    router = make_router(TopKRouter, 2, k=2, capacity_factor=0.5)  # C = 2
+    router = make_router(TopKRouter, 2, top_k=2, capacity_factor=0.5)  # C = 2
     r = route(router, logits)
     np.testing.assert_array_equal(to_np(r.slot_token)[0], [[2, 3], [0, 1]])
     r = route(router, logits, mask=[0, 1, 1, 1])
@@ -553,7 +553,7 @@ def test_top_k_matches_numpy_reference(k, capacity_factor, batch_prioritized, pa
     router = make_router(
         TopKRouter,
         E,
-        k=k,
+        top_k=k,
         capacity_factor=capacity_factor,
         batch_prioritized=batch_prioritized,
     )
@@ -585,7 +585,7 @@ def test_groups_are_routed_independently():
     E, S = 2, 4
     logits = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]], "float32")
     crowded = np.array([[5.0, 0.0]] * S, "float32")
-    router = make_router(TopKRouter, E, k=1, capacity_factor=1.0)
+    router = make_router(TopKRouter, E, top_k=1, capacity_factor=1.0)
     alone = to_np(route(router, logits).slot_token)[0]
     both = to_np(route(router, np.stack([logits, crowded])).slot_token)
     np.testing.assert_array_equal(both[0], alone)
@@ -769,9 +769,9 @@ def test_load_balance_loss_per_group_sees_what_pooling_hides():
 
 
 def test_router_load_balance_loss_mode_is_configurable_and_serialized():
-    router = TopKRouter(num_experts=2, k=1, load_balance_loss_weight=1.0, capacity_factor=None)
+    router = TopKRouter(num_experts=2, top_k=1, load_balance_loss_weight=1.0, capacity_factor=None)
     assert router.load_balance_loss_mode == "per_group"
-    pooled = TopKRouter(num_experts=2, k=1, load_balance_loss_weight=1.0, capacity_factor=None,
+    pooled = TopKRouter(num_experts=2, top_k=1, load_balance_loss_weight=1.0, capacity_factor=None,
                         load_balance_loss_mode="pooled")
     assert TopKRouter.from_config(pooled.get_config()).load_balance_loss_mode == "pooled"
     with pytest.raises(ValueError, match="load_balance_loss_mode.*'mean'"):
@@ -807,7 +807,7 @@ def test_router_adds_weighted_losses_in_training_only():
     router = make_router(
         TopKRouter,
         4,
-        k=2,
+        top_k=2,
         capacity_factor=1.0,
         load_balance_loss_weight=lb_weight,
         z_loss_weight=z_weight,
@@ -833,7 +833,7 @@ def test_router_adds_weighted_losses_in_training_only():
 
 
 def test_router_losses_each_weight_independently():
-    only_lb = make_router(TopKRouter, 4, k=1, load_balance_loss_weight=0.5, z_loss_weight=0.0)
+    only_lb = make_router(TopKRouter, 4, top_k=1, load_balance_loss_weight=0.5, z_loss_weight=0.0)
     route(only_lb, SWITCH_LOGITS, training=True)
     probs = np_softmax(SWITCH_LOGITS)[None]
     lb = np_load_balance_loss(probs, probs.argmax(-1), np.ones((1, 6)))
@@ -844,7 +844,7 @@ def test_router_losses_each_weight_independently():
     z = (np_logsumexp(SWITCH_LOGITS) ** 2).mean()
     assert [float(to_np(x)) for x in only_z.losses] == pytest.approx([2.0 * z], rel=1e-5)
 
-    none = make_router(TopKRouter, 4, k=1, load_balance_loss_weight=0.0, z_loss_weight=0.0)
+    none = make_router(TopKRouter, 4, top_k=1, load_balance_loss_weight=0.0, z_loss_weight=0.0)
     route(none, SWITCH_LOGITS, training=True)
     assert none.losses == []
 
@@ -869,7 +869,7 @@ def test_router_math_is_float32_under_mixed_precision():
     # router maths could lose precision.
     x = np.array([[[1.0, 0.5, 2.0], [0.25, 1.0, 0.0]]], "float32")
     router = make_router(
-        TopKRouter, 3, kernel=kernel, k=1, capacity_factor=None, dtype="mixed_bfloat16"
+        TopKRouter, 3, kernel=kernel, top_k=1, capacity_factor=None, dtype="mixed_bfloat16"
     )
     assert router.compute_dtype == "bfloat16"
     assert router.kernel.dtype == "float32"
@@ -894,7 +894,9 @@ def test_pure_bfloat16_policy_stores_bfloat16_and_computes_float32():
     stored (rounded) kernel."""
     kernel = np.array([[1 / 3, 0.1, 0.7], [0.2, 1 / 7, 0.9], [0.3, 0.6, 1 / 9]], "float32")
     x = np.array([[[1.0, 0.5, 2.0], [0.25, 1.0, 0.0]]], "float32")
-    router = make_router(TopKRouter, 3, kernel=kernel, k=1, capacity_factor=None, dtype="bfloat16")
+    router = make_router(
+        TopKRouter, 3, kernel=kernel, top_k=1, capacity_factor=None, dtype="bfloat16"
+    )
     assert router.kernel.dtype == "bfloat16"
     for v in (router.dropped_fraction, router.expert_load, router.load_cv, router.router_entropy):
         assert v.dtype == "bfloat16"
@@ -907,7 +909,7 @@ def test_pure_bfloat16_policy_stores_bfloat16_and_computes_float32():
 
 
 def test_statistics_are_float32_variables():
-    router = make_router(TopKRouter, 4, k=1, dtype="mixed_bfloat16")
+    router = make_router(TopKRouter, 4, top_k=1, dtype="mixed_bfloat16")
     for v in (router.dropped_fraction, router.expert_load, router.load_cv, router.router_entropy):
         assert v.dtype == "float32"
         assert not v.trainable
@@ -935,8 +937,8 @@ def test_jitter_is_bounded_multiplicative_noise_in_training():
 def test_jitter_does_nothing_at_inference():
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(2, 8, 4)).astype("float32")
-    jittery = make_router(TopKRouter, 4, k=1, capacity_factor=0.5, jitter=0.5, seed=0)
-    plain = make_router(TopKRouter, 4, k=1, capacity_factor=0.5)
+    jittery = make_router(TopKRouter, 4, top_k=1, capacity_factor=0.5, jitter=0.5, seed=0)
+    plain = make_router(TopKRouter, 4, top_k=1, capacity_factor=0.5)
     np.testing.assert_array_equal(to_np(jittery.router_logits(logits)), logits)
     a, b = route(jittery, logits), route(plain, logits)
     np.testing.assert_array_equal(to_np(a.slot_token), to_np(b.slot_token))
@@ -970,11 +972,11 @@ def test_same_seed_same_routing_in_training(cls):
 @pytest.mark.parametrize(
     "cls, kwargs, error, field",
     [
-        (TopKRouter, dict(num_experts=4, k=5), ValueError, "k"),
-        (TopKRouter, dict(num_experts=4, k=0), ValueError, "k"),
-        (TopKRouter, dict(num_experts=4, k=-1), ValueError, "k"),
-        (TopKRouter, dict(num_experts=4, k=1.5), TypeError, "k"),
-        (TopKRouter, dict(num_experts=4, k=True), TypeError, "k"),
+        (TopKRouter, dict(num_experts=4, top_k=5), ValueError, "top_k"),
+        (TopKRouter, dict(num_experts=4, top_k=0), ValueError, "top_k"),
+        (TopKRouter, dict(num_experts=4, top_k=-1), ValueError, "top_k"),
+        (TopKRouter, dict(num_experts=4, top_k=1.5), TypeError, "top_k"),
+        (TopKRouter, dict(num_experts=4, top_k=True), TypeError, "top_k"),
         (TopKRouter, dict(num_experts=0), ValueError, "num_experts"),
         (ExpertChoiceRouter, dict(num_experts=-2), ValueError, "num_experts"),
         (TopKRouter, dict(num_experts=4, capacity_factor=0.0), ValueError, "capacity_factor"),
@@ -1041,7 +1043,7 @@ def test_invalid_arguments(cls, kwargs, error, field):
 
 
 def test_valid_edge_arguments():
-    assert TopKRouter(4, k=4).k == 4
+    assert TopKRouter(4, top_k=4).top_k == 4
     assert TopKRouter(4, jitter=0.0).seed_generator is None
     assert TopKRouter(4, jitter=0.999).jitter == 0.999
     assert TopKRouter(4, capacity_factor=None).eval_capacity_factor is None
@@ -1052,7 +1054,7 @@ def test_valid_edge_arguments():
     [
         TopKRouter(
             4,
-            k=2,
+            top_k=2,
             capacity_factor=1.5,
             eval_capacity_factor=None,
             normalize_gates=False,
@@ -1079,7 +1081,7 @@ def test_nonbinary_token_mask_means_real_token():
     kernel = np.eye(2, dtype="float32")
     x = np.array([[[3, 0], [2, 0], [1, 0], [0.5, 0]]], "float32")
     for value in (0.5, 2.0):
-        router = make_router(TopKRouter, 2, kernel=kernel, k=1, capacity_factor=1.0)
+        router = make_router(TopKRouter, 2, kernel=kernel, top_k=1, capacity_factor=1.0)
         r = router(x, token_mask=np.array([[1, value, 1, 1]], "float32"))
         np.testing.assert_array_equal(to_np(r.slot_token)[0], [[0, 1], [4, 4]])
         assert np.isclose(router.routing_statistics()["dropped_fraction"], 0.5)

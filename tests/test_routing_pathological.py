@@ -13,10 +13,10 @@ G, S, D, E = 2, 16, 8, 4
 # k = 1 and 2 (and expert choice) at S=16, E=4.
 TINY_CF = 1 / 16
 ROUTERS = {
-    "top_1": ("top_k", {"k": 1, "capacity_factor": TINY_CF}),
-    "top_2": ("top_k", {"k": 2, "capacity_factor": TINY_CF}),
+    "top_1": ("top_k", {"top_k": 1, "capacity_factor": TINY_CF}),
+    "top_2": ("top_k", {"top_k": 2, "capacity_factor": TINY_CF}),
     "expert_choice": ("expert_choice", {"capacity_factor": TINY_CF}),
-    "top_2_dropless": ("top_k", {"k": 2, "capacity_factor": None}),
+    "top_2_dropless": ("top_k", {"top_k": 2, "capacity_factor": None}),
 }
 
 

@@ -100,7 +100,7 @@ def test_search_with_top2_and_fixed_experts():
         genome = space.mutate(space.sample(rng), rng)
         for sub in space.to_block_spec(genome).sublayers:
             if sub.kind == "moe":
-                routers.add((sub.router, sub.k, sub.num_experts))
+                routers.add((sub.router, sub.top_k, sub.num_experts))
     assert routers == {("top_k", 2, 4)}
 
 
@@ -305,7 +305,7 @@ def test_top_blocks_round_trip_and_build(tiny_search):
     record = json.loads((out / "top" / "rank1.json").read_text())
     assert record["trial_id"] == best[0]["trial_id"]
     backbone = BrainformerBackbone(vocabulary_size=256, hidden_dim=record["model_dim"],
-                                   blocks=spec, num_blocks=2)
+                                   blocks=spec, num_layers=2)
     hidden = backbone({"token_ids": np.ones((1, 8), "int32"),
                        "padding_mask": np.ones((1, 8), "int32")})
     assert tuple(hidden.shape) == (1, 8, record["model_dim"])
@@ -322,8 +322,8 @@ def test_top_blocks_round_trip_and_build(tiny_search):
     paper_spec = BlockSpec.from_dict(config["blocks"])
     assert all(s.num_experts == 32 for s in paper_spec.sublayers if s.kind == "moe")
     activated = metadata["paper_convention_counts"]["activated"]
-    one_more = config["num_blocks"] + 1
-    assert abs(activated - 145e6) <= activated / config["num_blocks"] * one_more
+    one_more = config["num_layers"] + 1
+    assert abs(activated - 145e6) <= activated / config["num_layers"] * one_more
 
 
 @pytest.mark.slow

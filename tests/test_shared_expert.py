@@ -1,4 +1,4 @@
-"""Qwen-MoE's shared expert (`shared_expert_hidden_dim`): a dense FFN every
+"""Qwen-MoE's shared expert (`shared_expert_intermediate_dim`): a dense FFN every
 token goes through, scaled by a sigmoid gate, added to the routed experts.
 Equal to keras-hub's `QwenSparseMoeBlock`; off by default (nothing changes);
 in specs, counts, the layout map, saving, LoRA, int8 and causal inference."""
@@ -42,7 +42,7 @@ def _copy_from_qwen(ours, ref):
     """Copies a built `QwenSparseMoeBlock`'s weights into our layer. Qwen's
     experts keep `[gate | up]` in one `[E, d, 2h]` kernel; ours computes
     `act(x @ w_gate) * (x @ w_in)`."""
-    h = ours.expert_hidden_dim
+    h = ours.intermediate_dim
     ours.router.kernel.assign(ref._sparse_feedforward_gate_dense.kernel)
     gate_up = to_numpy(ref.expert_bank._expert_feedforward_gate_dense)
     ours.experts.w_gate.assign(gate_up[..., :h])
@@ -74,8 +74,8 @@ def test_equals_keras_hub_qwen_sparse_moe_block(normalize, dropless_impl):
     ref.build(x.shape)
     ours = MoEFeedForward(
         E, H, router="top_k",
-        router_kwargs={"k": K, "capacity_factor": None, "normalize_gates": normalize},
-        activation="gated_silu", dropless_impl=dropless_impl, shared_expert_hidden_dim=HS,
+        router_kwargs={"top_k": K, "capacity_factor": None, "normalize_gates": normalize},
+        activation="gated_silu", dropless_impl=dropless_impl, shared_expert_intermediate_dim=HS,
     )
     ours.build(x.shape)
     _copy_from_qwen(ours, ref)
@@ -90,8 +90,8 @@ def test_equals_keras_hub_qwen_sparse_moe_block(normalize, dropless_impl):
 
 def test_one_hot_dispatch_and_capacity_dropping_add_the_same_shared_expert():
     x = _x((2, 8, D))
-    kwargs = dict(router="top_k", router_kwargs={"k": 1, "capacity_factor": 0.5},
-                  shared_expert_hidden_dim=HS)
+    kwargs = dict(router="top_k", router_kwargs={"top_k": 1, "capacity_factor": 0.5},
+                  shared_expert_intermediate_dim=HS)
     index = MoEFeedForward(E, H, **kwargs)
     index.build(x.shape)
     one_hot = MoEFeedForward(E, H, dispatch="one_hot", **kwargs)
@@ -113,11 +113,11 @@ def test_one_hot_dispatch_and_capacity_dropping_add_the_same_shared_expert():
 
 def test_mixed_precision_computes_in_bfloat16_with_a_float32_gate_weight():
     x = _x()
-    layer = MoEFeedForward(E, H, shared_expert_hidden_dim=HS, dtype="mixed_bfloat16")
+    layer = MoEFeedForward(E, H, shared_expert_intermediate_dim=HS, dtype="mixed_bfloat16")
     y = layer(x)
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     assert keras.backend.standardize_dtype(layer.shared_expert_gate.dtype) == "float32"
-    reference = MoEFeedForward(E, H, shared_expert_hidden_dim=HS)
+    reference = MoEFeedForward(E, H, shared_expert_intermediate_dim=HS)
     reference.build(x.shape)
     reference.set_weights(layer.get_weights())
     np.testing.assert_allclose(
@@ -131,7 +131,7 @@ def test_none_is_the_layer_without_a_shared_expert():
     default = MoEFeedForward(E, H)
     default.build(x.shape)
     keras.utils.set_random_seed(3)
-    explicit = MoEFeedForward(E, H, shared_expert_hidden_dim=None)
+    explicit = MoEFeedForward(E, H, shared_expert_intermediate_dim=None)
     explicit.build(x.shape)
     assert default.shared_expert is None
     paths = [w.path.split("/", 1)[1] for w in default.weights]
@@ -141,7 +141,7 @@ def test_none_is_the_layer_without_a_shared_expert():
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(to_numpy(default(x)), to_numpy(explicit(x)))
     # A layer with the shared expert computes the same routed part, bit for bit.
-    shared = MoEFeedForward(E, H, shared_expert_hidden_dim=HS)
+    shared = MoEFeedForward(E, H, shared_expert_intermediate_dim=HS)
     shared.build(x.shape)
     for variable, value in zip(default.weights, shared.weights[1:]):  # gate first
         assert variable.path.split("/", 1)[1] == value.path.split("/", 1)[1]
@@ -152,64 +152,64 @@ def test_none_is_the_layer_without_a_shared_expert():
     # Configs: the key is there (None); a config without it (saved before the
     # option existed) builds the same layer.
     config = default.get_config()
-    assert config["shared_expert_hidden_dim"] is None
-    del config["shared_expert_hidden_dim"]
+    assert config["shared_expert_intermediate_dim"] is None
+    del config["shared_expert_intermediate_dim"]
     assert MoEFeedForward.from_config(config).shared_expert is None
 
 
 def test_layer_config_round_trip_and_bad_values():
-    layer = MoEFeedForward(E, H, activation="gated_silu", shared_expert_hidden_dim=HS)
+    layer = MoEFeedForward(E, H, activation="gated_silu", shared_expert_intermediate_dim=HS)
     config = layer.get_config()
-    assert config["shared_expert_hidden_dim"] == HS
+    assert config["shared_expert_intermediate_dim"] == HS
     clone = MoEFeedForward.from_config(json.loads(json.dumps(config)))
     assert isinstance(clone.shared_expert, FeedForward)
-    assert clone.shared_expert.hidden_dim == HS
+    assert clone.shared_expert.intermediate_dim == HS
     assert clone.shared_expert.activation == "gated_silu"
     for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError),
                        (True, TypeError), ("8", TypeError)):
         with pytest.raises(
             error,
-            match=rf"`shared_expert_hidden_dim` must be a positive integer or None\. "
-                  rf"Received: shared_expert_hidden_dim={bad!r}",
+            match=rf"`shared_expert_intermediate_dim` must be a positive integer or None\. "
+                  rf"Received: shared_expert_intermediate_dim={bad!r}",
         ):
-            MoEFeedForward(E, H, shared_expert_hidden_dim=bad)
+            MoEFeedForward(E, H, shared_expert_intermediate_dim=bad)
 
 
 def test_spec_json_round_trip_defaults_and_bad_values():
-    spec = MoESpec(E, H, activation="swiglu", shared_expert_hidden_dim=HS)
-    assert spec.layer_kwargs()["shared_expert_hidden_dim"] == HS
+    spec = MoESpec(E, H, activation="swiglu", shared_expert_intermediate_dim=HS)
+    assert spec.layer_kwargs()["shared_expert_intermediate_dim"] == HS
     block = BlockSpec([AttentionSpec(2), spec])
     assert BlockSpec.from_json(block.to_json()) == block
-    assert sublayer_to_dict(spec)["shared_expert_hidden_dim"] == HS
+    assert sublayer_to_dict(spec)["shared_expert_intermediate_dim"] == HS
     # Off (the default): not written, so configs saved before the option
     # existed are unchanged; dicts without the key read as None.
     plain = MoESpec(E, H)
-    assert plain.shared_expert_hidden_dim is None
-    assert plain.layer_kwargs()["shared_expert_hidden_dim"] is None
-    assert "shared_expert_hidden_dim" not in sublayer_to_dict(plain)
+    assert plain.shared_expert_intermediate_dim is None
+    assert plain.layer_kwargs()["shared_expert_intermediate_dim"] is None
+    assert "shared_expert_intermediate_dim" not in sublayer_to_dict(plain)
     assert sublayer_from_dict(sublayer_to_dict(plain)) == plain
     assert sublayer_from_dict(
-        {**sublayer_to_dict(plain), "shared_expert_hidden_dim": None}
+        {**sublayer_to_dict(plain), "shared_expert_intermediate_dim": None}
     ) == plain
     for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (False, TypeError)):
-        with pytest.raises(error, match=r"`shared_expert_hidden_dim` must be a positive "
+        with pytest.raises(error, match=r"`shared_expert_intermediate_dim` must be a positive "
                                         rf"integer or None\. Received: "
-                                        rf"shared_expert_hidden_dim={bad!r}"):
-            MoESpec(E, H, shared_expert_hidden_dim=bad)
-    bad_dict = {**sublayer_to_dict(plain), "shared_expert_hidden_dim": 0}
+                                        rf"shared_expert_intermediate_dim={bad!r}"):
+            MoESpec(E, H, shared_expert_intermediate_dim=bad)
+    bad_dict = {**sublayer_to_dict(plain), "shared_expert_intermediate_dim": 0}
     with pytest.raises(ValueError, match=r"In `sublayers\[1\]` \(moe\).*=0"):
         BlockSpec([AttentionSpec(2), bad_dict])
 
 
 def _spec(**moe):
-    moe = {"k": K, "capacity_factor": 1.25, "activation": "gated_silu",
-           "shared_expert_hidden_dim": HS, **moe}
+    moe = {"top_k": K, "capacity_factor": 1.25, "activation": "gated_silu",
+           "shared_expert_intermediate_dim": HS, **moe}
     return BlockSpec([AttentionSpec(2), MoESpec(E, H, **moe), FeedForwardSpec(16)])
 
 
 def _config(**moe):
     return {"vocabulary_size": VOCAB, "hidden_dim": D, "blocks": _spec(**moe).to_dict(),
-            "num_blocks": 2, "max_sequence_length": 32}
+            "num_layers": 2, "max_sequence_length": 32}
 
 
 def _inputs(seed=0):
@@ -233,12 +233,12 @@ def test_parameter_counts_and_weight_specs_match_a_built_backbone():
     sub = _spec().sublayers[1]
     total, activated = sublayer_parameters(sub, D)
     plain_total, plain_activated = sublayer_parameters(
-        MoESpec(E, H, k=K, activation="gated_silu"), D
+        MoESpec(E, H, top_k=K, activation="gated_silu"), D
     )
     shared = 3 * D * HS + D
     assert total - plain_total == shared
     assert activated - plain_activated == pytest.approx(shared)
-    without = count_parameters(_config(shared_expert_hidden_dim=None))
+    without = count_parameters(_config(shared_expert_intermediate_dim=None))
     assert counts["total"] - without["total"] == 2 * shared
     assert counts["activated"] - without["activated"] == 2 * shared
 
@@ -263,7 +263,7 @@ def test_layout_map_splits_the_shared_expert_like_a_dense_ffn_and_the_planners_s
     assert shards["block_0/1_moe/shared_expert/w_out"].local_shape == (HS // 2, D)
     assert shards["block_0/1_moe/shared_expert_gate"].local_shape == (D, 1)
     # The activation estimate and the step-time model count its work.
-    base = _config(shared_expert_hidden_dim=None)
+    base = _config(shared_expert_intermediate_dim=None)
     with_shared = activation_bytes(config, "batch=1", batch_size=2, sequence_length=T)
     without = activation_bytes(base, "batch=1", batch_size=2, sequence_length=T)
     assert with_shared["moe experts"] > without["moe experts"]
@@ -272,7 +272,7 @@ def test_layout_map_splits_the_shared_expert_like_a_dense_ffn_and_the_planners_s
 
 
 def test_lora_and_int8_adapters_and_scales_match_one_rule():
-    backbone = BrainformerBackbone(**dict(_config(), num_blocks=1))
+    backbone = BrainformerBackbone(**dict(_config(), num_layers=1))
     backbone.quantize("int8")
     backbone.enable_lora(2)
     added = [w.path for w in backbone.weights if "shared_expert/" in w.path]

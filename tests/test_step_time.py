@@ -30,7 +30,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _dense_config(d=64, heads=4, hidden=256, blocks=2, vocab=1000):
-    return {"vocabulary_size": vocab, "hidden_dim": d, "num_blocks": blocks,
+    return {"vocabulary_size": vocab, "hidden_dim": d, "num_layers": blocks,
             "blocks": dense_transformer_layer(heads, hidden).to_dict()}
 
 
@@ -58,7 +58,7 @@ def test_executed_flops_are_model_flops_plus_attention_core_minus_norms():
     B, T = 2, 64
     plan = predict_step_time(config, "batch=1", B, T, "h100", expert_dim_name=None)
     core = sum(t.flops for t in plan.terms if "scores" in t.name or "probs·v" in t.name)
-    norm_params = (2 * config["num_blocks"] + 1) * config["hidden_dim"]
+    norm_params = (2 * config["num_layers"] + 1) * config["hidden_dim"]
     assert plan.model_flops == 6 * count_parameters(config)["activated"] * B * T
     assert plan.executed_flops == plan.model_flops + core - 6 * norm_params * B * T
 

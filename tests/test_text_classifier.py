@@ -45,10 +45,10 @@ TEXTS = [
 LABELS = [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-def tiny_backbone(vocabulary_size, seed=0, num_blocks=2):
+def tiny_backbone(vocabulary_size, seed=0, num_layers=2):
     keras.utils.set_random_seed(seed)
     return BrainformerBackbone(
-        vocabulary_size=vocabulary_size, hidden_dim=D, blocks=SPEC, num_blocks=num_blocks
+        vocabulary_size=vocabulary_size, hidden_dim=D, blocks=SPEC, num_layers=num_layers
     )
 
 
@@ -57,7 +57,7 @@ def tiny_classifier(num_classes=2, sequence_length=12, seed=0, **kwargs):
     preprocessor = BrainformerTextClassifierPreprocessor(
         tokenizer, sequence_length=sequence_length
     )
-    backbone = tiny_backbone(tokenizer.vocabulary_size(), seed=seed, num_blocks=1)
+    backbone = tiny_backbone(tokenizer.vocabulary_size(), seed=seed, num_layers=1)
     return BrainformerTextClassifier(
         backbone, num_classes=num_classes, preprocessor=preprocessor, **kwargs
     )
@@ -253,7 +253,7 @@ def test_preset_round_trip(tmp_path):
 
 def test_classifier_from_a_backbone_only_preset(tmp_path):
     tokenizer = BrainformerTokenizer()
-    backbone = tiny_backbone(tokenizer.vocabulary_size(), num_blocks=1)
+    backbone = tiny_backbone(tokenizer.vocabulary_size(), num_layers=1)
     preset = str(tmp_path / "backbone")
     backbone.save_to_preset(preset)
     tokenizer.save_to_preset(preset)

@@ -85,8 +85,8 @@ def tiny_backbone(vocabulary_size):
     return BrainformerBackbone(
         vocabulary_size=vocabulary_size,
         hidden_dim=16,
-        blocks=dense_transformer_layer(num_heads=2, hidden_dim=32),
-        num_blocks=1,
+        blocks=dense_transformer_layer(num_heads=2, intermediate_dim=32),
+        num_layers=1,
     )
 
 

@@ -133,9 +133,9 @@ def test_make_optimizer_rejects_unknown_names():
 def tiny_lm(moe=True):
     keras.utils.set_random_seed(0)
     sublayers = [AttentionSpec(num_heads=2)]
-    sublayers += [MoESpec(4, 24, k=2, capacity_factor=1.0)] if moe else [FeedForwardSpec(24)]
+    sublayers += [MoESpec(4, 24, top_k=2, capacity_factor=1.0)] if moe else [FeedForwardSpec(24)]
     backbone = BrainformerBackbone(
-        vocabulary_size=VOCAB, hidden_dim=D, blocks=BlockSpec(sublayers), num_blocks=2
+        vocabulary_size=VOCAB, hidden_dim=D, blocks=BlockSpec(sublayers), num_layers=2
     )
     lm = BrainformerCausalLM(backbone)
     lm.compile(

@@ -29,21 +29,21 @@ from tests.conftest import to_numpy
 
 D, HIDDEN, VOCAB = 16, 32, 64
 ATTENTION = AttentionSpec(num_heads=2)
-FFN = FeedForwardSpec(hidden_dim=HIDDEN, activation="gated_gelu")
+FFN = FeedForwardSpec(intermediate_dim=HIDDEN, activation="gated_gelu")
 
 
-def dense_backbone(num_blocks=4, vocabulary_size=VOCAB):
+def dense_backbone(num_layers=4, vocabulary_size=VOCAB):
     keras.utils.set_random_seed(0)
     return BrainformerBackbone(
         vocabulary_size=vocabulary_size,
         hidden_dim=D,
         blocks=BlockSpec([ATTENTION, FFN]),
-        num_blocks=num_blocks,
+        num_layers=num_layers,
     )
 
 
 def moe(**fields):
-    fields = {"num_experts": 4, "hidden_dim": HIDDEN, "activation": "gated_gelu", **fields}
+    fields = {"num_experts": 4, "intermediate_dim": HIDDEN, "activation": "gated_gelu", **fields}
     return MoESpec(**fields)
 
 
@@ -62,7 +62,7 @@ def logits(backbone, x, training=False):
 
 def test_dropless_top_k_upcycle_gives_the_dense_logits():
     dense = dense_backbone()
-    target = glam_target(dense.get_config(), 4, k=2, capacity_factor=None)
+    target = glam_target(dense.get_config(), 4, top_k=2, capacity_factor=None)
     up = upcycle(dense, target)
     assert len(up.moe_layers) == 2 and up.count_params() > dense.count_params()
     x = inputs()
@@ -99,7 +99,7 @@ def test_every_weight_with_a_counterpart_is_copied_and_experts_start_from_the_ff
 
 
 def test_router_init_zeros_and_expert_noise_are_seeded_options():
-    dense = dense_backbone(num_blocks=2)
+    dense = dense_backbone(num_layers=2)
     target = glam_target(dense.get_config(), 4)
     zero = upcycle(dense, target, router_init="zeros")
     assert not np.any(to_numpy(zero.moe_layers[0].router.kernel))
@@ -113,8 +113,8 @@ def test_router_init_zeros_and_expert_noise_are_seeded_options():
 
 
 def test_capacity_dropping_changes_training_not_causal_inference():
-    dense = dense_backbone(num_blocks=2)
-    up = upcycle(dense, glam_target(dense.get_config(), 4, k=2, capacity_factor=0.5))
+    dense = dense_backbone(num_layers=2)
+    up = upcycle(dense, glam_target(dense.get_config(), 4, top_k=2, capacity_factor=0.5))
     x = inputs(length=8)
     expected = logits(dense, x)
     # Inference routes causally (dropless): exact.
@@ -124,7 +124,7 @@ def test_capacity_dropping_changes_training_not_causal_inference():
 
 
 def test_expert_choice_compensated_zero_router_is_exact_at_causal_inference():
-    dense = dense_backbone(num_blocks=2)
+    dense = dense_backbone(num_layers=2)
     target = every_nth_ffn_target(
         dense.get_config(), 1, 4, router="expert_choice", capacity_factor=2.0
     )
@@ -140,17 +140,17 @@ def test_expert_choice_compensated_zero_router_is_exact_at_causal_inference():
 
 
 def test_heterogeneous_target_blocks_and_a_repeated_block():
-    dense = dense_backbone(num_blocks=6)
+    dense = dense_backbone(num_layers=6)
     block = BlockSpec([ATTENTION, moe(capacity_factor=None), ATTENTION, FFN,
-                       ATTENTION, moe(capacity_factor=None, k=3)])
+                       ATTENTION, moe(capacity_factor=None, top_k=3)])
     up = upcycle(dense, block)  # repeated twice over the 12 sublayers
-    assert up.num_blocks == 2 and len(up.moe_layers) == 4
+    assert up.num_layers == 2 and len(up.moe_layers) == 4
     x = inputs()
     np.testing.assert_allclose(logits(up, x), logits(dense, x), atol=2e-5, rtol=1e-5)
     # As a list of blocks, or as JSON text.
     listed = upcycle(dense, [block.to_dict(), block.to_dict()])
     assert listed.get_config()["blocks"] == block.to_dict()
-    assert upcycle(dense, block.to_json()).num_blocks == 2
+    assert upcycle(dense, block.to_json()).num_layers == 2
 
 
 @pytest.mark.parametrize(
@@ -158,10 +158,11 @@ def test_heterogeneous_target_blocks_and_a_repeated_block():
     [
         (BlockSpec([ATTENTION, FFN, ATTENTION]), "does not divide"),
         ([BlockSpec([ATTENTION, FFN])] * 3, "counts must be equal"),
-        (BlockSpec([ATTENTION, moe(hidden_dim=48)]), "sublayer 1 \\(moe\\).*`hidden_dim` differs"),
+        (BlockSpec([ATTENTION, moe(intermediate_dim=48)]),
+         "sublayer 1 \\(moe\\).*`intermediate_dim` differs"),
         (BlockSpec([ATTENTION, moe(activation="relu")]), "`activation` differs"),
-        (BlockSpec([ATTENTION, FeedForwardSpec(hidden_dim=24, activation="gated_gelu")]),
-         "block_0 sublayer 1 \\(ffn\\).*`hidden_dim`"),
+        (BlockSpec([ATTENTION, FeedForwardSpec(intermediate_dim=24, activation="gated_gelu")]),
+         "block_0 sublayer 1 \\(ffn\\).*`intermediate_dim`"),
         (BlockSpec([FFN, ATTENTION]), "block_0 sublayer 0 \\(ffn\\).*no counterpart"),
         (BlockSpec([AttentionSpec(num_heads=4), FFN]), "`num_heads` differs"),
         ("glam_tiny", "The target.s `vocabulary_size`=8192 differs"),
@@ -169,7 +170,7 @@ def test_heterogeneous_target_blocks_and_a_repeated_block():
     ],
 )
 def test_what_cannot_be_matched_is_an_error_naming_it(target, message):
-    dense = dense_backbone(num_blocks=2)
+    dense = dense_backbone(num_layers=2)
     with pytest.raises(ValueError, match=message):
         upcycle(dense, target)
 
@@ -177,14 +178,14 @@ def test_what_cannot_be_matched_is_an_error_naming_it(target, message):
 def test_a_target_that_upcycles_nothing_is_refused():
     """An MoE source given its own layout was written as an identity copy
     whose metadata said the experts started from dense FFNs (issue 32)."""
-    source = upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, moe(), ATTENTION, FFN]))
+    source = upcycle(dense_backbone(num_layers=2), BlockSpec([ATTENTION, moe(), ATTENTION, FFN]))
     same = BlockSpec([ATTENTION, moe(), ATTENTION, FFN])
     with pytest.raises(ValueError, match="none of the source's 1 dense FFN sublayers into an "
                        "MoE sublayer.*its 1 MoE sublayers would only be copied"):
         upcycle(source, same)
     with pytest.raises(ValueError, match="none of the source's 2 dense FFN"):
-        upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, FFN]))
-    all_moe = upcycle(dense_backbone(num_blocks=2), BlockSpec([ATTENTION, moe()]))
+        upcycle(dense_backbone(num_layers=2), BlockSpec([ATTENTION, FFN]))
+    all_moe = upcycle(dense_backbone(num_layers=2), BlockSpec([ATTENTION, moe()]))
     with pytest.raises(ValueError, match="no dense FFN sublayer to upcycle.*2 MoE sublayers"):
         upcycle(all_moe, BlockSpec([ATTENTION, moe()]))
     # Upcycling the remaining FFN of a partly MoE model is still upcycling.
@@ -192,15 +193,15 @@ def test_a_target_that_upcycles_nothing_is_refused():
 
 
 def test_lora_or_int8_sources_are_refused():
-    dense = dense_backbone(num_blocks=1)
+    dense = dense_backbone(num_layers=1)
     dense.enable_lora(2)
     with pytest.raises(ValueError, match="LoRA"):
         upcycle(dense, BlockSpec([ATTENTION, moe()]))
 
 
-def language_model(num_blocks=2):
+def language_model(num_layers=2):
     tokenizer = BrainformerTokenizer()
-    backbone = dense_backbone(num_blocks, vocabulary_size=tokenizer.vocabulary_size())
+    backbone = dense_backbone(num_layers, vocabulary_size=tokenizer.vocabulary_size())
     preprocessor = BrainformerCausalLMPreprocessor(tokenizer, sequence_length=16)
     return BrainformerCausalLM(backbone, preprocessor=preprocessor)
 
@@ -231,7 +232,7 @@ def test_upcycled_preset_loads_and_takes_lora_and_int8(tmp_path):
 
 
 def test_cli_upcycle_writes_a_preset_and_errors_leave_nothing(tmp_path, capsys):
-    lm = language_model(num_blocks=2)
+    lm = language_model(num_layers=2)
     source = tmp_path / "dense"
     lm.save_to_preset(str(source))
     record_checksums(source)  # else every command warns that it has none
@@ -243,7 +244,7 @@ def test_cli_upcycle_writes_a_preset_and_errors_leave_nothing(tmp_path, capsys):
     np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(lm(x)), atol=2e-5, rtol=1e-5)
     capsys.readouterr()
 
-    bad = BlockSpec([ATTENTION, moe(hidden_dim=48)]).to_json()
+    bad = BlockSpec([ATTENTION, moe(intermediate_dim=48)]).to_json()
     for args in (
         ["--to", bad, "--out", str(tmp_path / "bad")],
         ["--to", "{not json", "--out", str(tmp_path / "bad")],
@@ -272,10 +273,10 @@ def test_cli_upcycles_the_trained_dense_preset_exactly_and_trains_it(tmp_path):
     spec = json.dumps(
         BlockSpec([
             AttentionSpec(num_heads=3, head_dim=20),
-            MoESpec(num_experts=8, hidden_dim=240, activation="gated_gelu",
+            MoESpec(num_experts=8, intermediate_dim=240, activation="gated_gelu",
                     capacity_factor=None),
             AttentionSpec(num_heads=3, head_dim=20),
-            FeedForwardSpec(hidden_dim=240, activation="gated_gelu"),
+            FeedForwardSpec(intermediate_dim=240, activation="gated_gelu"),
         ]).to_dict()
     )
     out = tmp_path / "glam_up"

@@ -624,7 +624,7 @@ def _run_convert(args):
     tokenizer = "with its tokenizer" if preprocessor is not None else "no tokenizer in the preset"
     print(
         f"Converted {args.preset} ({type(backbone).__name__}) into {folder}: "
-        f"{converted.num_blocks} blocks, {moe} MoE sublayers, "
+        f"{converted.num_layers} blocks, {moe} MoE sublayers, "
         f"{converted.count_params():,} parameters, {tokenizer}."
     )
 
@@ -669,7 +669,7 @@ def _run_upcycle(args):
     summary = upcycled.backbone.get_config()
     moe = sum(len(b.moe_layers) for b in upcycled.backbone.transformer_blocks)
     print(
-        f"Upcycled {args.preset} into {out}: {summary['num_blocks'] or len(summary['blocks'])} "
+        f"Upcycled {args.preset} into {out}: {summary['num_layers'] or len(summary['blocks'])} "
         f"blocks, {moe} MoE sublayers, {upcycled.backbone.count_params():,} parameters."
     )
 

@@ -31,13 +31,13 @@ def tiny_brainformer_block(hidden_dim=64, num_experts=8):
     return BlockSpec(
         [
             AttentionSpec(num_heads=4),
-            MoESpec(hidden_dim=2 * hidden_dim, activation="gated_gelu", **moe),
-            FeedForwardSpec(hidden_dim=2 * hidden_dim, activation="gated_gelu"),
-            MoESpec(hidden_dim=2 * hidden_dim, activation="relu", **moe),
+            MoESpec(intermediate_dim=2 * hidden_dim, activation="gated_gelu", **moe),
+            FeedForwardSpec(intermediate_dim=2 * hidden_dim, activation="gated_gelu"),
+            MoESpec(intermediate_dim=2 * hidden_dim, activation="relu", **moe),
             AttentionSpec(num_heads=4),
-            MoESpec(hidden_dim=2 * hidden_dim, activation="gated_gelu", **moe),
-            FeedForwardSpec(hidden_dim=2 * hidden_dim, activation="gated_gelu"),
-            MoESpec(hidden_dim=2 * hidden_dim, activation="relu", **moe),
+            MoESpec(intermediate_dim=2 * hidden_dim, activation="gated_gelu", **moe),
+            FeedForwardSpec(intermediate_dim=2 * hidden_dim, activation="gated_gelu"),
+            MoESpec(intermediate_dim=2 * hidden_dim, activation="relu", **moe),
         ]
     )
 
@@ -64,7 +64,7 @@ def main(argv=None):
         vocabulary_size=BYTE_VOCABULARY_SIZE,
         hidden_dim=args.hidden_dim,
         blocks=tiny_brainformer_block(args.hidden_dim),
-        num_blocks=args.num_blocks,
+        num_layers=args.num_blocks,
         max_sequence_length=args.sequence_length,
     )
     counts = count_parameters(backbone.get_config())

@@ -55,7 +55,7 @@ from keras_brainformer.errors import TrainingError
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
-from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import config_block_specs
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
@@ -402,7 +402,7 @@ def moe_dispatch_geometry(sub, batch_size, sequence_length, sizes, tensor_axes):
             f"by the MoE `group_size`={S}."
         )
     G = B * T // S
-    slots = sub.k if sub.router == "top_k" else 1
+    slots = sub.top_k if sub.router == "top_k" else 1
     C = compute_capacity(slots * S, S, sub.capacity_factor, E)
     if tensor_axes[1] is not None and G % sizes[tensor_axes[1]]:
         raise ValueError(
@@ -439,7 +439,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
       (`2` or `4` `·E·G·C·h·a`), the float32 combine (`2·E·G·C·d·f`) and its
       output (`N·d·(f + a)`), with `G` groups of `S` tokens (`group_size`,
       default one sequence) and `C` the router's training capacity; a
-      shared expert (`shared_expert_hidden_dim`) adds a dense FFN's
+      shared expert (`shared_expert_intermediate_dim`) adds a dense FFN's
       hidden activations on every token and `2·N·d·a` for its gating;
     - the embedding output `N·d·a` and the logits and loss `b·T·V·(a + 3f)`
       (logits, their float32 copy, log-softmax, one-hot targets);
@@ -508,7 +508,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     tensor_axes = dispatched_tensor_axes(
         names, batch_dim_name, model_dim_name, expert_dim_name, fsdp
     )
-    for spec in resolve_block_specs(config["blocks"], config.get("num_blocks")):
+    for spec in config_block_specs(config):
         for sub in spec.sublayers:
             groups["norms"] += norm
             if sub.kind == "attention":
@@ -521,7 +521,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 groups["attention"] += per_token * N * hd * a
                 groups["attention scores"] += b * H * T * T * ((f + a) if tpu else (2 * f + a))
             elif sub.kind == "ffn":
-                h = _split(sub.hidden_dim, ffn_axis, sizes)
+                h = _split(sub.intermediate_dim, ffn_axis, sizes)
                 per_token = 4 if is_gated(sub.activation) else 2
                 groups["dense ffn"] += (per_token // 2 if tpu else per_token) * N * h * a
             else:
@@ -530,7 +530,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                     sub, B, T, sizes, tensor_axes
                 )
                 slots_local = E_local * G_local * C
-                h = _split(sub.hidden_dim, expert_axes[2], sizes)
+                h = _split(sub.intermediate_dim, expert_axes[2], sizes)
                 router = 3 * N * E * f + (N * d * f if a < f and not tpu else 0)
                 groups["moe router"] += router
                 groups["moe dispatched tokens"] += 2 * slots_local * d * a + (
@@ -540,10 +540,10 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
                 groups["moe experts"] += (
                     hidden_tensors // 2 if tpu else hidden_tensors
                 ) * slots_local * h * a
-                if sub.shared_expert_hidden_dim is not None:
+                if sub.shared_expert_intermediate_dim is not None:
                     # The shared expert, a dense FFN on every token (split
                     # like one), plus its gate and gated output.
-                    hs = _split(sub.shared_expert_hidden_dim, ffn_axis, sizes)
+                    hs = _split(sub.shared_expert_intermediate_dim, ffn_axis, sizes)
                     groups["moe experts"] += hidden_tensors * N * hs * a + 2 * N * d * a
     vocab_axis = axes("embedding")[0]
     logits = b * T * _split(V, vocab_axis, sizes)

@@ -76,7 +76,7 @@ from keras_brainformer.distribution.memory_plan import moe_dispatch_geometry
 from keras_brainformer.distribution.memory_plan import shard_weights
 from keras_brainformer.distribution.mesh import MESH_AXES
 from keras_brainformer.layers.activations import is_gated
-from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import config_block_specs
 from keras_brainformer.zoo.parameter_count import count_parameters
 from keras_brainformer.zoo.weight_specs import DTYPE_BYTES
 from keras_brainformer.zoo.weight_specs import DTYPE_POLICIES
@@ -234,7 +234,7 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
                     "all-reduce", nbytes, "model", sizes))
 
     norm_bytes = (ELEMENTWISE_PASSES + 3) * N * d * a  # norm + residual add
-    for i, spec in enumerate(resolve_block_specs(config["blocks"], config.get("num_blocks"))):
+    for i, spec in enumerate(config_block_specs(config)):
         for j, sub in enumerate(spec.sublayers):
             prefix = f"block_{i}/{j}_{sub.kind}"
             terms.append(elementwise_term("norms and residuals", f"{prefix}_norm", norm_bytes))
@@ -305,7 +305,7 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
                                                  full, expert_axis, sizes))
                 if used[f"{prefix}/experts/w_in"].axes[2] == "model":
                     tensor_parallel(f"{prefix}", slots * d * a)
-                if sub.shared_expert_hidden_dim is not None:
+                if sub.shared_expert_intermediate_dim is not None:
                     # Qwen-MoE's shared expert: a dense FFN on every local
                     # token, and its sigmoid gate.
                     _, hs = used[f"{prefix}/shared_expert/w_in"].local_shape

@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.rotary import apply_rotary
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -303,6 +304,7 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
         lora_alpha=None,
         **kwargs,
     ):
+        refuse_old_names(kwargs, "CausalSelfAttention")
         super().__init__(**kwargs)
         self._init_adaptable(lora_rank, lora_alpha)
         self.depthwise_conv_kernel = check_depthwise_conv_kernel(
@@ -570,4 +572,4 @@ class CausalSelfAttention(AdaptableKernels, keras.layers.Layer):
     def from_config(cls, config):
         """Also reads configs written by 0.1 (its argument names, see
         `layers/renamed_arguments.py`)."""
-        return super().from_config(with_current_names(config, cls.__name__))
+        return super().from_config(with_current_names(config, "CausalSelfAttention", cls.__name__))

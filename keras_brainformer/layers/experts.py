@@ -8,7 +8,7 @@ from keras_brainformer.layers.feed_forward import FeedForward
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 class ExpertBank(FeedForward):
     """`E` FFN experts applied slot-wise to dispatched tokens:
-    `FeedForward(hidden_dim, ..., num_experts=E)` (see it), named for what
+    `FeedForward(intermediate_dim, ..., num_experts=E)` (see it), named for what
     `MoEFeedForward` holds and with `num_experts` first.
 
     Weights: `w_in [E, d, h]` (plus `w_gate [E, d, h]` for gated activations)
@@ -16,7 +16,7 @@ class ExpertBank(FeedForward):
 
     Args:
         num_experts: int, `E`.
-        hidden_dim: int, `h`, each expert's hidden width.
+        intermediate_dim: int, `h`, each expert's hidden width.
         activation: str, see `keras_brainformer.layers.activations`.
         kernel_initializer: initializer of each expert's weights.
         lora_rank: int or None. Builds the bank with per-expert LoRA
@@ -25,7 +25,7 @@ class ExpertBank(FeedForward):
 
     Example:
     >>> import numpy as np
-    >>> bank = ExpertBank(num_experts=4, hidden_dim=32)
+    >>> bank = ExpertBank(num_experts=4, intermediate_dim=32)
     >>> tuple(bank(np.ones((4, 2, 3, 16), "float32")).shape)
     (4, 2, 3, 16)
     """
@@ -33,7 +33,7 @@ class ExpertBank(FeedForward):
     def __init__(
         self,
         num_experts,
-        hidden_dim,
+        intermediate_dim,
         activation="gelu",
         kernel_initializer="glorot_uniform",
         lora_rank=None,
@@ -41,6 +41,6 @@ class ExpertBank(FeedForward):
         **kwargs,
     ):
         super().__init__(
-            hidden_dim, activation=activation, kernel_initializer=kernel_initializer,
+            intermediate_dim, activation=activation, kernel_initializer=kernel_initializer,
             lora_rank=lora_rank, lora_alpha=lora_alpha, num_experts=num_experts, **kwargs,
         )

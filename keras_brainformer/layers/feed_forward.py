@@ -9,6 +9,8 @@ from keras_brainformer.layers.activations import get_activation
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.initializers import expert_initializer
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.validation import check_positive_int
 
 
@@ -26,7 +28,7 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
     to each block of rows instead.
 
     Args:
-        hidden_dim: int. Width of the hidden layer (of each expert).
+        intermediate_dim: int. Width of the hidden layer (of each expert).
         activation: str. One of `relu`, `gelu`, `silu`/`swish`, `squared_relu`
             and their gated forms `gated_relu`, `gated_gelu`, `gated_silu`
             (aliases `reglu`, `geglu`, `swiglu`).
@@ -46,17 +48,17 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
 
     Example:
     >>> import numpy as np
-    >>> ffn = FeedForward(hidden_dim=32, activation="gated_gelu")
+    >>> ffn = FeedForward(intermediate_dim=32, activation="gated_gelu")
     >>> tuple(ffn(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
-    >>> experts = FeedForward(hidden_dim=32, num_experts=4)
+    >>> experts = FeedForward(intermediate_dim=32, num_experts=4)
     >>> tuple(experts(np.ones((4, 2, 3, 16), "float32")).shape)
     (4, 2, 3, 16)
     """
 
     def __init__(
         self,
-        hidden_dim,
+        intermediate_dim,
         activation="gelu",
         kernel_initializer="glorot_uniform",
         lora_rank=None,
@@ -64,9 +66,10 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
         num_experts=None,
         **kwargs,
     ):
+        refuse_old_names(kwargs, "FeedForward")
         super().__init__(**kwargs)
         self._init_adaptable(lora_rank, lora_alpha)
-        self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        self.intermediate_dim = check_positive_int("intermediate_dim", intermediate_dim)
         self.num_experts = (
             None if num_experts is None else check_positive_int("num_experts", num_experts)
         )
@@ -85,7 +88,7 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
         return self._gated
 
     def build(self, input_shape):
-        model_dim, h, E = input_shape[-1], self.hidden_dim, self.num_experts
+        model_dim, h, E = input_shape[-1], self.intermediate_dim, self.num_experts
         if E is None:
             shapes, batch_dims = ((model_dim, h), (h, model_dim)), 0
             initializer = lambda: clone_initializer(self.kernel_initializer)  # noqa: E731
@@ -139,7 +142,7 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
                 "activation": self.activation,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
@@ -150,3 +153,8 @@ class FeedForward(AdaptableKernels, keras.layers.Layer):
         if self.num_experts is not None:
             config["num_experts"] = self.num_experts
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written by 0.1 say `hidden_dim` (layers/renamed_arguments.py).
+        return super().from_config(with_current_names(config, "FeedForward", cls.__name__))

@@ -9,6 +9,8 @@ from keras_brainformer.layers.expert_computation import routed_output
 from keras_brainformer.layers.experts import ExpertBank
 from keras_brainformer.layers.feed_forward import FeedForward
 from keras_brainformer.layers.initializers import clone_initializer
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import ROUTERS
 from keras_brainformer.layers.routers import Router
@@ -33,10 +35,10 @@ class MoEFeedForward(keras.layers.Layer):
 
     Args:
         num_experts: int, `E`.
-        expert_hidden_dim: int, hidden width of each expert.
+        intermediate_dim: int, hidden width of each expert.
         router: `"top_k"`, `"expert_choice"`, or a `Router` instance.
         router_kwargs: dict of arguments for a router given by name (for
-            example `{"k": 1, "capacity_factor": 1.0}`).
+            example `{"top_k": 1, "capacity_factor": 1.0}`).
         activation: expert activation (see `FeedForward`).
         group_size: tokens per routing group, or None for one group per
             sequence. `batch * sequence_length` must be divisible by it.
@@ -70,7 +72,7 @@ class MoEFeedForward(keras.layers.Layer):
             picks smaller ones). Inference with the block path is exactly
             causal on every backend; TensorFlow's training step is causal up
             to rounding (~1e-8), for speed (`dropless_blocks.chunk_rows`).
-        shared_expert_hidden_dim: hidden width of a shared expert, or None
+        shared_expert_intermediate_dim: hidden width of a shared expert, or None
             (default) for none. When set, every token also goes through one
             dense FFN (`FeedForward` named `"shared_expert"`, with this
             layer's `activation`; `"gated_silu"` gives Qwen-MoE's MLP), scaled
@@ -92,8 +94,8 @@ class MoEFeedForward(keras.layers.Layer):
 
     Example:
     >>> import numpy as np
-    >>> moe = MoEFeedForward(num_experts=4, expert_hidden_dim=32,
-    ...                      router="top_k", router_kwargs={"k": 2})
+    >>> moe = MoEFeedForward(num_experts=4, intermediate_dim=32,
+    ...                      router="top_k", router_kwargs={"top_k": 2})
     >>> tuple(moe(np.random.rand(2, 8, 16).astype("float32")).shape)
     (2, 8, 16)
     """
@@ -101,7 +103,7 @@ class MoEFeedForward(keras.layers.Layer):
     def __init__(
         self,
         num_experts,
-        expert_hidden_dim,
+        intermediate_dim,
         router="top_k",
         router_kwargs=None,
         activation="gelu",
@@ -110,9 +112,10 @@ class MoEFeedForward(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         dropless_impl="auto",
         dropless_block_size=None,
-        shared_expert_hidden_dim=None,
+        shared_expert_intermediate_dim=None,
         **kwargs,
     ):
+        refuse_old_names(kwargs, "MoEFeedForward")
         super().__init__(**kwargs)
         self.dropless_impl = check_choice(
             "dropless_impl", dropless_impl, dropless_blocks.DROPLESS_IMPLS
@@ -127,8 +130,8 @@ class MoEFeedForward(keras.layers.Layer):
                 "where the allowed values are ('auto', 'blocks', 'slots')."
             )
         self.num_experts = check_positive_int("num_experts", num_experts)
-        self.expert_hidden_dim = check_positive_int(
-            "expert_hidden_dim", expert_hidden_dim
+        self.intermediate_dim = check_positive_int(
+            "intermediate_dim", intermediate_dim
         )
         self.group_size = check_optional_positive_int("group_size", group_size)
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES)
@@ -169,20 +172,20 @@ class MoEFeedForward(keras.layers.Layer):
         self.router = router
         self.experts = ExpertBank(
             num_experts,
-            expert_hidden_dim,
+            intermediate_dim,
             activation=activation,
             kernel_initializer=kernel_initializer,
             dtype=self.dtype_policy,
             name="experts",
         )
         self.activation = self.experts.activation
-        self.shared_expert_hidden_dim = check_optional_positive_int(
-            "shared_expert_hidden_dim", shared_expert_hidden_dim
+        self.shared_expert_intermediate_dim = check_optional_positive_int(
+            "shared_expert_intermediate_dim", shared_expert_intermediate_dim
         )
         self.shared_expert = None
-        if self.shared_expert_hidden_dim is not None:
+        if self.shared_expert_intermediate_dim is not None:
             self.shared_expert = FeedForward(
-                self.shared_expert_hidden_dim,
+                self.shared_expert_intermediate_dim,
                 activation=self.activation,
                 kernel_initializer=clone_initializer(self.experts.kernel_initializer),
                 dtype=self.dtype_policy,
@@ -317,7 +320,7 @@ class MoEFeedForward(keras.layers.Layer):
         config.update(
             {
                 "num_experts": self.num_experts,
-                "expert_hidden_dim": self.expert_hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
                 "router": keras.saving.serialize_keras_object(self.router),
                 "router_kwargs": None,
                 "activation": self.activation,
@@ -325,10 +328,22 @@ class MoEFeedForward(keras.layers.Layer):
                 "dispatch": self.dispatch,
                 "dropless_impl": self.dropless_impl,
                 "dropless_block_size": self.dropless_block_size,
-                "shared_expert_hidden_dim": self.shared_expert_hidden_dim,
+                "shared_expert_intermediate_dim": self.shared_expert_intermediate_dim,
                 "kernel_initializer": keras.initializers.serialize(
                     self.experts.kernel_initializer
                 ),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written by 0.1 say `expert_hidden_dim`,
+        # `shared_expert_hidden_dim` and `router_kwargs={"k": ...}`
+        # (layers/renamed_arguments.py; a serialised router translates itself).
+        config = with_current_names(config, "MoEFeedForward", cls.__name__)
+        if isinstance(config.get("router_kwargs"), dict):
+            config["router_kwargs"] = with_current_names(
+                config["router_kwargs"], "TopKRouter", f"{cls.__name__}.router_kwargs"
+            )
+        return super().from_config(config)

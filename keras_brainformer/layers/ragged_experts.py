@@ -79,7 +79,7 @@ def ragged_experts_combine(tokens, token_expert, token_gate, token_keep, bank):
     Example:
     >>> import numpy as np
     >>> from keras_brainformer.layers import ExpertBank
-    >>> bank = ExpertBank(num_experts=4, hidden_dim=8)
+    >>> bank = ExpertBank(num_experts=4, intermediate_dim=8)
     >>> bank.build((4, None, None, 16))
     >>> if keras.config.backend() == "jax":  # JAX only
     ...     out = ragged_experts_combine(

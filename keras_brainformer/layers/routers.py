@@ -44,6 +44,8 @@ from keras import ops
 
 from keras_brainformer.layers.grouped_scatter import segment_sum_per_group
 from keras_brainformer.layers.initializers import clone_initializer
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -496,9 +498,9 @@ def token_choice_route(
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
 class TopKRouter(Router):
-    """Token choice: every token picks its top-`k` experts (Switch k=1, GShard/GLaM k=2).
+    """Token choice: every token picks its `top_k` experts (Switch: 1, GShard/GLaM: 2).
 
-    Each expert has `C = ceil(k · S · capacity_factor / E)` slots per group of
+    Each expert has `C = ceil(top_k · S · capacity_factor / E)` slots per group of
     `S` tokens. Slots are filled in priority order: all first choices before
     any second choice, and within a choice rank by position in the group (or,
     with `batch_prioritized=True`, by the token's top-1 router probability,
@@ -507,7 +509,7 @@ class TopKRouter(Router):
 
     Args:
         num_experts: int, `E`.
-        k: int, experts per token, `1 <= k <= E`.
+        top_k: int, `k`, experts per token, `1 <= k <= E`.
         capacity_factor: float > 0 used in training, or None for dropless
             routing (`C = S`: nothing is ever dropped).
         eval_capacity_factor: float > 0 or None used at inference; defaults to
@@ -530,7 +532,7 @@ class TopKRouter(Router):
 
     Example:
     >>> import numpy as np
-    >>> router = TopKRouter(num_experts=4, k=2, capacity_factor=1.0)
+    >>> router = TopKRouter(num_experts=4, top_k=2, capacity_factor=1.0)
     >>> x = np.random.rand(1, 8, 16).astype("float32")
     >>> tuple(router(x, training=True).slot_token.shape)  # C = ceil(2 * 8 * 1.0 / 4)
     (1, 4, 4)
@@ -541,7 +543,7 @@ class TopKRouter(Router):
     def __init__(
         self,
         num_experts,
-        k=2,
+        top_k=2,
         capacity_factor=1.25,
         eval_capacity_factor="same",
         normalize_gates=None,
@@ -552,6 +554,7 @@ class TopKRouter(Router):
         seed=None,
         **kwargs,
     ):
+        refuse_old_names(kwargs, "TopKRouter")
         super().__init__(
             num_experts,
             capacity_factor=capacity_factor,
@@ -562,10 +565,10 @@ class TopKRouter(Router):
             seed=seed,
             **kwargs,
         )
-        self.k = check_positive_int("k", k)
-        if self.k > self.num_experts:
+        self.top_k = check_positive_int("top_k", top_k)
+        if self.top_k > self.num_experts:
             raise ValueError(
-                f"`k` must be <= num_experts={self.num_experts}. Received: k={k}"
+                f"`top_k` must be <= num_experts={self.num_experts}. Received: top_k={top_k}"
             )
         if normalize_gates not in (None, True, False):
             raise TypeError(
@@ -583,35 +586,40 @@ class TopKRouter(Router):
     allows_dropless = True
 
     def slots_per_token(self):
-        return self.k
+        return self.top_k
 
     def route(self, probs, mask, training=False):
-        normalize = self.k > 1 if self.normalize_gates is None else self.normalize_gates
+        normalize = self.top_k > 1 if self.normalize_gates is None else self.normalize_gates
         return token_choice_route(
             probs,
             mask,
-            k=self.k,
+            k=self.top_k,
             capacity=self.capacity(ops.shape(probs)[1], training=training),
             normalize_gates=normalize,
             batch_prioritized=self.batch_prioritized,
         )
 
     def causal_k(self):
-        return self.k
+        return self.top_k
 
     def causal_normalize_gates(self):
-        return self.k > 1 if self.normalize_gates is None else self.normalize_gates
+        return self.top_k > 1 if self.normalize_gates is None else self.normalize_gates
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "k": self.k,
+                "top_k": self.top_k,
                 "normalize_gates": self.normalize_gates,
                 "batch_prioritized": self.batch_prioritized,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written by 0.1 say `k` (layers/renamed_arguments.py).
+        return super().from_config(with_current_names(config, "TopKRouter", cls.__name__))
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

@@ -171,7 +171,7 @@ def evaluate_block(
         "vocabulary_size": data.vocabulary_size,
         "hidden_dim": int(hidden_dim),
         "blocks": block.to_dict(),
-        "num_blocks": int(num_blocks),
+        "num_layers": int(num_blocks),
         "max_sequence_length": data.sequence_length,
         "norm": "rms",
         "tie_embeddings": True,

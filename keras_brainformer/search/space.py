@@ -31,6 +31,7 @@ so every mutation changes the block.
 
 import random
 
+from keras_brainformer.models.brainformer.block_spec import GLAM_LOAD_BALANCE_LOSS_WEIGHT
 from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
@@ -47,7 +48,6 @@ ACTIVATIONS = ("gated_relu", "gated_gelu", "relu", "gelu")
 HEAD_DIM = 64
 PAPER_NUM_EXPERTS = 32
 PROXY_NUM_EXPERTS = 8
-LOAD_BALANCE_LOSS_WEIGHT = 0.01  # GLaM's, for top-2 gating
 
 BLOCK_GENES = ("model_dim", "gating", "capacity_factor")
 SLOT_GENES = ("type", "heads", "hidden", "activation")
@@ -154,7 +154,7 @@ class SearchSpace:
                 )
         # Raises for unknown activations / bad head counts.
         for activation in activations:
-            FeedForwardSpec(hidden_dim=1, activation=activation)
+            FeedForwardSpec(intermediate_dim=1, activation=activation)
         for heads in num_heads:
             AttentionSpec(num_heads=heads)
 
@@ -263,7 +263,7 @@ class SearchSpace:
             hidden = int(genome[slot_gene(i, "hidden")])
             activation = genome[slot_gene(i, "activation")]
             if kind == "ffn":
-                sublayers.append(FeedForwardSpec(hidden_dim=hidden, activation=activation))
+                sublayers.append(FeedForwardSpec(intermediate_dim=hidden, activation=activation))
             elif kind == "moe":
                 sublayers.append(self._moe(genome, hidden, activation))
             else:
@@ -278,17 +278,17 @@ class SearchSpace:
         if gating == "top_2":
             return MoESpec(
                 num_experts=self.num_experts,
-                hidden_dim=hidden,
+                intermediate_dim=hidden,
                 activation=activation,
                 router="top_k",
-                k=2,
+                top_k=2,
                 capacity_factor=capacity_factor,
-                load_balance_loss_weight=LOAD_BALANCE_LOSS_WEIGHT,
+                load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT,
             )
         if gating == "expert_choice":
             return MoESpec(
                 num_experts=self.num_experts,
-                hidden_dim=hidden,
+                intermediate_dim=hidden,
                 activation=activation,
                 router="expert_choice",
                 capacity_factor=capacity_factor,
@@ -303,7 +303,7 @@ class SearchSpace:
             "vocabulary_size": int(vocabulary_size),
             "hidden_dim": int(genome["model_dim"]),
             "blocks": self.to_block_spec(genome).to_dict(),
-            "num_blocks": int(num_blocks),
+            "num_layers": int(num_blocks),
             "max_sequence_length": int(max_sequence_length),
             "norm": "rms",
             "tie_embeddings": True,

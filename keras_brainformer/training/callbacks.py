@@ -70,7 +70,7 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     lm = BrainformerCausalLM(BrainformerBackbone(
         vocabulary_size=64, hidden_dim=16,
-        blocks=dense_transformer_layer(num_heads=2, hidden_dim=32), num_blocks=1))
+        blocks=dense_transformer_layer(num_heads=2, intermediate_dim=32), num_layers=1))
     lm.compile(optimizer="adam")
     tokens = np.random.randint(0, 64, (8, 9)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 8), "int32")}
@@ -171,7 +171,7 @@ class RouterStatisticsLogger(keras.callbacks.Callback):
 
     block = BlockSpec([AttentionSpec(num_heads=2), MoESpec(4, 32)])
     lm = BrainformerCausalLM(BrainformerBackbone(
-        vocabulary_size=64, hidden_dim=16, blocks=block, num_blocks=1))
+        vocabulary_size=64, hidden_dim=16, blocks=block, num_layers=1))
     lm.compile(optimizer="adam")
     tokens = np.random.randint(0, 64, (8, 9)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 8), "int32")}

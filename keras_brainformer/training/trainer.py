@@ -51,6 +51,7 @@ from keras_brainformer.models import BrainformerByteTokenizer
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models import BrainformerCausalLMPreprocessor
 from keras_brainformer.models import BrainformerTokenizer
+from keras_brainformer.models.brainformer.block_spec import current_backbone_config
 from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
@@ -442,6 +443,18 @@ def check_tokenizer_fits(tokenizer, vocabulary_size):
         )
 
 
+def _current_model_config(config):
+    """A recorded run's model config in today's form (runs started by 0.1
+    recorded its argument names); a config that is not a valid backbone
+    config is returned as it is, and will differ."""
+    if not isinstance(config, dict):
+        return config
+    try:
+        return _json_roundtrip(current_backbone_config(config, "the run's recorded model config"))
+    except (TypeError, ValueError):
+        return config
+
+
 def _claim_run_folder(run_dir, run_settings, overwrite):
     """Checks that `run_dir` is empty or holds this same run (clearing it
     with `overwrite`), under the run folder's lock."""
@@ -450,6 +463,7 @@ def _claim_run_folder(run_dir, run_settings, overwrite):
         with open(run_file) as f:
             previous = json.load(f)
         previous.setdefault("encoding", "utf-8")  # run folders from before --encoding
+        previous["model_config"] = _current_model_config(previous.get("model_config"))
         if previous != run_settings:
             if not overwrite:
                 changed = sorted(

@@ -152,7 +152,7 @@ def brainformer_config_from_keras_hub(config, family, max_sequence_length=None,
     ...     "num_layers": 2, "num_query_heads": 4, "num_key_value_heads": 2,
     ...     "hidden_dim": 16, "intermediate_dim": 8, "num_experts": 4,
     ...     "top_k": 2, "sliding_window": 512}, "mixtral")
-    >>> kwargs["blocks"].sublayers[0].num_key_value_heads, kwargs["num_blocks"]
+    >>> kwargs["blocks"].sublayers[0].num_key_value_heads, kwargs["num_layers"]
     (2, 2)
     """
     if family not in _MOE_BLOCK:
@@ -191,15 +191,15 @@ def brainformer_config_from_keras_hub(config, family, max_sequence_length=None,
         aux = config.get("router_aux_loss_coefficient", 0.001)
     moe_fields = {}
     if family == "qwen_moe":
-        moe_fields["shared_expert_hidden_dim"] = config["shared_expert_intermediate_dim"]
+        moe_fields["shared_expert_intermediate_dim"] = config["shared_expert_intermediate_dim"]
     specs = []
     for sparse in _sparse_layers(family, config, weight_paths):
         if sparse:
             ffn = MoESpec(
                 num_experts=config["num_experts"],
-                hidden_dim=moe_width,
+                intermediate_dim=moe_width,
                 activation="gated_silu",
-                k=config["top_k"],
+                top_k=config["top_k"],
                 capacity_factor=None,
                 eval_capacity_factor="same",
                 normalize_gates=normalize,
@@ -209,12 +209,14 @@ def brainformer_config_from_keras_hub(config, family, max_sequence_length=None,
                 **moe_fields,
             )
         else:
-            ffn = FeedForwardSpec(hidden_dim=config["intermediate_dim"], activation="gated_silu")
+            ffn = FeedForwardSpec(
+                intermediate_dim=config["intermediate_dim"], activation="gated_silu"
+            )
         specs.append(BlockSpec([attention, ffn]))
     if all(spec == specs[0] for spec in specs):
-        blocks, num_blocks = specs[0], len(specs)
+        blocks, num_layers = specs[0], len(specs)
     else:
-        blocks, num_blocks = specs, None
+        blocks, num_layers = specs, None
     dtype = config.get("dtype")
     if isinstance(dtype, dict):
         dtype = dtype.get("config", {}).get("name")
@@ -222,7 +224,7 @@ def brainformer_config_from_keras_hub(config, family, max_sequence_length=None,
         "vocabulary_size": config["vocabulary_size"],
         "hidden_dim": d,
         "blocks": blocks,
-        "num_blocks": num_blocks,
+        "num_layers": num_layers,
         "max_sequence_length": max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
         "norm": "rms",
         "layer_norm_epsilon": float(config.get("layer_norm_epsilon", 1e-6)),

@@ -18,7 +18,7 @@ model, checked against built backbones): trainable weights only, so the
 routers' statistics are not parameters.
 """
 
-from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import config_block_specs
 from keras_brainformer.zoo.weight_specs import sublayer_weight_specs
 from keras_brainformer.zoo.weight_specs import weight_specs
 
@@ -63,7 +63,7 @@ def count_parameters(config):
     Example:
     >>> from keras_brainformer.models import dense_transformer_layer
     >>> counts = count_parameters({"vocabulary_size": 100, "hidden_dim": 8,
-    ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 2})
+    ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_layers": 2})
     >>> counts["total"]  # 100*8 + 8 + 2 * (4*8*8 + 2*8*16 + 2*8)
     1864
     """
@@ -72,7 +72,7 @@ def count_parameters(config):
     embedding = sum(s.size for s in specs if s.path.startswith("token_embedding/"))
     activated = total
     banks = _bank_sizes(specs)
-    blocks = resolve_block_specs(config["blocks"], config.get("num_blocks"))
+    blocks = config_block_specs(config)
     for i, spec in enumerate(blocks):
         for j, sub in enumerate(spec.sublayers):
             if sub.kind == "moe":

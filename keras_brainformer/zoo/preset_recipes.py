@@ -121,7 +121,7 @@ BRAINFORMER_WIDTHS = {
     ),
 }
 BRAINFORMER_SCALES = {
-    # scale: (hidden_dim, num_experts, num_blocks, num_heads, head_dim)
+    # scale: (hidden_dim, num_experts, num_layers, num_heads, head_dim)
     "100m": (1024, 32, 3, 16, 64),
     "1b": (2048, 64, 6, 16, 128),
     "8b": (4096, 64, 8, 32, 128),
@@ -140,12 +140,12 @@ def _brainformer_block(
         kind, activation, width = item
         width = int(round(width * width_scale))
         if kind == "ffn":
-            sublayers.append(FeedForwardSpec(hidden_dim=width, activation=activation))
+            sublayers.append(FeedForwardSpec(intermediate_dim=width, activation=activation))
         else:
             sublayers.append(
                 MoESpec(
                     num_experts=num_experts,
-                    hidden_dim=width,
+                    intermediate_dim=width,
                     activation=activation,
                     router="expert_choice",
                     capacity_factor=capacity_factor,
@@ -154,7 +154,7 @@ def _brainformer_block(
     return BlockSpec(sublayers)
 
 
-def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
+def _dense_block(num_heads, head_dim, intermediate_dim, primer=False):
     """A decoder layer: attention then FFN (gated GELU; Primer: squared ReLU
     and a depthwise convolution after Q/K/V)."""
     return BlockSpec(
@@ -165,7 +165,7 @@ def _dense_block(num_heads, head_dim, hidden_dim, primer=False):
                 depthwise_conv_kernel=PRIMER_DEPTHWISE_CONV_KERNEL if primer else 0,
             ),
             FeedForwardSpec(
-                hidden_dim=hidden_dim,
+                intermediate_dim=intermediate_dim,
                 activation="squared_relu" if primer else "gated_gelu",
             ),
         ]
@@ -179,8 +179,8 @@ _VOCABULARY_AND_LENGTH = {
 }
 
 
-def backbone_config(block, num_blocks, hidden_dim, tier="paper"):
-    """The backbone config of `num_blocks` x `block` (a `BlockSpec`) at width
+def backbone_config(block, num_layers, hidden_dim, tier="paper"):
+    """The backbone config of `num_layers` x `block` (a `BlockSpec`) at width
     `hidden_dim`, with the vocabulary and length of `tier` (`"paper"`,
     `"tiny"` or `"small"`)."""
     vocabulary_size, max_sequence_length = _VOCABULARY_AND_LENGTH[tier]
@@ -188,7 +188,7 @@ def backbone_config(block, num_blocks, hidden_dim, tier="paper"):
         "vocabulary_size": vocabulary_size,
         "hidden_dim": hidden_dim,
         "blocks": block.to_dict(),
-        "num_blocks": num_blocks,
+        "num_layers": num_layers,
         "max_sequence_length": max_sequence_length,
         "norm": "rms",
         "tie_embeddings": True,

@@ -16,7 +16,7 @@ from keras_brainformer.zoo.preset_recipes import paper_convention_counts
 def _layout(config):
     letters = {"attention": "A", "ffn": "F", "moe": "M"}
     spec = BlockSpec.from_dict(config["blocks"])
-    return f"{config['num_blocks']} x [{' '.join(letters[s.kind] for s in spec.sublayers)}]"
+    return f"{config['num_layers']} x [{' '.join(letters[s.kind] for s in spec.sublayers)}]"
 
 
 def _experts(config):

@@ -53,6 +53,7 @@ import numpy as np
 
 from keras_brainformer.errors import PresetError
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
@@ -84,7 +85,7 @@ def target_block_specs(target, source_config):
     """The target's list of block specs (one per block), from `target`:
     a `BlockSpec` (or its dict / JSON text), repeated to cover the source's
     sublayers; a list of them (one per block); a backbone config dict (with
-    `blocks` and `num_blocks`); or a zoo preset name or preset folder.
+    `blocks` and `num_layers`); or a zoo preset name or preset folder.
 
     Raises `ValueError` when the target's backbone fields (model width,
     vocabulary, norm, rotary wavelength, tied embedding) differ from the
@@ -94,6 +95,7 @@ def target_block_specs(target, source_config):
     if isinstance(target, str):
         target = _load_target_text(target)
     if isinstance(target, dict) and "blocks" in target:
+        target = with_current_names(target, "BrainformerBackbone", "the upcycling target")
         for field in SHARED_FIELDS:
             if field in target and target[field] != source_config[field]:
                 raise ValueError(
@@ -101,12 +103,12 @@ def target_block_specs(target, source_config):
                     f"model's {source_config[field]!r}; upcycling keeps every shared "
                     "weight, so the two must agree."
                 )
-        target_blocks, num_blocks = target["blocks"], target.get("num_blocks")
+        target_blocks, num_layers = target["blocks"], target.get("num_layers")
         if isinstance(target_blocks, (list, tuple)):
             return [BlockSpec.from_dict(b) for b in target_blocks]
         spec = BlockSpec.from_dict(target_blocks)
-        if num_blocks is not None:
-            return [spec] * int(num_blocks)
+        if num_layers is not None:
+            return [spec] * int(num_layers)
         target = spec
     if isinstance(target, (list, tuple)):
         return [BlockSpec.from_dict(b) for b in target]
@@ -156,7 +158,7 @@ def _source_specs(config):
     blocks = config["blocks"]
     if isinstance(blocks, (list, tuple)):
         return [BlockSpec.from_dict(b) for b in blocks]
-    return [BlockSpec.from_dict(blocks)] * int(config["num_blocks"] or 1)
+    return [BlockSpec.from_dict(blocks)] * int(config["num_layers"] or 1)
 
 
 def _positions(specs):
@@ -195,7 +197,7 @@ def _check_pair(source, target, d):
         return
     if s.kind == "moe" and t.kind != "moe":
         raise ValueError(f"{where}: an MoE sublayer cannot become a dense FFN.")
-    for field in ("hidden_dim", "activation"):
+    for field in ("intermediate_dim", "activation"):
         a, b = getattr(s, field), getattr(t, field)
         if a != b:
             raise ValueError(
@@ -335,14 +337,14 @@ def upcycle(
     ...     AttentionSpec, BlockSpec, FeedForwardSpec, MoESpec)
     >>> from keras_brainformer.models import BrainformerBackbone
     >>> dense = BrainformerBackbone(
-    ...     vocabulary_size=64, hidden_dim=16, num_blocks=2,
+    ...     vocabulary_size=64, hidden_dim=16, num_layers=2,
     ...     blocks=BlockSpec([AttentionSpec(num_heads=2),
-    ...                       FeedForwardSpec(hidden_dim=32)]))
+    ...                       FeedForwardSpec(intermediate_dim=32)]))
     >>> glam = BlockSpec([AttentionSpec(num_heads=2),
-    ...                   MoESpec(num_experts=4, hidden_dim=32, k=2,
+    ...                   MoESpec(num_experts=4, intermediate_dim=32, top_k=2,
     ...                           capacity_factor=None),
     ...                   AttentionSpec(num_heads=2),
-    ...                   FeedForwardSpec(hidden_dim=32)])
+    ...                   FeedForwardSpec(intermediate_dim=32)])
     >>> moe = upcycle(dense, glam)
     >>> x = {"token_ids": np.arange(16).reshape(2, 8) % 64,
     ...      "padding_mask": np.ones((2, 8), "int32")}
@@ -375,7 +377,7 @@ def upcycle(
     if len(source_positions) != len(target_positions):
         raise ValueError(
             f"The target has {len(target_positions)} sublayers in {len(specs)} blocks, "
-            f"the dense model {len(source_positions)} in {source.num_blocks} blocks; "
+            f"the dense model {len(source_positions)} in {source.num_layers} blocks; "
             "upcycling maps sublayer to sublayer, so the counts must be equal."
         )
     d = config["hidden_dim"]
@@ -422,13 +424,13 @@ def upcycled_config(source_config, specs):
         key: value for key, value in source_config.items() if key not in ("name", "trainable")
     }
     if all(spec == specs[0] for spec in specs):
-        target_config.update(blocks=specs[0].to_dict(), num_blocks=len(specs))
+        target_config.update(blocks=specs[0].to_dict(), num_layers=len(specs))
     else:
-        target_config.update(blocks=[s.to_dict() for s in specs], num_blocks=None)
+        target_config.update(blocks=[s.to_dict() for s in specs], num_layers=None)
     return target_config
 
 
-def glam_target(source_config, num_experts, k=2, capacity_factor=None, **moe_fields):
+def glam_target(source_config, num_experts, top_k=2, capacity_factor=None, **moe_fields):
     """GLaM's layout over a dense `[attention, FFN]` stack: the FFN of every
     other layer (the first, third, ...) becomes an MoE with the dense FFN's
     width and activation; a list of block specs for `upcycle`.
@@ -436,11 +438,11 @@ def glam_target(source_config, num_experts, k=2, capacity_factor=None, **moe_fie
     Args:
         source_config: the dense backbone's config (`backbone.get_config()`).
         num_experts: experts per MoE sublayer.
-        k, capacity_factor: top-k routing (None = dropless, exact at step 0).
+        top_k, capacity_factor: top-k routing (None = dropless, exact at step 0).
         **moe_fields: other `MoESpec` fields (`router="expert_choice"`, ...).
     """
     return every_nth_ffn_target(
-        source_config, 2, num_experts, k=k, capacity_factor=capacity_factor, **moe_fields
+        source_config, 2, num_experts, top_k=top_k, capacity_factor=capacity_factor, **moe_fields
     )
 
 
@@ -456,7 +458,7 @@ def every_nth_ffn_target(source_config, every, num_experts, offset=0, **moe_fiel
                 if count % every == offset % every:
                     sub = MoESpec(
                         num_experts=num_experts,
-                        hidden_dim=sub.hidden_dim,
+                        intermediate_dim=sub.intermediate_dim,
                         activation=sub.activation,
                         **moe_fields,
                     )

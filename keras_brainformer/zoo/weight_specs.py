@@ -53,7 +53,7 @@ import math
 
 from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
-from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
+from keras_brainformer.models.brainformer.block_spec import config_block_specs
 
 DTYPE_POLICIES = ("float32", "bfloat16", "mixed_bfloat16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int32": 4, "int64": 8}
@@ -163,10 +163,10 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
             ]
         return specs
     if sub.kind == "ffn":
-        return _ffn_specs(prefix, d, sub.hidden_dim, sub.activation, dtype)
+        return _ffn_specs(prefix, d, sub.intermediate_dim, sub.activation, dtype)
     E = sub.num_experts
     specs = []
-    if sub.shared_expert_hidden_dim is not None:
+    if sub.shared_expert_intermediate_dim is not None:
         # The MoE layer's own weight comes before its sublayers' in `weights`.
         specs.append(WeightSpec(f"{prefix}/shared_expert_gate", (d, 1), True, dtype))
     specs.append(WeightSpec(f"{prefix}/router/kernel", (d, E), True, dtype))
@@ -175,11 +175,11 @@ def sublayer_weight_specs(prefix, sub, d, dtype="float32"):
         for name, shape in _ROUTER_STATISTICS
     ]
     specs += _ffn_specs(
-        f"{prefix}/experts", d, sub.hidden_dim, sub.activation, dtype, experts=E
+        f"{prefix}/experts", d, sub.intermediate_dim, sub.activation, dtype, experts=E
     )
-    if sub.shared_expert_hidden_dim is not None:
+    if sub.shared_expert_intermediate_dim is not None:
         specs += _ffn_specs(
-            f"{prefix}/shared_expert", d, sub.shared_expert_hidden_dim, sub.activation, dtype
+            f"{prefix}/shared_expert", d, sub.shared_expert_intermediate_dim, sub.activation, dtype
         )
     return specs
 
@@ -201,7 +201,7 @@ def weight_specs(config, dtype=None):
     Example:
     >>> from keras_brainformer.models import dense_transformer_layer
     >>> specs = weight_specs({"vocabulary_size": 100, "hidden_dim": 8,
-    ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_blocks": 1})
+    ...     "blocks": dense_transformer_layer(2, 16).to_dict(), "num_layers": 1})
     >>> specs["block_0/0_attention/w_query"].shape
     (8, 2, 4)
     >>> sum(s.size for s in specs.values() if s.trainable)  # count_parameters' total
@@ -218,7 +218,7 @@ def weight_specs(config, dtype=None):
         specs.append(
             WeightSpec("token_embedding/reverse_embeddings", (d, vocabulary), True, var_dtype)
         )
-    for i, spec in enumerate(resolve_block_specs(config["blocks"], config.get("num_blocks"))):
+    for i, spec in enumerate(config_block_specs(config)):
         for j, sub in enumerate(spec.sublayers):
             name = f"block_{i}/{j}_{sub.kind}"
             specs += _norm_specs(f"{name}_norm", norm, d, var_dtype)

@@ -39,13 +39,13 @@ def build(variant):
     name = name[1:] if glam else name
     if name.startswith("moe") or (glam and name[0].isdigit()):
         E = int(name.replace("moe", ""))
-        ffn = MoESpec(E, h, activation="gelu", router="top_k", k=2, capacity_factor=2.0)
+        ffn = MoESpec(E, h, activation="gelu", router="top_k", top_k=2, capacity_factor=2.0)
     else:
         ffn = FeedForwardSpec(2 * h, activation="gelu")
     attn = AttentionSpec(num_heads=max(1, d // 16))
     layers = [attn, ffn] + ([attn, FeedForwardSpec(h, activation="gated_gelu")] if glam else [])
     spec = BlockSpec(layers)
-    bb = BrainformerBackbone(vocabulary_size=256, hidden_dim=d, blocks=spec, num_blocks=L,
+    bb = BrainformerBackbone(vocabulary_size=256, hidden_dim=d, blocks=spec, num_layers=L,
                              max_sequence_length=seq)
     return BrainformerCausalLM(bb, preprocessor=None)
 

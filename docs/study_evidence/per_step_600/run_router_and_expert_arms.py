@@ -45,7 +45,7 @@ if arm.startswith("gx"):
     config = json.loads((family / "config.json").read_text())
     for sublayer in config["config"]["blocks"]["sublayers"]:
         if sublayer["kind"] == "moe":
-            sublayer.update(activation="gated_gelu", hidden_dim=320)
+            sublayer.update(activation="gated_gelu", intermediate_dim=320)
     (family / "config.json").write_text(json.dumps(config, indent=4))
     family = str(family)
 out = {"r1": "router_1_over_sqrt_d", "gx": "gated_experts",

@@ -7,9 +7,9 @@ model width is a property of the backbone, not of the block.
 Example:
 >>> spec = BlockSpec([
 ...     AttentionSpec(num_heads=4),
-...     MoESpec(num_experts=8, hidden_dim=64, router="expert_choice",
+...     MoESpec(num_experts=8, intermediate_dim=64, router="expert_choice",
 ...             capacity_factor=1.0),
-...     FeedForwardSpec(hidden_dim=96, activation="gated_gelu"),
+...     FeedForwardSpec(intermediate_dim=96, activation="gated_gelu"),
 ... ])
 >>> BlockSpec.from_json(spec.to_json()) == spec
 True
@@ -28,6 +28,8 @@ from keras_brainformer.layers.causal_self_attention import check_key_value_heads
 from keras_brainformer.layers.dropless_blocks import DROPLESS_IMPLS
 from keras_brainformer.layers.moe_feed_forward import DISPATCH_MODES
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
+from keras_brainformer.layers.renamed_arguments import RENAMED_AFTER_0_1
+from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import LOAD_BALANCE_MODES
 from keras_brainformer.layers.routers import ROUTERS
@@ -141,16 +143,16 @@ class FeedForwardSpec:
     """Dense FFN sublayer.
 
     Args:
-        hidden_dim: hidden width.
+        intermediate_dim: hidden width.
         activation: see `keras_brainformer.layers.activations.ACTIVATIONS`.
     """
 
-    hidden_dim: int
+    intermediate_dim: int
     activation: str = "gelu"
     kind: ClassVar[str] = "ffn"
 
     def __post_init__(self):
-        check_positive_int("hidden_dim", self.hidden_dim)
+        check_positive_int("intermediate_dim", self.intermediate_dim)
         object.__setattr__(self, "activation", canonical_activation(self.activation))
 
 
@@ -162,10 +164,10 @@ class MoESpec:
 
     Args:
         num_experts: number of experts.
-        hidden_dim: hidden width of each expert.
+        intermediate_dim: hidden width of each expert.
         activation: expert activation.
         router: `"top_k"` (token choice) or `"expert_choice"`.
-        k: experts per token (top-k only).
+        top_k: experts per token (top-k only).
         capacity_factor: training capacity factor; None = dropless (top-k
             only). Left unset, the router's default: 1.25 for top-k
             (`TopKRouter`), 2.0 for expert choice (`ExpertChoiceRouter`).
@@ -178,8 +180,8 @@ class MoESpec:
         group_size: routing group size; None = one group per sequence.
         jitter: multiplicative router input noise in training.
         batch_prioritized: top-k only, rank tokens by router confidence.
-        normalize_gates: top-k only, renormalise the k gates (None: for
-            k > 1).
+        normalize_gates: top-k only, renormalise the `top_k` gates (None:
+            for top_k > 1).
         inference_routing: `"causal"` or `"as_trained"` (see
             `keras_brainformer.layers.routers`).
         dispatch: `"index"` (sparse) or `"one_hot"` (the test reference).
@@ -187,7 +189,7 @@ class MoESpec:
             `"ragged"` (JAX) or `"slots"`.
         dropless_block_size: rows per block of the blocks path; None = by
             the measured rule.
-        shared_expert_hidden_dim: hidden width of Qwen-MoE's shared expert
+        shared_expert_intermediate_dim: hidden width of Qwen-MoE's shared expert
             (a dense FFN with `activation` that every token goes through,
             scaled by a sigmoid gate); None (the default, and the value
             assumed by dicts without the key) for none. Left out of
@@ -195,10 +197,10 @@ class MoESpec:
     """
 
     num_experts: int
-    hidden_dim: int
+    intermediate_dim: int
     activation: str = layer_default(MoEFeedForward, "activation")
     router: str = layer_default(MoEFeedForward, "router")
-    k: int = layer_default(TopKRouter, "k")
+    top_k: int = layer_default(TopKRouter, "top_k")
     capacity_factor: Union[float, str, None] = ROUTER_DEFAULT
     eval_capacity_factor: Union[float, str, None] = layer_default(Router, "eval_capacity_factor")
     load_balance_loss_weight: Optional[float] = None
@@ -212,21 +214,22 @@ class MoESpec:
     dispatch: str = layer_default(MoEFeedForward, "dispatch")
     dropless_impl: str = layer_default(MoEFeedForward, "dropless_impl")
     dropless_block_size: Optional[int] = layer_default(MoEFeedForward, "dropless_block_size")
-    shared_expert_hidden_dim: Optional[int] = layer_default(
-        MoEFeedForward, "shared_expert_hidden_dim"
+    shared_expert_intermediate_dim: Optional[int] = layer_default(
+        MoEFeedForward, "shared_expert_intermediate_dim"
     )
     kind: ClassVar[str] = "moe"
-    omitted_when_default: ClassVar[tuple] = ("shared_expert_hidden_dim",)
+    omitted_when_default: ClassVar[tuple] = ("shared_expert_intermediate_dim",)
 
     def __post_init__(self):
         check_positive_int("num_experts", self.num_experts)
-        check_positive_int("hidden_dim", self.hidden_dim)
+        check_positive_int("intermediate_dim", self.intermediate_dim)
         object.__setattr__(self, "activation", canonical_activation(self.activation))
         check_choice("router", self.router, ROUTER_KINDS)
-        check_positive_int("k", self.k)
-        if self.router == "top_k" and self.k > self.num_experts:
+        check_positive_int("top_k", self.top_k)
+        if self.router == "top_k" and self.top_k > self.num_experts:
             raise ValueError(
-                f"`k` must be <= num_experts={self.num_experts}. Received: k={self.k}"
+                f"`top_k` must be <= num_experts={self.num_experts}. "
+                f"Received: top_k={self.top_k}"
             )
         if self.capacity_factor == ROUTER_DEFAULT:
             object.__setattr__(
@@ -262,13 +265,15 @@ class MoESpec:
         check_choice("dispatch", self.dispatch, DISPATCH_MODES)
         check_choice("dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
         check_optional_positive_int("dropless_block_size", self.dropless_block_size)
-        check_optional_positive_int("shared_expert_hidden_dim", self.shared_expert_hidden_dim)
+        check_optional_positive_int(
+            "shared_expert_intermediate_dim", self.shared_expert_intermediate_dim
+        )
 
     @property
     def experts_per_token(self):
-        """Average experts per token: `k` for top-k, the capacity factor for
-        expert choice (used by activated-parameter counts)."""
-        return self.k if self.router == "top_k" else self.capacity_factor
+        """Average experts per token: `top_k` for top-k, the capacity factor
+        for expert choice (used by activated-parameter counts)."""
+        return self.top_k if self.router == "top_k" else self.capacity_factor
 
     def router_kwargs(self):
         """Arguments for `TopKRouter` / `ExpertChoiceRouter`."""
@@ -283,7 +288,7 @@ class MoESpec:
         if self.load_balance_loss_weight is not None:
             kwargs["load_balance_loss_weight"] = self.load_balance_loss_weight
         if self.router == "top_k":
-            kwargs["k"] = self.k
+            kwargs["top_k"] = self.top_k
             kwargs["batch_prioritized"] = self.batch_prioritized
             kwargs["normalize_gates"] = self.normalize_gates
         return kwargs
@@ -292,7 +297,7 @@ class MoESpec:
         """Arguments for `MoEFeedForward` (its router's included)."""
         return {
             "num_experts": self.num_experts,
-            "expert_hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
             "router": self.router,
             "router_kwargs": self.router_kwargs(),
             "activation": self.activation,
@@ -300,7 +305,7 @@ class MoESpec:
             "dispatch": self.dispatch,
             "dropless_impl": self.dropless_impl,
             "dropless_block_size": self.dropless_block_size,
-            "shared_expert_hidden_dim": self.shared_expert_hidden_dim,
+            "shared_expert_intermediate_dim": self.shared_expert_intermediate_dim,
         }
 
 
@@ -340,6 +345,8 @@ def sublayer_from_dict(config, where="sublayer"):
             f"Unknown `{where}.kind`={kind!r}. Allowed values: {tuple(SUBLAYER_SPECS)}."
         )
     cls = SUBLAYER_SPECS[kind]
+    if kind in RENAMED_AFTER_0_1:  # block specs written by 0.1 (`hidden_dim`, `k`)
+        config = with_current_names(config, kind, where=f"`{where}` of kind {kind!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - fields)
     if unknown:
@@ -407,12 +414,12 @@ class BlockSpec:
         return sum(s.kind == kind for s in self.sublayers)
 
 
-def dense_transformer_layer(num_heads, hidden_dim, activation="gelu", head_dim=None):
+def dense_transformer_layer(num_heads, intermediate_dim, activation="gelu", head_dim=None):
     """A standard Transformer decoder layer: attention then dense FFN."""
     return BlockSpec(
         [
             AttentionSpec(num_heads=num_heads, head_dim=head_dim),
-            FeedForwardSpec(hidden_dim=hidden_dim, activation=activation),
+            FeedForwardSpec(intermediate_dim=intermediate_dim, activation=activation),
         ]
     )
 
@@ -425,7 +432,7 @@ GLAM_LOAD_BALANCE_LOSS_WEIGHT = 0.01
 
 def glam_layer_pair(
     num_heads,
-    hidden_dim,
+    intermediate_dim,
     num_experts,
     router="top_k",
     capacity_factor=GLAM_CAPACITY_FACTOR,
@@ -445,7 +452,7 @@ def glam_layer_pair(
 
     Args:
         num_heads: attention heads of both attention sublayers.
-        hidden_dim: hidden width of each expert and of the dense FFN.
+        intermediate_dim: hidden width of each expert and of the dense FFN.
         num_experts: experts of the MoE sublayer.
         router: `"top_k"` (GLaM: top-2 with a load-balance loss of
             `GLAM_LOAD_BALANCE_LOSS_WEIGHT`) or `"expert_choice"`.
@@ -454,10 +461,10 @@ def glam_layer_pair(
         expert_activation: the experts' activation.
         ffn_activation: the dense FFN's activation.
         **moe_kwargs: any other `MoESpec` field (they override the top-2
-            defaults, e.g. `k=1`).
+            defaults, e.g. `top_k=1`).
 
     Example:
-    >>> spec = glam_layer_pair(num_heads=4, hidden_dim=64, num_experts=8)
+    >>> spec = glam_layer_pair(num_heads=4, intermediate_dim=64, num_experts=8)
     >>> [s.kind for s in spec.sublayers], spec.sublayers[1].activation
     (['attention', 'moe', 'attention', 'ffn'], 'gelu')
     """
@@ -469,29 +476,54 @@ def glam_layer_pair(
         )
     moe = {"router": router, "capacity_factor": capacity_factor}
     if router == "top_k":
-        moe.update(k=2, load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT)
+        moe.update(top_k=2, load_balance_loss_weight=GLAM_LOAD_BALANCE_LOSS_WEIGHT)
     moe.update(moe_kwargs)
     return BlockSpec(
         [
             AttentionSpec(num_heads=num_heads, head_dim=head_dim),
             MoESpec(
                 num_experts=num_experts,
-                hidden_dim=hidden_dim,
+                intermediate_dim=intermediate_dim,
                 activation=expert_activation,
                 **moe,
             ),
             AttentionSpec(num_heads=num_heads, head_dim=head_dim),
-            FeedForwardSpec(hidden_dim=hidden_dim, activation=ffn_activation),
+            FeedForwardSpec(intermediate_dim=intermediate_dim, activation=ffn_activation),
         ]
     )
 
 
-def resolve_block_specs(blocks, num_blocks):
+def current_backbone_config(config, where="BrainformerBackbone"):
+    """A copy of backbone constructor kwargs `config` in today's form: 0.1's
+    argument names translated (`layers/renamed_arguments.py`), in the
+    backbone's arguments and in every sublayer of `blocks`, each block
+    written as its spec's `to_dict()`. Configs of 0.1 and of today compare
+    equal this way (a training run's recorded config, a preset folder).
+    Nothing is built; a bad block raises as `BlockSpec` does."""
+    config = with_current_names(config, "BrainformerBackbone", where)
+    blocks = config.get("blocks")
+    if isinstance(blocks, (BlockSpec, dict)):
+        config["blocks"] = BlockSpec.from_dict(blocks).to_dict()
+    elif isinstance(blocks, (list, tuple)):
+        config["blocks"] = [BlockSpec.from_dict(b).to_dict() for b in blocks]
+    return config
+
+
+def config_block_specs(config):
+    """The list of block specs of backbone config `config` (its `blocks` and
+    `num_layers`; a 0.1 config's `num_blocks` and sublayer keys translated).
+    For the tools that read a config without building it (counts, weight
+    specs, the memory plan, the step-time model)."""
+    config = with_current_names(config, "BrainformerBackbone")
+    return resolve_block_specs(config["blocks"], config.get("num_layers"))
+
+
+def resolve_block_specs(blocks, num_layers):
     """Turns `blocks` (one spec, or a list of specs, or their dicts) and
-    `num_blocks` into the list of block specs of the stack."""
+    `num_layers` into the list of block specs of the stack."""
     if isinstance(blocks, (BlockSpec, dict)):
         spec = BlockSpec.from_dict(blocks)
-        count = 1 if num_blocks is None else check_positive_int("num_blocks", num_blocks)
+        count = 1 if num_layers is None else check_positive_int("num_layers", num_layers)
         return [spec] * count
     if not isinstance(blocks, (list, tuple)) or not blocks:
         raise ValueError(
@@ -499,9 +531,9 @@ def resolve_block_specs(blocks, num_blocks):
             f"them. Received: blocks={blocks!r}"
         )
     specs = [BlockSpec.from_dict(b) for b in blocks]
-    if num_blocks is not None and num_blocks != len(specs):
+    if num_layers is not None and num_layers != len(specs):
         raise ValueError(
-            f"`num_blocks`={num_blocks!r} must be None or equal to the number "
+            f"`num_layers`={num_layers!r} must be None or equal to the number "
             f"of block specs given ({len(specs)})."
         )
     return specs

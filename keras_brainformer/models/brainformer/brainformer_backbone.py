@@ -9,6 +9,7 @@ from keras_brainformer.layers.causal_self_attention import check_rope_scaling_fa
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.normalization import NORMS
 from keras_brainformer.layers.normalization import make_norm
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.reversible_embedding import ReversibleEmbedding
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
@@ -29,7 +30,7 @@ from keras_brainformer.upstream_private import sublayers
 class BrainformerBackbone(Backbone):
     """A decoder-only stack of Brainformer blocks.
 
-    Token embedding → `num_blocks` Brainformer blocks (each an ordered list of
+    Token embedding → `num_layers` Brainformer blocks (each an ordered list of
     attention / dense FFN / MoE sublayers, pre-norm residual) → final norm.
     Outputs the final hidden states `[B, T, hidden_dim]`; the token embedding
     is reversible (`backbone.token_embedding(h, reverse=True)` gives logits
@@ -38,9 +39,9 @@ class BrainformerBackbone(Backbone):
     Args:
         vocabulary_size: int, number of tokens.
         hidden_dim: int, the model width `d`.
-        blocks: a `BlockSpec` (repeated `num_blocks` times), or a list of
+        blocks: a `BlockSpec` (repeated `num_layers` times), or a list of
             block specs (one per block), or their dict forms.
-        num_blocks: int, times a single spec is stacked; must be None or the
+        num_layers: int, times a single spec is stacked; must be None or the
             list's length when `blocks` is a list.
         max_sequence_length: int, the longest sequence the model is meant for
             (used to size generation caches; positions are rotary).
@@ -62,11 +63,11 @@ class BrainformerBackbone(Backbone):
 
     spec = BlockSpec([
         AttentionSpec(num_heads=2),
-        MoESpec(num_experts=4, hidden_dim=64, router="expert_choice",
+        MoESpec(num_experts=4, intermediate_dim=64, router="expert_choice",
                 capacity_factor=1.0),
     ])
     backbone = BrainformerBackbone(
-        vocabulary_size=256, hidden_dim=32, blocks=spec, num_blocks=2
+        vocabulary_size=256, hidden_dim=32, blocks=spec, num_layers=2
     )
     hidden = backbone({
         "token_ids": np.ones((2, 16), "int32"),
@@ -85,7 +86,7 @@ class BrainformerBackbone(Backbone):
         vocabulary_size,
         hidden_dim,
         blocks,
-        num_blocks=None,
+        num_layers=None,
         max_sequence_length=2048,
         norm="rms",
         layer_norm_epsilon=1e-6,
@@ -97,10 +98,11 @@ class BrainformerBackbone(Backbone):
         **kwargs,
     ):
         # === Validation (before any weight exists) ===
+        refuse_old_names(kwargs, "BrainformerBackbone")
         vocabulary_size = check_positive_int("vocabulary_size", vocabulary_size)
         hidden_dim = check_positive_int("hidden_dim", hidden_dim)
-        num_blocks = check_optional_positive_int("num_blocks", num_blocks)
-        specs = resolve_block_specs(blocks, num_blocks)
+        num_layers = check_optional_positive_int("num_layers", num_layers)
+        specs = resolve_block_specs(blocks, num_layers)
         max_sequence_length = check_positive_int(
             "max_sequence_length", max_sequence_length
         )
@@ -172,7 +174,7 @@ class BrainformerBackbone(Backbone):
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
         self.block_specs = specs
-        self.num_blocks = len(specs)
+        self.num_layers = len(specs)
         self.max_sequence_length = max_sequence_length
         self.norm = norm
         self.layer_norm_epsilon = layer_norm_epsilon
@@ -325,17 +327,17 @@ class BrainformerBackbone(Backbone):
 
     def get_config(self):
         config = super().get_config()
-        # Store one spec + num_blocks when the stack repeats a single spec.
+        # Store one spec + num_layers when the stack repeats a single spec.
         if all(spec == self.block_specs[0] for spec in self.block_specs):
-            blocks, num_blocks = self.block_specs[0].to_dict(), self.num_blocks
+            blocks, num_layers = self.block_specs[0].to_dict(), self.num_layers
         else:
-            blocks, num_blocks = [s.to_dict() for s in self.block_specs], None
+            blocks, num_layers = [s.to_dict() for s in self.block_specs], None
         config.update(
             {
                 "vocabulary_size": self.vocabulary_size,
                 "hidden_dim": self.hidden_dim,
                 "blocks": blocks,
-                "num_blocks": num_blocks,
+                "num_layers": num_layers,
                 "max_sequence_length": self.max_sequence_length,
                 "norm": self.norm,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
@@ -351,4 +353,4 @@ class BrainformerBackbone(Backbone):
     def from_config(cls, config):
         """Also reads configs written by 0.1 (its argument names, see
         `layers/renamed_arguments.py`)."""
-        return super().from_config(with_current_names(config, cls.__name__))
+        return super().from_config(with_current_names(config, "BrainformerBackbone", cls.__name__))

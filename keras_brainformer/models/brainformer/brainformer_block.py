@@ -10,6 +10,7 @@ from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
 from keras_brainformer.layers.normalization import NORMS
 from keras_brainformer.layers.normalization import make_norm
+from keras_brainformer.layers.renamed_arguments import refuse_old_names
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -51,7 +52,7 @@ class BrainformerBlock(keras.layers.Layer):
     >>> from keras_brainformer.models.brainformer.block_spec import (
     ...     AttentionSpec, BlockSpec, MoESpec)
     >>> spec = BlockSpec([AttentionSpec(num_heads=2),
-    ...                   MoESpec(num_experts=4, hidden_dim=32)])
+    ...                   MoESpec(num_experts=4, intermediate_dim=32)])
     >>> tuple(BrainformerBlock(spec)(np.ones((2, 8, 16), "float32")).shape)
     (2, 8, 16)
     """
@@ -67,6 +68,7 @@ class BrainformerBlock(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
+        refuse_old_names(kwargs, "BrainformerBlock")
         super().__init__(**kwargs)
         self.spec = BlockSpec.from_dict(spec)
         self.norm = check_choice("norm", norm, NORMS)
@@ -101,7 +103,7 @@ class BrainformerBlock(keras.layers.Layer):
                 **common,
             )
         if sub.kind == "ffn":
-            return FeedForward(sub.hidden_dim, activation=sub.activation, **common)
+            return FeedForward(sub.intermediate_dim, activation=sub.activation, **common)
         return MoEFeedForward(**sub.layer_kwargs(), **common)
 
     def build(self, input_shape):
@@ -189,4 +191,4 @@ class BrainformerBlock(keras.layers.Layer):
     def from_config(cls, config):
         """Also reads configs written by 0.1 (its argument names, see
         `layers/renamed_arguments.py`)."""
-        return super().from_config(with_current_names(config, cls.__name__))
+        return super().from_config(with_current_names(config, "BrainformerBlock", cls.__name__))

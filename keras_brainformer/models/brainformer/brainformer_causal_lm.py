@@ -166,8 +166,8 @@ class BrainformerCausalLM(CausalLM):
 
     backbone = BrainformerBackbone(
         vocabulary_size=256, hidden_dim=32,
-        blocks=dense_transformer_layer(num_heads=2, hidden_dim=64),
-        num_blocks=2)
+        blocks=dense_transformer_layer(num_heads=2, intermediate_dim=64),
+        num_layers=2)
     lm = BrainformerCausalLM(backbone)
     lm.compile(optimizer="adam")
     tokens = np.random.randint(0, 256, (8, 17)).astype("int32")

@@ -22,7 +22,7 @@ vocabulary, `H` heads, `hd` head width, `h` a hidden width, `E` experts):
 | `<i>_moe/shared_expert_gate`          | `[d, 1]`     | replicated               |
 | router statistics, norm scales        | small        | replicated               |
 
-The shared expert of a Qwen-MoE style MoE sublayer (`shared_expert_hidden_dim`)
+The shared expert of a Qwen-MoE style MoE sublayer (`shared_expert_intermediate_dim`)
 is a dense FFN and is split like one; its sigmoid gate is replicated.
 
 `model` is Megatron-style tensor parallelism (heads and hidden units split, one

@@ -19,7 +19,7 @@ import copy
 import json
 import pathlib
 
-from keras_brainformer.layers.renamed_arguments import with_current_names
+from keras_brainformer.models.brainformer.block_spec import current_backbone_config
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.preset_folders import PRESETS_ROOT
 from keras_brainformer.preset_folders import preset_folder_metadata
@@ -34,12 +34,13 @@ _LAYER_KEYS = ("name", "trainable")
 def read_backbone_config(folder):
     """The backbone constructor kwargs a preset folder's `config.json` holds
     (Keras' `name` and `trainable` left out; 0.1's argument names translated,
-    see `layers/renamed_arguments.py`). Nothing is built."""
+    in the backbone's arguments and its blocks' sublayers, see
+    `block_spec.current_backbone_config`). Nothing is built."""
     with open(pathlib.Path(folder) / CONFIG_FILE) as f:
         entry = json.load(f)
     config = entry.get("config", entry)
     config = {k: v for k, v in config.items() if k not in _LAYER_KEYS}
-    return with_current_names(config, f"{pathlib.Path(folder) / CONFIG_FILE}")
+    return current_backbone_config(config, f"{pathlib.Path(folder) / CONFIG_FILE}")
 
 
 def read_architecture_presets(root=PRESETS_ROOT):

@@ -125,10 +125,10 @@ class BrainformerTextClassifier(TextClassifier):
         vocabulary_size=tokenizer.vocabulary_size(), hidden_dim=32,
         blocks=BlockSpec([
             AttentionSpec(num_heads=2),
-            MoESpec(num_experts=4, hidden_dim=64, router="expert_choice",
+            MoESpec(num_experts=4, intermediate_dim=64, router="expert_choice",
                     capacity_factor=1.0),
         ]),
-        num_blocks=1)
+        num_layers=1)
     classifier = BrainformerTextClassifier(
         backbone, num_classes=2,
         preprocessor=BrainformerTextClassifierPreprocessor(
