@@ -19,6 +19,18 @@ from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 
 DISPATCH_MODES = ("index", "one_hot")
+# The layer's argument defaults, one table: its signature and `MoESpec`'s
+# fields (models/brainformer/block_spec.py) take them from here (the
+# router's are `routers.ROUTER_DEFAULTS` and the router classes' tables).
+MOE_DEFAULTS = {
+    "router": "top_k",
+    "activation": "gelu",
+    "group_size": None,
+    "dispatch": "index",
+    "dropless_impl": "auto",
+    "dropless_block_size": None,
+    "shared_expert_intermediate_dim": None,
+}
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -104,15 +116,15 @@ class MoEFeedForward(keras.layers.Layer):
         self,
         num_experts,
         intermediate_dim,
-        router="top_k",
+        router=MOE_DEFAULTS["router"],
         router_kwargs=None,
-        activation="gelu",
-        group_size=None,
-        dispatch="index",
+        activation=MOE_DEFAULTS["activation"],
+        group_size=MOE_DEFAULTS["group_size"],
+        dispatch=MOE_DEFAULTS["dispatch"],
         kernel_initializer="glorot_uniform",
-        dropless_impl="auto",
-        dropless_block_size=None,
-        shared_expert_intermediate_dim=None,
+        dropless_impl=MOE_DEFAULTS["dropless_impl"],
+        dropless_block_size=MOE_DEFAULTS["dropless_block_size"],
+        shared_expert_intermediate_dim=MOE_DEFAULTS["shared_expert_intermediate_dim"],
         **kwargs,
     ):
         refuse_old_names(kwargs, "MoEFeedForward")

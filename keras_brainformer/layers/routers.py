@@ -54,6 +54,25 @@ from keras_brainformer.layers.validation import check_rate
 
 INFERENCE_ROUTING = ("causal", "as_trained")
 
+# The routers' argument defaults, one table each: the constructors'
+# signatures below and `MoESpec`'s fields (models/brainformer/block_spec.py)
+# take them from here.
+ROUTER_DEFAULTS = {
+    "eval_capacity_factor": "same",
+    "z_loss_weight": 0.0,
+    "jitter": 0.0,
+    "inference_routing": "causal",
+    "load_balance_loss_mode": "per_group",
+}
+TOP_K_DEFAULTS = {
+    "top_k": 2,
+    "capacity_factor": 1.25,
+    "normalize_gates": None,
+    "batch_prioritized": False,
+    "load_balance_loss_weight": 0.01,  # GLaM's
+}
+EXPERT_CHOICE_DEFAULTS = {"capacity_factor": 2.0, "load_balance_loss_weight": 0.0}
+
 
 class RoutingInstructions(NamedTuple):
     """What a token-choice router decided for a batch of groups: a named
@@ -184,14 +203,14 @@ class Router(keras.layers.Layer):
         self,
         num_experts,
         capacity_factor=1.0,
-        eval_capacity_factor="same",
+        eval_capacity_factor=ROUTER_DEFAULTS["eval_capacity_factor"],
         load_balance_loss_weight=0.0,
-        z_loss_weight=0.0,
-        jitter=0.0,
+        z_loss_weight=ROUTER_DEFAULTS["z_loss_weight"],
+        jitter=ROUTER_DEFAULTS["jitter"],
         seed=None,
         kernel_initializer=None,
-        inference_routing="causal",
-        load_balance_loss_mode="per_group",
+        inference_routing=ROUTER_DEFAULTS["inference_routing"],
+        load_balance_loss_mode=ROUTER_DEFAULTS["load_balance_loss_mode"],
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -543,14 +562,14 @@ class TopKRouter(Router):
     def __init__(
         self,
         num_experts,
-        top_k=2,
-        capacity_factor=1.25,
-        eval_capacity_factor="same",
-        normalize_gates=None,
-        batch_prioritized=False,
-        load_balance_loss_weight=0.01,
-        z_loss_weight=0.0,
-        jitter=0.0,
+        top_k=TOP_K_DEFAULTS["top_k"],
+        capacity_factor=TOP_K_DEFAULTS["capacity_factor"],
+        eval_capacity_factor=ROUTER_DEFAULTS["eval_capacity_factor"],
+        normalize_gates=TOP_K_DEFAULTS["normalize_gates"],
+        batch_prioritized=TOP_K_DEFAULTS["batch_prioritized"],
+        load_balance_loss_weight=TOP_K_DEFAULTS["load_balance_loss_weight"],
+        z_loss_weight=ROUTER_DEFAULTS["z_loss_weight"],
+        jitter=ROUTER_DEFAULTS["jitter"],
         seed=None,
         **kwargs,
     ):
@@ -660,11 +679,11 @@ class ExpertChoiceRouter(Router):
     def __init__(
         self,
         num_experts,
-        capacity_factor=2.0,
-        eval_capacity_factor="same",
-        load_balance_loss_weight=0.0,
-        z_loss_weight=0.0,
-        jitter=0.0,
+        capacity_factor=EXPERT_CHOICE_DEFAULTS["capacity_factor"],
+        eval_capacity_factor=ROUTER_DEFAULTS["eval_capacity_factor"],
+        load_balance_loss_weight=EXPERT_CHOICE_DEFAULTS["load_balance_loss_weight"],
+        z_loss_weight=ROUTER_DEFAULTS["z_loss_weight"],
+        jitter=ROUTER_DEFAULTS["jitter"],
         seed=None,
         **kwargs,
     ):

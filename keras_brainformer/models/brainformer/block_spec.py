@@ -16,7 +16,6 @@ True
 """
 
 import dataclasses
-import inspect
 import json
 from typing import ClassVar
 from typing import Optional
@@ -27,14 +26,15 @@ from keras_brainformer.layers.causal_self_attention import check_depthwise_conv_
 from keras_brainformer.layers.causal_self_attention import check_key_value_heads
 from keras_brainformer.layers.dropless_blocks import DROPLESS_IMPLS
 from keras_brainformer.layers.moe_feed_forward import DISPATCH_MODES
-from keras_brainformer.layers.moe_feed_forward import MoEFeedForward
+from keras_brainformer.layers.moe_feed_forward import MOE_DEFAULTS
 from keras_brainformer.layers.renamed_arguments import RENAMED_AFTER_0_1
 from keras_brainformer.layers.renamed_arguments import with_current_names
+from keras_brainformer.layers.routers import EXPERT_CHOICE_DEFAULTS
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import LOAD_BALANCE_MODES
+from keras_brainformer.layers.routers import ROUTER_DEFAULTS
 from keras_brainformer.layers.routers import ROUTERS
-from keras_brainformer.layers.routers import Router
-from keras_brainformer.layers.routers import TopKRouter
+from keras_brainformer.layers.routers import TOP_K_DEFAULTS
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -47,16 +47,8 @@ ROUTER_KINDS = tuple(ROUTERS)
 # A `MoESpec` field left at this value takes the chosen router's own default
 # (the capacity factor: 1.25 for top-k, 2.0 for expert choice).
 ROUTER_DEFAULT = "router_default"
-
-
-def layer_default(cls, name):
-    """The default of `cls(...)`'s argument `name`: the layers' signatures are
-    the one source of the MoE defaults, which `MoESpec` reads."""
-    for klass in cls.__mro__:
-        parameter = inspect.signature(klass.__init__).parameters.get(name)
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            return parameter.default
-    raise KeyError(f"{cls.__name__} has no default for {name!r}")
+# Each router's own defaults, by `MoESpec.router`.
+_ROUTER_CLASS_DEFAULTS = {"top_k": TOP_K_DEFAULTS, "expert_choice": EXPERT_CHOICE_DEFAULTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +151,9 @@ class FeedForwardSpec:
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
     """Mixture-of-Experts FFN sublayer: every option of `MoEFeedForward` and
-    of its router, with the layers' own defaults (read from their
-    signatures, so a spec and a directly built layer never disagree).
+    of its router, with the layers' own defaults (the tables their
+    signatures use, `MOE_DEFAULTS`, `ROUTER_DEFAULTS` and the router
+    classes', so a spec and a directly built layer never disagree).
 
     Args:
         num_experts: number of experts.
@@ -198,25 +191,23 @@ class MoESpec:
 
     num_experts: int
     intermediate_dim: int
-    activation: str = layer_default(MoEFeedForward, "activation")
-    router: str = layer_default(MoEFeedForward, "router")
-    top_k: int = layer_default(TopKRouter, "top_k")
+    activation: str = MOE_DEFAULTS["activation"]
+    router: str = MOE_DEFAULTS["router"]
+    top_k: int = TOP_K_DEFAULTS["top_k"]
     capacity_factor: Union[float, str, None] = ROUTER_DEFAULT
-    eval_capacity_factor: Union[float, str, None] = layer_default(Router, "eval_capacity_factor")
+    eval_capacity_factor: Union[float, str, None] = ROUTER_DEFAULTS["eval_capacity_factor"]
     load_balance_loss_weight: Optional[float] = None
-    z_loss_weight: float = layer_default(Router, "z_loss_weight")
-    group_size: Optional[int] = layer_default(MoEFeedForward, "group_size")
-    jitter: float = layer_default(Router, "jitter")
-    batch_prioritized: bool = layer_default(TopKRouter, "batch_prioritized")
-    normalize_gates: Optional[bool] = layer_default(TopKRouter, "normalize_gates")
-    inference_routing: str = layer_default(Router, "inference_routing")
-    load_balance_loss_mode: str = layer_default(Router, "load_balance_loss_mode")
-    dispatch: str = layer_default(MoEFeedForward, "dispatch")
-    dropless_impl: str = layer_default(MoEFeedForward, "dropless_impl")
-    dropless_block_size: Optional[int] = layer_default(MoEFeedForward, "dropless_block_size")
-    shared_expert_intermediate_dim: Optional[int] = layer_default(
-        MoEFeedForward, "shared_expert_intermediate_dim"
-    )
+    z_loss_weight: float = ROUTER_DEFAULTS["z_loss_weight"]
+    group_size: Optional[int] = MOE_DEFAULTS["group_size"]
+    jitter: float = ROUTER_DEFAULTS["jitter"]
+    batch_prioritized: bool = TOP_K_DEFAULTS["batch_prioritized"]
+    normalize_gates: Optional[bool] = TOP_K_DEFAULTS["normalize_gates"]
+    inference_routing: str = ROUTER_DEFAULTS["inference_routing"]
+    load_balance_loss_mode: str = ROUTER_DEFAULTS["load_balance_loss_mode"]
+    dispatch: str = MOE_DEFAULTS["dispatch"]
+    dropless_impl: str = MOE_DEFAULTS["dropless_impl"]
+    dropless_block_size: Optional[int] = MOE_DEFAULTS["dropless_block_size"]
+    shared_expert_intermediate_dim: Optional[int] = MOE_DEFAULTS["shared_expert_intermediate_dim"]
     kind: ClassVar[str] = "moe"
     omitted_when_default: ClassVar[tuple] = ("shared_expert_intermediate_dim",)
 
@@ -233,8 +224,7 @@ class MoESpec:
             )
         if self.capacity_factor == ROUTER_DEFAULT:
             object.__setattr__(
-                self, "capacity_factor",
-                layer_default(ROUTERS[self.router], "capacity_factor"),
+                self, "capacity_factor", _ROUTER_CLASS_DEFAULTS[self.router]["capacity_factor"]
             )
         dropless_ok = self.router == "top_k"
         check_capacity_factor("capacity_factor", self.capacity_factor, dropless_ok)
