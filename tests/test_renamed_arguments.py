@@ -179,6 +179,24 @@ def test_the_tools_read_a_0_1_config_like_today_s():
     assert count_parameters(old) != count_parameters(one)
 
 
+def test_upcycling_reads_a_0_1_dense_config():
+    """`keras-brainformer upcycle` sizes its memory from the dense preset's
+    config.json, which the shipped 0.1 trained presets write with 0.1's names."""
+    from keras_brainformer.zoo.upcycling import glam_target
+    from keras_brainformer.zoo.upcycling import target_block_specs
+    from keras_brainformer.zoo.upcycling import upcycled_config
+
+    dense = {"sublayers": [{"kind": "attention", "num_heads": 2},
+                           {"kind": "ffn", "hidden_dim": 20, "activation": "gated_gelu"}]}
+    old = {"vocabulary_size": 16, "hidden_dim": 8, "blocks": dense, "num_blocks": 4, **OLD}
+    specs = glam_target(old, 4)
+    assert len(specs) == 4 and specs[0].sublayers[1].kind == "moe"
+    assert specs[0].sublayers[1].intermediate_dim == 20
+    target = upcycled_config(old, target_block_specs(specs, old))
+    assert not set(OLD) & set(target) and "num_blocks" not in target
+    assert BrainformerBackbone.from_config(target).num_layers == 4
+
+
 def test_a_0_1_attention_layer_config_loads():
     layer = CausalSelfAttention.from_config({"num_heads": 2, "head_dim": 4, **OLD})
     assert (layer.layer_norm_epsilon, layer.rope_max_wavelength, layer.rope_scaling_factor) == (

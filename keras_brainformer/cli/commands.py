@@ -680,12 +680,12 @@ def _check_upcycle_fits_in_memory(preset, to):
     from the configs alone, before either is built."""
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
+    from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
     from keras_brainformer.models.brainformer.preset_loading import resolve_preset
     from keras_brainformer.zoo import upcycling
 
     try:
-        with open(os.path.join(str(resolve_preset(preset)), "config.json")) as f:
-            source = json.load(f)["config"]
+        source = read_backbone_config(resolve_preset(preset))
     except (OSError, ValueError, TypeError, KeyError):
         return  # `from_preset` reports a preset it cannot load
     target = upcycling.upcycled_config(source, upcycling.target_block_specs(to, source))

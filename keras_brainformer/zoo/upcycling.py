@@ -56,9 +56,11 @@ from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
+from keras_brainformer.models.brainformer.block_spec import config_block_specs
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
+from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
 from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.upstream_private import sublayers
@@ -140,8 +142,7 @@ def _load_target_text(text):
         config_path = path / CONFIG_FILE
         if not config_path.exists():
             raise PresetError(f"{path}: no {CONFIG_FILE} in this folder.")
-        with open(config_path) as f:
-            return json.load(f)["config"]
+        return read_backbone_config(path)
     if path.is_file():
         try:
             with open(path) as f:
@@ -155,10 +156,7 @@ def _load_target_text(text):
 
 
 def _source_specs(config):
-    blocks = config["blocks"]
-    if isinstance(blocks, (list, tuple)):
-        return [BlockSpec.from_dict(b) for b in blocks]
-    return [BlockSpec.from_dict(blocks)] * int(config["num_layers"] or 1)
+    return config_block_specs(config)
 
 
 def _positions(specs):
@@ -420,6 +418,7 @@ def upcycled_config(source_config, specs):
     """The backbone config of the upcycled model: the source's backbone
     fields with `specs` (one `BlockSpec` per block) as its blocks. Builds
     nothing (`upcycle` builds it; the CLI sizes its memory first)."""
+    source_config = with_current_names(source_config, "BrainformerBackbone", "the dense model")
     target_config = {
         key: value for key, value in source_config.items() if key not in ("name", "trainable")
     }
