@@ -115,7 +115,7 @@ def target_block_specs(target, source_config):
     if isinstance(target, (list, tuple)):
         return [BlockSpec.from_dict(b) for b in target]
     spec = BlockSpec.from_dict(target)
-    total = sum(len(s.sublayers) for s in _source_specs(source_config))
+    total = sum(len(s.sublayers) for s in config_block_specs(source_config))
     per_block = len(spec.sublayers)
     if total % per_block:
         raise ValueError(
@@ -153,10 +153,6 @@ def _load_target_text(text):
         f"Unknown target {text!r}: not JSON, a JSON file, a zoo preset name nor a "
         "preset folder."
     )
-
-
-def _source_specs(config):
-    return config_block_specs(config)
 
 
 def _positions(specs):
@@ -450,7 +446,7 @@ def every_nth_ffn_target(source_config, every, num_experts, offset=0, **moe_fiel
     `offset`, over the whole stack) replaced by an MoE of the same width and
     activation; a list of block specs for `upcycle`."""
     specs, count = [], 0
-    for spec in _source_specs(source_config):
+    for spec in config_block_specs(source_config):
         sublayers = []
         for sub in spec.sublayers:
             if sub.kind == "ffn":
