@@ -24,7 +24,10 @@ from jax.sharding import PartitionSpec
 from keras_brainformer.cli import main
 from keras_brainformer.distribution import tpu_compile
 from keras_brainformer.distribution.abstract_build import abstract_build
+from keras_brainformer.distribution.abstract_build import distribution_scope
 from keras_brainformer.distribution.abstract_build import is_abstract
+from keras_brainformer.distribution.mesh import make_distribution
+from keras_brainformer.layers import causal_self_attention as attention
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
@@ -165,6 +168,22 @@ def test_expert_axis_layout_gathers_expert_outputs_instead(expert_axis_report):
     found = expert_axis_report.collectives
     assert "all-to-all" not in found, found
     assert found.get("all-gather", {}).get("count", 0) >= 2 * _moe_layers(), found
+
+
+@jax_only
+def test_step_lowered_for_a_tpu_takes_the_attention_a_tpu_runs():
+    # This process's devices are CPUs, where attention keeps our einsum core;
+    # under a distribution over a TPU slice's devices (what `compile` lowers
+    # on) it takes `keras.ops.dot_product_attention`, as `fit` on a TPU does.
+    need_libtpu()
+    assert not attention.uses_keras_attention()
+    tpu = make_distribution("batch=2,model=2", devices=list(tpu_compile.tpu_devices(TOPOLOGY)))
+    with distribution_scope(tpu):
+        assert attention.uses_keras_attention()
+    cpu = make_distribution("batch=1", devices=keras.distribution.list_devices()[:1])
+    with distribution_scope(cpu):
+        assert not attention.uses_keras_attention()
+    assert not attention.uses_keras_attention()
 
 
 @jax_only

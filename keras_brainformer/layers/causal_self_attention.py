@@ -9,6 +9,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
@@ -167,14 +168,28 @@ def check_rope_scaling_factor(value):
     return float(value)
 
 
-@functools.cache
 def uses_keras_attention():
     """Whether attention runs through `keras.ops.dot_product_attention`: on
     GPU and TPU, where it reaches fused kernels; on CPU our einsum core is
     kept, measured 1.14-1.20x faster there (`benchmarks/keras_primitives.py`,
-    docs/architecture.md)."""
-    devices = keras.distribution.list_devices()
+    docs/architecture.md).
+
+    The devices are those the computation is laid out on: the active
+    `keras.distribution`'s mesh when there is one, else this process's. So
+    a step lowered for a TPU slice from a CPU process (`keras-brainformer
+    compile`, whose mesh holds TPU devices) takes the attention a TPU runs.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        devices = list(np.ravel(distribution.device_mesh.devices))
+    else:
+        devices = _process_devices()
     return bool(devices) and not str(devices[0]).lower().startswith("cpu")
+
+
+@functools.cache
+def _process_devices():
+    return tuple(keras.distribution.list_devices())
 
 
 def resolve_head_dim(model_dim, num_heads, head_dim=None):
