@@ -56,6 +56,7 @@ from keras_brainformer.layers.activations import is_gated
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
 from keras_brainformer.layers.routers import compute_capacity
 from keras_brainformer.models.brainformer.block_spec import config_block_specs
+from keras_brainformer.models.brainformer.brainformer_layout_map import FSDP_TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import TENSOR_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import WEIGHT_RULES
 from keras_brainformer.models.brainformer.brainformer_layout_map import match_rule
@@ -73,7 +74,7 @@ OPTIMIZERS = ("adafactor", "adamw")
 # docs/performance_model.md "Plan vs XLA's TPU compiler").
 TARGETS = ("default", "tpu")
 _TEMPLATES = {name: template for name, _, template in WEIGHT_RULES}
-_TENSOR_TEMPLATES = {name: template for name, _, template in TENSOR_RULES}
+_TENSOR_TEMPLATES = {name: template for name, _, template in TENSOR_RULES + FSDP_TENSOR_RULES}
 # `iterations` (int64 on TensorFlow, int32 on JAX: count 8) + learning rate.
 _OPTIMIZER_SCALARS = 8 + 4
 _UNITS = {
@@ -451,7 +452,11 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     into the matmuls and the cross-entropy), three terms differ, each as
     the buffers of compiled TPU programs show (docs/performance_model.md):
 
-    - each norm keeps only its compute-dtype input: `N·d·a`;
+    - each norm keeps only its compute-dtype input: `N·d·a`, with `d`
+      split along `model` under fsdp, whose layout gives the residual
+      stream `(batch, None, model)` (the `embedding_output` tensor rule;
+      `dense_8b`'s compiled program keeps `bf16[1,1024,512]` norm inputs
+      on 8 `model` shards of `d = 4096`), and so is the embedding output;
     - attention keeps the float32 probabilities and one compute-dtype copy
       per score: `b·H·T²·(f + a)`;
     - the logits are kept once in the compute dtype plus a one-byte mask
@@ -500,7 +505,16 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
         (k, 0) for k in ("norms", "attention", "attention scores", "dense ffn", "moe router",
                          "moe dispatched tokens", "moe experts", "embedding and logits")
     )
-    norm = N * d * a if tpu else N * d * (2 * a + f)
+    # The residual stream [b, T, d]: under fsdp its layout splits `d` along
+    # `model` (FSDP_TENSOR_RULES). Only the TPU target models that split; the
+    # default target stays the estimate checked on CPU.
+    residual_axis = (
+        resolve_axes(_TENSOR_TEMPLATES["embedding_output"], names, batch_dim_name,
+                     model_dim_name, expert_dim_name, fsdp)[2]
+        if tpu and fsdp else None
+    )
+    d_residual = _split(d, residual_axis, sizes)
+    norm = N * d_residual * a if tpu else N * d * (2 * a + f)
     groups["norms"] += norm  # final norm
     heads_axis = axes("attention_qkv")[1]
     ffn_axis = axes("ffn_in")[1]
@@ -548,7 +562,7 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     vocab_axis = axes("embedding")[0]
     logits = b * T * _split(V, vocab_axis, sizes)
     logits_bytes = logits * a + logits // 2 if tpu else logits * (a + 3 * f)
-    groups["embedding and logits"] = N * d * a + logits_bytes
+    groups["embedding and logits"] = N * d_residual * a + logits_bytes
     trainable = [s for s in shards.values() if s.trainable]
     if dtype == "mixed_bfloat16":
         groups["bfloat16 weight copies"] = sum(math.prod(s.local_shape) * 2 for s in trainable)
