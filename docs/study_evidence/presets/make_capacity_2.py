@@ -15,6 +15,8 @@ import json
 import pathlib
 import shutil
 
+from keras_brainformer.zoo.parameter_count import count_parameters
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 # name: (source folder, divisor of every expert's intermediate_dim)
@@ -54,6 +56,9 @@ def main():
             + "; nothing else changed. "
             "Random initialisation (architecture preset)."
         )
+        # The counts of the changed model, not the source's.
+        counts = count_parameters(config["config"])
+        metadata["params"], metadata["activated_params"] = counts["total"], counts["activated"]
         (out / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
         print(f"wrote {out} ({changed} MoE sublayers at capacity {CAPACITY})")
 
