@@ -17,6 +17,7 @@ from keras_brainformer.cli import main
 from keras_brainformer.distribution.hardware import HARDWARE
 from keras_brainformer.distribution.hardware import HARDWARE_NAMES
 from keras_brainformer.distribution.hardware import get_hardware
+from keras_brainformer.distribution.memory_plan import shard_weights
 from keras_brainformer.distribution.step_time import collective_seconds
 from keras_brainformer.distribution.step_time import matmul_term
 from keras_brainformer.distribution.step_time import predict_step_time
@@ -107,6 +108,26 @@ def test_collectives_follow_the_layout():
                              256, "h100", fsdp=True, expert_dim_name="batch")
     parts = {t.part for t in fsdp.terms if t.collective and t.group > 1}
     assert {"fsdp all-gather / reduce-scatter", "tensor-parallel all-reduce"} <= parts
+
+
+def test_bf16_casts_touch_the_stored_shards():
+    # Under mixed_bfloat16 each weight and its gradient are cast once each way.
+    # With fsdp a chip casts its stored shard and all-gathers it in bf16 (the
+    # compiled dense_8b step gathers 6.68 GB of bf16, 0.23 GB of float32, a
+    # chip), so the casts shrink with the batch axis as the shards do.
+    config = _dense_config()
+    casts = {}
+    for fsdp in (False, True):
+        terms = step_terms(config, "batch=4,model=2", 8, 32, dtype="mixed_bfloat16",
+                           fsdp=fsdp)
+        (cast,) = [t for t in terms if t.name == "bf16 weight and gradient casts"]
+        stored = shard_weights(config, {"batch": 4, "model": 2}, fsdp, "mixed_bfloat16")
+        local = sum(math.prod(w.local_shape) for w in stored.values() if w.trainable)
+        assert cast.bytes == local * (4 + 2) * 2
+        casts[fsdp] = cast.bytes
+    assert casts[True] < casts[False] / 3
+    float32 = step_terms(config, "batch=4,model=2", 8, 32, fsdp=True)
+    assert not [t for t in float32 if t.name == "bf16 weight and gradient casts"]
 
 
 def test_ring_collective_times():

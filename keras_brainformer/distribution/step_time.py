@@ -337,9 +337,13 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
     terms.append(elementwise_term("optimizer update", optimizer,
                                   OPTIMIZER_PASSES[optimizer] * local * vb))
     if cdt != variable_dtype(dtype):
-        used_local = sum(math.prod(used[s.path].local_shape) for s in trainable)
+        # Each device casts its own shard: under fsdp XLA casts the stored
+        # shard and all-gathers it in the compute dtype (the fsdp all-gather
+        # terms below move `a` bytes an element), and the gradient comes
+        # back reduce-scattered before its cast; so the casts touch the
+        # stored shards, not the gathered weights.
         terms.append(elementwise_term("optimizer update", "bf16 weight and gradient casts",
-                                      used_local * (vb + a) * 2))
+                                      local * (vb + a) * 2))
     if nb > 1:
         replicated = 0
         for s in trainable:
