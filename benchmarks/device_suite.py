@@ -109,7 +109,7 @@ def section_moe(s):
 
     def moe(capacity_factor, impl):
         return MoEFeedForward(num_experts=E, intermediate_dim=h, activation="gelu",
-                              router_kwargs={"top_k": 2, "capacity_factor": capacity_factor},
+                              top_k=2, capacity_factor=capacity_factor,
                               dropless_impl=impl)
 
     variants = {

@@ -287,7 +287,7 @@ def main():
 
                 def moe(cf, impl="auto", b=None, E=E, k=k):
                     return MoEFeedForward(
-                        E, h, router_kwargs={"top_k": k, "capacity_factor": cf},
+                        E, h, top_k=k, capacity_factor=cf,
                         activation="gelu", dropless_impl=impl, dropless_block_size=b)
 
                 variants = {"dense": dense}

@@ -218,11 +218,11 @@ def main():
     gflops = matmul_gflops(mm_n, max(reps, 5))
     print(f"float32 matmul {mm_n}x{mm_n}x{mm_n}: {gflops:.1f} GFLOP/s")
 
-    def moe(E, router="top_k", router_kwargs=None, dispatch="index",
+    def moe(E, router="top_k", router_options=None, dispatch="index",
             dropless_impl="auto"):
         return MoEFeedForward(
             num_experts=E, intermediate_dim=h, router=router,
-            router_kwargs=router_kwargs or {"top_k": k, "capacity_factor": cf},
+            **(router_options or {"top_k": k, "capacity_factor": cf}),
             activation="gelu", dispatch=dispatch, dropless_impl=dropless_impl,
         )
 
@@ -249,11 +249,11 @@ def main():
             "one_hot": make_step(moe(E, dispatch="one_hot"), x),
             "expert_choice": make_step(
                 moe(E, router="expert_choice",
-                    router_kwargs={"capacity_factor": ec_cf}), x),
+                    router_options={"capacity_factor": ec_cf}), x),
             "dropless": make_step(
                 # The slot path (C = S); dropless_blocks.py times the
                 # block path that "auto" now picks.
-                moe(E, router_kwargs={"top_k": k, "capacity_factor": None},
+                moe(E, router_options={"top_k": k, "capacity_factor": None},
                     dropless_impl="slots"), x),
         }
         if ec_hidden != dense_hidden:

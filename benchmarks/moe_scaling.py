@@ -45,7 +45,7 @@ from keras_brainformer.layers import MoEFeedForward  # noqa: E402
 
 TARGET = 1.15
 
-# name: (router, router kwargs, activated expert slots per token)
+# name: (router, router options, activated expert slots per token)
 ROUTERS = {
     "top-2 cf1.25": ("top_k", {"top_k": 2, "capacity_factor": 1.25}, 2),
     "top-1 cf1.25": ("top_k", {"top_k": 1, "capacity_factor": 1.25}, 1),
@@ -113,7 +113,7 @@ def main():
             for E in experts:
                 variants[E] = make_step(
                     MoEFeedForward(num_experts=E, intermediate_dim=h, router=router,
-                                   router_kwargs=dict(kwargs), activation="gelu"), x)
+                                   **kwargs, activation="gelu"), x)
             compile_all({f"E={E}": v for E, v in variants.items()})
             entries = list(variants.items()) + [("dense", dense[slots])]
             times = {key: [] for key, _ in entries}

@@ -74,7 +74,7 @@ def main():
     def moe(E, impl):
         return MoEFeedForward(
             num_experts=E, intermediate_dim=h, router="top_k",
-            router_kwargs={"top_k": k, "capacity_factor": None},
+            top_k=k, capacity_factor=None,
             activation="gelu", dropless_impl=impl,
         )
 

@@ -191,7 +191,7 @@ def assert_path_taken_and_equal_to_slots(monkeypatch, module, function, layer, s
 MOE_PAIR_SHAPE = (2, 16, 8)
 
 
-def moe_pair(impl, num_experts, router_kwargs, activation="gelu", group_size=None,
+def moe_pair(impl, num_experts, router_options, activation="gelu", group_size=None,
              router="top_k", **extra):
     """A slot-path `MoEFeedForward` and one with `dropless_impl=impl` (and
     `extra` config, e.g. `dropless_block_size`) holding the same weights."""
@@ -201,7 +201,7 @@ def moe_pair(impl, num_experts, router_kwargs, activation="gelu", group_size=Non
         num_experts=num_experts,
         intermediate_dim=12,
         router=router,
-        router_kwargs=router_kwargs,
+        **router_options,
         activation=activation,
         group_size=group_size,
         dropless_impl="slots",

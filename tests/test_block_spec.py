@@ -82,14 +82,28 @@ def test_spec_defaults_are_the_layers_defaults():
         block = BrainformerBlock(BlockSpec([MoESpec(4, 8, router=router)]))
         direct = MoEFeedForward(4, 8, router=router)
         built = block.moe_layers[0]
-        ignore = {"name", "router"}
+        ignore = {"name"}
         assert {k: v for k, v in built.get_config().items() if k not in ignore} == {
             k: v for k, v in direct.get_config().items() if k not in ignore
         }
-        ignore = {"name"}
         assert {k: v for k, v in built.router.get_config().items() if k not in ignore} == {
             k: v for k, v in direct.router.get_config().items() if k not in ignore
         }
+
+
+def test_a_moe_spec_is_the_layer_s_flat_config():
+    """`MoESpec`'s fields are `MoEFeedForward`'s config (but for what the
+    block sets), and the layer is built from them as they are."""
+    import dataclasses
+
+    spec = MoESpec(4, 8, top_k=1, capacity_factor=None, eval_capacity_factor=2.0,
+                   load_balance_loss_weight=0.02, z_loss_weight=1e-3, jitter=0.01,
+                   batch_prioritized=True, normalize_gates=True, group_size=4)
+    fields = {f.name for f in dataclasses.fields(MoESpec)}
+    assert spec.layer_kwargs() == {name: getattr(spec, name) for name in fields}
+    config = BrainformerBlock(BlockSpec([spec])).moe_layers[0].get_config()
+    assert set(config) - {"name", "trainable", "dtype", "kernel_initializer"} == fields
+    assert {name: config[name] for name in fields} == spec.layer_kwargs()
 
 
 def test_every_moe_and_router_option_is_reachable_from_a_spec():
@@ -150,6 +164,10 @@ def test_block_config_round_trip():
         ),
         (lambda: BlockSpec.from_dict({"layers": []}), "sublayers"),
         (lambda: MoESpec(4, 8, router="expert_choice", normalize_gates=True), "normalize_gates"),
+        (
+            lambda: MoESpec(4, 8, router="expert_choice", top_k=1),
+            r"`top_k=1` applies only to router='top_k'. Received: router='expert_choice'",
+        ),
         (lambda: MoESpec(4, 8, normalize_gates="yes"), "normalize_gates"),
         (lambda: MoESpec(4, 8, inference_routing="leaky"), "inference_routing"),
         (lambda: MoESpec(4, 8, load_balance_loss_mode="sum"), "load_balance_loss_mode"),
@@ -222,8 +240,14 @@ def test_layer_level_arguments_are_validated():
         make_norm("rms", -1.0, "norm")
     with pytest.raises(TypeError, match="router_kwargs"):
         MoEFeedForward(4, 8, router_kwargs=[("k", 1)])
+    with pytest.raises(TypeError, match="router_kwargs"):
+        MoEFeedForward.from_config({"num_experts": 4, "intermediate_dim": 8,
+                                    "router_kwargs": [("k", 1)]})
     with pytest.raises(ValueError, match="num_experts"):
-        MoEFeedForward(4, 8, router_kwargs={"num_experts": 8})
+        MoEFeedForward.from_config({"num_experts": 4, "intermediate_dim": 8,
+                                    "router_kwargs": {"num_experts": 8}})
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEFeedForward(4, 8, router=TopKRouter(8))
     with pytest.raises(ValueError, match="num_layers"):
         count_parameters(
             {"vocabulary_size": 8, "hidden_dim": 4, "num_layers": 0,

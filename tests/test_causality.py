@@ -32,7 +32,7 @@ AS_TRAINED = {"inference_routing": "as_trained"}
 
 @pytest.mark.parametrize("router,kwargs", CAUSAL)
 def test_causal_router_settings(router, kwargs):
-    layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
+    layer = MoEFeedForward(4, 16, router=router, **kwargs, **AS_TRAINED)
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
@@ -41,7 +41,7 @@ def test_causal_router_settings(router, kwargs):
 
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL)
 def test_non_causal_router_settings_leak(router, kwargs):
-    layer = MoEFeedForward(4, 16, router=router, router_kwargs={**kwargs, **AS_TRAINED})
+    layer = MoEFeedForward(4, 16, router=router, **kwargs, **AS_TRAINED)
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     assert max(max_leak(layer, x, t) for t in range(T - 1)) > 1e-4
@@ -50,7 +50,7 @@ def test_non_causal_router_settings_leak(router, kwargs):
 @pytest.mark.parametrize("router,kwargs", NOT_CAUSAL + CAUSAL)
 def test_causal_inference_routing_is_exactly_causal(router, kwargs):
     # The default inference routing: every setting becomes causal.
-    layer = MoEFeedForward(4, 16, router=router, router_kwargs=kwargs)
+    layer = MoEFeedForward(4, 16, router=router, **kwargs)
     layer = inference_call(layer)
     x = np.random.default_rng(0).normal(size=(3, T, D)).astype("float32")
     for t in range(T - 1):
@@ -60,9 +60,7 @@ def test_causal_inference_routing_is_exactly_causal(router, kwargs):
 def test_causal_routing_of_expert_choice_is_top_round_cf_on_same_scores():
     # Expert choice with capacity factor 2 -> each token takes its top-2
     # experts by softmax score, gates = the raw scores (not renormalised).
-    layer = MoEFeedForward(
-        4, 16, router="expert_choice", router_kwargs={"capacity_factor": 2.0}
-    )
+    layer = MoEFeedForward(4, 16, router="expert_choice", capacity_factor=2.0)
     x = np.random.default_rng(5).normal(size=(2, T, D)).astype("float32")
     layer(x)
     router = layer.router
@@ -95,7 +93,9 @@ def test_group_spanning_sequences_couples_them():
         4,
         16,
         router="top_k",
-        router_kwargs={"top_k": 1, "capacity_factor": 0.5, **AS_TRAINED},
+        top_k=1,
+        capacity_factor=0.5,
+        **AS_TRAINED,
         group_size=2 * T,
     )
     layer.build((2, T, D))

@@ -372,7 +372,7 @@ for constrain in (True, False):
         del dist._layout_map[next(k for k in dist._layout_map if "dispatched" in k)]
     with dist.scope():
         with keras.name_scope("block_0"):
-            moe = MoEFeedForward(8, 128, router_kwargs={"top_k": 2}, name="1_moe")
+            moe = MoEFeedForward(8, 128, top_k=2, name="1_moe")
             moe.build((None, 64, 64))
         x = np.random.rand(16, 64, 64).astype("float32")
         x = jax.device_put(x, dist.get_data_layout(x.shape).backend_layout)

@@ -25,10 +25,10 @@ from keras_brainformer.layers import dropless_blocks
 SHAPE = MOE_PAIR_SHAPE
 
 
-def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
+def _pair(num_experts, router_options, activation="gelu", group_size=None,
           router="top_k", block_size=None):
     """A slot-path layer and a block-path layer with the same weights."""
-    return moe_pair("blocks", num_experts, router_kwargs, activation, group_size, router,
+    return moe_pair("blocks", num_experts, router_options, activation, group_size, router,
                     dropless_block_size=block_size)
 
 
@@ -178,7 +178,7 @@ def test_jax_fast_path_equals_portable_path(activation):
 
 
 def test_config_round_trip():
-    layer = MoEFeedForward(4, 8, router_kwargs={"capacity_factor": None},
+    layer = MoEFeedForward(4, 8, capacity_factor=None,
                            dropless_impl="blocks", dropless_block_size=32)
     config = layer.get_config()
     assert config["dropless_impl"] == "blocks" and config["dropless_block_size"] == 32

@@ -33,7 +33,7 @@ def compiled_hlo(force_blocks, impl):
     dist = make_distribution("batch=2,expert=4")
     with dist.scope():
         with keras.name_scope("block_0"):
-            moe = MoEFeedForward(E, H, router_kwargs={"top_k": 2, "capacity_factor": None},
+            moe = MoEFeedForward(E, H, top_k=2, capacity_factor=None,
                                  dropless_impl=impl, name="1_moe")
             moe.build((None, S, D))
         if force_blocks:  # what the block path would compile to on this mesh

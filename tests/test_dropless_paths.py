@@ -60,12 +60,12 @@ def path_param(name, *values, id=None):
     return pytest.param(name, *values, marks=marks, id=id or name)
 
 
-def pair(path, num_experts, router_kwargs, activation="gelu", group_size=None,
+def pair(path, num_experts, router_options, activation="gelu", group_size=None,
          router="top_k", block_size=None):
     """A slot-path layer and one on `path` with the same weights."""
     extra = {"dropless_block_size": block_size} if path.impl == "blocks" else {}
     assert path.impl == "blocks" or block_size is None
-    return moe_pair(path.impl, num_experts, router_kwargs, activation, group_size, router,
+    return moe_pair(path.impl, num_experts, router_options, activation, group_size, router,
                     **extra)
 
 
@@ -156,11 +156,11 @@ def assert_same_step(path, slots, other, x, mask, training, compiled=False):
     _close(path, gx_o, gx_s, 1e-4)
 
 
-def _case_id(path, num_experts, router_kwargs, activation, group_size, block_size,
+def _case_id(path, num_experts, router_options, activation, group_size, block_size,
              training, compiled):
-    extra = "".join(f"-{key}={value}" for key, value in router_kwargs.items()
+    extra = "".join(f"-{key}={value}" for key, value in router_options.items()
                     if key not in ("top_k", "capacity_factor"))
-    return (f"{path}-E{num_experts}-k{router_kwargs['top_k']}-{activation}{extra}"
+    return (f"{path}-E{num_experts}-k{router_options['top_k']}-{activation}{extra}"
             + (f"-group{group_size}" if group_size else "")
             + (f"-block{block_size}" if block_size else "")
             + ("-train" if training else "-infer") + ("-xla" if compiled else ""))
@@ -174,7 +174,7 @@ def _dropless(k, **kwargs):
     return {"top_k": k, "capacity_factor": None, **kwargs}
 
 
-# (E, router kwargs, activation, group size, block size, training, compiled)
+# (E, router options, activation, group size, block size, training, compiled)
 EQUAL_STEP_CASES = (
     _cases("blocks", [
         (2, _dropless(1), "gelu", None, None, True, False),
@@ -183,9 +183,9 @@ EQUAL_STEP_CASES = (
         (4, _dropless(4), "squared_relu", None, 2, True, False),  # top-k = E
     ])
     + _cases("ragged", [
-        (num_experts, router_kwargs, activation, group_size, None, training, False)
+        (num_experts, router_options, activation, group_size, None, training, False)
         for training in (True, False)
-        for num_experts, router_kwargs, activation, group_size in [
+        for num_experts, router_options, activation, group_size in [
             (2, _dropless(1), "gelu", None),
             (4, _dropless(1), "gated_silu", 8),
             (4, _dropless(2), "gelu", 8),
@@ -208,35 +208,35 @@ EQUAL_STEP_CASES = (
 
 
 @pytest.mark.parametrize(
-    "path,num_experts,router_kwargs,activation,group_size,block_size,training,compiled",
+    "path,num_experts,router_options,activation,group_size,block_size,training,compiled",
     EQUAL_STEP_CASES,
 )
 def test_path_equals_slots_outputs_losses_statistics_gradients(
-    path, num_experts, router_kwargs, activation, group_size, block_size, training,
+    path, num_experts, router_options, activation, group_size, block_size, training,
     compiled, monkeypatch,
 ):
     path = PATHS[path]
     x, mask = moe_pair_inputs()
-    slots, other = pair(path, num_experts, router_kwargs, activation, group_size,
+    slots, other = pair(path, num_experts, router_options, activation, group_size,
                         block_size=block_size)
-    assert slots.router.z_loss_weight == router_kwargs.get("z_loss_weight", 0.0)
+    assert slots.router.z_loss_weight == router_options.get("z_loss_weight", 0.0)
     calls = spy(monkeypatch, path)
     assert_same_step(path, slots, other, x, mask, training, compiled)
     assert calls, f"{path.function} did not run"
 
 
 @pytest.mark.parametrize(
-    "router,router_kwargs",
+    "router,router_options",
     [("top_k", {"top_k": 2, "capacity_factor": 1.0}), ("expert_choice", {"capacity_factor": 2.0})],
     ids=["top_k", "expert_choice"],
 )
 @pytest.mark.parametrize("path", [path_param(name) for name in PATHS])
-def test_path_serves_causal_inference_routing(path, router, router_kwargs, monkeypatch):
+def test_path_serves_causal_inference_routing(path, router, router_options, monkeypatch):
     """The causal inference routing is dropless token choice: it takes the
     path (also for routers that drop in training) and matches."""
     path = PATHS[path]
     x, mask = moe_pair_inputs(1)
-    slots, other = pair(path, 4, router_kwargs, "gated_relu", router=router,
+    slots, other = pair(path, 4, router_options, "gated_relu", router=router,
                         block_size=path.block_size)
     assert_path_taken_and_equal_to_slots(
         monkeypatch, path.module, path.function, other, slots, x, mask

@@ -114,7 +114,7 @@ def test_orthogonal_experts_are_each_orthogonal():
 
 def test_moe_layer_experts_lora_and_int8_keep_the_per_expert_scale():
     dense = _dense_std("gelu")["w_in"]
-    moe = MoEFeedForward(num_experts=8, intermediate_dim=H, router_kwargs={"top_k": 2})
+    moe = MoEFeedForward(num_experts=8, intermediate_dim=H, top_k=2)
     moe.build((2, 16, D))
     np.testing.assert_allclose(to_numpy(moe.experts.w_in).std(axis=(1, 2)), dense, rtol=0.05)
     # LoRA leaves the frozen expert kernels as drawn; int8 keeps them within

@@ -95,7 +95,7 @@ def _backbone_kwargs(vocabulary_size=64):
 
 class LayerContractTest(TestCase):
     def test_moe_feed_forward(self):
-        for router, router_kwargs in (
+        for router, router_options in (
             ("top_k", {"top_k": 2, "capacity_factor": 1.25}),
             ("top_k", {"top_k": 2, "capacity_factor": None}),
             ("expert_choice", {"capacity_factor": 1.0}),
@@ -106,7 +106,7 @@ class LayerContractTest(TestCase):
                     "num_experts": 4,
                     "intermediate_dim": 32,
                     "router": router,
-                    "router_kwargs": router_kwargs,
+                    **router_options,
                 },
                 input_data=TOKENS,
                 expected_output_shape=(2, 8, D),

@@ -1,17 +1,24 @@
 """MoEFeedForward: index dispatch == one-hot reference, sparsity, gradients,
 padding, dtypes, serialisation."""
 
+import json
+import re
+
 import keras
 import numpy as np
 import pytest
 from conftest import compiled_call
+from conftest import rewrite_keras_config
 from conftest import to_numpy
 from keras import ops
 
 from keras_brainformer.layers import ExpertBank
+from keras_brainformer.layers import ExpertChoiceRouter
 from keras_brainformer.layers import MoEFeedForward
 from keras_brainformer.layers import TopKRouter
 from keras_brainformer.layers import dispatch as dispatch_lib
+from keras_brainformer.layers.moe_feed_forward import ROUTER_OPTION_NAMES
+from keras_brainformer.layers.routers import ROUTER_OPTIONS
 
 ROUTER_CASES = [
     ("top_k", {"top_k": 1, "capacity_factor": 1.0}),
@@ -30,7 +37,7 @@ def _pair(router, kwargs, activation="gelu", group_size=None, shape=(2, 16, 8)):
         num_experts=4,
         intermediate_dim=12,
         router=router,
-        router_kwargs=kwargs,
+        **kwargs,
         activation=activation,
         group_size=group_size,
     )
@@ -115,7 +122,9 @@ def test_experts_only_see_routed_tokens():
         E,
         12,
         router="top_k",
-        router_kwargs={"top_k": 2, "capacity_factor": 1.0, "inference_routing": "as_trained"},
+        top_k=2,
+        capacity_factor=1.0,
+        inference_routing="as_trained",
     )
     layer.experts = CountingExperts(E, 12, name="experts")
     x = np.random.default_rng(2).normal(size=(1, S, d)).astype("float32")
@@ -138,7 +147,9 @@ def test_unrouted_tokens_get_zero_output():
         2,
         8,
         router="top_k",
-        router_kwargs={"top_k": 1, "capacity_factor": 0.1, "inference_routing": "as_trained"},
+        top_k=1,
+        capacity_factor=0.1,
+        inference_routing="as_trained",
     )
     x = np.random.default_rng(3).normal(size=(1, 10, 4)).astype("float32")
     y = to_numpy(layer(x))
@@ -148,7 +159,7 @@ def test_unrouted_tokens_get_zero_output():
 
 
 def test_padding_tokens_get_zero_output_and_do_not_change_real_tokens():
-    layer = MoEFeedForward(4, 8, router="expert_choice", router_kwargs={"capacity_factor": 1.0})
+    layer = MoEFeedForward(4, 8, router="expert_choice", capacity_factor=1.0)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1, 8, 4)).astype("float32")
     mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0]], "int32")
@@ -195,6 +206,106 @@ def test_config_round_trip_reproduces_outputs():
     clone.set_weights(layer.get_weights())
     np.testing.assert_array_equal(to_numpy(clone(x)), y)
     assert clone.router.get_config() == layer.router.get_config()
+    # A router of its own is its serialised self, without the router options.
+    config = layer.get_config()
+    assert isinstance(config["router"], dict) and not set(ROUTER_OPTION_NAMES) & set(config)
+
+
+def test_router_options_are_the_layer_s_arguments():
+    """The router's options are arguments of the layer (keras-hub's MoE
+    layers take them so), in its config as they are; left unset, each is
+    the router's own default."""
+    assert set(ROUTER_OPTION_NAMES) == set(ROUTER_OPTIONS["top_k"]) | set(
+        ROUTER_OPTIONS["expert_choice"]
+    )
+    default = MoEFeedForward(4, 8).router
+    assert isinstance(default, TopKRouter)
+    assert (default.top_k, default.capacity_factor, default.load_balance_loss_weight) == (
+        2, 1.25, 0.01
+    )
+    ec = MoEFeedForward(4, 8, router="expert_choice").router
+    assert isinstance(ec, ExpertChoiceRouter)
+    assert (ec.capacity_factor, ec.load_balance_loss_weight) == (2.0, 0.0)
+    options = {
+        "top_k": 1, "capacity_factor": None, "eval_capacity_factor": 2.0,
+        "load_balance_loss_weight": 0.02, "load_balance_loss_mode": "pooled",
+        "z_loss_weight": 1e-3, "jitter": 0.01, "batch_prioritized": True,
+        "normalize_gates": True, "inference_routing": "as_trained",
+    }
+    layer = MoEFeedForward(4, 8, **options)
+    assert {name: getattr(layer.router, name) for name in options} == options
+    config = layer.get_config()
+    assert config["router"] == "top_k" and "router_kwargs" not in config
+    assert {name: config[name] for name in ROUTER_OPTION_NAMES} == options
+    clone = MoEFeedForward.from_config(config)
+    assert clone.get_config() == config
+    assert clone.router.get_config() == layer.router.get_config()
+    assert clone.router.name == "router"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            {"router": "expert_choice", "top_k": 1},
+            "`top_k=1` applies only to router='top_k'. Received: router='expert_choice'",
+        ),
+        (
+            {"router": "expert_choice", "batch_prioritized": True},
+            "`batch_prioritized=True` applies only to router='top_k'. "
+            "Received: router='expert_choice'",
+        ),
+        (
+            {"router": "expert_choice", "normalize_gates": False},
+            "`normalize_gates=False` applies only to router='top_k'. "
+            "Received: router='expert_choice'",
+        ),
+        (
+            {"router": TopKRouter(4), "top_k": 1, "jitter": 0.1},
+            "set them on the Router instance. Received: top_k=1, jitter=0.1",
+        ),
+        (
+            {"router": ExpertChoiceRouter(4), "capacity_factor": 1.0},
+            "Received: capacity_factor=1.0",
+        ),
+    ],
+)
+def test_router_options_the_router_does_not_take_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MoEFeedForward(4, 8, **kwargs)
+
+
+def test_a_keras_file_with_the_router_serialised_loads_unchanged(tmp_path):
+    """Every config written before the router options were arguments holds
+    the router serialised beside `router_kwargs: None` (every `.keras` file
+    so far): it loads, like today's, to the same outputs and the same weight
+    paths (the router built in the layer's name scope)."""
+    inputs = keras.Input((8, 4))
+    layer = MoEFeedForward(4, 8, top_k=1, capacity_factor=2.0, name="moe")
+    model = keras.Model(inputs, layer(inputs))
+    x = np.random.default_rng(9).normal(size=(2, 8, 4)).astype("float32")
+    expected = to_numpy(model(x))
+    path, old_path = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(path)
+
+    def with_the_router_serialised(text):
+        config = json.loads(text)
+        (moe,) = [c["config"] for c in config["config"]["layers"] if c["config"]["name"] == "moe"]
+        assert moe["router"] == "top_k"
+        for name in ROUTER_OPTION_NAMES:
+            del moe[name]
+        moe["router"] = keras.saving.serialize_keras_object(layer.router)
+        moe["router_kwargs"] = None
+        return json.dumps(config)
+
+    rewrite_keras_config(path, old_path, with_the_router_serialised)
+    paths = [v.path for v in model.weights]
+    assert "moe/router/kernel" in paths
+    for saved in (path, old_path):
+        loaded = keras.saving.load_model(saved)
+        np.testing.assert_array_equal(to_numpy(loaded(x)), expected)
+        assert [v.path for v in loaded.weights] == paths
+        assert loaded.get_layer("moe").router.get_config() == layer.router.get_config()
 
 
 @pytest.mark.parametrize(
@@ -206,10 +317,7 @@ def test_config_round_trip_reproduces_outputs():
         ({"num_experts": 4, "intermediate_dim": 8, "activation": "tanh"}, "activation"),
         ({"num_experts": 4, "intermediate_dim": 8, "dispatch": "dense"}, "dispatch"),
         ({"num_experts": 4, "intermediate_dim": 8, "group_size": 0}, "group_size"),
-        (
-            {"num_experts": 4, "intermediate_dim": 8, "router_kwargs": {"top_k": 5}},
-            "k",
-        ),
+        ({"num_experts": 4, "intermediate_dim": 8, "top_k": 5}, "top_k"),
         (
             {"num_experts": 4, "intermediate_dim": 8, "router": TopKRouter(2)},
             "num_experts",
@@ -223,7 +331,7 @@ def test_bad_arguments_raise_naming_the_field(kwargs, field):
 
 def test_one_hot_mask_has_one_entry_per_kept_choice():
     layer = MoEFeedForward(
-        4, 8, router="top_k", router_kwargs={"top_k": 2, "capacity_factor": 0.75}
+        4, 8, router="top_k", top_k=2, capacity_factor=0.75
     )
     x = np.random.default_rng(8).normal(size=(2, 8, 4)).astype("float32")
     layer.build(x.shape)

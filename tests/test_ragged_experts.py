@@ -24,10 +24,10 @@ jax_only = pytest.mark.skipif(
 SHAPE = MOE_PAIR_SHAPE
 
 
-def _pair(num_experts, router_kwargs, activation="gelu", group_size=None,
+def _pair(num_experts, router_options, activation="gelu", group_size=None,
           router="top_k"):
     """A slot-path layer and a ragged-path layer with the same weights."""
-    return moe_pair("ragged", num_experts, router_kwargs, activation, group_size, router)
+    return moe_pair("ragged", num_experts, router_options, activation, group_size, router)
 
 
 _inputs = moe_pair_inputs
@@ -67,7 +67,7 @@ def test_adapted_bank_is_never_read_raw(attribute, value, monkeypatch):
     """The selection itself: an int8 or LoRA bank never takes the ragged path,
     whatever `dropless_impl` says."""
     x, _ = _inputs()
-    layer = MoEFeedForward(4, 8, router_kwargs={"capacity_factor": None},
+    layer = MoEFeedForward(4, 8, capacity_factor=None,
                            dropless_impl="slots")
     layer.build(SHAPE)
     layer.dropless_impl = "ragged"  # skip the constructor's backend check
@@ -91,7 +91,7 @@ def test_bank_supports_ragged():
     assert not ragged_experts.bank_supports_ragged(
         types.SimpleNamespace(quantization_mode=None, lora_enabled=True)
     )
-    layer = MoEFeedForward(4, 8, router_kwargs={"capacity_factor": None})
+    layer = MoEFeedForward(4, 8, capacity_factor=None)
     layer.build(SHAPE)
     assert ragged_experts.bank_supports_ragged(layer.experts)
 
@@ -134,7 +134,7 @@ def test_auto_is_slots_off_jax(monkeypatch):
 
 def test_config_round_trip():
     for impl in ("auto", "slots") + (("ragged",) if keras.backend.backend() == "jax" else ()):
-        layer = MoEFeedForward(4, 8, router_kwargs={"capacity_factor": None},
+        layer = MoEFeedForward(4, 8, capacity_factor=None,
                                dropless_impl=impl)
         config = layer.get_config()
         assert config["dropless_impl"] == impl

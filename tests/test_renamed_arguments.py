@@ -7,6 +7,7 @@ by 0.1 keep loading, to the same model; code gets one clear error."""
 import json
 import re
 
+import keras
 import numpy as np
 import pytest
 from conftest import rewrite_keras_config
@@ -17,6 +18,7 @@ from keras_brainformer.layers import ExpertBank
 from keras_brainformer.layers import FeedForward
 from keras_brainformer.layers import MoEFeedForward
 from keras_brainformer.layers import TopKRouter
+from keras_brainformer.layers.moe_feed_forward import ROUTER_OPTION_NAMES
 from keras_brainformer.layers.renamed_arguments import RENAMED_AFTER_0_1
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.models import BlockSpec
@@ -75,7 +77,7 @@ def test_both_names_at_once_is_one_clear_error():
         (lambda **kw: MoEFeedForward(2, 4, **kw), "shared_expert_hidden_dim",
          "shared_expert_intermediate_dim"),
         (lambda **kw: TopKRouter(4, **kw), "k", "top_k"),
-        (lambda **kw: MoEFeedForward(4, 4, router_kwargs=kw), "k", "top_k"),
+        (lambda **kw: MoEFeedForward(4, 4, **kw), "k", "top_k"),
         (lambda **kw: BrainformerBackbone(
             vocabulary_size=8, hidden_dim=8, blocks=NEW_BLOCK, **kw), "num_blocks", "num_layers"),
         (lambda **kw: CausalSelfAttention(num_heads=2, **kw), "norm_epsilon",
@@ -85,6 +87,16 @@ def test_both_names_at_once_is_one_clear_error():
 def test_code_passing_an_old_name_is_told_the_new_one(build, old, new):
     with pytest.raises(TypeError, match=rf"`{old}` was renamed `{new}`"):
         build(**{old: 2})
+
+
+def test_code_passing_router_kwargs_is_told_the_flat_arguments():
+    """0.1's nested router options are arguments of the layer now (as in
+    keras-hub's MoE layers): one TypeError naming them."""
+    flat = "top_k, capacity_factor, eval_capacity_factor, load_balance_loss_weight"
+    with pytest.raises(TypeError, match=rf"`router_kwargs` was replaced.*{flat}.*k': 1"):
+        MoEFeedForward(4, 4, router_kwargs={"k": 1})
+    with pytest.raises(TypeError, match="router_kwargs"):
+        MoEFeedForward(4, 4, router_kwargs=None)
 
 
 def test_an_old_name_in_place_of_a_required_argument_names_the_new_one():
@@ -111,21 +123,39 @@ def test_0_1_layer_configs_load_to_the_same_layers():
     old["k"] = old.pop("top_k")
     assert TopKRouter.from_config(old).get_config() == router.get_config()
 
-    moe = MoEFeedForward(4, 12, shared_expert_intermediate_dim=8,
-                         router_kwargs={"top_k": 1, "capacity_factor": 2.0})
-    old = {**moe.get_config()}
+    moe = MoEFeedForward(4, 12, shared_expert_intermediate_dim=8, top_k=1, capacity_factor=2.0)
+    # 0.1 wrote the router serialised, beside `router_kwargs: None`.
+    config = moe.get_config()
+    old = {key: value for key, value in config.items() if key not in ROUTER_OPTION_NAMES}
+    old["router"] = keras.saving.serialize_keras_object(moe.router)
+    old["router_kwargs"] = None
     old["expert_hidden_dim"] = old.pop("intermediate_dim")
     old["shared_expert_hidden_dim"] = old.pop("shared_expert_intermediate_dim")
-    old["router"] = {**old["router"], "config": {**old["router"]["config"]}}
     old["router"]["config"]["k"] = old["router"]["config"].pop("top_k")
     loaded = MoEFeedForward.from_config(old)
-    assert loaded.get_config() == moe.get_config()
+    assert loaded.router.get_config() == moe.router.get_config()
+    assert {key: value for key, value in loaded.get_config().items() if key != "router"} == {
+        key: value for key, value in config.items() if key not in ("router", *ROUTER_OPTION_NAMES)
+    }
     assert loaded.router.top_k == 1
-    # 0.1's `router_kwargs` spelling, in a config written by hand.
+    # 0.1's `router_kwargs` spelling, in a config written by hand: the same
+    # layer as the flat arguments build.
     by_name = MoEFeedForward.from_config(
-        {"num_experts": 4, "expert_hidden_dim": 12, "router": "top_k",
+        {"num_experts": 4, "expert_hidden_dim": 12, "router": "top_k", "name": "moe",
          "router_kwargs": {"k": 1, "capacity_factor": 2.0}})
     assert (by_name.intermediate_dim, by_name.router.top_k) == (12, 1)
+    flat = MoEFeedForward(4, 12, top_k=1, capacity_factor=2.0, name="moe")
+    assert by_name.get_config() == flat.get_config()
+    assert by_name.router.get_config() == flat.router.get_config()
+    # A router's own `seed` or `kernel_initializer` there build the router.
+    seeded = MoEFeedForward.from_config(
+        {"num_experts": 4, "intermediate_dim": 12, "router": "top_k",
+         "router_kwargs": {"k": 1, "jitter": 0.1, "seed": 3}})
+    assert (seeded.router.name, seeded.router.top_k, seeded.router.seed) == ("router", 1, 3)
+    assert seeded.router.jitter == 0.1
+    with pytest.raises(ValueError, match=r"\['top_k'\] both"):
+        MoEFeedForward.from_config(
+            {"num_experts": 4, "intermediate_dim": 12, "top_k": 2, "router_kwargs": {"k": 1}})
 
 
 def test_a_0_1_block_spec_loads_to_today_s():
@@ -226,8 +256,6 @@ def test_the_shipped_0_1_trained_preset_loads_with_its_old_names():
 def test_a_0_1_keras_file_loads(tmp_path):
     """A `.keras` archive whose config uses 0.1's names (the archive of today
     with its config rewritten to them) loads to the same logits."""
-    import keras
-
     lm = BrainformerCausalLM(
         BrainformerBackbone(vocabulary_size=64, hidden_dim=8, blocks=NEW_BLOCK, num_layers=2,
                             **NEW),

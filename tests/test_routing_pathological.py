@@ -23,7 +23,7 @@ ROUTERS = {
 def _moe(router):
     kind, kwargs = ROUTERS[router]
     kwargs = dict(kwargs, load_balance_loss_weight=0.01, z_loss_weight=0.001)
-    moe = MoEFeedForward(E, 16, router=kind, router_kwargs=kwargs)
+    moe = MoEFeedForward(E, 16, router=kind, **kwargs)
     moe.build((None, S, D))
     return moe
 

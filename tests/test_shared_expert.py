@@ -74,7 +74,7 @@ def test_equals_keras_hub_qwen_sparse_moe_block(normalize, dropless_impl):
     ref.build(x.shape)
     ours = MoEFeedForward(
         E, H, router="top_k",
-        router_kwargs={"top_k": K, "capacity_factor": None, "normalize_gates": normalize},
+        top_k=K, capacity_factor=None, normalize_gates=normalize,
         activation="gated_silu", dropless_impl=dropless_impl, shared_expert_intermediate_dim=HS,
     )
     ours.build(x.shape)
@@ -90,7 +90,7 @@ def test_equals_keras_hub_qwen_sparse_moe_block(normalize, dropless_impl):
 
 def test_one_hot_dispatch_and_capacity_dropping_add_the_same_shared_expert():
     x = _x((2, 8, D))
-    kwargs = dict(router="top_k", router_kwargs={"top_k": 1, "capacity_factor": 0.5},
+    kwargs = dict(router="top_k", top_k=1, capacity_factor=0.5,
                   shared_expert_intermediate_dim=HS)
     index = MoEFeedForward(E, H, **kwargs)
     index.build(x.shape)

@@ -12,18 +12,37 @@ from keras_brainformer.layers.initializers import clone_initializer
 from keras_brainformer.layers.renamed_arguments import refuse_old_names
 from keras_brainformer.layers.renamed_arguments import with_current_names
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
+from keras_brainformer.layers.routers import ROUTER_DEFAULTS
+from keras_brainformer.layers.routers import ROUTER_OPTIONS
 from keras_brainformer.layers.routers import ROUTERS
+from keras_brainformer.layers.routers import TOP_K_DEFAULTS
 from keras_brainformer.layers.routers import Router
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_optional_positive_int
 from keras_brainformer.layers.validation import check_positive_int
 
 DISPATCH_MODES = ("index", "one_hot")
+# A router option left at this value takes the router's own default: the
+# capacity factor's, which differs between the routers (1.25 for top-k, 2.0
+# for expert choice). None does the same for the load-balance loss weight
+# (0.01 and 0).
+ROUTER_DEFAULT = "router_default"
 # The layer's argument defaults, one table: its signature and `MoESpec`'s
-# fields (models/brainformer/block_spec.py) take them from here (the
-# router's are `routers.ROUTER_DEFAULTS` and the router classes' tables).
+# fields (models/brainformer/block_spec.py) take them from here. A router
+# option (`top_k` to `inference_routing`) left at its value here is unset:
+# the router takes its own default (`routers.ROUTER_OPTIONS`).
 MOE_DEFAULTS = {
     "router": "top_k",
+    "top_k": TOP_K_DEFAULTS["top_k"],
+    "capacity_factor": ROUTER_DEFAULT,
+    "eval_capacity_factor": ROUTER_DEFAULTS["eval_capacity_factor"],
+    "load_balance_loss_weight": None,
+    "load_balance_loss_mode": ROUTER_DEFAULTS["load_balance_loss_mode"],
+    "z_loss_weight": ROUTER_DEFAULTS["z_loss_weight"],
+    "jitter": ROUTER_DEFAULTS["jitter"],
+    "batch_prioritized": TOP_K_DEFAULTS["batch_prioritized"],
+    "normalize_gates": TOP_K_DEFAULTS["normalize_gates"],
+    "inference_routing": ROUTER_DEFAULTS["inference_routing"],
     "activation": "gelu",
     "group_size": None,
     "dispatch": "index",
@@ -31,6 +50,37 @@ MOE_DEFAULTS = {
     "dropless_block_size": None,
     "shared_expert_intermediate_dim": None,
 }
+# The layer's router options: every option of a built-in router.
+ROUTER_OPTION_NAMES = tuple(
+    name for name in MOE_DEFAULTS if any(name in options for options in ROUTER_OPTIONS.values())
+)
+
+
+def _unset(name, value):
+    """Whether router option `name` holds its unset value (`MOE_DEFAULTS`)."""
+    unset = MOE_DEFAULTS[name]
+    return value is unset or (type(value) is type(unset) and value == unset)
+
+
+def router_arguments(router, options):
+    """The options `options` (`{name: value}` over `ROUTER_OPTION_NAMES`) as
+    arguments of the router named `router` (a key of `ROUTERS`): each unset
+    option takes the router's own default, and an option the router does not
+    take (a top-k option for expert choice) is refused unless unset.
+
+    `MoEFeedForward` builds its router with them; `MoESpec` checks its
+    fields and resolves its capacity factor with them."""
+    defaults = ROUTER_OPTIONS[router]
+    arguments = {}
+    for name, value in options.items():
+        if name in defaults:
+            arguments[name] = defaults[name] if _unset(name, value) else value
+        elif not _unset(name, value):
+            takers = " or ".join(f"router={r!r}" for r, o in ROUTER_OPTIONS.items() if name in o)
+            raise ValueError(
+                f"`{name}={value!r}` applies only to {takers}. Received: router={router!r}"
+            )
+    return arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")
@@ -48,9 +98,19 @@ class MoEFeedForward(keras.layers.Layer):
     Args:
         num_experts: int, `E`.
         intermediate_dim: int, hidden width of each expert.
-        router: `"top_k"`, `"expert_choice"`, or a `Router` instance.
-        router_kwargs: dict of arguments for a router given by name (for
-            example `{"top_k": 1, "capacity_factor": 1.0}`).
+        router: `"top_k"` (`TopKRouter`), `"expert_choice"`
+            (`ExpertChoiceRouter`), or a `Router` instance (for a router of
+            your own, or a router's `seed` or `kernel_initializer`; the
+            router options below then stay unset).
+        top_k, capacity_factor, eval_capacity_factor,
+        load_balance_loss_weight, load_balance_loss_mode, z_loss_weight,
+        jitter, batch_prioritized, normalize_gates, inference_routing: the
+            options of a router given by name (see `TopKRouter` and
+            `ExpertChoiceRouter`). Left unset, each takes the router's own
+            default: `capacity_factor` (`"router_default"`) 1.25 for top-k
+            and 2.0 for expert choice, `load_balance_loss_weight` (None) 0.01
+            and 0. `top_k`, `batch_prioritized` and `normalize_gates` are
+            top-k options: set for expert choice they raise a `ValueError`.
         activation: expert activation (see `FeedForward`).
         group_size: tokens per routing group, or None for one group per
             sequence. `batch * sequence_length` must be divisible by it.
@@ -107,7 +167,7 @@ class MoEFeedForward(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> moe = MoEFeedForward(num_experts=4, intermediate_dim=32,
-    ...                      router="top_k", router_kwargs={"top_k": 2})
+    ...                      router="top_k", top_k=2, capacity_factor=1.0)
     >>> tuple(moe(np.random.rand(2, 8, 16).astype("float32")).shape)
     (2, 8, 16)
     """
@@ -117,7 +177,16 @@ class MoEFeedForward(keras.layers.Layer):
         num_experts,
         intermediate_dim,
         router=MOE_DEFAULTS["router"],
-        router_kwargs=None,
+        top_k=MOE_DEFAULTS["top_k"],
+        capacity_factor=MOE_DEFAULTS["capacity_factor"],
+        eval_capacity_factor=MOE_DEFAULTS["eval_capacity_factor"],
+        load_balance_loss_weight=MOE_DEFAULTS["load_balance_loss_weight"],
+        load_balance_loss_mode=MOE_DEFAULTS["load_balance_loss_mode"],
+        z_loss_weight=MOE_DEFAULTS["z_loss_weight"],
+        jitter=MOE_DEFAULTS["jitter"],
+        batch_prioritized=MOE_DEFAULTS["batch_prioritized"],
+        normalize_gates=MOE_DEFAULTS["normalize_gates"],
+        inference_routing=MOE_DEFAULTS["inference_routing"],
         activation=MOE_DEFAULTS["activation"],
         group_size=MOE_DEFAULTS["group_size"],
         dispatch=MOE_DEFAULTS["dispatch"],
@@ -127,7 +196,16 @@ class MoEFeedForward(keras.layers.Layer):
         shared_expert_intermediate_dim=MOE_DEFAULTS["shared_expert_intermediate_dim"],
         **kwargs,
     ):
+        # The router options above, by name.
+        options = {name: value for name, value in locals().items() if name in ROUTER_OPTION_NAMES}
         refuse_old_names(kwargs, "MoEFeedForward")
+        if "router_kwargs" in kwargs:
+            raise TypeError(
+                "MoEFeedForward: `router_kwargs` was replaced after 0.1 by arguments of their "
+                f"own (as keras-hub's MoE layers take them): {', '.join(ROUTER_OPTION_NAMES)}; "
+                "a router's `seed` or `kernel_initializer` go to a Router instance "
+                f"(`router=TopKRouter(...)`). Received: router_kwargs={kwargs['router_kwargs']!r}"
+            )
         super().__init__(**kwargs)
         self.dropless_impl = check_choice(
             "dropless_impl", dropless_impl, dropless_blocks.DROPLESS_IMPLS
@@ -148,34 +226,36 @@ class MoEFeedForward(keras.layers.Layer):
         self.group_size = check_optional_positive_int("group_size", group_size)
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES)
         if isinstance(router, dict):
-            router = keras.saving.deserialize_keras_object(router)
+            # Without its `build_config`: the layer builds it, in its own name
+            # scope (as it does a router given by name), so its weights' paths
+            # are the layer's (`<layer>/router/kernel`), not `router/kernel`.
+            router = keras.saving.deserialize_keras_object(
+                {key: value for key, value in router.items() if key != "build_config"}
+            )
+        # The router's name when the layer builds it (its config is then the
+        # flat options), else None.
+        self.router_name = None
         if isinstance(router, str):
-            check_choice("router", router, tuple(ROUTERS))
-            if router_kwargs is not None and not isinstance(router_kwargs, dict):
-                raise TypeError(
-                    f"`router_kwargs` must be a dict. Received: {router_kwargs!r}"
-                )
-            if router_kwargs and {"num_experts", "name", "dtype"} & set(router_kwargs):
-                raise ValueError(
-                    "`router_kwargs` must not set num_experts, name or dtype (the "
-                    f"MoE layer sets them). Received: {sorted(router_kwargs)}"
-                )
+            self.router_name = check_choice("router", router, tuple(ROUTERS))
             router = ROUTERS[router](
-                num_experts=num_experts,
+                num_experts=self.num_experts,
                 name="router",
                 dtype=self.dtype_policy,
-                **(router_kwargs or {}),
+                **router_arguments(router, options),
             )
         elif not isinstance(router, Router):
             raise TypeError(
                 f"`router` must be one of {tuple(ROUTERS)} or a Router instance. "
                 f"Received: router={router!r}"
             )
-        elif router_kwargs:
-            raise ValueError(
-                "`router_kwargs` only applies to a router given by name. "
-                f"Received: router_kwargs={router_kwargs!r}"
-            )
+        else:
+            given = [f"{name}={value!r}" for name, value in options.items()
+                     if not _unset(name, value)]
+            if given:
+                raise ValueError(
+                    "The router options apply only to a router given by name; set them "
+                    f"on the Router instance. Received: {', '.join(given)}"
+                )
         if router.num_experts != self.num_experts:
             raise ValueError(
                 f"`router.num_experts`={router.num_experts} must equal "
@@ -329,12 +409,17 @@ class MoEFeedForward(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        if self.router_name is None:  # a router of its own: its serialised self
+            router = {"router": keras.saving.serialize_keras_object(self.router)}
+        else:  # a router by name: its options (for expert choice, the top-k ones unset)
+            router = {"router": self.router_name}
+            for name in ROUTER_OPTION_NAMES:
+                router[name] = getattr(self.router, name, MOE_DEFAULTS[name])
         config.update(
             {
                 "num_experts": self.num_experts,
                 "intermediate_dim": self.intermediate_dim,
-                "router": keras.saving.serialize_keras_object(self.router),
-                "router_kwargs": None,
+                **router,
                 "activation": self.activation,
                 "group_size": self.group_size,
                 "dispatch": self.dispatch,
@@ -350,12 +435,42 @@ class MoEFeedForward(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        # Configs written by 0.1 say `expert_hidden_dim`,
-        # `shared_expert_hidden_dim` and `router_kwargs={"k": ...}`
-        # (layers/renamed_arguments.py; a serialised router translates itself).
+        # Configs written by 0.1 say `expert_hidden_dim` and
+        # `shared_expert_hidden_dim` (layers/renamed_arguments.py; a
+        # serialised router translates itself), and until the router options
+        # were arguments every config held `router_kwargs` (None beside a
+        # serialised router, or a dict for a router given by name).
         config = with_current_names(config, "MoEFeedForward", cls.__name__)
-        if isinstance(config.get("router_kwargs"), dict):
-            config["router_kwargs"] = with_current_names(
-                config["router_kwargs"], "TopKRouter", f"{cls.__name__}.router_kwargs"
-            )
+        nested = config.pop("router_kwargs", None)
+        if nested is not None:
+            config = _with_flat_router_options(config, nested, cls.__name__)
         return super().from_config(config)
+
+
+def _with_flat_router_options(config, nested, where):
+    """Layer config `config` with 0.1's nested router arguments `nested`
+    (`router_kwargs`, `k` included) as the layer's router options, or, when
+    they hold a router's own `seed` or `kernel_initializer`, as the router
+    they build."""
+    if not isinstance(nested, dict):
+        raise TypeError(f"{where}: `router_kwargs` must be a dict. Received: {nested!r}")
+    nested = with_current_names(nested, "TopKRouter", f"{where}.router_kwargs")
+    router = config.get("router", MOE_DEFAULTS["router"])
+    if nested and not isinstance(router, str):
+        raise ValueError(
+            f"{where}: `router_kwargs` only applies to a router given by name. "
+            f"Received: router_kwargs={nested!r}"
+        )
+    twice = sorted(set(nested) & set(config))
+    if twice:
+        raise ValueError(
+            f"{where}: the config gives {twice} both as arguments and in `router_kwargs`; "
+            f"keep the arguments only. Received: router_kwargs={nested!r}"
+        )
+    if set(nested) <= set(ROUTER_OPTION_NAMES):
+        return {**config, **nested}
+    check_choice("router", router, tuple(ROUTERS))
+    router = ROUTERS[router](
+        config.get("num_experts"), name="router", dtype=config.get("dtype"), **nested
+    )
+    return {**config, "router": router}

@@ -11,10 +11,15 @@ old config is loaded, so that configs, preset folders, block-spec JSON and
 | `hidden_dim` | `intermediate_dim` | `FeedForward`, `ExpertBank`, specs |
 | `expert_hidden_dim` | `intermediate_dim` | `MoEFeedForward` |
 | `shared_expert_hidden_dim` | `shared_expert_intermediate_dim` | MoE layer, `MoESpec` |
-| `k` | `top_k` | `TopKRouter`, `MoESpec` |
+| `k` | `top_k` | `TopKRouter`, `MoEFeedForward`, `MoESpec` |
 
 (specs: `FeedForwardSpec` and `MoESpec`, or `"kind": "ffn"` / `"moe"`
 in a block spec dict.)
+
+`MoEFeedForward`'s `router_kwargs={...}` (the router's options, nested)
+was replaced by the options as arguments of their own (`top_k=...`,
+`capacity_factor=...`): its `from_config` translates a `router_kwargs`
+dict (`k` included) and its constructor refuses the argument, naming them.
 
 `hidden_dim` now means one thing: the model width (the backbone's, as in
 keras-hub); a feed-forward or expert width is `intermediate_dim`.
@@ -35,6 +40,7 @@ RENAMED_AFTER_0_1 = {
     "MoEFeedForward": {
         "expert_hidden_dim": "intermediate_dim",
         "shared_expert_hidden_dim": "shared_expert_intermediate_dim",
+        "k": "top_k",
     },
     "TopKRouter": {"k": "top_k"},
     "ffn": {"hidden_dim": "intermediate_dim"},

@@ -55,8 +55,8 @@ from keras_brainformer.layers.validation import check_rate
 INFERENCE_ROUTING = ("causal", "as_trained")
 
 # The routers' argument defaults, one table each: the constructors'
-# signatures below and `MoESpec`'s fields (models/brainformer/block_spec.py)
-# take them from here.
+# signatures below take them from here, and `MoEFeedForward` (its router
+# arguments left unset) through `ROUTER_OPTIONS`.
 ROUTER_DEFAULTS = {
     "eval_capacity_factor": "same",
     "z_loss_weight": 0.0,
@@ -735,3 +735,10 @@ class ExpertChoiceRouter(Router):
 
 
 ROUTERS = {"top_k": TopKRouter, "expert_choice": ExpertChoiceRouter}
+# The options each router of `ROUTERS` takes (all its arguments but
+# `num_experts`, `seed` and `kernel_initializer`), with its defaults: the
+# router arguments of `MoEFeedForward` and fields of `MoESpec`.
+ROUTER_OPTIONS = {
+    "top_k": {**ROUTER_DEFAULTS, **TOP_K_DEFAULTS},
+    "expert_choice": {**ROUTER_DEFAULTS, **EXPERT_CHOICE_DEFAULTS},
+}

@@ -27,14 +27,13 @@ from keras_brainformer.layers.causal_self_attention import check_key_value_heads
 from keras_brainformer.layers.dropless_blocks import DROPLESS_IMPLS
 from keras_brainformer.layers.moe_feed_forward import DISPATCH_MODES
 from keras_brainformer.layers.moe_feed_forward import MOE_DEFAULTS
+from keras_brainformer.layers.moe_feed_forward import ROUTER_OPTION_NAMES
+from keras_brainformer.layers.moe_feed_forward import router_arguments
 from keras_brainformer.layers.renamed_arguments import RENAMED_AFTER_0_1
 from keras_brainformer.layers.renamed_arguments import with_current_names
-from keras_brainformer.layers.routers import EXPERT_CHOICE_DEFAULTS
 from keras_brainformer.layers.routers import INFERENCE_ROUTING
 from keras_brainformer.layers.routers import LOAD_BALANCE_MODES
-from keras_brainformer.layers.routers import ROUTER_DEFAULTS
 from keras_brainformer.layers.routers import ROUTERS
-from keras_brainformer.layers.routers import TOP_K_DEFAULTS
 from keras_brainformer.layers.validation import check_capacity_factor
 from keras_brainformer.layers.validation import check_choice
 from keras_brainformer.layers.validation import check_non_negative_float
@@ -43,12 +42,6 @@ from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.layers.validation import check_rate
 
 ROUTER_KINDS = tuple(ROUTERS)
-
-# A `MoESpec` field left at this value takes the chosen router's own default
-# (the capacity factor: 1.25 for top-k, 2.0 for expert choice).
-ROUTER_DEFAULT = "router_default"
-# Each router's own defaults, by `MoESpec.router`.
-_ROUTER_CLASS_DEFAULTS = {"top_k": TOP_K_DEFAULTS, "expert_choice": EXPERT_CHOICE_DEFAULTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +143,19 @@ class FeedForwardSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
-    """Mixture-of-Experts FFN sublayer: every option of `MoEFeedForward` and
-    of its router, with the layers' own defaults (the tables their
-    signatures use, `MOE_DEFAULTS`, `ROUTER_DEFAULTS` and the router
-    classes', so a spec and a directly built layer never disagree).
+    """Mixture-of-Experts FFN sublayer: the flat config of `MoEFeedForward`
+    (its router's options included; the block sets `kernel_initializer`,
+    `dtype` and `name`), with the layer's defaults (`MOE_DEFAULTS`, the
+    table its signature uses, so a spec and a directly built layer never
+    disagree).
 
     Args:
         num_experts: number of experts.
         intermediate_dim: hidden width of each expert.
         activation: expert activation.
         router: `"top_k"` (token choice) or `"expert_choice"`.
-        top_k: experts per token (top-k only).
+        top_k: experts per token (top-k only; for expert choice it stays
+            at its default).
         capacity_factor: training capacity factor; None = dropless (top-k
             only). Left unset, the router's default: 1.25 for top-k
             (`TopKRouter`), 2.0 for expert choice (`ExpertChoiceRouter`).
@@ -193,17 +188,17 @@ class MoESpec:
     intermediate_dim: int
     activation: str = MOE_DEFAULTS["activation"]
     router: str = MOE_DEFAULTS["router"]
-    top_k: int = TOP_K_DEFAULTS["top_k"]
-    capacity_factor: Union[float, str, None] = ROUTER_DEFAULT
-    eval_capacity_factor: Union[float, str, None] = ROUTER_DEFAULTS["eval_capacity_factor"]
-    load_balance_loss_weight: Optional[float] = None
-    z_loss_weight: float = ROUTER_DEFAULTS["z_loss_weight"]
+    top_k: int = MOE_DEFAULTS["top_k"]
+    capacity_factor: Union[float, str, None] = MOE_DEFAULTS["capacity_factor"]
+    eval_capacity_factor: Union[float, str, None] = MOE_DEFAULTS["eval_capacity_factor"]
+    load_balance_loss_weight: Optional[float] = MOE_DEFAULTS["load_balance_loss_weight"]
+    z_loss_weight: float = MOE_DEFAULTS["z_loss_weight"]
     group_size: Optional[int] = MOE_DEFAULTS["group_size"]
-    jitter: float = ROUTER_DEFAULTS["jitter"]
-    batch_prioritized: bool = TOP_K_DEFAULTS["batch_prioritized"]
-    normalize_gates: Optional[bool] = TOP_K_DEFAULTS["normalize_gates"]
-    inference_routing: str = ROUTER_DEFAULTS["inference_routing"]
-    load_balance_loss_mode: str = ROUTER_DEFAULTS["load_balance_loss_mode"]
+    jitter: float = MOE_DEFAULTS["jitter"]
+    batch_prioritized: bool = MOE_DEFAULTS["batch_prioritized"]
+    normalize_gates: Optional[bool] = MOE_DEFAULTS["normalize_gates"]
+    inference_routing: str = MOE_DEFAULTS["inference_routing"]
+    load_balance_loss_mode: str = MOE_DEFAULTS["load_balance_loss_mode"]
     dispatch: str = MOE_DEFAULTS["dispatch"]
     dropless_impl: str = MOE_DEFAULTS["dropless_impl"]
     dropless_block_size: Optional[int] = MOE_DEFAULTS["dropless_block_size"]
@@ -222,10 +217,12 @@ class MoESpec:
                 f"`top_k` must be <= num_experts={self.num_experts}. "
                 f"Received: top_k={self.top_k}"
             )
-        if self.capacity_factor == ROUTER_DEFAULT:
-            object.__setattr__(
-                self, "capacity_factor", _ROUTER_CLASS_DEFAULTS[self.router]["capacity_factor"]
-            )
+        # The layer's rules: the top-k options refused for expert choice
+        # unless unset, an unset capacity factor the router's default.
+        arguments = router_arguments(
+            self.router, {name: getattr(self, name) for name in ROUTER_OPTION_NAMES}
+        )
+        object.__setattr__(self, "capacity_factor", arguments["capacity_factor"])
         dropless_ok = self.router == "top_k"
         check_capacity_factor("capacity_factor", self.capacity_factor, dropless_ok)
         if self.eval_capacity_factor != "same":
@@ -245,12 +242,6 @@ class MoESpec:
             if not isinstance(value, bool) and not (field == "normalize_gates" and value is None):
                 allowed = "a bool" if field == "batch_prioritized" else "a bool or None"
                 raise TypeError(f"`{field}` must be {allowed}. Received: {field}={value!r}")
-        for field, unset in (("batch_prioritized", False), ("normalize_gates", None)):
-            if getattr(self, field) is not unset and self.router != "top_k":
-                raise ValueError(
-                    f"`{field}={getattr(self, field)!r}` applies only to router='top_k'. "
-                    f"Received: router={self.router!r}"
-                )
         check_choice("inference_routing", self.inference_routing, INFERENCE_ROUTING)
         check_choice("dispatch", self.dispatch, DISPATCH_MODES)
         check_choice("dropless_impl", self.dropless_impl, DROPLESS_IMPLS)
@@ -265,38 +256,9 @@ class MoESpec:
         for expert choice (used by activated-parameter counts)."""
         return self.top_k if self.router == "top_k" else self.capacity_factor
 
-    def router_kwargs(self):
-        """Arguments for `TopKRouter` / `ExpertChoiceRouter`."""
-        kwargs = {
-            "capacity_factor": self.capacity_factor,
-            "eval_capacity_factor": self.eval_capacity_factor,
-            "z_loss_weight": self.z_loss_weight,
-            "jitter": self.jitter,
-            "inference_routing": self.inference_routing,
-            "load_balance_loss_mode": self.load_balance_loss_mode,
-        }
-        if self.load_balance_loss_weight is not None:
-            kwargs["load_balance_loss_weight"] = self.load_balance_loss_weight
-        if self.router == "top_k":
-            kwargs["top_k"] = self.top_k
-            kwargs["batch_prioritized"] = self.batch_prioritized
-            kwargs["normalize_gates"] = self.normalize_gates
-        return kwargs
-
     def layer_kwargs(self):
-        """Arguments for `MoEFeedForward` (its router's included)."""
-        return {
-            "num_experts": self.num_experts,
-            "intermediate_dim": self.intermediate_dim,
-            "router": self.router,
-            "router_kwargs": self.router_kwargs(),
-            "activation": self.activation,
-            "group_size": self.group_size,
-            "dispatch": self.dispatch,
-            "dropless_impl": self.dropless_impl,
-            "dropless_block_size": self.dropless_block_size,
-            "shared_expert_intermediate_dim": self.shared_expert_intermediate_dim,
-        }
+        """Arguments for `MoEFeedForward`: the spec's fields, as they are."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 SUBLAYER_SPECS = {cls.kind: cls for cls in (AttentionSpec, FeedForwardSpec, MoESpec)}
