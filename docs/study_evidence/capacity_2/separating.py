@@ -21,13 +21,27 @@ import statistics
 
 HERE = pathlib.Path(__file__).resolve().parent
 EVIDENCE = HERE.parent
+SECOND = EVIDENCE / "separating_2"  # the second experiment's runs
 EXPERIMENTS = (
-    # (title, study of the capacity-1.0 runs, capacity-1.0 family, capacity-2.0 folder, references)
+    # (title, study of the capacity-1.0 runs, capacity-1.0 family,
+    #  ((label, runs folder), ...) of the variants, references of that study)
     ("Brainformer-1 (study 2's rerun, embedded corpus)", "small_bytes_300s_fixed_init",
-     "brainformer1_small", ("brainformer1_small_cap2", "brainformer1_small_cap2_half"),
+     "brainformer1_small",
+     (("brainformer1_small, capacity 2.0", HERE / "brainformer1_small_cap2"),
+      ("brainformer1_small, capacity 2.0, expert widths halved",
+       HERE / "brainformer1_small_cap2_half")),
      ("glam_small", "glam_ec_small", "dense_small")),
     ("the search's best block (study 4's rerun)", "searched_small_300s_fixed_init",
-     "searched_small", ("searched_small_cap2",), ("glam_small", "glam_ec_small", "dense_small")),
+     "searched_small", (("searched_small, capacity 2.0", HERE / "searched_small_cap2"),),
+     ("glam_small", "glam_ec_small", "dense_small")),
+    ("Brainformer-1's routing and GLaM's MoE count (the second experiment)",
+     "small_bytes_300s_fixed_init", "brainformer1_small",
+     (("brainformer1_small, capacity 2.0, expert widths halved",
+       HERE / "brainformer1_small_cap2_half"),
+      ("brainformer1_small, top-2 at capacity 2.0, expert widths halved",
+       SECOND / "brainformer1_small_top2_half"),
+      ("glam_small with an MoE in place of its dense FFN", SECOND / "glam_small_moe_ffns")),
+     ("glam_small", "glam_ec_small", "dense_small")),
 )
 STEPS = (200, 400, 600, 800)
 
@@ -77,12 +91,10 @@ def main():
         )
         print("|---|---:|" + "---:|" * len(STEPS) + "---|---:|---:|---:|---:|---:|")
         print(row(f"{family}, capacity 1.0", runs(study_runs / family)))
-        for variant in variants:
-            folder = HERE / variant / "runs" / variant
-            if not folder.exists():
-                continue
-            label = "capacity 2.0, expert widths halved" if variant.endswith("_half") else "capacity 2.0"
-            print(row(f"**{family}, {label}**", runs(folder)))
+        for label, root in variants:
+            folder = root / "runs" / root.name
+            if folder.exists():
+                print(row(f"**{label}**", runs(folder)))
         for reference in references:
             print(row(reference, runs(study_runs / reference)))
 
