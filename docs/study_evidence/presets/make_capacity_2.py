@@ -28,13 +28,33 @@ SOURCES = {
 CAPACITY = 2.0
 
 
-def main():
-    for name, (source, divisor) in SOURCES.items():
-        out = HERE / name
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(source, out)
-        config = json.loads((out / "config.json").read_text())
+def write_variant(name, source, change):
+    """Copies preset folder `source` to `name/` here, changes its config with
+    `change(config) -> (sublayers changed, what)` and writes the config and
+    the metadata (description, and the changed model's parameter counts)."""
+    out = HERE / name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    changed, what = change(config)
+    if not changed:
+        raise ValueError(f"{source}: nothing to change")
+    (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    metadata = json.loads((out / "metadata.json").read_text())
+    metadata["description"] = (
+        f"{source.name} with {what}; nothing else changed. "
+        "Random initialisation (architecture preset)."
+    )
+    # The counts of the changed model, not the source's.
+    counts = count_parameters(config["config"])
+    metadata["params"], metadata["activated_params"] = counts["total"], counts["activated"]
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
+    print(f"wrote {out}: {what}")
+
+
+def capacity_change(source, divisor):
+    def change(config):
         changed = 0
         for sublayer in config["config"]["blocks"]["sublayers"]:
             if sublayer["kind"] == "moe":
@@ -45,22 +65,18 @@ def main():
                 width = "intermediate_dim" if "intermediate_dim" in sublayer else "hidden_dim"
                 sublayer[width] //= divisor
                 changed += 1
-        if not changed:
-            raise ValueError(f"{source}: no MoE sublayer")
-        (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        metadata = json.loads((out / "metadata.json").read_text())
-        metadata["description"] = (
-            f"{source.name} with every MoE sublayer's capacity factor {CAPACITY} "
-            f"instead of 1.0 ({changed} MoE sublayers)"
+        return changed, (
+            f"every MoE sublayer's capacity factor {CAPACITY} instead of 1.0 "
+            f"({changed} MoE sublayers)"
             + (f" and expert widths divided by {divisor}" if divisor > 1 else "")
-            + "; nothing else changed. "
-            "Random initialisation (architecture preset)."
         )
-        # The counts of the changed model, not the source's.
-        counts = count_parameters(config["config"])
-        metadata["params"], metadata["activated_params"] = counts["total"], counts["activated"]
-        (out / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
-        print(f"wrote {out} ({changed} MoE sublayers at capacity {CAPACITY})")
+
+    return change
+
+
+def main():
+    for name, (source, divisor) in SOURCES.items():
+        write_variant(name, source, capacity_change(source, divisor))
 
 
 if __name__ == "__main__":

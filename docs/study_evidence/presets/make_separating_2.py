@@ -18,11 +18,10 @@ size?
     python docs/study_evidence/presets/make_separating_2.py
 """
 
-import json
 import pathlib
-import shutil
 
-from keras_brainformer.zoo.parameter_count import count_parameters
+# This folder's other generator (Python puts a script's folder on sys.path).
+from make_capacity_2 import write_variant
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -71,24 +70,7 @@ SOURCES = {
 
 def main():
     for name, (source, change) in SOURCES.items():
-        out = HERE / name
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(source, out)
-        config = json.loads((out / "config.json").read_text())
-        changed, what = change(config)
-        if not changed:
-            raise ValueError(f"{source}: nothing to change")
-        (out / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        metadata = json.loads((out / "metadata.json").read_text())
-        metadata["description"] = (
-            f"{source.name} with {what}; nothing else changed. "
-            "Random initialisation (architecture preset)."
-        )
-        counts = count_parameters(config["config"])
-        metadata["params"], metadata["activated_params"] = counts["total"], counts["activated"]
-        (out / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
-        print(f"wrote {out}: {what}")
+        write_variant(name, source, change)
 
 
 if __name__ == "__main__":
