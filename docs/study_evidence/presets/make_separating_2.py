@@ -9,6 +9,8 @@ size?
   block. Against `brainformer1_small_cap2_half/` (expert choice at capacity
   2.0, the same widths): expert choice against top-2 at equal activated
   parameters and equal capacity.
+- `searched_small_top2_half/`: the search's best block (`searched_small/`)
+  changed the same way (its one MoE sublayer of eight).
 - `glam_small_moe_ffns/`: GLaM (`presets/glam_small`) with its dense FFN
   sublayer replaced by a second MoE sublayer (GLaM's router settings; top-2
   experts half as wide as the dense FFN, with its gated activation), so half
@@ -33,14 +35,16 @@ def sublayers(config):
 
 
 def top2_half(config):
-    """Brainformer-1's MoE sublayers routed top-2 at half width."""
+    """Every expert-choice MoE sublayer routed top-2 at half width."""
     changed = 0
     for sub in sublayers(config):
         if sub["kind"] == "moe":
             if sub["router"] != "expert_choice" or sub["capacity_factor"] != 1.0:
                 raise ValueError(f"expected expert choice at capacity 1.0, got {sub}")
+            sub.pop("k", None)  # 0.1's name of `top_k` (searched_small/ is a 0.1 folder)
             sub.update(TOP_2)
-            sub["intermediate_dim"] //= 2
+            # `hidden_dim` in folders written before issue 35's renames.
+            sub["intermediate_dim" if "intermediate_dim" in sub else "hidden_dim"] //= 2
             changed += 1
     return changed, (f"every MoE sublayer ({changed}) routed top-2 at capacity factor 2.0 "
                      "(GLaM's router) with experts half as wide")
@@ -65,6 +69,7 @@ def moe_ffns(config):
 SOURCES = {
     "brainformer1_small_top2_half": (ROOT / "presets/brainformer1_small", top2_half),
     "glam_small_moe_ffns": (ROOT / "presets/glam_small", moe_ffns),
+    "searched_small_top2_half": (HERE / "searched_small", top2_half),
 }
 
 
