@@ -338,10 +338,10 @@ def step_terms(config, mesh, batch_size, sequence_length, dtype="float32",
                                   OPTIMIZER_PASSES[optimizer] * local * vb))
     if cdt != variable_dtype(dtype):
         # Each device casts its own shard: under fsdp XLA casts the stored
-        # shard and all-gathers it in the compute dtype (the fsdp all-gather
-        # terms below move `a` bytes an element), and the gradient comes
-        # back reduce-scattered before its cast; so the casts touch the
-        # stored shards, not the gathered weights.
+        # shard and all-gathers it in the compute dtype (`dense_8b` on 512 v4
+        # chips gathers 6.68 GB of bf16 and 0.23 GB of float32 a chip; the
+        # fsdp all-gather terms below move `a` bytes an element). The
+        # gradient's cast is counted at the same, stored size.
         terms.append(elementwise_term("optimizer update", "bf16 weight and gradient casts",
                                       local * (vb + a) * 2))
     if nb > 1:
