@@ -12,6 +12,13 @@ It reads `*-live-range.txt` ("Live ranges at N (peak)": the heap's buffers
 at its peak, arguments not included) beside the given HLO text, follows each
 buffer through copies and bitcasts to the instruction that made it, and sums
 the bytes by that instruction's `op_name` (block and layer indices folded).
+
+`--at logits` reads instead what is alive when the logits are made (the end
+of the forward pass, where the saved activations are all alive), from the
+live ranges of every buffer and their sizes in `*-buffer-assignment.txt`;
+this set includes the arguments (the `state[...]` rows), and it is this
+tally's own sum, which need not equal XLA's `peak_memory_in_bytes`.
+`--at N` reads it at position N of the program's instruction sequence.
 """
 
 import collections
@@ -27,6 +34,28 @@ def peak_buffers(live_range_text):
     ]
     return [(name, int(size)) for name, _, size in
             re.findall(r"^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes", section, re.M)]
+
+
+def buffers_at(live_range_text, assignment_text, lines, at):
+    """`(buffer, bytes)` of every buffer alive at schedule position `at`
+    (`"logits"`: where the last `jvp(token_embedding)/dot_general` is)."""
+    sizes = {}
+    for name, size in re.findall(r"value: <\d+ ([\w.\-]+(?:\{[\d,]*\})?) @\d+> \(size=(\d+)",
+                                 assignment_text):
+        name = name if "{" in name else name + "{}"
+        sizes[name] = max(sizes.get(name, 0), int(size))
+    head = live_range_text[:live_range_text.index("BufferLiveRange")]
+    position = {name: int(i) for i, name in re.findall(r"^\s+(\d+):([\w.\-]+)$", head, re.M)}
+    if at == "logits":
+        at = max(i for name, i in position.items()
+                 if re.search(r'op_name="[^"]*jvp\(token_embedding\)/dot_general"',
+                              lines.get(name, "")))
+    ranges = live_range_text[live_range_text.index("BufferLiveRange"):
+                             live_range_text.index("Live ranges at")]
+    alive = [(name, sizes[name]) for name, start, end in
+             re.findall(r"^\s+([\w.\-]+\{[\d,]*\}):(\d+)-(\d+)$", ranges, re.M)
+             if int(start) <= int(at) <= int(end) and name in sizes]
+    return int(at), [(name.split("{")[0], size) for name, size in alive]
 
 
 def instruction_lines(hlo_text):
@@ -56,20 +85,28 @@ def origin(name, lines, depth=0):
     return meta.group(1) if meta else opcode
 
 
-def main(hlo_path):
+def main(hlo_path, at=None):
     live_path = hlo_path.replace(".after_optimizations.txt", ".after_optimizations-live-range.txt")
-    buffers = peak_buffers(open(live_path).read())
     lines = instruction_lines(open(hlo_path).read())
+    if at is None:
+        buffers = peak_buffers(open(live_path).read())
+        where = "heap at its peak"
+    else:
+        assignment = hlo_path.replace(".after_optimizations.txt",
+                                      ".after_optimizations-buffer-assignment.txt")
+        at, buffers = buffers_at(open(live_path).read(), open(assignment).read(), lines, at)
+        where = f"alive at position {at} (arguments included)"
     groups, counts, shapes = collections.Counter(), collections.Counter(), {}
     for name, size in buffers:
         key = re.sub(r"block_\d+/\d+_", "block/", origin(name, lines))
         key = re.sub(r"\[\d+\]", "[#]", key)
+        key = re.sub(r"block/\d+_", "block/", key)
         groups[key] += size
         counts[key] += 1
         shape = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\S+)", lines.get(name, ""))
         shapes.setdefault(key, re.sub(r"\{[^}]*\}", "", shape.group(1)) if shape else "?")
     total = sum(size for _, size in buffers)
-    print(f"heap at its peak: {total / 2**20:.1f} MiB in {len(buffers)} buffers\n")
+    print(f"{where}: {total / 2**20:.1f} MiB in {len(buffers)} buffers\n")
     print("| MiB | buffers | e.g. | made by |")
     print("|---:|---:|---|---|")
     for key, size in groups.most_common():
@@ -78,4 +115,4 @@ def main(hlo_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--at" else None)
