@@ -47,8 +47,8 @@ def main(checkout):
     import keras_brainformer
     from keras_brainformer.models import BrainformerBackbone
     from keras_brainformer.models import BrainformerCausalLM
-    from keras_brainformer.models.brainformer.preset_integrity import verify_preset
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.utils.preset_integrity import verify_preset
+    from keras_brainformer.utils.preset_loading import resolve_preset
 
     package = pathlib.Path(keras_brainformer.__file__).resolve().parent
     if checkout in package.parents or "site-packages" not in package.parts:

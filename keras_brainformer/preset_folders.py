@@ -2,7 +2,7 @@
 
 Imports nothing of ours and no Keras, so the command line can list the zoo
 (`keras-brainformer presets`) without loading the Keras/TensorFlow stack.
-Loading a preset by name is `models/brainformer/preset_loading.py`.
+Loading a preset by name is `utils/preset_loading.py`.
 """
 
 import json

@@ -19,10 +19,10 @@ import keras
 
 from keras_brainformer.models import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
 from keras_brainformer.training.corpus import default_documents
 from keras_brainformer.training.corpus import split_documents
 from keras_brainformer.training.evaluation import heldout_loss
+from keras_brainformer.utils.preset_integrity import record_checksums
 from keras_brainformer.zoo import count_parameters
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.utils.in_memory_shuffle import shuffled_fit_arguments
 
 
 def _epoch(dataset):

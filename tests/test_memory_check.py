@@ -22,7 +22,7 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
 from keras_brainformer.models.brainformer.brainformer_presets import get_preset_config
-from keras_brainformer.models.brainformer.preset_loading import preset_directory
+from keras_brainformer.utils.preset_loading import preset_directory
 
 # dense_tiny's blocks with the FFN turned into 4 experts of the same width.
 UPCYCLE_TO = BlockSpec(

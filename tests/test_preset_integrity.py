@@ -20,10 +20,10 @@ from keras_brainformer.errors import PresetError
 from keras_brainformer.errors import PresetWarning
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
-from keras_brainformer.models.brainformer.preset_integrity import verify_preset
-from keras_brainformer.models.brainformer.preset_loading import resolve_preset
-from keras_brainformer.models.brainformer.preset_loading import trained_presets
+from keras_brainformer.utils.preset_integrity import record_checksums
+from keras_brainformer.utils.preset_integrity import verify_preset
+from keras_brainformer.utils.preset_loading import resolve_preset
+from keras_brainformer.utils.preset_loading import trained_presets
 
 TRAINED = "dense_tiny_stdlib"  # the smallest shipped trained preset (3.5 MB)
 

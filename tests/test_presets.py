@@ -166,7 +166,7 @@ def test_presets_resolve_inside_the_installed_package():
     a link to `presets/` in a checkout, a copy in the wheel); every registered
     handle points there, never at the current directory or a cache."""
     import keras_brainformer
-    from keras_brainformer.models.brainformer.preset_loading import PRESETS_ROOT
+    from keras_brainformer.utils.preset_loading import PRESETS_ROOT
 
     package = pathlib.Path(keras_brainformer.__file__).resolve().parent
     assert PRESETS_ROOT == package / "presets"
@@ -177,7 +177,7 @@ def test_presets_resolve_inside_the_installed_package():
 
 
 def test_loading_a_preset_writes_nothing(tmp_path, monkeypatch):
-    from keras_brainformer.models.brainformer.preset_loading import PRESETS_ROOT
+    from keras_brainformer.utils.preset_loading import PRESETS_ROOT
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -192,7 +192,7 @@ def test_loading_a_preset_writes_nothing(tmp_path, monkeypatch):
 def test_a_registered_preset_missing_from_the_installation_is_a_clear_error(
     tmp_path, monkeypatch
 ):
-    from keras_brainformer.models.brainformer import preset_loading
+    from keras_brainformer.utils import preset_loading
 
     monkeypatch.setattr(preset_loading, "PRESETS_ROOT", tmp_path)
     with pytest.raises(preset_loading.PresetError, match="glam_tiny.*missing from this"):

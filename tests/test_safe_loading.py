@@ -16,7 +16,7 @@ from keras_brainformer.errors import PresetError
 from keras_brainformer.layers import MoEFeedForward
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+from keras_brainformer.utils.preset_loading import resolve_preset
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 
 from keras_brainformer.models import BrainformerBackbone
 from keras_brainformer.models import BrainformerCausalLM
-from keras_brainformer.models.brainformer.preset_loading import trained_presets
 from keras_brainformer.training.evaluation import heldout_loss
+from keras_brainformer.utils.preset_loading import trained_presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAINED = trained_presets()

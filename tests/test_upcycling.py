@@ -20,7 +20,7 @@ from keras_brainformer.models.brainformer.block_spec import AttentionSpec
 from keras_brainformer.models.brainformer.block_spec import BlockSpec
 from keras_brainformer.models.brainformer.block_spec import FeedForwardSpec
 from keras_brainformer.models.brainformer.block_spec import MoESpec
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+from keras_brainformer.utils.preset_integrity import record_checksums
 from keras_brainformer.zoo.upcycling import every_nth_ffn_target
 from keras_brainformer.zoo.upcycling import glam_target
 from keras_brainformer.zoo.upcycling import save_upcycled_preset

@@ -415,8 +415,8 @@ def _run_generate(args):
 
     from keras_brainformer.models import BrainformerCausalLM
     from keras_brainformer.models.brainformer import brainformer_causal_lm
-    from keras_brainformer.models.brainformer.preset_loading import has_weights
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.utils.preset_loading import has_weights
+    from keras_brainformer.utils.preset_loading import resolve_preset
 
     if args.sampler not in SAMPLERS:
         raise TrainingError(
@@ -461,7 +461,7 @@ def _run_generate(args):
 def _run_checksum(args):
     # Lazy: the Keras stack loads when a command runs, not for `--help`/`presets`.
     from keras_brainformer.models import BrainformerBackbone
-    from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+    from keras_brainformer.utils.preset_integrity import record_checksums
 
     folder = args.folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -501,7 +501,7 @@ def _check_preset_fits_in_memory(preset, doing, copies=1):
     loader (which reports it)."""
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.utils.preset_loading import resolve_preset
 
     path = os.path.join(str(resolve_preset(preset)), "config.json")
     try:
@@ -681,7 +681,7 @@ def _check_upcycle_fits_in_memory(preset, to):
     from keras_brainformer.distribution.memory_plan import check_memory_available
     from keras_brainformer.distribution.memory_plan import weight_bytes
     from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
-    from keras_brainformer.models.brainformer.preset_loading import resolve_preset
+    from keras_brainformer.utils.preset_loading import resolve_preset
     from keras_brainformer.zoo import upcycling
 
     try:

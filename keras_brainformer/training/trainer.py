@@ -55,9 +55,6 @@ from keras_brainformer.models.brainformer.block_spec import current_backbone_con
 from keras_brainformer.models.brainformer.brainformer_layout_map import check_divisible
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
-from keras_brainformer.models.brainformer.preset_loading import resolve_preset
-from keras_brainformer.models.brainformer.preset_loading import trained_presets
 from keras_brainformer.training.callbacks import CompilationNotice
 from keras_brainformer.training.callbacks import EpochHistoryLogger
 from keras_brainformer.training.callbacks import RouterStatisticsLogger
@@ -75,6 +72,9 @@ from keras_brainformer.training.run_lock import LOCK_FILE
 from keras_brainformer.training.run_lock import RunFolderLock
 from keras_brainformer.training.schedules import InverseSquareRootSchedule
 from keras_brainformer.training.schedules import make_optimizer
+from keras_brainformer.utils.preset_integrity import record_checksums
+from keras_brainformer.utils.preset_loading import resolve_preset
+from keras_brainformer.utils.preset_loading import trained_presets
 from keras_brainformer.zoo.weight_specs import weight_shapes
 
 RUN_FILE = "run.json"

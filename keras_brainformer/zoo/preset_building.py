@@ -4,7 +4,7 @@ Used at build time by `presets/build_presets.py` (the folders are committed
 under `presets/`, ship inside the wheel and are the family's registry) and by
 tests that check the committed folders still match their recipes
 (`preset_recipes.py`). Loading never writes: see
-`models/brainformer/preset_loading.py`.
+`utils/preset_loading.py`.
 """
 
 import json
@@ -18,9 +18,9 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
     BrainformerCausalLMPreprocessor,
 )
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
-from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
-from keras_brainformer.models.brainformer.preset_loading import TINY_PREPROCESSOR_SEQUENCE_LENGTH
+from keras_brainformer.utils.preset_integrity import CONFIG_FILE
+from keras_brainformer.utils.preset_integrity import METADATA_FILE
+from keras_brainformer.utils.preset_loading import TINY_PREPROCESSOR_SEQUENCE_LENGTH
 
 
 def backbone_config_json(config):

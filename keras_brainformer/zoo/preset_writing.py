@@ -6,8 +6,8 @@ import os
 import pathlib
 import shutil
 
-from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
-from keras_brainformer.models.brainformer.preset_integrity import record_checksums
+from keras_brainformer.utils.preset_integrity import METADATA_FILE
+from keras_brainformer.utils.preset_integrity import record_checksums
 from keras_brainformer.zoo.parameter_count import count_parameters
 
 

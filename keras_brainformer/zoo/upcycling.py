@@ -61,9 +61,9 @@ from keras_brainformer.models.brainformer.brainformer_backbone import Brainforme
 from keras_brainformer.models.brainformer.brainformer_causal_lm import BrainformerCausalLM
 from keras_brainformer.models.brainformer.brainformer_presets import backbone_presets
 from keras_brainformer.models.brainformer.brainformer_presets import read_backbone_config
-from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
-from keras_brainformer.models.brainformer.preset_loading import resolve_preset
 from keras_brainformer.upstream_private import sublayers
+from keras_brainformer.utils.preset_integrity import CONFIG_FILE
+from keras_brainformer.utils.preset_loading import resolve_preset
 from keras_brainformer.zoo.preset_writing import write_task_preset
 
 ROUTER_INITS = ("small_random", "zeros")

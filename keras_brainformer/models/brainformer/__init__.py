@@ -19,6 +19,6 @@ from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocess
     BrainformerTextClassifierPreprocessor,
 )
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.preset_loading import register_brainformer_presets
+from keras_brainformer.utils.preset_loading import register_brainformer_presets
 
 register_brainformer_presets(BrainformerBackbone, backbone_presets)

@@ -3,7 +3,7 @@
 import keras
 from keras_hub.models import Backbone
 
-import keras_brainformer.models.brainformer.lora_weights as lora_weights
+import keras_brainformer.utils.lora_weights as lora_weights
 from keras_brainformer.layers.adaptable_kernels import AdaptableKernels
 from keras_brainformer.layers.causal_self_attention import check_rope_scaling_factor
 from keras_brainformer.layers.causal_self_attention import resolve_head_dim
@@ -21,9 +21,9 @@ from keras_brainformer.layers.validation import check_rate
 from keras_brainformer.models.brainformer.block_spec import resolve_block_specs
 from keras_brainformer.models.brainformer.brainformer_block import BrainformerBlock
 from keras_brainformer.models.brainformer.brainformer_layout_map import get_layout_map
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
-from keras_brainformer.models.brainformer.task_data_checks import check_token_ids
 from keras_brainformer.upstream_private import sublayers
+from keras_brainformer.utils.preset_loading import load_zoo_preset
+from keras_brainformer.utils.task_data_checks import check_token_ids
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

@@ -11,13 +11,13 @@ from keras_brainformer.models.brainformer.brainformer_backbone import Brainforme
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import (
     BrainformerCausalLMPreprocessor,
 )
-from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
-from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
-from keras_brainformer.models.brainformer.task_data_checks import check_fit_arguments
-from keras_brainformer.models.brainformer.task_data_checks import check_task_inputs
-from keras_brainformer.models.brainformer.task_data_checks import uses_sparse_labels
-from keras_brainformer.models.brainformer.task_quantization import quantize_task
+from keras_brainformer.utils.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.utils.preset_loading import load_zoo_preset
+from keras_brainformer.utils.task_data_checks import check_class_labels
+from keras_brainformer.utils.task_data_checks import check_fit_arguments
+from keras_brainformer.utils.task_data_checks import check_task_inputs
+from keras_brainformer.utils.task_data_checks import uses_sparse_labels
+from keras_brainformer.utils.task_quantization import quantize_task
 
 ROUTING_METRICS = ("dropped_fraction", "load_cv", "router_entropy")
 
@@ -276,13 +276,13 @@ class BrainformerCausalLM(CausalLM):
 
         NumPy arrays, lists and eager tensors in `x`/`y`, and the same in a
         `validation_data` tuple, go through `check_data` before training
-        starts (`task_data_checks.check_fit_arguments`): a bad value raises a
+        starts (`utils/task_data_checks.check_fit_arguments`): a bad value raises a
         `TypeError`/`ValueError` naming the field, the value and the allowed
         range, and nothing is trained. A `tf.data.Dataset`, generator or
         `keras.utils.PyDataset` passes unchecked; check such data when
         building it. In-memory data is shuffled every epoch when
         `shuffle=True` (the default), as `keras.Model.fit` does and keras-hub's
-        preprocessing pipeline does not (`in_memory_shuffle.py`); the order
+        preprocessing pipeline does not (`utils/in_memory_shuffle.py`); the order
         follows `keras.utils.set_random_seed`.
         """
         check_fit_arguments(super().fit, self.check_data, x, y, args, kwargs)
@@ -302,7 +302,7 @@ class BrainformerCausalLM(CausalLM):
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """`keras.Model.quantize`. `"int8"` reaches every attention, dense
         FFN and expert kernel and the token embedding (routers and norms stay
-        float32); it works straight after `from_preset` (`task_quantization.py`).
+        float32); it works straight after `from_preset` (`utils/task_quantization.py`).
         Quantize the task rather than its backbone, so the task's compiled
         functions are rebuilt."""
         return quantize_task(self, super().quantize, mode, config=config, filters=filters, **kwargs)

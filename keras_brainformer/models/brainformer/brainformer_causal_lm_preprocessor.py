@@ -8,7 +8,7 @@ from keras_brainformer.layers.validation import check_positive_int
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
 from keras_brainformer.models.brainformer.brainformer_tokenizer import check_special_token_ids
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.utils.preset_loading import load_zoo_preset
 
 
 def check_preprocessor_arguments(

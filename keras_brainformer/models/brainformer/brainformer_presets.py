@@ -11,7 +11,7 @@ run by `python presets/build_presets.py`, checked equal by a test).
 weights), keras-hub's registry shape plus the backbone's constructor kwargs:
 `{name: {"metadata": ..., "kaggle_handle": <folder>, "config": ...}}`.
 Trained presets (folders with weights and a `"training"` record) are listed by
-`preset_loading.trained_presets()`; both are registered with keras-hub by the
+`utils/preset_loading.trained_presets()`; both are registered with keras-hub by the
 family's `__init__`.
 """
 
@@ -20,9 +20,9 @@ import json
 import pathlib
 
 from keras_brainformer.models.brainformer.block_spec import current_backbone_config
-from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
 from keras_brainformer.preset_folders import PRESETS_ROOT
 from keras_brainformer.preset_folders import preset_folder_metadata
+from keras_brainformer.utils.preset_integrity import CONFIG_FILE
 
 # Keys of a folder's `metadata.json` that record how it was written, not what
 # the preset is.

@@ -13,13 +13,13 @@ from keras_brainformer.models.brainformer.brainformer_backbone import Brainforme
 from keras_brainformer.models.brainformer.brainformer_text_classifier_preprocessor import (
     BrainformerTextClassifierPreprocessor,
 )
-from keras_brainformer.models.brainformer.in_memory_shuffle import shuffled_fit_arguments
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
-from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
-from keras_brainformer.models.brainformer.task_data_checks import check_fit_arguments
-from keras_brainformer.models.brainformer.task_data_checks import check_task_inputs
-from keras_brainformer.models.brainformer.task_data_checks import uses_sparse_labels
-from keras_brainformer.models.brainformer.task_quantization import quantize_task
+from keras_brainformer.utils.in_memory_shuffle import shuffled_fit_arguments
+from keras_brainformer.utils.preset_loading import load_zoo_preset
+from keras_brainformer.utils.task_data_checks import check_class_labels
+from keras_brainformer.utils.task_data_checks import check_fit_arguments
+from keras_brainformer.utils.task_data_checks import check_task_inputs
+from keras_brainformer.utils.task_data_checks import uses_sparse_labels
+from keras_brainformer.utils.task_quantization import quantize_task
 
 
 def last_token_selection(padding_mask):

@@ -12,9 +12,9 @@ from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor imp
 )
 from keras_brainformer.models.brainformer.brainformer_causal_lm_preprocessor import check_text
 from keras_brainformer.models.brainformer.brainformer_tokenizer import BrainformerTokenizer
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
-from keras_brainformer.models.brainformer.task_data_checks import check_class_labels
 from keras_brainformer.upstream_private import preprocessing_function
+from keras_brainformer.utils.preset_loading import load_zoo_preset
+from keras_brainformer.utils.task_data_checks import check_class_labels
 
 
 @keras.saving.register_keras_serializable(package="keras_brainformer")

@@ -6,7 +6,7 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_brainformer.models.brainformer.brainformer_backbone import BrainformerBackbone
-from keras_brainformer.models.brainformer.preset_loading import load_zoo_preset
+from keras_brainformer.utils.preset_loading import load_zoo_preset
 
 # SentencePiece trainer options that give the family's special-token ids.
 SPECIAL_TOKEN_TRAINER_OPTIONS = dict(

@@ -1,11 +1,12 @@
 """Loading the zoo's presets by name: folders, registration and `from_preset`.
 
-Every preset folder (the registry, read by `brainformer_presets.py`) is a keras-hub preset
-folder: `config.json` (the backbone), `metadata.json` (description, parameter
-counts, the paper's figures) and, for presets that use the shipped 8K
-vocabulary, `tokenizer.json`, `preprocessor.json` and
-`assets/tokenizer/vocabulary.spm`. The folders are written at build time
-(`python presets/build_presets.py`, see `preset_building.py`) into the
+Every preset folder (the registry, read by
+`models/brainformer/brainformer_presets.py`) is a keras-hub preset folder:
+`config.json` (the backbone), `metadata.json` (description, parameter counts,
+the paper's figures) and, for presets that use the shipped 8K vocabulary,
+`tokenizer.json`, `preprocessor.json` and `assets/tokenizer/vocabulary.spm`.
+The folders are written at build time
+(`python presets/build_presets.py`, see `zoo/preset_building.py`) into the
 top-level `presets/` and ship inside the package as `keras_brainformer/presets/`
 (a link to `presets/` in a checkout, a copy of it in the wheel). Loading only
 reads that packaged folder: it never writes anything and never looks at the
@@ -32,12 +33,12 @@ import warnings
 from absl import logging
 
 from keras_brainformer.errors import PresetError
-from keras_brainformer.models.brainformer.preset_integrity import CONFIG_FILE
-from keras_brainformer.models.brainformer.preset_integrity import METADATA_FILE
-from keras_brainformer.models.brainformer.preset_integrity import WEIGHTS_FILES
-from keras_brainformer.models.brainformer.preset_integrity import verify_preset
 from keras_brainformer.preset_folders import PRESETS_ROOT
 from keras_brainformer.upstream_private import register_presets
+from keras_brainformer.utils.preset_integrity import CONFIG_FILE
+from keras_brainformer.utils.preset_integrity import METADATA_FILE
+from keras_brainformer.utils.preset_integrity import WEIGHTS_FILES
+from keras_brainformer.utils.preset_integrity import verify_preset
 
 TOKENIZER_FILE = "tokenizer.json"
 TINY_PREPROCESSOR_SEQUENCE_LENGTH = 256
@@ -105,8 +106,8 @@ def resolve_preset(preset):
 def register_brainformer_presets(backbone_cls, presets):
     """Registers every zoo preset with keras-hub (names → packaged folders):
     the architecture presets of `presets` (the registry,
-    `brainformer_presets.backbone_presets`, read from the folders) and the trained ones among the
-    packaged folders."""
+    `models/brainformer/brainformer_presets.backbone_presets`, read from the
+    folders) and the trained ones among the packaged folders."""
     entries = {
         name: {"metadata": entry["metadata"], "kaggle_handle": str(PRESETS_ROOT / name)}
         for name, entry in presets.items()
