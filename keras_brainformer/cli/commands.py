@@ -145,7 +145,21 @@ def build_parser(only=None):
         "--verbose", action="store_true", help="keep the backends' start-up logging"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(commands, common)
+    _add_generate_parser(commands, common)
+    commands.add_parser(
+        "presets", parents=[common], help="list the zoo's presets with parameter counts"
+    )
+    _add_checksum_parser(commands, common)
+    _add_compare_parser(commands, common)
+    _add_upcycle_parser(commands, common)
+    _add_convert_parser(commands, common)
+    _add_lazy_parsers(commands, common, only)
+    return parser
 
+
+def _add_train_parser(commands, common):
+    """Adds `train` (its flags: `_add_train_arguments`) to the subcommands."""
     train = commands.add_parser(
         "train",
         parents=[common],
@@ -158,6 +172,9 @@ def build_parser(only=None):
     train.add_argument("--overwrite", action="store_true", help="replace a different run")
     _add_train_arguments(train)
 
+
+def _add_generate_parser(commands, common):
+    """Adds `generate` and its flags to the subcommands."""
     generate = commands.add_parser(
         "generate",
         parents=[common],
@@ -182,10 +199,9 @@ def build_parser(only=None):
         "--seed", type=int, default=0, help="random seed of the sampler (default: %(default)s)"
     )
 
-    commands.add_parser(
-        "presets", parents=[common], help="list the zoo's presets with parameter counts"
-    )
 
+def _add_checksum_parser(commands, common):
+    """Adds `checksum` and its argument to the subcommands."""
     checksum = commands.add_parser(
         "checksum",
         parents=[common],
@@ -198,6 +214,10 @@ def build_parser(only=None):
     )
     checksum.add_argument("folder", help="the preset folder")
 
+
+def _add_compare_parser(commands, common):
+    """Adds `compare` (its flags: `_add_compare_arguments`) to the
+    subcommands."""
     compare = commands.add_parser(
         "compare",
         parents=[common],
@@ -212,6 +232,12 @@ def build_parser(only=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=COMPARE_EPILOG,
     )
+    _add_compare_arguments(compare)
+
+
+def _add_compare_arguments(compare):
+    """`compare`'s own flags, then the training settings of
+    `TrainingConfig.add_arguments`."""
     compare.add_argument(
         "--families",
         nargs="+",
@@ -259,6 +285,9 @@ def build_parser(only=None):
                          help="replace a study in --out made with other settings")
     TrainingConfig.add_arguments(compare)
 
+
+def _add_upcycle_parser(commands, common):
+    """Adds `upcycle` and its flags to the subcommands."""
     upcycle = commands.add_parser(
         "upcycle",
         parents=[common],
@@ -288,6 +317,9 @@ def build_parser(only=None):
     upcycle.add_argument("--seed", type=int, default=0)
     upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+
+def _add_convert_parser(commands, common):
+    """Adds `convert` and its flags to the subcommands."""
     convert = commands.add_parser(
         "convert",
         parents=[common],
@@ -308,6 +340,11 @@ def build_parser(only=None):
     )
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+
+def _add_lazy_parsers(commands, common, only):
+    """Adds `plan`, `compile` and `search`, whose flags their own modules
+    define: each module is imported (and its flags added) only when `only`
+    is None or names that command."""
     plan = commands.add_parser(
         "plan",
         parents=[common],
@@ -339,7 +376,6 @@ def build_parser(only=None):
         from keras_brainformer.search import command as search_command
 
         search_command.add_arguments(search)
-    return parser
 
 
 def _run_train(args):

@@ -29,6 +29,7 @@ weights and losses as an uninterrupted run with the same seed. A kill
 """
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -261,6 +262,68 @@ def train_language_model(
 
     # === Validate everything before touching the run folder ===
     config = TrainingConfig.create(config, **training)
+    plan = _plan_run(
+        preset, run_dir, config, steps=steps, time_budget=time_budget,
+        steps_per_epoch=steps_per_epoch, constant_steps=constant_steps,
+        warmup_steps=warmup_steps, mixed_bfloat16=mixed_bfloat16, mesh=mesh,
+        experts_on=experts_on, fsdp=fsdp,
+    )
+    with RunFolderLock(plan.run_dir):
+        _claim_run_folder(plan.run_dir, plan.run_settings, overwrite)
+
+        # === Data ===
+        text_tokenizer, data, fingerprint = _load_run_data(
+            preset, plan.run_dir, config, allow_data_change, verbose
+        )
+
+        # === Model, training, evaluation ===
+        # Weights are created (and split) under the distribution; fit, evaluate
+        # and generate run under it too.
+        with _distribution_scope(plan.distribution):
+            lm = _build_language_model(plan, config, text_tokenizer, verbose)
+
+            # === Run folder and resume point ===
+            backup, start_step = _open_run_folder(lm, plan, fingerprint, verbose)
+
+            # === Callbacks ===
+            callbacks, interrupt, budget = _training_callbacks(
+                config, plan.run_dir, backup, time_budget, extra_callbacks, verbose
+            )
+
+            # === Fit, from the resume point ===
+            seconds = _fit_from(lm, data, config, plan, start_step, callbacks, interrupt, verbose)
+
+            # === Summary ===
+            return _write_summary(
+                lm, preset, plan, data, text_tokenizer, config, start_step, seconds, budget,
+                sample_prompt, verbose,
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunPlan:
+    """What `_plan_run` settled before the run folder is touched."""
+
+    run_dir: pathlib.Path
+    preset_dir: str
+    distribution: object  # a `keras.distribution.Distribution`, or None
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int  # whole epochs
+    constant_steps: int
+    warmup_steps: int
+    mixed_bfloat16: bool
+    run_settings: dict  # what `run.json` records
+
+
+def _plan_run(
+    preset, run_dir, config, *, steps, time_budget, steps_per_epoch, constant_steps,
+    warmup_steps, mixed_bfloat16, mesh, experts_on, fsdp,
+):
+    """Validates the arguments, the preset, the layout and the memory,
+    touching no file, and returns the run's `_RunPlan` (steps rounded up to
+    whole epochs, the distribution, the settings `run.json` records); raises
+    `TrainingError` at the first problem."""
     if not str(run_dir).strip():
         raise TrainingError(
             f"The run folder is empty ({str(run_dir)!r}): give a folder (--out)."
@@ -300,126 +363,167 @@ def train_language_model(
     run_dir = pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--out {str(run_dir)!r} is a file, not a folder.")
-    with RunFolderLock(run_dir):
-        _claim_run_folder(run_dir, run_settings, overwrite)
+    return _RunPlan(
+        run_dir, preset_dir, distribution, steps_per_epoch, epochs, total_steps,
+        constant_steps, warmup_steps, mixed_bfloat16, run_settings,
+    )
 
-        # === Data ===
-        keras.utils.set_random_seed(config.seed)
-        text_tokenizer = load_tokenizer(preset, config.tokenizer)
-        data = load_data(config, text_tokenizer, verbose)
-        fingerprint = _check_same_data(
-            run_dir, data.fingerprint(), allow_data_change, verbose
+
+def _load_run_data(preset, run_dir, config, allow_data_change, verbose):
+    """Seeds the run, loads the tokenizer and the data, and checks the data
+    against the run folder's `data.json` (refused if it changed, unless
+    `allow_data_change`); returns `(tokenizer, data, fingerprint)`, the
+    fingerprint to record."""
+    keras.utils.set_random_seed(config.seed)
+    text_tokenizer = load_tokenizer(preset, config.tokenizer)
+    data = load_data(config, text_tokenizer, verbose)
+    fingerprint = _check_same_data(run_dir, data.fingerprint(), allow_data_change, verbose)
+    return text_tokenizer, data, fingerprint
+
+
+def _distribution_scope(distribution):
+    """The distribution's scope, or a no-op context without one."""
+    return distribution.scope() if distribution is not None else contextlib.nullcontext()
+
+
+def _build_language_model(plan, config, text_tokenizer, verbose):
+    """Builds the preset's causal LM (under the current distribution scope),
+    checks that the tokenizer fits its vocabulary, and compiles it with the
+    run's optimizer, schedule and a seeded top-k sampler; returns it."""
+    kwargs = {"dtype": "mixed_bfloat16"} if plan.mixed_bfloat16 else {}
+    if plan.distribution is not None and verbose:
+        print(f"Distribution: {_describe(plan.distribution)}")
+    lm = BrainformerCausalLM.from_preset(plan.preset_dir, preprocessor=None, **kwargs)
+    check_tokenizer_fits(text_tokenizer, lm.backbone.vocabulary_size)
+    # The sample at the end: top-k sampling, seeded (greedy decoding of a
+    # small model tends to loop on one phrase).
+    sampler = keras_hub.samplers.TopKSampler(k=10, seed=config.seed)
+    compile_language_model(
+        lm, config.optimizer, config.learning_rate, plan.constant_steps, plan.warmup_steps,
+        sampler=sampler,
+    )
+    return lm
+
+
+def _open_run_folder(lm, plan, fingerprint, verbose):
+    """Creates the run folder, writes `run.json` and `data.json`, restores
+    the newest checkpoint into `lm` and trims `history.csv` to the epochs
+    kept; returns `(backup, start_step)`: the checkpointing callback and the
+    step training resumes at (0 for a new run)."""
+    run_dir = plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_FILE, "w") as f:
+        json.dump(plan.run_settings, f, indent=2)
+    _write_json_atomically(run_dir / DATA_FILE, fingerprint)
+    # Restored once, here: the data then starts at the step restored
+    # (a torn newest checkpoint falls back to an older one, and so
+    # does the data).
+    backup = AtomicBackupAndRestore(run_dir / BACKUP_DIR, restore_on_train_begin=False)
+    backup.set_model(lm)
+    start_step = backup.restore()["step"]
+    # One row per epoch: the rows of epochs this resume redoes go.
+    keep_history_rows(run_dir / HISTORY_FILE, backup.restored_epoch)
+    if verbose and start_step:
+        steps_per_epoch = plan.steps_per_epoch
+        print(
+            f"Resuming {run_dir} at step {start_step} of {plan.total_steps} "
+            f"(after epoch {start_step // steps_per_epoch} of {plan.epochs}"
+            + (f", {start_step % steps_per_epoch} steps into the next)."
+               if start_step % steps_per_epoch else ").")
         )
+    return backup, start_step
 
-        # === Model, training, evaluation ===
-        # Weights are created (and split) under the distribution; fit, evaluate
-        # and generate run under it too.
-        with distribution.scope() if distribution is not None else contextlib.nullcontext():
-            kwargs = {"dtype": "mixed_bfloat16"} if mixed_bfloat16 else {}
-            if distribution is not None and verbose:
-                print(f"Distribution: {_describe(distribution)}")
-            lm = BrainformerCausalLM.from_preset(preset_dir, preprocessor=None, **kwargs)
-            check_tokenizer_fits(text_tokenizer, lm.backbone.vocabulary_size)
-            # The sample at the end: top-k sampling, seeded (greedy decoding of a
-            # small model tends to loop on one phrase).
-            sampler = keras_hub.samplers.TopKSampler(k=10, seed=config.seed)
-            compile_language_model(
-                lm, config.optimizer, config.learning_rate, constant_steps, warmup_steps,
-                sampler=sampler,
+
+def _training_callbacks(config, run_dir, backup, time_budget, extra_callbacks, verbose):
+    """The run's callbacks in their order (the built-in loggers, the
+    checkpoint, the interrupt handler, the time budget, then
+    `extra_callbacks`); returns `(callbacks, interrupt, budget)`, `budget`
+    None without a time budget."""
+    callbacks = [
+        # Raises at the first non-finite loss, before the epoch's end, so
+        # the epoch's checkpoint is never written from broken weights.
+        StopOnNonFiniteLoss(raise_error=True),
+        ThroughputLogger(config.tokens_per_batch),
+        EpochHistoryLogger(str(run_dir / HISTORY_FILE)),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+        RouterStatisticsLogger(str(run_dir / "logs")),
+    ]
+    if verbose:
+        callbacks.insert(0, CompilationNotice())
+    interrupt = StopOnInterrupt(
+        backup, resume_hint="Run the same command again to continue from that step."
+    )
+    callbacks += [backup, interrupt]
+    budget = TimeBudget(time_budget) if time_budget is not None else None
+    if budget is not None:
+        callbacks.append(budget)
+    callbacks.extend(extra_callbacks)
+    return callbacks, interrupt, budget
+
+
+def _fit_from(lm, data, config, plan, start_step, callbacks, interrupt, verbose):
+    """Trains `lm` from `start_step` to the run's last step (or until a
+    callback stops it), with the interrupt handler installed, a non-finite
+    loss reported and the logs closed on an error; returns the seconds it
+    took."""
+    start = time.perf_counter()
+    with (
+        interrupt,
+        _reported_non_finite_loss(plan.run_dir / BACKUP_DIR, plan.steps_per_epoch),
+        _logs_closed_on_error(callbacks),
+    ):
+        # An epoch cut short earlier (time budget, Ctrl-C) is finished
+        # first, from the exact step; then whole epochs.
+        for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
+            start_step, plan.steps_per_epoch, plan.epochs
+        ):
+            lm.fit(
+                data.train_dataset(config.batch_size, seed=config.seed, start_step=first_step),
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=epoch_steps,
+                validation_data=data.validation_dataset(
+                    config.batch_size, max_batches=config.validation_batches
+                ),
+                callbacks=callbacks,
+                verbose=verbose,
+                shuffle=False,  # the pipeline's order is the run's (resumable)
             )
+            if lm.stop_training:  # the time budget (or a callback) stopped it
+                break
+    return time.perf_counter() - start
 
-            # === Run folder and resume point ===
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / RUN_FILE, "w") as f:
-                json.dump(run_settings, f, indent=2)
-            _write_json_atomically(run_dir / DATA_FILE, fingerprint)
-            backup_dir = run_dir / BACKUP_DIR
-            # Restored once, here: the data then starts at the step restored
-            # (a torn newest checkpoint falls back to an older one, and so
-            # does the data).
-            backup = AtomicBackupAndRestore(backup_dir, restore_on_train_begin=False)
-            backup.set_model(lm)
-            start_step = backup.restore()["step"]
-            # One row per epoch: the rows of epochs this resume redoes go.
-            keep_history_rows(run_dir / HISTORY_FILE, backup.restored_epoch)
-            if verbose and start_step:
-                print(
-                    f"Resuming {run_dir} at step {start_step} of {total_steps} "
-                    f"(after epoch {start_step // steps_per_epoch} of {epochs}"
-                    + (f", {start_step % steps_per_epoch} steps into the next)."
-                       if start_step % steps_per_epoch else ").")
-                )
 
-            callbacks = [
-                # Raises at the first non-finite loss, before the epoch's end, so
-                # the epoch's checkpoint is never written from broken weights.
-                StopOnNonFiniteLoss(raise_error=True),
-                ThroughputLogger(config.tokens_per_batch),
-                EpochHistoryLogger(str(run_dir / HISTORY_FILE)),
-                keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
-                RouterStatisticsLogger(str(run_dir / "logs")),
-            ]
-            if verbose:
-                callbacks.insert(0, CompilationNotice())
-            interrupt = StopOnInterrupt(
-                backup, resume_hint="Run the same command again to continue from that step."
-            )
-            callbacks += [backup, interrupt]
-            budget = TimeBudget(time_budget) if time_budget is not None else None
-            if budget is not None:
-                callbacks.append(budget)
-            callbacks.extend(extra_callbacks)
-
-            start = time.perf_counter()
-            with (
-                interrupt,
-                _reported_non_finite_loss(backup_dir, steps_per_epoch),
-                _logs_closed_on_error(callbacks),
-            ):
-                # An epoch cut short earlier (time budget, Ctrl-C) is finished
-                # first, from the exact step; then whole epochs.
-                for first_epoch, end_epoch, epoch_steps, first_step in _fit_phases(
-                    start_step, steps_per_epoch, epochs
-                ):
-                    lm.fit(
-                        data.train_dataset(
-                            config.batch_size, seed=config.seed, start_step=first_step
-                        ),
-                        initial_epoch=first_epoch,
-                        epochs=end_epoch,
-                        steps_per_epoch=epoch_steps,
-                        validation_data=data.validation_dataset(
-                            config.batch_size, max_batches=config.validation_batches
-                        ),
-                        callbacks=callbacks,
-                        verbose=verbose,
-                        shuffle=False,  # the pipeline's order is the run's (resumable)
-                    )
-                    if lm.stop_training:  # the time budget (or a callback) stopped it
-                        break
-            seconds = time.perf_counter() - start
-            steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
-            if verbose and steps_done < total_steps:
-                why = "Time budget reached" if budget is not None and budget.stopped else "Stopped"
-                print(
-                    f"{why} at step {steps_done} of {total_steps}; the checkpoint is "
-                    "written: rerun the same command to continue from that step."
-                )
-            summary = {
-                "preset": str(preset),
-                "steps": steps_done,
-                "steps_this_run": steps_done - start_step,
-                "first_step_this_run": start_step,
-                "total_steps": total_steps,
-                "tokens_seen": steps_done * config.tokens_per_batch,
-                "seconds_this_run": round(seconds, 2),
-                **_finish_run(lm, run_dir, data, text_tokenizer, config, sample_prompt, verbose),
-            }
-            with open(run_dir / SUMMARY_FILE, "w") as f:
-                json.dump(summary, f, indent=2)
-            if verbose:
-                print(format_summary(summary))
-            return summary
+def _write_summary(
+    lm, preset, plan, data, text_tokenizer, config, start_step, seconds, budget, sample_prompt,
+    verbose,
+):
+    """Says where an early stop left the run, evaluates it and saves its
+    preset (`_finish_run`), writes `summary.json` and prints it; returns the
+    summary dict."""
+    total_steps = plan.total_steps
+    steps_done = int(keras.ops.convert_to_numpy(lm.optimizer.iterations))
+    if verbose and steps_done < total_steps:
+        why = "Time budget reached" if budget is not None and budget.stopped else "Stopped"
+        print(
+            f"{why} at step {steps_done} of {total_steps}; the checkpoint is "
+            "written: rerun the same command to continue from that step."
+        )
+    summary = {
+        "preset": str(preset),
+        "steps": steps_done,
+        "steps_this_run": steps_done - start_step,
+        "first_step_this_run": start_step,
+        "total_steps": total_steps,
+        "tokens_seen": steps_done * config.tokens_per_batch,
+        "seconds_this_run": round(seconds, 2),
+        **_finish_run(lm, plan.run_dir, data, text_tokenizer, config, sample_prompt, verbose),
+    }
+    with open(plan.run_dir / SUMMARY_FILE, "w") as f:
+        json.dump(summary, f, indent=2)
+    if verbose:
+        print(format_summary(summary))
+    return summary
 
 
 def check_sequence_length(model_config, sequence_length, preset):
