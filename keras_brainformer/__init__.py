@@ -12,7 +12,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("cli", "distribution", "layers", "models", "search", "training", "zoo")
+_SUBPACKAGES = ("cli", "distribution", "layers", "models", "search", "training", "utils", "zoo")
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@ command line's lazy loading of the stack), and says so in a comment."""
 
 import ast
 import pathlib
+import pkgutil
 
 import keras_brainformer
 
@@ -111,3 +112,11 @@ def test_architecture_doc_lists_every_module():
     assert [m for m in modules if f"| `{m}` |" not in section] == []
     listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
     assert sorted(listed - set(modules)) == []  # no row for a module that is gone
+
+
+def test_every_subpackage_loads_as_an_attribute_of_the_package():
+    """`keras_brainformer.<subpackage>` loads lazily (the package's
+    `__getattr__`): its list must name every subpackage there is."""
+    subpackages = {m.name for m in pkgutil.iter_modules(keras_brainformer.__path__) if m.ispkg}
+    assert set(keras_brainformer._SUBPACKAGES) == subpackages
+    assert set(keras_brainformer._SUBPACKAGES) <= set(dir(keras_brainformer))
