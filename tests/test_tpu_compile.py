@@ -24,8 +24,8 @@ from jax.sharding import PartitionSpec
 from keras_brainformer.cli import main
 from keras_brainformer.distribution import tpu_compile
 from keras_brainformer.distribution.abstract_build import abstract_build
-from keras_brainformer.distribution.abstract_build import distribution_scope
 from keras_brainformer.distribution.abstract_build import is_abstract
+from keras_brainformer.distribution.mesh import distribution_scope
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.layers import causal_self_attention as attention
 from keras_brainformer.models import BrainformerBackbone

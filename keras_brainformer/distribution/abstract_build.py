@@ -29,7 +29,6 @@ in its `_value` attribute (Keras' own JAX trainer sets it to None in
 `_purge_model_variables`) and its layout in `_layout`.
 """
 
-import contextlib
 import resource
 
 import jax
@@ -123,12 +122,3 @@ def peak_rss_bytes():
     """This process's peak resident memory so far (Linux: `ru_maxrss` KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-
-@contextlib.contextmanager
-def distribution_scope(distribution):
-    """`distribution.scope()`, or nothing for None."""
-    if distribution is None:
-        yield
-        return
-    with distribution.scope():
-        yield

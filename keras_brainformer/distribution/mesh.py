@@ -1,5 +1,6 @@
 """Device meshes and distributions from a short text spec (`batch=2,expert=4`)."""
 
+import contextlib
 import re
 
 import keras
@@ -131,3 +132,13 @@ def make_distribution(mesh, experts_on=None, fsdp=False, devices=None):
     )
     layout_map = get_layout_map(device_mesh, expert_dim_name=axis, fsdp=fsdp)
     return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+
+
+@contextlib.contextmanager
+def distribution_scope(distribution):
+    """`distribution.scope()`, or nothing for None."""
+    if distribution is None:
+        yield
+        return
+    with distribution.scope():
+        yield

@@ -61,10 +61,10 @@ import keras
 import numpy as np
 
 from keras_brainformer.distribution.abstract_build import abstract_build
-from keras_brainformer.distribution.abstract_build import distribution_scope
 from keras_brainformer.distribution.abstract_build import peak_rss_bytes
 from keras_brainformer.distribution.hardware import get_hardware
 from keras_brainformer.distribution.memory_plan import plan_memory
+from keras_brainformer.distribution.mesh import distribution_scope
 from keras_brainformer.distribution.mesh import expert_axis
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import mesh_size

@@ -44,6 +44,7 @@ import numpy as np
 
 from keras_brainformer.distribution.memory_plan import check_memory_available
 from keras_brainformer.distribution.memory_plan import plan_memory
+from keras_brainformer.distribution.mesh import distribution_scope
 from keras_brainformer.distribution.mesh import make_distribution
 from keras_brainformer.distribution.mesh import parse_mesh_spec
 from keras_brainformer.errors import NonFiniteLossError
@@ -279,7 +280,7 @@ def train_language_model(
         # === Model, training, evaluation ===
         # Weights are created (and split) under the distribution; fit, evaluate
         # and generate run under it too.
-        with _distribution_scope(plan.distribution):
+        with distribution_scope(plan.distribution):
             lm = _build_language_model(plan, config, text_tokenizer, verbose)
 
             # === Run folder and resume point ===
@@ -379,11 +380,6 @@ def _load_run_data(preset, run_dir, config, allow_data_change, verbose):
     data = load_data(config, text_tokenizer, verbose)
     fingerprint = _check_same_data(run_dir, data.fingerprint(), allow_data_change, verbose)
     return text_tokenizer, data, fingerprint
-
-
-def _distribution_scope(distribution):
-    """The distribution's scope, or a no-op context without one."""
-    return distribution.scope() if distribution is not None else contextlib.nullcontext()
 
 
 def _build_language_model(plan, config, text_tokenizer, verbose):
