@@ -167,6 +167,27 @@ class MemoryPlan:
     target: str = "default"
 
     @property
+    def written_state(self):
+        """Optimizer state the step writes but never reads: Adafactor's
+        `velocity` (Keras reads it only for rank < 2 weights, and the
+        compiled step takes none of it as an argument); 0 for `adamw`. Under
+        XLA these are the step's outputs not aliased to an argument
+        (`memory_analysis()`'s `output - alias`)."""
+        if self.optimizer != "adafactor":
+            return 0
+        return sum(
+            n for group, n in self.optimizer_breakdown.items() if group.startswith("velocity")
+        )
+
+    @property
+    def argument_bytes(self):
+        """What the compiled step takes as arguments: the parameters and
+        the optimizer state it reads (`memory_analysis()`'s `argument`,
+        less the batch). Within 0.3 % or 2.6 MB of 11 compiled TPU
+        programs' (tests/test_memory_plan.py)."""
+        return self.parameters + self.optimizer_state - self.written_state
+
+    @property
     def total(self):
         """Parameters + gradients + optimizer state + activations.
 
@@ -176,16 +197,11 @@ class MemoryPlan:
         gradient is used by its optimizer update and freed, and Adafactor's
         `velocity` (written, never read, so not an argument of the step) is
         only written at the end. The peak is then the larger of the two
-        phases: parameters + optimizer state that is read + max(activations,
-        gradients + the written `velocity`)."""
+        phases: `argument_bytes` + max(activations, gradients +
+        `written_state`)."""
         if self.target != "tpu":
             return self.parameters + self.gradients + self.optimizer_state + self.activations
-        written = sum(
-            n for group, n in self.optimizer_breakdown.items()
-            if self.optimizer == "adafactor" and group.startswith("velocity")
-        )
-        return (self.parameters + self.optimizer_state - written
-                + max(self.activations, self.gradients + written))
+        return self.argument_bytes + max(self.activations, self.gradients + self.written_state)
 
     def fits(self, device_memory):
         """Whether `total` fits in `device_memory` (bytes, or a string such
@@ -466,6 +482,16 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
       gated), and so do the experts; the MoE layer keeps the dispatched
       tokens and expert outputs (`2·E·G·C·d·a`) but no float32 combine,
       and the router no float32 copy of its input.
+
+    One term is kept on TPU though no TPU program holds it: the bfloat16
+    weight copies (XLA fuses each cast into the matmul or gather that reads
+    the weight). `MemoryPlan.total` lets the forward pass's activations use
+    the space of the outputs written at the end (`written_state`); XLA does
+    that in full only where the logits fit the embedding's velocity shard
+    (Brainformer-1/2 at 100M: d = 1024), and for about 40 % of it elsewhere
+    (`dense_100m`: 233 of 591 MiB). The copies' `params / 2` stands in for
+    the rest: without it the plan is 12 % under XLA's peak for four of the
+    six 100M families (docs/performance_model.md, "The plan part by part").
 
     Not counted: XLA's working buffers, the gradient of the activations
     in flight during the backward pass (about one sublayer's worth), and

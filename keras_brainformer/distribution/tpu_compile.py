@@ -63,6 +63,7 @@ import numpy as np
 from keras_brainformer.distribution.abstract_build import abstract_build
 from keras_brainformer.distribution.abstract_build import peak_rss_bytes
 from keras_brainformer.distribution.hardware import get_hardware
+from keras_brainformer.distribution.memory_plan import format_bytes
 from keras_brainformer.distribution.memory_plan import plan_memory
 from keras_brainformer.distribution.mesh import distribution_scope
 from keras_brainformer.distribution.mesh import expert_axis
@@ -205,6 +206,11 @@ class TpuCompileReport:
         plan_total: `plan_memory`'s total for the same step (bytes), for comparison.
         plan_tpu_total: the same with `target="tpu"` (the activation terms
             and phases of XLA's TPU programs; 0 when not computed).
+        plan_tpu_arguments, plan_tpu_written: that plan's parts which XLA
+            reports apart: the step's arguments (`MemoryPlan.argument_bytes`,
+            against `memory["argument"]`) and the optimizer state it writes
+            without reading (`MemoryPlan.written_state`, against
+            `memory["output"] - memory["alias"]`).
         build_seconds, lower_seconds, compile_seconds: wall time of the
             abstract build, the lowering (tracing) and XLA's compilation.
         build_rss_increase: growth of this process's peak RSS over the
@@ -247,6 +253,8 @@ class TpuCompileReport:
     custom_calls: dict = dataclasses.field(default_factory=dict)
     memory_bandwidth: float = 0.0
     plan_tpu_total: int = 0
+    plan_tpu_arguments: int = 0
+    plan_tpu_written: int = 0
 
     @property
     def peak_bytes(self):
@@ -379,6 +387,20 @@ class TpuCompileReport:
             )
         return lines
 
+    def _plan_parts_line(self):
+        """The TPU plan part by part against the compiler's split of its peak."""
+        m = self.memory
+        plan_working = self.plan_tpu_total - self.plan_tpu_arguments - self.plan_tpu_written
+        parts = (
+            ("arguments", self.plan_tpu_arguments, m["argument"]),
+            ("outputs not aliased", self.plan_tpu_written, m["output"] - m["alias"]),
+            ("working memory", plan_working, m["peak_beyond_arguments_outputs"]),
+        )
+        return "  plan / compiler by part: " + ", ".join(
+            f"{name} {format_bytes(planned)} / {format_bytes(compiled)}"
+            for name, planned, compiled in parts
+        )
+
     def table(self):
         gib = 2**30
         m = self.memory
@@ -411,6 +433,7 @@ class TpuCompileReport:
                 f"{self.plan_tpu_total / gib:>10.2f} GiB  (plan / compiler peak "
                 f"{self.plan_tpu_over_peak:.2f})"
             )
+            lines.append(self._plan_parts_line())
         lines += [
             f"fits: {'yes' if self.fits else 'NO'}, "
             f"{abs(margin) / gib:.2f} GiB {'to spare' if margin >= 0 else 'too much'}",
@@ -570,7 +593,9 @@ def compile_train_step(
         optimal_seconds=cost.get("optimal_seconds", 0.0),
         collectives=found, custom_calls=calls, compiler_error=compiler_error,
         activated_parameters=counts["activated"], total_parameters=counts["total"],
-        plan_total=plan.total, plan_tpu_total=plan_tpu.total, build_seconds=build_seconds,
+        plan_total=plan.total, plan_tpu_total=plan_tpu.total,
+        plan_tpu_arguments=plan_tpu.argument_bytes, plan_tpu_written=plan_tpu.written_state,
+        build_seconds=build_seconds,
         lower_seconds=lower_seconds, compile_seconds=compile_seconds, build_rss_increase=build_rss,
         peak_rss=peak_rss_bytes(),
     )
