@@ -374,7 +374,7 @@ def test_tpu_plan_parts_match_what_xla_reports_apart(path):
     working memory. The plan gets the first two from the weights and the
     optimizer alone: for every `compile --json` report kept in
     docs/tpu_evidence/ (100M on 64 v4 chips, 8B on 512, with and without
-    fsdp) they match to 0.3 % or 2.6 MB a chip (the batch and the TPU's
+    fsdp) they match to 2.6 MB a chip (the batch and the TPU's
     tile padding of small shards). So any gap between the plan and the
     peak is in the working memory."""
     with open(path) as f:
@@ -388,7 +388,7 @@ def test_tpu_plan_parts_match_what_xla_reports_apart(path):
     written = memory["output"] - memory["alias"]
     for planned, compiled in ((plan.argument_bytes, memory["argument"]),
                               (plan.written_state, written)):
-        assert abs(planned - compiled) <= 0.004 * compiled + 3 * 2**20, (planned, compiled)
+        assert abs(planned - compiled) <= 3 * 2**20, (planned, compiled)
 
 
 @pytest.mark.parametrize("name", ["brainformer1_8b", "dense_8b", "glam_8b_64e", "glam_ec_8b_64e"])
