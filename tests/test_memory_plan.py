@@ -297,9 +297,12 @@ def test_tpu_target_arithmetic():
     assert new["moe router"] == old["moe router"] - len(moe) * N * d * f
     for group in ("attention", "bfloat16 weight copies"):
         assert new[group] == old[group]
-    velocity = tpu.optimizer_breakdown["velocity (sharded like weights)"]
-    assert tpu.total == (tpu.parameters + tpu.optimizer_state - velocity
-                         + max(tpu.activations, tpu.gradients + velocity))
+    # Only rank >= 2 weights' velocity is written without being read.
+    written = sum(s.local_bytes for s in tpu.shards.values() if s.trainable and len(s.shape) >= 2)
+    assert tpu.written_state == written
+    assert 0 < tpu.optimizer_breakdown["velocity, rank < 2 (read and updated)"]
+    assert tpu.total == (tpu.parameters + tpu.optimizer_state - written
+                         + max(tpu.activations, tpu.gradients + written))
     assert default.total == (default.parameters + default.gradients
                              + default.optimizer_state + default.activations)
     adamw = plan_memory(*args, dtype="mixed_bfloat16", optimizer="adamw", target="tpu")

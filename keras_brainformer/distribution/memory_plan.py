@@ -77,6 +77,8 @@ _TEMPLATES = {name: template for name, _, template in WEIGHT_RULES}
 _TENSOR_TEMPLATES = {name: template for name, _, template in TENSOR_RULES + FSDP_TENSOR_RULES}
 # `iterations` (int64 on TensorFlow, int32 on JAX: count 8) + learning rate.
 _OPTIMIZER_SCALARS = 8 + 4
+# Adafactor's optimizer-state group that the step writes without reading.
+WRITTEN_VELOCITY = "velocity, rank >= 2 (written, not read)"
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -174,11 +176,7 @@ class MemoryPlan:
         updated); 0 for `adamw`. The compiled step takes none of it as an
         argument: these are its outputs not aliased to an argument
         (`memory_analysis()`'s `output - alias`)."""
-        if self.optimizer != "adafactor":
-            return 0
-        return sum(
-            s.local_bytes for s in self.shards.values() if s.trainable and len(s.shape) >= 2
-        )
+        return self.optimizer_breakdown.get(WRITTEN_VELOCITY, 0)
 
     @property
     def argument_bytes(self):
@@ -196,8 +194,8 @@ class MemoryPlan:
         counting everything as alive at once: the forward pass's saved
         activations are freed during the backward pass while each weight's
         gradient is used by its optimizer update and freed, and Adafactor's
-        `velocity` (written, never read, so not an argument of the step) is
-        only written at the end. The peak is then the larger of the two
+        `velocity` of rank >= 2 weights (written, never read, so not an
+        argument of the step) is only written at the end. The peak is then the larger of the two
         phases: `argument_bytes` + max(activations, gradients +
         `written_state`)."""
         if self.target != "tpu":
@@ -356,8 +354,12 @@ def optimizer_state_bytes(shards, optimizer):
         groups["momentum (sharded like weights)"] = sum(s.local_bytes for s in trainable)
         groups["velocity (sharded like weights)"] = sum(s.local_bytes for s in trainable)
     else:
-        groups["velocity (sharded like weights)"] = sum(
-            s.local_bytes for s in trainable
+        # Keras recomputes a rank >= 2 weight's velocity from `r` and `c`
+        # (written, never read: an output of the step, not an argument); a
+        # rank < 2 weight's is read and updated.
+        groups[WRITTEN_VELOCITY] = sum(s.local_bytes for s in trainable if len(s.shape) >= 2)
+        groups["velocity, rank < 2 (read and updated)"] = sum(
+            s.local_bytes for s in trainable if len(s.shape) < 2
         )
         factors = 0
         for s in trainable:
@@ -487,12 +489,13 @@ def activation_bytes(config, mesh, batch_size, sequence_length, dtype="float32",
     One term is kept on TPU though no TPU program holds it: the bfloat16
     weight copies (XLA fuses each cast into the matmul or gather that reads
     the weight). `MemoryPlan.total` lets the forward pass's activations use
-    the space of the outputs written at the end (`written_state`); XLA does
-    that in full only where the logits fit the embedding's velocity shard
-    (Brainformer-1/2 at 100M: d = 1024), and for about 40 % of it elsewhere
-    (`dense_100m`: 233 of 591 MiB). The copies' `params / 2` stands in for
-    the rest: without it the plan is 12 % under XLA's peak for four of the
-    six 100M families (docs/performance_model.md, "The plan part by part").
+    the space of the outputs written at the end (`written_state`); how much
+    of it XLA uses depends on what fits: `brainformer1_100m`'s logits fill
+    the embedding's velocity shard (d = 1024), `dense_100m`'s do not
+    (d = 768), and it uses 233 of its 591 MiB. The copies' `params / 2`
+    stand in for the rest: without them the plan is 12 % under XLA's peak
+    for four of the six 100M families (docs/performance_model.md, "The plan
+    part by part").
 
     Not counted: XLA's working buffers, the gradient of the activations
     in flight during the backward pass (about one sublayer's worth), and
